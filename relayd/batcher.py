@@ -1,0 +1,199 @@
+"""Group commit for the write path: writes from every connection, one pipeline per batch.
+
+A write is one pre-encoded Redis command plus a callback. The first write of a quiet period is
+flushed at the end of the current event-loop tick (or after ``batch.linger_ms``); while
+``batch.max_inflight`` batches are on the wire, new writes accumulate and leave together when a
+reply comes back. Low load gets the lowest latency, high load gets large batches.
+
+Replies arrive in order on one connection, and callbacks run in submission order: this is what
+lets the relay publish to the hub in append order. When the connection fails, every batch on the
+wire is resent in order after reconnecting (the scripts are idempotent: appends are deduplicated
+by producer sequence number), for up to ``redis.retry_ms``; after that their writes fail with
+:class:`StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import hiredis
+
+from relayd.config import BatchConfig
+from relayd.errors import StoreError, StoreUnavailable
+from relayd.metrics import Metrics
+from relayd.store.redis_streams import Store
+
+log = logging.getLogger("relayd.batcher")
+
+WriteCallback = Callable[[Any, BaseException | None], None]
+
+
+class Write:
+    __slots__ = ("done", "payload")
+
+    def __init__(self, payload: bytes, done: WriteCallback) -> None:
+        self.payload = payload
+        self.done = done
+
+
+class Batcher:
+    def __init__(self, store: Store, cfg: BatchConfig, retry_ms: int, metrics: Metrics) -> None:
+        self._store = store
+        self._max_ops = cfg.max_ops
+        self._max_bytes = cfg.max_bytes
+        self._max_inflight = cfg.max_inflight
+        self._linger_s = cfg.linger_ms / 1000
+        self._retry_s = retry_ms / 1000
+        self._metrics = metrics
+        self._queue: deque[Write] = deque()
+        self._inflight = 0
+        self._scheduled = False
+        self._failed: deque[list[Write]] = deque()
+        self._recovery: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._loop = asyncio.get_running_loop()
+
+    def submit(self, write: Write) -> None:
+        self._queue.append(write)
+        self._idle.clear()
+        if not self._scheduled and self._inflight < self._max_inflight and self._recovery is None:
+            self._scheduled = True
+            if self._linger_s:
+                self._loop.call_later(self._linger_s, self._flush)
+            else:
+                self._loop.call_soon(self._flush)
+
+    async def drain(self) -> None:
+        """Wait until every submitted write has been answered (or failed)."""
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
+        for batch in self._failed:
+            _fail_all(batch, StoreUnavailable("relayd is shutting down"))
+        _fail_all(self._queue, StoreUnavailable("relayd is shutting down"))
+        self._failed.clear()
+        self._queue.clear()
+        self._idle.set()
+
+    # internals --------------------------------------------------------------------------------
+
+    def _take(self) -> list[Write]:
+        queue = self._queue
+        if len(queue) <= self._max_ops:
+            batch = list(queue)
+            queue.clear()
+            # micro-optimisation: the common case (a small batch) skips the byte accounting
+            if sum(len(w.payload) for w in batch) <= self._max_bytes:
+                return batch
+            queue.extend(batch)
+        batch, size = [], 0
+        while queue and len(batch) < self._max_ops and (not batch or size + len(queue[0].payload) <= self._max_bytes):
+            write = queue.popleft()
+            size += len(write.payload)
+            batch.append(write)
+        return batch
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        while self._queue and self._inflight < self._max_inflight and self._recovery is None:
+            batch = self._take()
+            payload = b"".join([w.payload for w in batch])
+            try:
+                future = self._store.send(payload, len(batch))
+            except StoreUnavailable as exc:
+                self._on_failure(batch, exc)
+                return
+            self._inflight += 1
+            self._metrics.batch_sent(len(batch), len(payload))
+            started = time.perf_counter()
+            future.add_done_callback(lambda f, b=batch, t=started: self._on_reply(b, t, f))
+
+    def _on_reply(self, batch: list[Write], started: float, future: asyncio.Future[list[Any]]) -> None:
+        self._inflight -= 1
+        exc = future.exception()
+        if exc is None:
+            replies = future.result()
+            if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
+                exc = StoreUnavailable("Redis lost relayd's scripts (restarted?)")
+            else:
+                self._metrics.batch_done(time.perf_counter() - started)
+                _resolve(batch, replies)
+        if exc is not None:
+            self._on_failure(batch, exc)
+            return
+        self._after_batch()
+
+    def _after_batch(self) -> None:
+        if self._queue:
+            if self._recovery is None and not self._scheduled:
+                self._scheduled = True
+                self._loop.call_soon(self._flush)
+        elif self._inflight == 0 and self._recovery is None:
+            self._idle.set()
+
+    def _on_failure(self, batch: list[Write], exc: BaseException) -> None:
+        self._metrics.redis_error()
+        self._failed.append(batch)
+        if self._recovery is None:
+            log.warning("redis write failed, retrying: %s", exc)
+            self._recovery = asyncio.create_task(self._recover(), name="relayd-batch-recovery")
+
+    async def _recover(self) -> None:
+        deadline = time.monotonic() + self._retry_s
+        delay = 0.05
+        try:
+            while True:
+                # let batches still on the wire fail or finish first, so order is kept
+                while self._inflight:
+                    await asyncio.sleep(0.001)
+                try:
+                    await self._store.reconnect()
+                    await self._store.load_scripts()
+                    while self._failed:
+                        batch = self._failed[0]
+                        replies = await self._store.send(b"".join([w.payload for w in batch]), len(batch))
+                        if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
+                            raise StoreUnavailable("scripts missing after reload")
+                        self._failed.popleft()
+                        _resolve(batch, replies)
+                    log.info("redis writes recovered")
+                    return
+                except (StoreUnavailable, StoreError) as exc:
+                    if time.monotonic() >= deadline:
+                        log.error("redis unavailable for %.1fs, failing %d batches: %s",
+                                  self._retry_s, len(self._failed), exc)
+                        while self._failed:
+                            _fail_all(self._failed.popleft(), StoreUnavailable(str(exc)))
+                        return
+                    await asyncio.sleep(delay)  # back-off between reconnect attempts
+                    delay = min(delay * 2, 1.0)
+        finally:
+            self._recovery = None
+            self._after_batch()
+
+
+def _resolve(batch: list[Write], replies: list[Any]) -> None:
+    for write, reply in zip(batch, replies, strict=True):
+        try:
+            write.done(reply, None)
+        except Exception:  # one bad callback must not stall the batch
+            log.exception("write callback failed")
+
+
+def _fail_all(writes: Any, exc: BaseException) -> None:
+    for write in writes:
+        try:
+            write.done(None, exc)
+        except Exception:
+            log.exception("write callback failed")

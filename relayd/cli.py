@@ -1,0 +1,119 @@
+"""The ``relayd`` command: parse, load config, call one function, map the result to an exit code."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from relayd import __version__
+from relayd.config import Config, load_config
+from relayd.errors import RelaydError
+
+CONFIG_OPTION = click.option(
+    "--config", "-c", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    envvar="RELAYD_CONFIG", help="TOML config file (see config/relay.example.toml).",
+)
+
+
+def _load(config_path: Path | None) -> Config:
+    try:
+        return load_config(config_path)
+    except RelaydError as exc:
+        raise click.ClickException(f"bad config: {exc}") from None
+
+
+@click.group()
+@click.version_option(__version__, prog_name="relayd")
+def main() -> None:
+    """relayd: durable, resumable streaming of LLM output over websockets and SSE."""
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--host", default=None, help="Listen address (overrides server.host).")
+@click.option("--port", type=int, default=None, help="Listen port (overrides server.port).")
+def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
+    """Run relayd (with an embedded Redis-compatible server unless redis.url is set)."""
+    from relayd.server import run
+
+    config = _load(config_path)
+    server_cfg = config.server
+    if host is not None:
+        server_cfg = replace(server_cfg, host=host)
+    if port is not None:
+        server_cfg = replace(server_cfg, port=port)
+    try:
+        code = run(config.replace(server=server_cfg))
+    except RelaydError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
+@main.command("check-config")
+@click.argument("config_path", type=click.Path(dir_okay=False, path_type=Path), required=False)
+def check_config(config_path: Path | None) -> None:
+    """Validate a config file without starting relayd."""
+    config = _load(config_path)
+    mode = f"external Redis at {_redact(config.redis.url)}" if config.redis.url else (
+        f"embedded server in {config.embedded.data_dir}")
+    click.echo(f"config OK: listen {config.server.host}:{config.server.port}, {mode}")
+
+
+@main.command("hash-key")
+@click.argument("key", required=False)
+def hash_key(key: str | None) -> None:
+    """Print the sha256 hash of an API key for auth.api_keys (generates a key if none given)."""
+    from relayd.auth import generate_api_key, hash_api_key
+
+    if key is None:
+        key = generate_api_key()
+        click.echo(f"key:  {key}", err=True)
+    click.echo(hash_api_key(key))
+
+
+@main.group()
+def token() -> None:
+    """Consumer tokens (JWT)."""
+
+
+@token.command("mint")
+@CONFIG_OPTION
+@click.option("--stream", "streams", multiple=True, required=True,
+              help="Stream id, or a prefix ending in '*'. Repeat for several.")
+@click.option("--right", "rights", multiple=True, type=click.Choice(["read", "cancel"]), default=("read",),
+              show_default=True, help="Right to grant. Repeat for several.")
+@click.option("--ttl", "ttl_s", type=int, default=None, help="Lifetime in seconds (default auth.token_ttl_s).")
+@click.option("--sub", "subject", default=None, help="Subject claim (your user id).")
+def token_mint(config_path: Path | None, streams: tuple[str, ...], rights: tuple[str, ...],
+               ttl_s: int | None, subject: str | None) -> None:
+    """Mint a consumer token with the configured secret (no running relayd needed)."""
+    from relayd.auth import TokenAuthority
+    from relayd.server import dev_credentials_path
+
+    config = _load(config_path)
+    cfg = config.auth
+    secret = cfg.jwt_secret
+    if not secret and cfg.jwt_algorithm.startswith("HS"):
+        path = dev_credentials_path(config)
+        if not path.exists():
+            raise click.ClickException("no auth.jwt_secret configured and no development credentials yet: "
+                                       "start `relayd serve` once, or set RELAYD_AUTH_JWT_SECRET")
+        secret = path.read_text().split()[1]
+    try:
+        authority = TokenAuthority(algorithm=cfg.jwt_algorithm, secret=secret, audience=cfg.jwt_audience,
+                                   issuer=cfg.jwt_issuer, default_ttl_s=cfg.token_ttl_s,
+                                   max_ttl_s=cfg.token_max_ttl_s)
+        jwt, _ = authority.mint(list(streams), list(rights), ttl_s=ttl_s, subject=subject)
+    except RelaydError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(jwt)
+
+
+def _redact(url: str) -> str:
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

@@ -1,0 +1,326 @@
+"""Typed configuration, parsed once.
+
+A TOML file (every key documented in ``config/relay.example.toml``) plus environment overrides
+``RELAYD_<TABLE>_<KEY>`` (``RELAYD_REDIS_URL``, ``RELAYD_BATCH_LINGER_MS``). Secrets come from
+the environment or from files, never from the TOML itself: API keys are configured as hashes.
+Every problem raises :class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from relayd.errors import ConfigError
+
+_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    heartbeat_s: float = 20.0
+    drain_timeout_s: float = 10.0
+    allowed_origins: tuple[str, ...] = ("*",)
+
+    def check(self) -> None:
+        _range("server.port", self.port, 0, 65535)
+        _positive("server.heartbeat_s", self.heartbeat_s)
+        _positive("server.drain_timeout_s", self.drain_timeout_s)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = ""  # empty: start the embedded server
+    key_prefix: str = "relayd"
+    timeout_ms: int = 5000
+    retry_ms: int = 5000
+
+    def check(self) -> None:
+        if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("redis.url", f"must start with redis://, rediss:// or unix://, got {self.url!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", self.key_prefix):
+            raise ConfigError("redis.key_prefix", "must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+        _positive("redis.timeout_ms", self.timeout_ms)
+        _range("redis.retry_ms", self.retry_ms, 0, 600_000)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedConfig:
+    data_dir: str = "relayd-data"
+    appendfsync: str = "everysec"
+    maxmemory: str = ""
+    start_timeout_s: float = 10.0
+
+    def check(self) -> None:
+        if self.appendfsync not in ("always", "everysec", "no"):
+            raise ConfigError("embedded.appendfsync", f"must be always, everysec or no, got {self.appendfsync!r}")
+        _positive("embedded.start_timeout_s", self.start_timeout_s)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    api_keys: tuple[str, ...] = ()  # sha256:<hex> hashes only
+    api_keys_file: str = ""
+    jwt_secret: str = field(default="", repr=False)
+    jwt_secret_file: str = ""
+    jwt_algorithm: str = "HS256"
+    jwt_public_key_file: str = ""
+    jwt_audience: str = "relayd"
+    jwt_issuer: str = ""
+    token_ttl_s: int = 300
+    token_max_ttl_s: int = 3600
+
+    def check(self) -> None:
+        for i, key in enumerate(self.api_keys):
+            if not _HASH_RE.match(key):
+                raise ConfigError(
+                    f"auth.api_keys[{i}]",
+                    "must be a hash 'sha256:<64 hex>' (make one with `relayd hash-key`); "
+                    "put plain keys in RELAYD_API_KEYS or auth.api_keys_file",
+                )
+        if self.jwt_algorithm not in ("HS256", "HS384", "HS512", "RS256", "ES256"):
+            raise ConfigError("auth.jwt_algorithm", f"must be HS256, HS384, HS512, RS256 or ES256, got {self.jwt_algorithm!r}")
+        if self.jwt_algorithm[:2] != "HS" and not self.jwt_public_key_file:
+            raise ConfigError("auth.jwt_public_key_file", f"is required with {self.jwt_algorithm}")
+        _positive("auth.token_ttl_s", self.token_ttl_s)
+        _positive("auth.token_max_ttl_s", self.token_max_ttl_s)
+        if self.token_ttl_s > self.token_max_ttl_s:
+            raise ConfigError("auth.token_ttl_s", "must not exceed auth.token_max_ttl_s")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchConfig:
+    linger_ms: float = 0.0
+    max_ops: int = 2000
+    max_bytes: int = 4 * 1024 * 1024
+    max_inflight: int = 2
+
+    def check(self) -> None:
+        _range("batch.linger_ms", self.linger_ms, 0, 1000)
+        _positive("batch.max_ops", self.max_ops)
+        _positive("batch.max_bytes", self.max_bytes)
+        _range("batch.max_inflight", self.max_inflight, 1, 64)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_frame_bytes: int = 1024 * 1024
+    max_chunk_bytes: int = 256 * 1024
+    max_unacked_bytes: int = 4 * 1024 * 1024
+    max_streams_per_connection: int = 1000
+
+    def check(self) -> None:
+        _positive("limits.max_frame_bytes", self.max_frame_bytes)
+        _positive("limits.max_chunk_bytes", self.max_chunk_bytes)
+        if self.max_chunk_bytes > self.max_frame_bytes:
+            raise ConfigError("limits.max_chunk_bytes", "must not exceed limits.max_frame_bytes")
+        _positive("limits.max_unacked_bytes", self.max_unacked_bytes)
+        _positive("limits.max_streams_per_connection", self.max_streams_per_connection)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamsConfig:
+    max_chunks: int = 100_000
+    ttl_after_end_s: int = 3600
+    open_ttl_s: int = 86_400
+    producer_timeout_ms: int = 30_000
+    wait_timeout_ms: int = 30_000
+    cancel_grace_ms: int = 5000
+
+    def check(self) -> None:
+        _positive("streams.max_chunks", self.max_chunks)
+        _positive("streams.ttl_after_end_s", self.ttl_after_end_s)
+        _positive("streams.open_ttl_s", self.open_ttl_s)
+        _positive("streams.producer_timeout_ms", self.producer_timeout_ms)
+        _range("streams.wait_timeout_ms", self.wait_timeout_ms, 0, 3_600_000)
+        _range("streams.cancel_grace_ms", self.cancel_grace_ms, 0, 600_000)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerConfig:
+    max_queue_bytes: int = 1024 * 1024
+    send_timeout_ms: int = 10_000
+    catchup_page: int = 500
+    sse_keepalive_s: float = 15.0
+
+    def check(self) -> None:
+        _positive("consumer.max_queue_bytes", self.max_queue_bytes)
+        _positive("consumer.send_timeout_ms", self.send_timeout_ms)
+        _range("consumer.catchup_page", self.catchup_page, 1, 10_000)
+        _positive("consumer.sse_keepalive_s", self.sse_keepalive_s)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+
+    def check(self) -> None:
+        if self.level not in _LEVELS:
+            raise ConfigError("log.level", f"must be one of {', '.join(_LEVELS)}, got {self.level!r}")
+        if self.format not in ("text", "json"):
+            raise ConfigError("log.format", f"must be text or json, got {self.format!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    streams: StreamsConfig = field(default_factory=StreamsConfig)
+    consumer: ConsumerConfig = field(default_factory=ConsumerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # Plain API keys from RELAYD_API_KEYS or auth.api_keys_file; resolved once, never logged.
+    api_key_secrets: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis.url
+
+    def replace(self, **tables: Any) -> Config:
+        """Return a copy with some tables replaced (``cfg.replace(server=...)``)."""
+        return dataclasses.replace(self, **tables)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (optional), apply ``RELAYD_*`` overrides from ``env``, validate."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("--config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    return build_config(raw, env)
+
+
+def build_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
+    tables: dict[str, Any] = {}
+    known = {f.name: f for f in dataclasses.fields(Config) if f.name != "api_key_secrets"}
+    for name in raw:
+        if name not in known:
+            raise ConfigError(name, f"unknown table (known: {', '.join(known)})")
+    for name, fld in known.items():
+        cls = fld.default_factory  # type: ignore[misc]
+        section = raw.get(name, {})
+        if not isinstance(section, dict):
+            raise ConfigError(name, "must be a table")
+        tables[name] = _build_table(name, cls, section, env)
+    secrets = _api_key_secrets(tables["auth"], env)
+    jwt_secret = _jwt_secret(tables["auth"], env)
+    tables["auth"] = dataclasses.replace(tables["auth"], jwt_secret=jwt_secret)
+    for table in tables.values():
+        table.check()
+    return Config(**tables, api_key_secrets=secrets)
+
+
+def _build_table(name: str, cls: Any, section: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in section:
+        if key not in names:
+            raise ConfigError(f"{name}.{key}", f"unknown key (known: {', '.join(sorted(names))})")
+    values: dict[str, Any] = {}
+    for key in names:
+        dotted = f"{name}.{key}"
+        env_name = f"RELAYD_{name.upper()}_{key.upper()}"
+        if env_name in env:
+            values[key] = _from_env(dotted, env_name, env[env_name], hints[key])
+        elif key in section:
+            values[key] = _coerce(dotted, section[key], hints[key])
+    return cls(**values)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"must be a list of strings, got {value!r}")
+        return tuple(value)
+    if origin in (Union, types.UnionType):
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, got {value!r}")
+    return value
+
+
+def _from_env(key: str, env_name: str, text: str, hint: Any) -> Any:
+    if get_origin(hint) is tuple:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    try:
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(key, f"{env_name} must be a number, got {text!r}") from None
+    if hint is bool:
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ConfigError(key, f"{env_name} must be true or false, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
+    return text
+
+
+def _api_key_secrets(auth: AuthConfig, env: Mapping[str, str]) -> tuple[str, ...]:
+    keys = [k.strip() for k in env.get("RELAYD_API_KEYS", "").split(",") if k.strip()]
+    if auth.api_keys_file:
+        text = _read_secret_file("auth.api_keys_file", auth.api_keys_file)
+        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    for key in keys:
+        if len(key) < 16 and not key.startswith("sha256:"):
+            raise ConfigError("auth.api_keys", "plain API keys must be at least 16 characters")
+    return tuple(keys)
+
+
+def _jwt_secret(auth: AuthConfig, env: Mapping[str, str]) -> str:
+    if auth.jwt_secret_file:
+        return _read_secret_file("auth.jwt_secret_file", auth.jwt_secret_file).strip()
+    secret = auth.jwt_secret
+    if secret and len(secret) < 32:
+        raise ConfigError("auth.jwt_secret", "must be at least 32 characters")
+    return secret
+
+
+def _read_secret_file(key: str, path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(key, f"must be > 0, got {value}")
+
+
+def _range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(key, f"must be between {low} and {high}, got {value}")

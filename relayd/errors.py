@@ -1,0 +1,89 @@
+"""One exception root for relayd, and the table of websocket close codes.
+
+    RelaydError
+    ├── ConfigError          a config key is missing or invalid (names the dotted key)
+    ├── EmbeddedServerError  the bundled Redis-compatible server failed to start or stop
+    ├── StoreError           Redis said no (a script error, a bad reply)
+    │   └── StoreUnavailable Redis did not answer: connection lost or timed out
+    └── ClientError          a client's input was refused; carries a wire error ``code``
+        ├── ProtocolError    a malformed or refused frame (``bad_frame``, ``seq_gap``, ...)
+        └── AuthError        a credential was refused (``unauthorized``, ``forbidden``, ...)
+
+``ClientError.code`` is the code written in error frames and HTTP error bodies; the full list
+is in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class RelaydError(Exception):
+    """Root of every error relayd raises on purpose."""
+
+
+class ConfigError(RelaydError):
+    """A configuration value is invalid; ``key`` is its dotted name (``batch.linger_ms``)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class EmbeddedServerError(RelaydError):
+    """The bundled Redis-compatible server could not be started or stopped."""
+
+
+class StoreError(RelaydError):
+    """Redis refused a command or answered something unexpected."""
+
+
+class StoreUnavailable(StoreError):
+    """Redis could not be reached or did not answer in time."""
+
+
+class ClientError(RelaydError):
+    """Input from a client was refused. ``code`` is the wire error code."""
+
+    code: str = "bad_frame"
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ProtocolError(ClientError):
+    """A frame was malformed or refused by the protocol rules."""
+
+
+class AuthError(ClientError):
+    """A credential was missing, malformed, expired, or does not grant what was asked."""
+
+    @property
+    def http_status(self) -> int:
+        return 403 if self.code == "forbidden" else 401
+
+    @property
+    def close_code(self) -> int:
+        return AUTH_CLOSE_CODES.get(self.code, CloseCode.UNAUTHORIZED)
+
+
+class CloseCode(IntEnum):
+    """Websocket close codes relayd uses; documented in docs/protocol.md."""
+
+    NORMAL = 1000
+    MESSAGE_TOO_BIG = 1009
+    SERVICE_RESTART = 1012
+    UNAUTHORIZED = 4001
+    TOKEN_EXPIRED = 4002
+    FORBIDDEN = 4003
+    SLOW_CONSUMER = 4008
+
+
+AUTH_CLOSE_CODES: dict[str, CloseCode] = {
+    "unauthorized": CloseCode.UNAUTHORIZED,
+    "token_expired": CloseCode.TOKEN_EXPIRED,
+    "forbidden": CloseCode.FORBIDDEN,
+}

@@ -1,0 +1,363 @@
+"""In-memory fan-out: publications, per-connection outboxes, and subscribers.
+
+The publish path is synchronous: the relay calls :meth:`Hub.publish` once Redis accepted a
+batch; each subscriber hands the publication's pre-encoded bytes (encoded once per encoding, for
+all subscribers) to its connection's :class:`Outbox` without awaiting. One writer task per
+connection drains the outbox and writes everything it found in one websocket message or one SSE
+write.
+
+The handoff between history and live data (the classic bug, see docs/design.md) works like
+this: a subscriber registers with the hub *before* it reads Redis; publications arriving while it
+reads are buffered (bounded); after a short page it replays the buffer, skipping offsets it
+already sent, and goes live. Every delivery is keyed by offset, so a publication is delivered at
+most once, and any hole (a lost buffer, a full outbox, a missed publication) sends the subscriber
+back to Redis: never silent loss, never a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from typing import Protocol
+
+from relayd.errors import StoreError
+from relayd.metrics import Metrics
+from relayd.protocol import Entry, FrameCodec
+from relayd.store.redis_streams import Store, StreamMeta
+
+log = logging.getLogger("relayd.hub")
+
+_BUFFER_CAP = 64  # publications buffered per subscriber while it reads Redis
+
+
+class Publication:
+    """Entries of one stream made durable by one batch, encoded lazily once per codec."""
+
+    __slots__ = ("_encoded", "chunks", "end", "entries", "first", "gen", "last", "stream", "text")
+
+    def __init__(self, stream: str, gen: int, entries: list[Entry], text: bool) -> None:
+        self.stream = stream
+        self.gen = gen
+        self.entries = entries
+        self.first = entries[0].offset
+        self.last = entries[-1].offset
+        self.end = entries[-1].is_end
+        self.text = text
+        self.chunks = len(entries) - 1 if self.end else len(entries)
+        self._encoded: dict[str, bytes] = {}
+
+    def encoded(self, codec: FrameCodec) -> bytes:
+        data = self._encoded.get(codec.kind)
+        if data is None:
+            data = self._encoded[codec.kind] = codec.entries(self.stream, self.gen, self.entries, self.text)
+        return data
+
+    def encoded_from(self, codec: FrameCodec, offset: int) -> bytes:
+        """Only the entries from ``offset`` on (a subscriber that already had the rest)."""
+        rest = [e for e in self.entries if e.offset >= offset]
+        return codec.entries(self.stream, self.gen, rest, self.text)
+
+
+class SlowConsumer(Exception):
+    """The connection accepted no data for the send timeout."""
+
+
+class Outbox:
+    """A connection's bounded queue of encoded frames and its single writer loop."""
+
+    def __init__(self, send: Callable[[list[bytes]], Awaitable[None]], max_bytes: int, send_timeout_s: float) -> None:
+        self._send = send
+        self._max_bytes = max_bytes
+        self._timeout = send_timeout_s
+        self._items: list[bytes] = []
+        self._size = 0
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def offer(self, data: bytes) -> bool:
+        """Queue without waiting; False when the queue is full (live frames then fall back)."""
+        if self._closed or self._size >= self._max_bytes:
+            return False
+        self._empty.clear()
+        self._items.append(data)
+        self._size += len(data)
+        self._ready.set()
+        if self._size >= self._max_bytes:
+            self._room.clear()
+        return True
+
+    def control(self, data: bytes) -> None:
+        """Queue a small control frame (pong, error, ack) regardless of the limit."""
+        if not self._closed:
+            self._empty.clear()
+            self._items.append(data)
+            self._size += len(data)
+            self._ready.set()
+
+    async def put(self, data: bytes) -> None:
+        """Queue, waiting for room: the catch-up path, paced by the client."""
+        while self._size >= self._max_bytes and not self._closed:
+            self._room.clear()
+            await self._room.wait()
+        if not self.offer(data):
+            self.control(data)  # closed (dropped) or exactly at the limit after a wake-up
+
+    async def run(self) -> None:
+        """Write until closed. Raises :class:`SlowConsumer` when a write stalls too long."""
+        while not self._closed:
+            if not self._items:
+                self._empty.set()
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            batch = self._items
+            self._items = []
+            self._size = 0
+            self._room.set()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._send(batch)
+            except TimeoutError:
+                self.close()
+                raise SlowConsumer from None
+
+    async def flush(self, timeout_s: float) -> None:
+        """Best effort: give the writer a chance to send what is queued (before a close)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._empty.wait()
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.set()
+        self._room.set()
+
+
+class State(Enum):
+    WAITING = "waiting"
+    CATCHUP = "catchup"
+    LIVE = "live"
+    DONE = "done"
+
+
+class SubscriptionOwner(Protocol):
+    def subscription_done(self, sub: Subscriber) -> None: ...
+
+
+class Subscriber:
+    """One stream followed by one connection: history from Redis, then the live tail."""
+
+    def __init__(self, hub: Hub, stream: str, outbox: Outbox, codec: FrameCodec, *,
+                 cursor: tuple[int, int] | None, wait_s: float, owner: SubscriptionOwner) -> None:
+        self.hub = hub
+        self.stream = stream
+        self.outbox = outbox
+        self.codec = codec
+        self.cursor = cursor
+        self.wait_s = wait_s
+        self.owner = owner
+        self.state = State.WAITING
+        self.gen = 0
+        self.next = 1  # offset of the next entry this subscriber needs
+        self.text = False
+        self._buffer: list[Publication] = []
+        self._overflow = False
+        self._wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"relayd-sub-{self.stream}")
+
+    async def stop(self) -> None:
+        self.state = State.DONE
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+    # called by the hub, synchronously -----------------------------------------------------------
+
+    def on_publication(self, pub: Publication) -> None:
+        state = self.state
+        if state is State.LIVE:
+            if pub.last < self.next:
+                return  # already delivered (from Redis)
+            if pub.first > self.next:
+                self._fall_behind()  # a hole: a publication this subscriber never saw
+                return
+            data = pub.encoded(self.codec) if pub.first == self.next else pub.encoded_from(self.codec, self.next)
+            if not self.outbox.offer(data):
+                self._fall_behind()
+                return
+            self.hub.metrics.delivered("live", pub.chunks, len(data))
+            self.next = pub.last + 1
+            if pub.end:
+                self._finish()
+        elif state is State.CATCHUP:
+            if len(self._buffer) < _BUFFER_CAP:
+                self._buffer.append(pub)
+            else:
+                self._overflow = True
+        elif state is State.WAITING:
+            self._wake.set()
+
+    def on_created(self) -> None:
+        if self.state is State.WAITING:
+            self._wake.set()
+
+    # the subscriber's task ---------------------------------------------------------------------
+
+    def _fall_behind(self) -> None:
+        self.hub.metrics.catchup()
+        self.state = State.CATCHUP
+        self._buffer.clear()
+        self._overflow = False
+        self._wake.set()
+
+    def _finish(self) -> None:
+        self.state = State.DONE
+        self._wake.set()
+
+    async def _run(self) -> None:
+        self.hub.add(self)
+        try:
+            meta = await self._resolve_start()
+            if meta is None:
+                return
+            self.state = State.CATCHUP
+            while self.state is not State.DONE:
+                await self._catch_up()
+                if self.state is State.LIVE:
+                    self._wake.clear()
+                    await self._wake.wait()
+        except StoreError as exc:
+            self.outbox.control(self.codec.error(self.stream, "store_unavailable", str(exc)))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("subscriber for %s failed", self.stream)
+            self.outbox.control(self.codec.error(self.stream, "internal", "internal error"))
+        finally:
+            self.state = State.DONE
+            self.hub.remove(self)
+            self.owner.subscription_done(self)
+
+    async def _resolve_start(self) -> StreamMeta | None:
+        store = self.hub.store
+        meta = await store.read_meta(self.stream)
+        if meta is None:
+            # Not created yet (or expired): wait, bounded, for a producer to open it.
+            self._wake.clear()
+            meta = await store.read_meta(self.stream)  # re-check after registering for wake-ups
+            if meta is None and self.wait_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.wait_s):
+                        while meta is None:
+                            await self._wake.wait()
+                            self._wake.clear()
+                            meta = await store.read_meta(self.stream)
+            if meta is None:
+                self.outbox.control(self.codec.error(
+                    self.stream, "stream_not_found", f"stream {self.stream} does not exist"))
+                return None
+        self.gen = meta.gen
+        self.text = meta.content_type == "text"
+        cursor = self.cursor
+        if cursor is not None:
+            if cursor[0] == meta.gen:
+                self.next = cursor[1] + 1
+                if cursor[1] >= meta.n and not meta.is_open:
+                    self.next = meta.n  # at (or past) the end: say again how it ended
+            else:
+                self.hub.metrics.gap()
+                self.outbox.control(self.codec.reset(self.stream, "stream_replaced"))
+        return meta
+
+    async def _catch_up(self) -> None:
+        store = self.hub.store
+        page = self.hub.catchup_page
+        self.state = State.CATCHUP
+        while True:
+            self._buffer.clear()
+            self._overflow = False
+            entries = await store.read_entries(self.stream, self.gen, self.next, page)
+            if entries and entries[0].offset > self.next:
+                self.hub.metrics.gap()
+                self.outbox.control(self.codec.gap(self.stream, self.gen, self.next - 1, entries[0].offset))
+            if entries:
+                data = self.codec.entries(self.stream, self.gen, entries, self.text)
+                await self.outbox.put(data)
+                chunks = len(entries) - (1 if entries[-1].is_end else 0)
+                self.hub.metrics.delivered("replay", chunks, len(data))
+                self.next = entries[-1].offset + 1
+                if entries[-1].is_end:
+                    self.state = State.DONE
+                    return
+            if len(entries) < page and not self._overflow and self._replay_buffer():
+                if self.state is State.CATCHUP:
+                    self.state = State.LIVE
+                return
+
+    def _replay_buffer(self) -> bool:
+        """Deliver buffered publications in order; False if a hole needs another read."""
+        for pub in self._buffer:
+            if pub.last < self.next:
+                continue
+            if pub.first > self.next:
+                return False
+            data = pub.encoded(self.codec) if pub.first == self.next else pub.encoded_from(self.codec, self.next)
+            if not self.outbox.offer(data):
+                return False
+            self.hub.metrics.delivered("live", pub.chunks, len(data))
+            self.next = pub.last + 1
+            if pub.end:
+                self.state = State.DONE
+                return True
+        self._buffer.clear()
+        return True
+
+
+class Hub:
+    """Local subscriptions by stream id."""
+
+    def __init__(self, store: Store, metrics: Metrics, catchup_page: int) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.catchup_page = catchup_page
+        self._subs: dict[str, list[Subscriber]] = {}
+
+    def add(self, sub: Subscriber) -> None:
+        self._subs.setdefault(sub.stream, []).append(sub)
+        self.metrics.subscriptions(1)
+
+    def remove(self, sub: Subscriber) -> None:
+        subs = self._subs.get(sub.stream)
+        if subs is not None and sub in subs:
+            subs.remove(sub)
+            self.metrics.subscriptions(-1)
+            if not subs:
+                del self._subs[sub.stream]
+
+    def publish(self, pub: Publication) -> None:
+        subs = self._subs.get(pub.stream)
+        if subs:
+            for sub in tuple(subs):  # a subscriber may finish (and leave) during the loop
+                sub.on_publication(pub)
+
+    def created(self, stream: str) -> None:
+        for sub in tuple(self._subs.get(stream, ())):
+            sub.on_created()
+
+    def subscriber_count(self, stream: str) -> int:
+        return len(self._subs.get(stream, ()))

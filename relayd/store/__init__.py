@@ -1,0 +1,1 @@
+"""Redis adapter: key names, Lua scripts, the pipelined writer and the readers."""

@@ -1,0 +1,19 @@
+-- End a stream: append the end entry, record the reason, start the retention TTL.
+-- KEYS[1] meta, KEYS[2] log
+-- ARGV[1] reason, ARGV[2] message, ARGV[3] now_ms, ARGV[4] ttl_after_end_s,
+-- ARGV[5] epoch ("" = not a producer: relayd or an admin), ARGV[6] stale_before_ms ("" = always;
+-- otherwise only if the stream's last producer activity is older: the producer-lost sweep)
+-- Returns {'ok', gen, offset} | {'already', gen, offset, status} | {'not_found'} |
+--         {'fenced', epoch} | {'alive'}
+local m = redis.call('HMGET', KEYS[1], 'status', 'gen', 'epoch', 'n', 'updated')
+if not m[1] then return {'not_found'} end
+if m[1] ~= 'open' then return {'already', m[2], tonumber(m[4]), m[1]} end
+if ARGV[5] ~= '' and tonumber(ARGV[5]) ~= tonumber(m[3]) then return {'fenced', tonumber(m[3])} end
+if ARGV[6] ~= '' and tonumber(m[5]) >= tonumber(ARGV[6]) then return {'alive'} end
+local n = tonumber(m[4]) + 1
+redis.call('XADD', KEYS[2], m[2] .. '-' .. n, 'e', ARGV[1], 'm', ARGV[2])
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'n', n, 'ended', ARGV[3], 'updated', ARGV[3],
+  'message', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return {'ok', m[2], n}

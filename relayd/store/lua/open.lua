@@ -1,0 +1,32 @@
+-- Open (take over, resume or create) a stream for a producer.
+-- KEYS[1] meta, KEYS[2] log
+-- ARGV[1] epoch ("" = take over with a new epoch), ARGV[2] now_ms, ARGV[3] content type,
+-- ARGV[4] open_ttl_s
+-- Returns {code, gen, epoch, seq, n, status, content_type}; code is created|opened|resumed|fenced|ended
+local m = redis.call('HMGET', KEYS[1], 'status', 'gen', 'epoch', 'seq', 'n', 'ct')
+local now = ARGV[2]
+if not m[1] then
+  local epoch = 1
+  if ARGV[1] ~= '' then epoch = tonumber(ARGV[1]) end
+  redis.call('HSET', KEYS[1], 'status', 'open', 'gen', now, 'epoch', epoch, 'base', 0, 'seq', 0,
+    'n', 0, 'ct', ARGV[3], 'created', now, 'updated', now)
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  return {'created', now, epoch, 0, 0, 'open', ARGV[3]}
+end
+local epoch = tonumber(m[3])
+if m[1] ~= 'open' then
+  return {'ended', m[2], epoch, tonumber(m[4]), tonumber(m[5]), m[1], m[6]}
+end
+if ARGV[1] == '' then
+  epoch = epoch + 1
+elseif tonumber(ARGV[1]) < epoch then
+  return {'fenced', m[2], epoch, tonumber(m[4]), tonumber(m[5]), m[1], m[6]}
+elseif tonumber(ARGV[1]) == epoch then
+  redis.call('HSET', KEYS[1], 'updated', now)
+  return {'resumed', m[2], epoch, tonumber(m[4]), tonumber(m[5]), m[1], m[6]}
+else
+  epoch = tonumber(ARGV[1])
+end
+-- a new epoch: its sequence numbers start again at 1, after the entries already stored
+redis.call('HSET', KEYS[1], 'epoch', epoch, 'base', m[5], 'seq', 0, 'updated', now)
+return {'opened', m[2], epoch, 0, tonumber(m[5]), m[1], m[6]}

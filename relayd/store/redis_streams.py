@@ -1,0 +1,211 @@
+"""Redis Streams storage: encodes the per-stream script calls for the batcher, and reads.
+
+The write path goes through :class:`~relayd.store.resp.RespConnection` (one buffer per batch);
+reads, script loading and health checks use redis-py. redis-py exceptions are translated into
+:class:`StoreUnavailable` / :class:`StoreError` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from relayd.config import RedisConfig, StreamsConfig
+from relayd.errors import StoreError, StoreUnavailable
+from relayd.protocol import Entry
+from relayd.store.keys import Keys
+from relayd.store.resp import RespConnection, encode_command
+
+SCRIPTS = ("open", "append", "end", "touch")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamMeta:
+    stream: str
+    status: str  # open | completed | error | cancelled | producer_lost
+    gen: int
+    epoch: int
+    seq: int
+    n: int  # offset of the last entry (0: empty)
+    content_type: str
+    created_ms: int
+    updated_ms: int
+    ended_ms: int | None
+    message: str
+
+    @property
+    def is_open(self) -> bool:
+        return self.status == "open"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Store:
+    """Owns the Redis connections of one relayd process."""
+
+    def __init__(self, redis_cfg: RedisConfig, streams_cfg: StreamsConfig, url: str) -> None:
+        self.keys = Keys(redis_cfg.key_prefix)
+        self.url = url
+        self._timeout_s = redis_cfg.timeout_ms / 1000
+        self._streams = streams_cfg
+        self._client: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=self._timeout_s, socket_connect_timeout=self._timeout_s
+        )
+        self._writer: RespConnection | None = None
+        self._sha: dict[str, bytes] = {}
+        # Pre-encoded constant arguments: encoded once, spliced into every command.
+        self._max_chunks = str(streams_cfg.max_chunks).encode()
+        self._open_ttl = str(streams_cfg.open_ttl_s).encode()
+        self._end_ttl = str(streams_cfg.ttl_after_end_s).encode()
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.load_scripts()
+        await self.reconnect()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        await self._client.aclose()
+
+    async def load_scripts(self) -> None:
+        lua = resources.files("relayd.store") / "lua"
+        try:
+            for name in SCRIPTS:
+                sha = await self._client.script_load((lua / f"{name}.lua").read_text())
+                self._sha[name] = sha.encode() if isinstance(sha, str) else sha
+        except redis.exceptions.RedisError as exc:
+            raise _translate(exc) from exc
+
+    async def reconnect(self) -> None:
+        if self._writer is not None and not self._writer.closed:
+            return
+        self._writer = await RespConnection.connect(self.url, self._timeout_s)
+
+    async def ping(self) -> None:
+        try:
+            await self._client.ping()
+        except redis.exceptions.RedisError as exc:
+            raise _translate(exc) from exc
+
+    # write path (used by the batcher) --------------------------------------------------------
+
+    def send(self, payload: bytes, count: int) -> Any:
+        """Send ``count`` pre-encoded commands in one write; a future of their replies."""
+        writer = self._writer
+        if writer is None:
+            raise StoreUnavailable("store not started")
+        return writer.execute(payload, count)
+
+    def cmd_open(self, stream: str, epoch: int | None, content_type: str, now: int) -> bytes:
+        keys = self.keys
+        return encode_command(
+            ["EVALSHA", self._sha["open"], "2", keys.meta(stream), keys.log(stream),
+             b"" if epoch is None else str(epoch), str(now), content_type, self._open_ttl]
+        )
+
+    def cmd_append(self, stream: str, epoch: int, seq: int, chunks: list[bytes], now: int) -> bytes:
+        keys = self.keys
+        args: list[bytes | str] = [
+            "EVALSHA", self._sha["append"], "2", keys.meta(stream), keys.log(stream),
+            str(epoch), str(seq), str(now), self._max_chunks, self._open_ttl,
+        ]
+        args.extend(chunks)
+        return encode_command(args)
+
+    def cmd_end(self, stream: str, reason: str, message: str, now: int, *,
+                epoch: int | None = None, stale_before: int | None = None) -> bytes:
+        keys = self.keys
+        return encode_command(
+            ["EVALSHA", self._sha["end"], "2", keys.meta(stream), keys.log(stream), reason, message,
+             str(now), self._end_ttl, b"" if epoch is None else str(epoch),
+             b"" if stale_before is None else str(stale_before)]
+        )
+
+    def cmd_touch(self, stream: str, now: int) -> bytes:
+        return encode_command(["EVALSHA", self._sha["touch"], "1", self.keys.meta(stream), str(now)])
+
+    def cmd_index(self, scored: list[tuple[str, int]]) -> bytes:
+        """ZADD the open-stream index (score: last activity, ms)."""
+        args: list[bytes | str] = ["ZADD", self.keys.open_index]
+        for stream, score in scored:
+            args += [str(score), stream]
+        return encode_command(args)
+
+    def cmd_unindex(self, streams: list[str]) -> bytes:
+        return encode_command(["ZREM", self.keys.open_index, *streams])
+
+    # read path --------------------------------------------------------------------------------
+
+    async def read_meta(self, stream: str) -> StreamMeta | None:
+        try:
+            raw = await self._client.hgetall(self.keys.meta(stream))
+        except redis.exceptions.RedisError as exc:
+            raise _translate(exc) from exc
+        return parse_meta(stream, raw) if raw else None
+
+    async def read_entries(self, stream: str, gen: int, first: int, count: int) -> list[Entry]:
+        """Up to ``count`` entries of generation ``gen`` from offset ``first`` on."""
+        try:
+            # One key holds one generation: a new one starts only after the key vanished.
+            rows = await self._client.xrange(self.keys.log(stream), f"{gen}-{first}", "+", count=count)
+        except redis.exceptions.RedisError as exc:
+            raise _translate(exc) from exc
+        return [parse_entry(entry_id, fields) for entry_id, fields in rows]
+
+    async def stale_open_streams(self, before_ms: int, limit: int = 500) -> list[str]:
+        try:
+            rows = await self._client.zrangebyscore(self.keys.open_index, "-inf", before_ms, start=0, num=limit)
+        except redis.exceptions.RedisError as exc:
+            raise _translate(exc) from exc
+        return [r.decode() for r in rows]
+
+    async def ttl_s(self, stream: str) -> int:
+        try:
+            return int(await self._client.ttl(self.keys.meta(stream)))
+        except redis.exceptions.RedisError as exc:
+            raise _translate(exc) from exc
+
+
+def parse_meta(stream: str, raw: dict[bytes, bytes]) -> StreamMeta:
+    def num(name: bytes, default: int = 0) -> int:
+        value = raw.get(name)
+        return int(value) if value is not None and value != b"" else default
+
+    ended = raw.get(b"ended")
+    return StreamMeta(
+        stream=stream,
+        status=raw.get(b"status", b"open").decode(),
+        gen=num(b"gen"),
+        epoch=num(b"epoch"),
+        seq=num(b"seq"),
+        n=num(b"n"),
+        content_type=raw.get(b"ct", b"json").decode(),
+        created_ms=num(b"created"),
+        updated_ms=num(b"updated"),
+        ended_ms=int(ended) if ended else None,
+        message=raw.get(b"message", b"").decode(),
+    )
+
+
+def parse_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
+    offset = int(entry_id.partition(b"-")[2])
+    data = fields.get(b"d")
+    if data is not None:
+        return Entry(offset, data)
+    return Entry(offset, None, fields.get(b"e", b"error").decode(), fields.get(b"m", b"").decode())
+
+
+def _translate(exc: redis.exceptions.RedisError) -> StoreError:
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return StoreUnavailable(f"Redis unavailable: {exc}")
+    return StoreError(f"Redis error: {exc}")

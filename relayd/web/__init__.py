@@ -1,0 +1,1 @@
+"""aiohttp adapters: ingest, consumer websocket, SSE, tokens, health and metrics."""

@@ -1,0 +1,43 @@
+"""``build_app``: routes, middlewares and the drain order on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from relayd.web import ops
+from relayd.web.consume import consume_ws
+from relayd.web.cors import cors_middleware
+from relayd.web.ingest import ingest
+from relayd.web.keys import RUNTIME, Runtime
+from relayd.web.sse import events
+from relayd.web.tokens import mint_token
+
+log = logging.getLogger("relayd.web")
+
+
+def build_app(runtime: Runtime) -> web.Application:
+    app = web.Application(middlewares=[cors_middleware], client_max_size=runtime.config.limits.max_frame_bytes)
+    app[RUNTIME] = runtime
+    app.router.add_get("/v1/ingest", ingest)
+    app.router.add_get("/v1/ws", consume_ws)
+    app.router.add_get("/v1/streams/{stream}/ws", consume_ws)
+    app.router.add_get("/v1/streams/{stream}/events", events)
+    app.router.add_post("/v1/tokens", mint_token)
+    app.router.add_get("/healthz", ops.healthz)
+    app.router.add_get("/readyz", ops.readyz)
+    app.router.add_get("/metrics", ops.metrics)
+    app.on_shutdown.append(_drain_connections)
+    return app
+
+
+async def _drain_connections(app: web.Application) -> None:
+    """Producers first (everything they sent is acknowledged), then consumers; all told 1012."""
+    rt = app[RUNTIME]
+    rt.draining.set()
+    producers, consumers = list(rt.producers), list(rt.consumers)
+    log.info("draining: %d producer and %d consumer connections", len(producers), len(consumers))
+    await asyncio.gather(*(close() for close in producers), return_exceptions=True)
+    await asyncio.gather(*(close() for close in consumers), return_exceptions=True)

@@ -1,0 +1,215 @@
+"""Consumer websocket: ``GET /v1/streams/{stream}/ws`` and ``GET /v1/ws`` (JWT)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiohttp import WSMsgType, web
+
+from relayd.auth import Principal, parse_bearer
+from relayd.errors import AuthError, ClientError, CloseCode
+from relayd.hub import Outbox, SlowConsumer, Subscriber
+from relayd.protocol import (
+    WS_CODEC,
+    AuthOp,
+    CancelOp,
+    FrameError,
+    PingOp,
+    SubscribeOp,
+    UnsubscribeOp,
+    check_stream_id,
+    decode_consumer,
+    error_frame,
+    frame,
+    parse_optional_cursor,
+    split_message,
+)
+from relayd.web.ingest import close_stuck
+from relayd.web.keys import RUNTIME, Runtime
+
+log = logging.getLogger("relayd.consume")
+
+SUBPROTOCOL = "relayd.v1"
+_BEARER_PROTOCOL = "bearer."
+_MAX_CONSUMER_MESSAGE = 64 * 1024
+
+
+def token_from_request(request: web.Request) -> str | None:
+    """Query ``token``, then a ``bearer.<jwt>`` subprotocol, then ``Authorization``."""
+    token = request.query.get("token")
+    if token:
+        return token
+    for proto in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+        proto = proto.strip()
+        if proto.startswith(_BEARER_PROTOCOL):
+            return proto[len(_BEARER_PROTOCOL):]
+    return parse_bearer(request.headers.get("Authorization"))
+
+
+class ConsumerConnection:
+    """The subscriptions of one consumer websocket and its token."""
+
+    def __init__(self, rt: Runtime, ws: web.WebSocketResponse, principal: Principal) -> None:
+        self.rt = rt
+        self.ws = ws
+        self.principal = principal
+        cfg = rt.config
+        self.outbox = Outbox(self._send, cfg.consumer.max_queue_bytes, cfg.consumer.send_timeout_ms / 1000)
+        self.subs: dict[str, Subscriber] = {}
+        self.close_code: int | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self.schedule_expiry()
+
+    async def _send(self, batch: list[bytes]) -> None:
+        await self.ws.send_frame(b"\n".join(batch), WSMsgType.TEXT)
+
+    def schedule_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        delay = max(self.principal.expires_at - time.time(), 0.0)
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        self.rt.metrics.auth_failure("token_expired")
+        self.close(CloseCode.TOKEN_EXPIRED, "token_expired")
+
+    def close(self, code: int, reason: str) -> None:
+        if self._closing is None:
+            self.close_code = code
+            self._closing = asyncio.create_task(close_stuck(self.ws, code, reason))
+
+    def subscription_done(self, sub: Subscriber) -> None:
+        if self.subs.get(sub.stream) is sub:
+            del self.subs[sub.stream]
+
+    def subscribe(self, stream: str, cursor: tuple[int, int] | None, wait_ms: int | None) -> None:
+        self.principal.require(stream, "read")
+        if stream in self.subs:
+            raise ClientError("bad_frame", f"already subscribed to {stream}")
+        if len(self.subs) >= self.rt.config.limits.max_streams_per_connection:
+            raise ClientError("too_many_streams", "limits.max_streams_per_connection reached")
+        cap = self.rt.config.streams.wait_timeout_ms
+        wait_s = min(cap if wait_ms is None else wait_ms, cap) / 1000
+        sub = Subscriber(self.rt.relay.hub, stream, self.outbox, WS_CODEC, cursor=cursor, wait_s=wait_s, owner=self)
+        self.subs[stream] = sub
+        self.outbox.control(frame(type="subscribed", stream=stream))
+        sub.start()
+
+    async def handle(self, line: bytes | str) -> None:
+        op = decode_consumer(line)
+        try:
+            if isinstance(op, FrameError):
+                raise op.error
+            if type(op) is SubscribeOp:
+                self.subscribe(op.stream, op.cursor, op.wait_ms)
+            elif type(op) is UnsubscribeOp:
+                sub = self.subs.pop(op.stream, None)
+                if sub is not None:
+                    await sub.stop()
+                self.outbox.control(frame(type="unsubscribed", stream=op.stream))
+            elif type(op) is CancelOp:
+                self.principal.require(op.stream, "cancel")
+                if not await self.rt.relay.cancel(op.stream):
+                    raise ClientError("stream_ended", f"stream {op.stream} is not open")
+                self.outbox.control(frame(type="cancel_requested", stream=op.stream))
+            elif type(op) is AuthOp:
+                self.reauth(op.token)
+            elif type(op) is PingOp:
+                self.outbox.control(frame(type="pong", id=op.id) if op.id is not None else b'{"type":"pong"}')
+        except ClientError as exc:
+            if isinstance(exc, AuthError):
+                self.rt.metrics.auth_failure(exc.code)
+            else:
+                self.rt.metrics.bad_frame(exc.code)
+            stream = op.stream if isinstance(op, FrameError) else getattr(op, "stream", None)
+            self.outbox.control(error_frame(exc.code, exc.message, stream))
+
+    def reauth(self, token: str) -> None:
+        principal = self.rt.tokens.verify(token)
+        self.principal = principal
+        self.schedule_expiry()
+        for stream, sub in list(self.subs.items()):
+            if not principal.allows(stream, "read"):
+                del self.subs[stream]
+                asyncio.create_task(sub.stop())  # noqa: RUF006 - stop() finishes on its own
+                self.outbox.control(error_frame("forbidden", "the new token does not allow this stream", stream))
+        self.outbox.control(frame(type="authed", expires_at=int(principal.expires_at)))
+
+    async def shutdown(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        for sub in list(self.subs.values()):
+            await sub.stop()
+        self.subs.clear()
+
+
+async def consume_ws(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    cfg = rt.config
+    if rt.draining.is_set():
+        return web.json_response({"error": {"code": "shutting_down", "message": "relayd is draining"}}, status=503)
+    ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), heartbeat=cfg.server.heartbeat_s,
+                               max_msg_size=_MAX_CONSUMER_MESSAGE, compress=False)
+    await ws.prepare(request)
+    try:
+        principal = rt.tokens.verify(token_from_request(request))
+        first_stream = request.match_info.get("stream")
+        first_cursor = parse_optional_cursor(request.query.get("cursor"))
+        wait_ms = int(request.query["wait_ms"]) if request.query.get("wait_ms", "").isdigit() else None
+        if first_stream is not None:
+            principal.require(check_stream_id(first_stream), "read")
+    except AuthError as exc:
+        rt.metrics.auth_failure(exc.code)
+        log.info("consumer refused from %s: %s", request.remote, exc.code)
+        await ws.close(code=exc.close_code, message=exc.code.encode())
+        return ws
+    except ClientError as exc:
+        rt.metrics.bad_frame(exc.code)
+        await ws.send_frame(error_frame(exc.code, exc.message), WSMsgType.TEXT)
+        await ws.close(code=CloseCode.NORMAL, message=exc.code.encode())
+        return ws
+
+    conn = ConsumerConnection(rt, ws, principal)
+    rt.metrics.connection_opened("consumer_ws")
+    started = time.monotonic()
+    writer = asyncio.create_task(_write(conn), name="relayd-consumer-writer")
+
+    async def drain_close() -> None:
+        await conn.outbox.flush(1.0)
+        await close_stuck(ws, CloseCode.SERVICE_RESTART, "shutting_down")
+
+    rt.consumers.add(drain_close)
+    try:
+        if first_stream is not None:
+            conn.subscribe(first_stream, first_cursor, wait_ms)
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
+                for line in split_message(msg.data):
+                    await conn.handle(line)
+            elif msg.type is WSMsgType.ERROR:
+                break
+    finally:
+        rt.consumers.discard(drain_close)
+        await conn.shutdown()
+        conn.outbox.close()
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        rt.metrics.connection_closed("consumer_ws")
+        log.info("consumer closed remote=%s duration_s=%.1f code=%s", request.remote,
+                 time.monotonic() - started, conn.close_code or ws.close_code)
+    return ws
+
+
+async def _write(conn: ConsumerConnection) -> None:
+    try:
+        await conn.outbox.run()
+    except SlowConsumer:
+        conn.rt.metrics.slow_consumer()
+        conn.close(CloseCode.SLOW_CONSUMER, "slow_consumer")
+    except (ConnectionError, RuntimeError):
+        pass

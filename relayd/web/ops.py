@@ -1,0 +1,31 @@
+"""Operator endpoints: liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from relayd.errors import StoreError
+from relayd.web.keys import RUNTIME
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is up and its event loop answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready for traffic: not draining and Redis answers."""
+    rt = request.app[RUNTIME]
+    if rt.draining.is_set():
+        return web.json_response({"status": "draining"}, status=503)
+    try:
+        await rt.relay.store.ping()
+    except StoreError as exc:
+        return web.json_response({"status": "redis_unavailable", "message": str(exc)}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[RUNTIME].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,124 @@
+"""``GET /v1/streams/{stream}/events``: Server-Sent Events, resumable with ``Last-Event-ID``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiohttp import web
+
+from relayd.auth import parse_bearer
+from relayd.errors import ClientError, StoreError
+from relayd.hub import Outbox, SlowConsumer, Subscriber
+from relayd.protocol import SSE_CODEC, check_stream_id, parse_optional_cursor
+from relayd.web.cors import cors_headers
+from relayd.web.errors import client_error_response, error_response
+from relayd.web.keys import RUNTIME
+
+log = logging.getLogger("relayd.sse")
+
+
+class _Done:
+    """Owner of the single subscription of an SSE response: wakes the handler when it ends."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def subscription_done(self, sub: Subscriber) -> None:
+        self.event.set()
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    cfg = rt.config
+    if rt.draining.is_set():
+        return error_response(503, "shutting_down", "relayd is draining")
+    try:
+        token = request.query.get("token") or parse_bearer(request.headers.get("Authorization"))
+        principal = rt.tokens.verify(token)
+        stream = check_stream_id(request.match_info["stream"])
+        principal.require(stream, "read")
+        cursor = parse_optional_cursor(request.headers.get("Last-Event-ID") or request.query.get("cursor"))
+        wait = request.query.get("wait_ms", "")
+        wait_ms = min(int(wait) if wait.isdigit() else cfg.streams.wait_timeout_ms, cfg.streams.wait_timeout_ms)
+    except ClientError as exc:
+        if exc.code in ("unauthorized", "token_expired", "forbidden"):
+            rt.metrics.auth_failure(exc.code)
+        else:
+            rt.metrics.bad_frame(exc.code)
+        response = client_error_response(exc)
+        response.headers.update(cors_headers(request))
+        return response
+
+    if cursor is not None:
+        # A reconnect after the end: 204 tells EventSource to stop reconnecting.
+        try:
+            meta = await rt.relay.store.read_meta(stream)
+        except StoreError as exc:
+            return error_response(503, "store_unavailable", str(exc))
+        if meta is not None and not meta.is_open and cursor == (meta.gen, meta.n):
+            return web.Response(status=204, headers=cors_headers(request))
+
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache, no-transform",
+        "X-Accel-Buffering": "no",
+        **cors_headers(request),
+    })
+    await response.prepare(request)
+    await response.write(b"retry: 1000\n\n")
+
+    async def send(batch: list[bytes]) -> None:
+        await response.write(b"".join(batch))
+
+    outbox = Outbox(send, cfg.consumer.max_queue_bytes, cfg.consumer.send_timeout_ms / 1000)
+    done = _Done()
+    sub = Subscriber(rt.relay.hub, stream, outbox, SSE_CODEC, cursor=cursor, wait_s=wait_ms / 1000, owner=done)
+    rt.metrics.connection_opened("consumer_sse")
+    started = time.monotonic()
+    writer = asyncio.create_task(outbox.run(), name="relayd-sse-writer")
+    loop = asyncio.get_running_loop()
+
+    def expired() -> None:
+        rt.metrics.auth_failure("token_expired")
+        outbox.control(SSE_CODEC.error(stream, "token_expired", "the token expired; reconnect with a fresh one"))
+        done.event.set()
+
+    expiry = loop.call_later(max(principal.expires_at - time.time(), 0.0), expired)
+    keepalive = asyncio.create_task(_keepalive(outbox, cfg.consumer.sse_keepalive_s))
+
+    async def drain_close() -> None:
+        outbox.control(SSE_CODEC.error(stream, "shutting_down", "relayd is restarting; reconnect"))
+        done.event.set()
+
+    rt.consumers.add(drain_close)
+    sub.start()
+    try:
+        waiter = asyncio.create_task(done.event.wait())
+        await asyncio.wait([waiter, writer], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not writer.done():
+            await outbox.flush(1.0)
+    finally:
+        rt.consumers.discard(drain_close)
+        expiry.cancel()
+        keepalive.cancel()
+        await sub.stop()
+        outbox.close()
+        writer.cancel()
+        for task in (writer, keepalive):
+            with contextlib.suppress(asyncio.CancelledError, SlowConsumer, ConnectionError, RuntimeError):
+                await task
+        if writer.done() and not writer.cancelled() and isinstance(writer.exception(), SlowConsumer):
+            rt.metrics.slow_consumer()
+        rt.metrics.connection_closed("consumer_sse")
+        log.info("sse closed remote=%s stream=%s duration_s=%.1f", request.remote, stream, time.monotonic() - started)
+    return response
+
+
+async def _keepalive(outbox: Outbox, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)  # a periodic job, not a synchronisation
+        outbox.control(b": keepalive\n\n")

@@ -1,0 +1,46 @@
+"""pytest plugin: one embedded Redis-compatible server for the whole test session.
+
+Listed in tests/conftest.py through ``pytest_plugins``. Tests share the server and isolate
+themselves by key prefix (the ``key_prefix`` fixture); nothing ever flushes it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relayd.embedded import EmbeddedRedis, free_port
+from relayd.errors import EmbeddedServerError
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL (``redis://127.0.0.1:PORT``) of a private server that lives for the session."""
+    server = _start_on_free_port(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _start_on_free_port(data_dir: Path, attempts: int = 3) -> EmbeddedRedis:
+    # Another process may take the free port before the server binds it: try another one.
+    for attempt in range(1, attempts + 1):
+        server = EmbeddedRedis(data_dir, port=free_port(), appendfsync="no")
+        try:
+            server.start()
+        except EmbeddedServerError:
+            if attempt == attempts:
+                raise
+        else:
+            return server
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A prefix unique to this test, like ``t-1a2b3c4d``; put every key the test makes under it."""
+    return f"t-{uuid.uuid4().hex[:8]}"
