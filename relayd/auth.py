@@ -189,9 +189,7 @@ def _prepare_key(algorithm: str, material: str, config_key: str, what: str) -> A
     except jwt.PyJWTError as exc:
         raise ConfigError(config_key, f"is not a usable {algorithm} {what}: {exc}") from exc
     except Exception as exc:  # cryptography: unparsable PEM, encrypted key, unknown type
-        raise ConfigError(
-            config_key, f"is not a usable {algorithm} {what} (expected an unencrypted PEM key)"
-        ) from exc
+        raise ConfigError(config_key, f"is not a usable {algorithm} {what} (expected an unencrypted PEM key)") from exc
     too_short = alg.check_key_length(key)
     if too_short:
         raise ConfigError(config_key, too_short)
@@ -270,9 +268,7 @@ class TokenAuthority:
         leeway_s: float = 0.0,
     ) -> None:
         if algorithm not in ALGORITHMS:
-            raise ConfigError(
-                "auth.jwt_algorithm", f"must be one of {', '.join(sorted(ALGORITHMS))}"
-            )
+            raise ConfigError("auth.jwt_algorithm", f"must be one of {', '.join(sorted(ALGORITHMS))}")
         if not audience:
             raise ConfigError("auth.jwt_audience", "must not be empty")
         for key, value in (
@@ -431,9 +427,7 @@ class TokenAuthority:
             raise AuthError("unauthorized", "token streams claim must be a non-empty list")
         for i, pattern in enumerate(streams):
             if not is_valid_stream_pattern(pattern):
-                raise AuthError(
-                    "unauthorized", f"token streams[{i}] is not a valid stream id or prefix"
-                )
+                raise AuthError("unauthorized", f"token streams[{i}] is not a valid stream id or prefix")
         rights = claims.get("rights", list(DEFAULT_RIGHTS))
         if not isinstance(rights, list) or not rights:
             raise AuthError("unauthorized", "token rights claim must be a non-empty list")

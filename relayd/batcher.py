@@ -58,6 +58,8 @@ class Batcher:
         self._recovery: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._wire_empty = asyncio.Event()  # no batch on the wire
+        self._wire_empty.set()
         self._loop = asyncio.get_running_loop()
 
     def submit(self, write: Write) -> None:
@@ -115,12 +117,15 @@ class Batcher:
                 self._on_failure(batch, exc)
                 return
             self._inflight += 1
+            self._wire_empty.clear()
             self._metrics.batch_sent(len(batch), len(payload))
             started = time.perf_counter()
             future.add_done_callback(lambda f, b=batch, t=started: self._on_reply(b, t, f))
 
     def _on_reply(self, batch: list[Write], started: float, future: asyncio.Future[list[Any]]) -> None:
         self._inflight -= 1
+        if not self._inflight:
+            self._wire_empty.set()
         exc = future.exception()
         if exc is None:
             replies = future.result()
@@ -155,8 +160,7 @@ class Batcher:
         try:
             while True:
                 # let batches still on the wire fail or finish first, so order is kept
-                while self._inflight:
-                    await asyncio.sleep(0.001)
+                await self._wire_empty.wait()
                 try:
                     await self._store.reconnect()
                     await self._store.load_scripts()
@@ -171,8 +175,9 @@ class Batcher:
                     return
                 except (StoreUnavailable, StoreError) as exc:
                     if time.monotonic() >= deadline:
-                        log.error("redis unavailable for %.1fs, failing %d batches: %s",
-                                  self._retry_s, len(self._failed), exc)
+                        log.error(
+                            "redis unavailable for %.1fs, failing %d batches: %s", self._retry_s, len(self._failed), exc
+                        )
                         while self._failed:
                             _fail_all(self._failed.popleft(), StoreUnavailable(str(exc)))
                         return

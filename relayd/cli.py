@@ -13,8 +13,13 @@ from relayd.config import Config, load_config
 from relayd.errors import RelaydError
 
 CONFIG_OPTION = click.option(
-    "--config", "-c", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-    envvar="RELAYD_CONFIG", help="TOML config file (see config/relay.example.toml).",
+    "--config",
+    "-c",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    envvar="RELAYD_CONFIG",
+    help="TOML config file (see config/relay.example.toml).",
 )
 
 
@@ -57,8 +62,11 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
 def check_config(config_path: Path | None) -> None:
     """Validate a config file without starting relayd."""
     config = _load(config_path)
-    mode = f"external Redis at {_redact(config.redis.url)}" if config.redis.url else (
-        f"embedded server in {config.embedded.data_dir}")
+    mode = (
+        f"external Redis at {_redact(config.redis.url)}"
+        if config.redis.url
+        else (f"embedded server in {config.embedded.data_dir}")
+    )
     click.echo(f"config OK: listen {config.server.host}:{config.server.port}, {mode}")
 
 
@@ -81,14 +89,27 @@ def token() -> None:
 
 @token.command("mint")
 @CONFIG_OPTION
-@click.option("--stream", "streams", multiple=True, required=True,
-              help="Stream id, or a prefix ending in '*'. Repeat for several.")
-@click.option("--right", "rights", multiple=True, type=click.Choice(["read", "cancel"]), default=("read",),
-              show_default=True, help="Right to grant. Repeat for several.")
+@click.option(
+    "--stream",
+    "streams",
+    multiple=True,
+    required=True,
+    help="Stream id, or a prefix ending in '*'. Repeat for several.",
+)
+@click.option(
+    "--right",
+    "rights",
+    multiple=True,
+    type=click.Choice(["read", "cancel"]),
+    default=("read",),
+    show_default=True,
+    help="Right to grant. Repeat for several.",
+)
 @click.option("--ttl", "ttl_s", type=int, default=None, help="Lifetime in seconds (default auth.token_ttl_s).")
 @click.option("--sub", "subject", default=None, help="Subject claim (your user id).")
-def token_mint(config_path: Path | None, streams: tuple[str, ...], rights: tuple[str, ...],
-               ttl_s: int | None, subject: str | None) -> None:
+def token_mint(
+    config_path: Path | None, streams: tuple[str, ...], rights: tuple[str, ...], ttl_s: int | None, subject: str | None
+) -> None:
     """Mint a consumer token with the configured secret (no running relayd needed)."""
     from relayd.auth import TokenAuthority
     from relayd.server import dev_credentials_path
@@ -99,13 +120,20 @@ def token_mint(config_path: Path | None, streams: tuple[str, ...], rights: tuple
     if not secret and cfg.jwt_algorithm.startswith("HS"):
         path = dev_credentials_path(config)
         if not path.exists():
-            raise click.ClickException("no auth.jwt_secret configured and no development credentials yet: "
-                                       "start `relayd serve` once, or set RELAYD_AUTH_JWT_SECRET")
+            raise click.ClickException(
+                "no auth.jwt_secret configured and no development credentials yet: "
+                "start `relayd serve` once, or set RELAYD_AUTH_JWT_SECRET"
+            )
         secret = path.read_text().split()[1]
     try:
-        authority = TokenAuthority(algorithm=cfg.jwt_algorithm, secret=secret, audience=cfg.jwt_audience,
-                                   issuer=cfg.jwt_issuer, default_ttl_s=cfg.token_ttl_s,
-                                   max_ttl_s=cfg.token_max_ttl_s)
+        authority = TokenAuthority(
+            algorithm=cfg.jwt_algorithm,
+            secret=secret,
+            audience=cfg.jwt_audience,
+            issuer=cfg.jwt_issuer,
+            default_ttl_s=cfg.token_ttl_s,
+            max_ttl_s=cfg.token_max_ttl_s,
+        )
         jwt, _ = authority.mint(list(streams), list(rights), ttl_s=ttl_s, subject=subject)
     except RelaydError as exc:
         raise click.ClickException(str(exc)) from None

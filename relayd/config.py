@@ -89,7 +89,9 @@ class AuthConfig:
                     "put plain keys in RELAYD_API_KEYS or auth.api_keys_file",
                 )
         if self.jwt_algorithm not in ("HS256", "HS384", "HS512", "RS256", "ES256"):
-            raise ConfigError("auth.jwt_algorithm", f"must be HS256, HS384, HS512, RS256 or ES256, got {self.jwt_algorithm!r}")
+            raise ConfigError(
+                "auth.jwt_algorithm", f"must be HS256, HS384, HS512, RS256 or ES256, got {self.jwt_algorithm!r}"
+            )
         if self.jwt_algorithm[:2] != "HS" and not self.jwt_public_key_file:
             raise ConfigError("auth.jwt_public_key_file", f"is required with {self.jwt_algorithm}")
         _positive("auth.token_ttl_s", self.token_ttl_s)
@@ -217,7 +219,7 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         if name not in known:
             raise ConfigError(name, f"unknown table (known: {', '.join(known)})")
     for name, fld in known.items():
-        cls = fld.default_factory  # type: ignore[misc]
+        cls = fld.default_factory
         section = raw.get(name, {})
         if not isinstance(section, dict):
             raise ConfigError(name, "must be a table")

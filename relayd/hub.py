@@ -158,8 +158,17 @@ class SubscriptionOwner(Protocol):
 class Subscriber:
     """One stream followed by one connection: history from Redis, then the live tail."""
 
-    def __init__(self, hub: Hub, stream: str, outbox: Outbox, codec: FrameCodec, *,
-                 cursor: tuple[int, int] | None, wait_s: float, owner: SubscriptionOwner) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        stream: str,
+        outbox: Outbox,
+        codec: FrameCodec,
+        *,
+        cursor: tuple[int, int] | None,
+        wait_s: float,
+        owner: SubscriptionOwner,
+    ) -> None:
         self.hub = hub
         self.stream = stream
         self.outbox = outbox
@@ -268,8 +277,9 @@ class Subscriber:
                             self._wake.clear()
                             meta = await store.read_meta(self.stream)
             if meta is None:
-                self.outbox.control(self.codec.error(
-                    self.stream, "stream_not_found", f"stream {self.stream} does not exist"))
+                self.outbox.control(
+                    self.codec.error(self.stream, "stream_not_found", f"stream {self.stream} does not exist")
+                )
                 return None
         self.gen = meta.gen
         self.text = meta.content_type == "text"

@@ -42,14 +42,20 @@ class Metrics:
 
         self._chunks_in = Counter("relayd_chunks_in", "Chunks stored (acknowledged appends)", registry=r)
         self._bytes_in = Counter("relayd_bytes_in", "Chunk bytes stored", registry=r)
-        out = Counter("relayd_chunks_delivered", "Chunks written to consumer connections, by path", ["path"], registry=r)
+        out = Counter(
+            "relayd_chunks_delivered", "Chunks written to consumer connections, by path", ["path"], registry=r
+        )
         bout = Counter("relayd_bytes_delivered", "Bytes written to consumer connections, by path", ["path"], registry=r)
         self._out = {p: out.labels(p) for p in PATHS}
         self._bout = {p: bout.labels(p) for p in PATHS}
 
-        self._batch_size = Histogram("relayd_redis_batch_size", "Commands per Redis pipeline", buckets=_BATCH_BUCKETS, registry=r)
+        self._batch_size = Histogram(
+            "relayd_redis_batch_size", "Commands per Redis pipeline", buckets=_BATCH_BUCKETS, registry=r
+        )
         self._batch_bytes = Counter("relayd_redis_batch_bytes", "Bytes sent to Redis by the write path", registry=r)
-        self._batch_latency = Histogram("relayd_redis_batch_seconds", "Redis pipeline round-trip time", buckets=_LATENCY_BUCKETS, registry=r)
+        self._batch_latency = Histogram(
+            "relayd_redis_batch_seconds", "Redis pipeline round-trip time", buckets=_LATENCY_BUCKETS, registry=r
+        )
         self._redis_errors = Counter("relayd_redis_errors", "Failed Redis round trips", registry=r)
 
         self._streams_open = Gauge("relayd_streams_open", "Streams held by producers on this instance", registry=r)
@@ -61,8 +67,12 @@ class Metrics:
         self._auth = {reason: auth.labels(reason) for reason in AUTH_REASONS}
         self._bad_frames = Counter("relayd_bad_frames", "Refused client frames, by code", ["code"], registry=r)
 
-        self._catchups = Counter("relayd_consumer_catchups", "Consumers that fell behind and were caught up from Redis", registry=r)
-        self._gaps = Counter("relayd_consumer_gaps", "Gap or reset frames sent (history no longer available)", registry=r)
+        self._catchups = Counter(
+            "relayd_consumer_catchups", "Consumers that fell behind and were caught up from Redis", registry=r
+        )
+        self._gaps = Counter(
+            "relayd_consumer_gaps", "Gap or reset frames sent (history no longer available)", registry=r
+        )
         self._slow = Counter("relayd_slow_consumer_disconnects", "Consumers closed with 4008 slow_consumer", registry=r)
         self._subs = Gauge("relayd_subscriptions", "Active consumer subscriptions", registry=r)
 

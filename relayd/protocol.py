@@ -29,9 +29,7 @@ def is_valid_stream_id(stream_id: object) -> bool:
 
 def check_stream_id(stream_id: object) -> str:
     if not is_valid_stream_id(stream_id):
-        raise ProtocolError(
-            "invalid_stream_id", "stream id must be 1-200 characters of A-Z a-z 0-9 _ - . : / @ ="
-        )
+        raise ProtocolError("invalid_stream_id", "stream id must be 1-200 characters of A-Z a-z 0-9 _ - . : / @ =")
     return stream_id  # type: ignore[return-value]
 
 
@@ -146,7 +144,9 @@ class ProducerDecoder:
     def __init__(self, max_chunk_bytes: int) -> None:
         self.max_chunk_bytes = max_chunk_bytes
 
-    def decode(self, line: bytes | str, text_streams: set[str] | frozenset[str] = frozenset()) -> ProducerOp | FrameError:
+    def decode(
+        self, line: bytes | str, text_streams: set[str] | frozenset[str] = frozenset()
+    ) -> ProducerOp | FrameError:
         stream: str | None = None
         seq: int | None = None
         try:
@@ -338,7 +338,9 @@ def encode_sse_entries(gen: int, entries: list[Entry], text: bool) -> bytes:
             if text:
                 parts.append(sse_event("chunk", orjson.loads(entry.data), format_cursor(gen, entry.offset)))
             else:
-                parts.append(b"".join((prefix, b"%010d" % entry.offset, b"\nevent: chunk\ndata: ", entry.data, b"\n\n")))
+                parts.append(
+                    b"".join((prefix, b"%010d" % entry.offset, b"\nevent: chunk\ndata: ", entry.data, b"\n\n"))
+                )
         else:
             body: dict[str, Any] = {"reason": entry.reason}
             if entry.message:
@@ -380,8 +382,7 @@ class WsCodec(FrameCodec):
         return error_frame(code, message, stream)
 
     def gap(self, stream: str, gen: int, had: int, next_offset: int) -> bytes:
-        return frame(type="gap", stream=stream, cursor=format_cursor(gen, had),
-                     next=format_cursor(gen, next_offset))
+        return frame(type="gap", stream=stream, cursor=format_cursor(gen, had), next=format_cursor(gen, next_offset))
 
     def reset(self, stream: str, reason: str) -> bytes:
         return frame(type="reset", stream=stream, reason=reason)

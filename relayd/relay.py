@@ -126,10 +126,17 @@ class Relay:
                 self.hub.created(op.stream)
             if code != "ended":
                 self._take(op.stream, session, Held(int(epoch), gen_i, content_type == "text"))
-            session.send(frame(
-                type="opened", stream=op.stream, epoch=int(epoch), seq=int(seq),
-                cursor=format_cursor(gen_i, n_i) if n_i else None, status=status, content_type=content_type,
-            ))
+            session.send(
+                frame(
+                    type="opened",
+                    stream=op.stream,
+                    epoch=int(epoch),
+                    seq=int(seq),
+                    cursor=format_cursor(gen_i, n_i) if n_i else None,
+                    status=status,
+                    content_type=content_type,
+                )
+            )
 
         self.batcher.submit(Write(payload, done))
 
@@ -150,12 +157,14 @@ class Relay:
             if code == "ok":
                 gen, first, last, last_seq = int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4])
                 if first <= last:
-                    new = op.chunks[len(op.chunks) - (last - first + 1):]
+                    new = op.chunks[len(op.chunks) - (last - first + 1) :]
                     entries = [Entry(first + i, chunk) for i, chunk in enumerate(new)]
                     self.metrics.chunks_stored(len(new), sum(len(c) for c in new))
                     self.hub.publish(Publication(op.stream, gen, entries, held.text))
-                session.send(b'{"type":"ack","stream":%s,"seq":%d,"cursor":"%s"}' % (
-                    _json_str(op.stream), last_seq, format_cursor(gen, last).encode()))
+                session.send(
+                    b'{"type":"ack","stream":%s,"seq":%d,"cursor":"%s"}'
+                    % (_json_str(op.stream), last_seq, format_cursor(gen, last).encode())
+                )
             elif code == "seq_gap":
                 session.send(error_frame("seq_gap", f"expected seq {int(reply[1]) + 1}", op.stream, int(reply[1])))
             elif code == "fenced":
@@ -185,8 +194,11 @@ class Relay:
             elif result == "fenced":
                 session.send(error_frame("fenced", "a newer producer took the stream over", op.stream))
             else:
-                session.send(error_frame("store_unavailable" if result == "error" else "stream_ended",
-                                         f"end failed: {result}", op.stream))
+                session.send(
+                    error_frame(
+                        "store_unavailable" if result == "error" else "stream_ended", f"end failed: {result}", op.stream
+                    )
+                )
             self._release(op.stream, session)
 
         self._end(op.stream, op.reason, op.message, epoch=epoch, then=done)
@@ -237,8 +249,16 @@ class Relay:
             del self._holders[stream]
             self.metrics.streams_held(-1)
 
-    def _end(self, stream: str, reason: str, message: str, *, epoch: int | None,
-             then: Callable[[str, int, int, str], None] | None, stale_before: int | None = None) -> None:
+    def _end(
+        self,
+        stream: str,
+        reason: str,
+        message: str,
+        *,
+        epoch: int | None,
+        then: Callable[[str, int, int, str], None] | None,
+        stale_before: int | None = None,
+    ) -> None:
         payload = self.store.cmd_end(stream, reason, message, now_ms(), epoch=epoch, stale_before=stale_before)
 
         def done(reply: Any, exc: BaseException | None) -> None:

@@ -48,8 +48,10 @@ class Server:
         redis_url = cfg.redis.url
         if not redis_url:
             self.embedded = EmbeddedRedis(
-                Path(cfg.embedded.data_dir), appendfsync=cfg.embedded.appendfsync,
-                maxmemory=cfg.embedded.maxmemory, start_timeout_s=cfg.embedded.start_timeout_s,
+                Path(cfg.embedded.data_dir),
+                appendfsync=cfg.embedded.appendfsync,
+                maxmemory=cfg.embedded.maxmemory,
+                start_timeout_s=cfg.embedded.start_timeout_s,
             )
             redis_url = await asyncio.to_thread(self.embedded.start)
             log.info("embedded Redis-compatible server started data_dir=%s", cfg.embedded.data_dir)
@@ -61,12 +63,13 @@ class Server:
         api_keys, tokens = self._credentials()
         self.runtime = Runtime(config=cfg, relay=self.relay, metrics=metrics, api_keys=api_keys, tokens=tokens)
         app = build_app(self.runtime)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                     shutdown_timeout=cfg.server.drain_timeout_s)
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=cfg.server.drain_timeout_s
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.server.host, cfg.server.port, reuse_address=True)
         await site.start()
-        server = site._server  # noqa: SLF001 - the only way to learn the port when binding port 0
+        server = site._server
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("relayd listening on %s", self.url)
 
@@ -79,13 +82,20 @@ class Server:
             if not api_keys:
                 api_keys = ApiKeys(secrets=[dev_key])
                 self.dev_api_key = dev_key
-                log.warning("no API key configured: using the development key in %s/dev-credentials",
-                            self.config.embedded.data_dir)
+                log.warning(
+                    "no API key configured: using the development key in %s/dev-credentials",
+                    self.config.embedded.data_dir,
+                )
             secret = secret or dev_secret
         public_key = Path(cfg.jwt_public_key_file).read_text() if cfg.jwt_public_key_file else ""
         tokens = TokenAuthority(
-            algorithm=cfg.jwt_algorithm, secret=secret, public_key=public_key, audience=cfg.jwt_audience,
-            issuer=cfg.jwt_issuer, default_ttl_s=cfg.token_ttl_s, max_ttl_s=cfg.token_max_ttl_s,
+            algorithm=cfg.jwt_algorithm,
+            secret=secret,
+            public_key=public_key,
+            audience=cfg.jwt_audience,
+            issuer=cfg.jwt_issuer,
+            default_ttl_s=cfg.token_ttl_s,
+            max_ttl_s=cfg.token_max_ttl_s,
         )
         return api_keys, tokens
 

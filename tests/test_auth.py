@@ -104,9 +104,7 @@ def ec_key() -> ec.EllipticCurvePrivateKey:
 
 @pytest.fixture
 def rs(rsa_key: rsa.RSAPrivateKey) -> TokenAuthority:
-    return TokenAuthority(
-        algorithm="RS256", public_key=_pem_public(rsa_key), private_key=_pem_private(rsa_key)
-    )
+    return TokenAuthority(algorithm="RS256", public_key=_pem_public(rsa_key), private_key=_pem_private(rsa_key))
 
 
 # --- hash_api_key, generate_api_key -----------------------------------------------------------
@@ -327,9 +325,7 @@ def test_hs256_mint_verify_round_trip(hs: TokenAuthority) -> None:
     )
     header = jwt.get_unverified_header(token)
     assert header["alg"] == "HS256"
-    claims = jwt.decode(
-        token, SECRET, algorithms=["HS256"], audience="relayd", options={"verify_exp": False}
-    )
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"], audience="relayd", options={"verify_exp": False})
     assert claims["aud"] == "relayd"
     assert claims["iat"] == int(NOW)
 
@@ -471,9 +467,7 @@ def test_verify_refuses_another_hs_algorithm(hs: TokenAuthority) -> None:
     assert "algorithm not allowed" in _refused(hs, token).message
 
 
-def test_verify_refuses_hs_token_when_rs256_configured(
-    rs: TokenAuthority, rsa_key: rsa.RSAPrivateKey
-) -> None:
+def test_verify_refuses_hs_token_when_rs256_configured(rs: TokenAuthority, rsa_key: rsa.RSAPrivateKey) -> None:
     """With RS256 configured, HS256 tokens are refused, including the public-key-as-secret trick."""
     assert "expected RS256" in _refused(rs, _hs_token()).message
     # Algorithm confusion: HMAC keyed with the (public) RSA key PEM.
@@ -576,9 +570,7 @@ def test_verify_nbf_and_iat_in_the_future(hs: TokenAuthority) -> None:
         ({"sub": 42}, "token sub claim must be a string"),
     ],
 )
-def test_verify_bad_claim_shapes(
-    hs: TokenAuthority, overrides: dict[str, Any], message: str
-) -> None:
+def test_verify_bad_claim_shapes(hs: TokenAuthority, overrides: dict[str, Any], message: str) -> None:
     """A token whose streams, rights or sub claims have the wrong shape is unauthorized."""
     assert _refused(hs, _hs_token(**overrides)).message == message
 
@@ -593,9 +585,7 @@ def test_verify_rights_default_to_read(hs: TokenAuthority) -> None:
 
 def test_verify_token_from_another_library_shape(hs: TokenAuthority) -> None:
     """A minimal backend-minted token (streams, exp, aud) verifies."""
-    token = jwt.encode(
-        {"streams": ["user-7/*"], "exp": int(NOW) + 5, "aud": "relayd"}, SECRET, algorithm="HS256"
-    )
+    token = jwt.encode({"streams": ["user-7/*"], "exp": int(NOW) + 5, "aud": "relayd"}, SECRET, algorithm="HS256")
     p = hs.verify(token, now=NOW)
     assert p.allows("user-7/a")
     assert not p.allows("user-70")
@@ -633,9 +623,7 @@ def test_es256_round_trip(ec_key: ec.EllipticCurvePrivateKey) -> None:
     assert jwt.get_unverified_header(token)["alg"] == "ES256"
     assert verifier.verify(token, now=NOW).allows("user-7/x")
     assert minter.verify(token, now=NOW).allows("user-7/x")
-    other = TokenAuthority(
-        algorithm="ES256", public_key=_pem_public(ec.generate_private_key(ec.SECP256R1()))
-    )
+    other = TokenAuthority(algorithm="ES256", public_key=_pem_public(ec.generate_private_key(ec.SECP256R1())))
     _refused(other, token)
 
 
@@ -674,9 +662,7 @@ def test_bad_configuration_raises_config_error(kwargs: dict[str, Any]) -> None:
     assert SECRET not in str(info.value)
 
 
-def test_config_rejects_wrong_key_kinds(
-    rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
-) -> None:
+def test_config_rejects_wrong_key_kinds(rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey) -> None:
     """A public key given as private key, an RSA key for ES256, or a PEM as HS secret is refused."""
     small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     cases: list[tuple[dict[str, str], str]] = [

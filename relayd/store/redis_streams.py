@@ -109,26 +109,61 @@ class Store:
     def cmd_open(self, stream: str, epoch: int | None, content_type: str, now: int) -> bytes:
         keys = self.keys
         return encode_command(
-            ["EVALSHA", self._sha["open"], "2", keys.meta(stream), keys.log(stream),
-             b"" if epoch is None else str(epoch), str(now), content_type, self._open_ttl]
+            [
+                "EVALSHA",
+                self._sha["open"],
+                "2",
+                keys.meta(stream),
+                keys.log(stream),
+                b"" if epoch is None else str(epoch),
+                str(now),
+                content_type,
+                self._open_ttl,
+            ]
         )
 
     def cmd_append(self, stream: str, epoch: int, seq: int, chunks: list[bytes], now: int) -> bytes:
         keys = self.keys
         args: list[bytes | str] = [
-            "EVALSHA", self._sha["append"], "2", keys.meta(stream), keys.log(stream),
-            str(epoch), str(seq), str(now), self._max_chunks, self._open_ttl,
+            "EVALSHA",
+            self._sha["append"],
+            "2",
+            keys.meta(stream),
+            keys.log(stream),
+            str(epoch),
+            str(seq),
+            str(now),
+            self._max_chunks,
+            self._open_ttl,
         ]
         args.extend(chunks)
         return encode_command(args)
 
-    def cmd_end(self, stream: str, reason: str, message: str, now: int, *,
-                epoch: int | None = None, stale_before: int | None = None) -> bytes:
+    def cmd_end(
+        self,
+        stream: str,
+        reason: str,
+        message: str,
+        now: int,
+        *,
+        epoch: int | None = None,
+        stale_before: int | None = None,
+    ) -> bytes:
         keys = self.keys
         return encode_command(
-            ["EVALSHA", self._sha["end"], "2", keys.meta(stream), keys.log(stream), reason, message,
-             str(now), self._end_ttl, b"" if epoch is None else str(epoch),
-             b"" if stale_before is None else str(stale_before)]
+            [
+                "EVALSHA",
+                self._sha["end"],
+                "2",
+                keys.meta(stream),
+                keys.log(stream),
+                reason,
+                message,
+                str(now),
+                self._end_ttl,
+                b"" if epoch is None else str(epoch),
+                b"" if stale_before is None else str(stale_before),
+            ]
         )
 
     def cmd_touch(self, stream: str, now: int) -> bytes:
@@ -148,7 +183,7 @@ class Store:
 
     async def read_meta(self, stream: str) -> StreamMeta | None:
         try:
-            raw = await self._client.hgetall(self.keys.meta(stream))
+            raw: dict[bytes, bytes] = await self._client.hgetall(self.keys.meta(stream))  # type: ignore[assignment]
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc
         return parse_meta(stream, raw) if raw else None
@@ -157,14 +192,18 @@ class Store:
         """Up to ``count`` entries of generation ``gen`` from offset ``first`` on."""
         try:
             # One key holds one generation: a new one starts only after the key vanished.
-            rows = await self._client.xrange(self.keys.log(stream), f"{gen}-{first}", "+", count=count)
+            rows: list[tuple[bytes, dict[bytes, bytes]]] = await self._client.xrange(  # type: ignore[assignment]
+                self.keys.log(stream), f"{gen}-{first}", "+", count=count
+            )
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc
         return [parse_entry(entry_id, fields) for entry_id, fields in rows]
 
     async def stale_open_streams(self, before_ms: int, limit: int = 500) -> list[str]:
         try:
-            rows = await self._client.zrangebyscore(self.keys.open_index, "-inf", before_ms, start=0, num=limit)
+            rows: list[bytes] = await self._client.zrangebyscore(  # type: ignore[assignment]
+                self.keys.open_index, "-inf", before_ms, start=0, num=limit
+            )
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc
         return [r.decode() for r in rows]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -22,7 +23,7 @@ from relayd.errors import StoreUnavailable
 RespArg = bytes | str | int
 
 
-def encode_command(args: tuple[RespArg, ...] | list[RespArg]) -> bytes:
+def encode_command(args: Sequence[RespArg]) -> bytes:
     """RESP array of bulk strings."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
@@ -74,7 +75,7 @@ class RespConnection(asyncio.Protocol):
                 setup: list[bytes] = []
                 if parsed.password:
                     user = unquote(parsed.username) if parsed.username else None
-                    auth: list[RespArg] = ["AUTH", *( [user] if user else []), unquote(parsed.password)]
+                    auth: list[RespArg] = ["AUTH", *([user] if user else []), unquote(parsed.password)]
                     setup.append(encode_command(auth))
                 db = _db_number(parsed.path if parsed.scheme != "unix" else "", parsed.query)
                 if db:

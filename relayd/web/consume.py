@@ -45,7 +45,7 @@ def token_from_request(request: web.Request) -> str | None:
     for proto in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
         proto = proto.strip()
         if proto.startswith(_BEARER_PROTOCOL):
-            return proto[len(_BEARER_PROTOCOL):]
+            return proto[len(_BEARER_PROTOCOL) :]
     return parse_bearer(request.headers.get("Authorization"))
 
 
@@ -152,8 +152,9 @@ async def consume_ws(request: web.Request) -> web.StreamResponse:
     cfg = rt.config
     if rt.draining.is_set():
         return web.json_response({"error": {"code": "shutting_down", "message": "relayd is draining"}}, status=503)
-    ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), heartbeat=cfg.server.heartbeat_s,
-                               max_msg_size=_MAX_CONSUMER_MESSAGE, compress=False)
+    ws = web.WebSocketResponse(
+        protocols=(SUBPROTOCOL,), heartbeat=cfg.server.heartbeat_s, max_msg_size=_MAX_CONSUMER_MESSAGE, compress=False
+    )
     await ws.prepare(request)
     try:
         principal = rt.tokens.verify(token_from_request(request))
@@ -200,8 +201,12 @@ async def consume_ws(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(asyncio.CancelledError):
             await writer
         rt.metrics.connection_closed("consumer_ws")
-        log.info("consumer closed remote=%s duration_s=%.1f code=%s", request.remote,
-                 time.monotonic() - started, conn.close_code or ws.close_code)
+        log.info(
+            "consumer closed remote=%s duration_s=%.1f code=%s",
+            request.remote,
+            time.monotonic() - started,
+            conn.close_code or ws.close_code,
+        )
     return ws
 
 

@@ -32,11 +32,13 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
         "Vary": "Origin",
     }
     if request.method == "OPTIONS":
-        headers.update({
-            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-            "Access-Control-Allow-Headers": _ALLOW_HEADERS,
-            "Access-Control-Max-Age": "600",
-        })
+        headers.update(
+            {
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": _ALLOW_HEADERS,
+                "Access-Control-Max-Age": "600",
+            }
+        )
         return web.Response(status=204, headers=headers)
     response = await handler(request)
     if not response.prepared:

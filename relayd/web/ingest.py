@@ -12,7 +12,17 @@ from aiohttp import WSMsgType, web
 from relayd.auth import parse_bearer
 from relayd.errors import AuthError, CloseCode
 from relayd.hub import Outbox, SlowConsumer
-from relayd.protocol import AppendOp, EndOp, FrameError, OpenOp, PingOp, ProducerDecoder, error_frame, frame, split_message
+from relayd.protocol import (
+    AppendOp,
+    EndOp,
+    FrameError,
+    OpenOp,
+    PingOp,
+    ProducerDecoder,
+    error_frame,
+    frame,
+    split_message,
+)
 from relayd.relay import ProducerSession
 from relayd.web.errors import client_error_response
 from relayd.web.keys import RUNTIME
@@ -32,8 +42,9 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         log.info("producer refused from %s: %s", request.remote, exc.code)
         return client_error_response(exc)
 
-    ws = web.WebSocketResponse(heartbeat=cfg.server.heartbeat_s, max_msg_size=cfg.limits.max_frame_bytes,
-                               compress=False)
+    ws = web.WebSocketResponse(
+        heartbeat=cfg.server.heartbeat_s, max_msg_size=cfg.limits.max_frame_bytes, compress=False
+    )
     await ws.prepare(request)
     rt.metrics.connection_opened("producer")
     started = time.monotonic()
@@ -90,8 +101,14 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(asyncio.CancelledError):
             await writer
         rt.metrics.connection_closed("producer")
-        log.info("producer closed remote=%s duration_s=%.1f ops=%d chunks=%d code=%s",
-                 request.remote, time.monotonic() - started, ops, chunks, ws.close_code)
+        log.info(
+            "producer closed remote=%s duration_s=%.1f ops=%d chunks=%d code=%s",
+            request.remote,
+            time.monotonic() - started,
+            ops,
+            chunks,
+            ws.close_code,
+        )
     return ws
 
 
@@ -110,6 +127,6 @@ async def close_stuck(ws: web.WebSocketResponse, code: int, reason: str) -> None
         async with asyncio.timeout(1.0):
             await ws.close(code=code, message=reason.encode())
     except (TimeoutError, ConnectionError, RuntimeError):
-        transport = ws._req.transport if ws._req is not None else None  # noqa: SLF001 - no public handle
+        transport = ws._req.transport if ws._req is not None else None
         if transport is not None:
             transport.abort()

@@ -13,7 +13,6 @@ from relayd.config import Config
 from relayd.metrics import Metrics
 from relayd.relay import Relay
 
-
 Closer = Callable[[], Awaitable[None]]
 
 

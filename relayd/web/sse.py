@@ -48,9 +48,9 @@ async def events(request: web.Request) -> web.StreamResponse:
             rt.metrics.auth_failure(exc.code)
         else:
             rt.metrics.bad_frame(exc.code)
-        response = client_error_response(exc)
-        response.headers.update(cors_headers(request))
-        return response
+        refusal = client_error_response(exc)
+        refusal.headers.update(cors_headers(request))
+        return refusal
 
     if cursor is not None:
         # A reconnect after the end: 204 tells EventSource to stop reconnecting.
@@ -61,12 +61,14 @@ async def events(request: web.Request) -> web.StreamResponse:
         if meta is not None and not meta.is_open and cursor == (meta.gen, meta.n):
             return web.Response(status=204, headers=cors_headers(request))
 
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream",
-        "Cache-Control": "no-cache, no-transform",
-        "X-Accel-Buffering": "no",
-        **cors_headers(request),
-    })
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache, no-transform",
+            "X-Accel-Buffering": "no",
+            **cors_headers(request),
+        }
+    )
     await response.prepare(request)
     await response.write(b"retry: 1000\n\n")
 

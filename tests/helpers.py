@@ -1,0 +1,190 @@
+"""Test helpers: start relayd in-process, and thin real clients for producers and consumers.
+
+The clients are plain aiohttp websockets that speak docs/protocol.md; they add nothing but
+NDJSON splitting and waiting for a frame of a given type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import orjson
+
+from relayd.auth import TokenAuthority, hash_api_key
+from relayd.config import Config, build_config
+from relayd.server import Server
+
+API_KEY = "rk_test_key_0123456789abcdef"
+JWT_SECRET = "test-secret-0123456789abcdef0123456789"
+FRAME_TIMEOUT_S = 10.0
+
+
+def make_config(redis_url: str, key_prefix: str, data_dir: str, **tables: dict[str, Any]) -> Config:
+    raw: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0, "drain_timeout_s": 5.0},
+        "redis": {"url": redis_url, "key_prefix": key_prefix},
+        "embedded": {"data_dir": data_dir},
+        "auth": {"api_keys": [hash_api_key(API_KEY)], "jwt_secret": JWT_SECRET},
+    }
+    for name, values in tables.items():
+        raw.setdefault(name, {}).update(values)
+    return build_config(raw, env={})
+
+
+class Relayd:
+    """relayd in the current event loop: ``async with Relayd(config) as server``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.server = Server(config)
+        self.session: aiohttp.ClientSession | None = None
+        self.tokens = TokenAuthority(secret=JWT_SECRET, max_ttl_s=86_400)
+
+    async def __aenter__(self) -> Relayd:
+        await self.server.start()
+        self.session = aiohttp.ClientSession()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.session is not None
+        await self.session.close()
+        await self.server.stop()
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def ws_url(self) -> str:
+        return self.server.url.replace("http://", "ws://")
+
+    @property
+    def relay(self) -> Any:
+        return self.server.relay
+
+    def token(self, streams: list[str] | None = None, rights: tuple[str, ...] = ("read",), ttl_s: int = 300) -> str:
+        return self.tokens.mint(streams or ["*"], list(rights), ttl_s=ttl_s)[0]
+
+    async def producer(self, api_key: str = API_KEY) -> Peer:
+        assert self.session is not None
+        ws = await self.session.ws_connect(f"{self.url}/v1/ingest", headers={"Authorization": f"Bearer {api_key}"})
+        return Peer(ws)
+
+    async def consumer(
+        self, stream: str | None = None, *, token: str | None = None, cursor: str | None = None, **params: str
+    ) -> Peer:
+        assert self.session is not None
+        query = dict(params)
+        query["token"] = token if token is not None else self.token()
+        if cursor is not None:
+            query["cursor"] = cursor
+        path = f"/v1/streams/{stream}/ws" if stream is not None else "/v1/ws"
+        ws = await self.session.ws_connect(f"{self.url}{path}", params=query)
+        return Peer(ws)
+
+
+class Peer:
+    """One websocket peer: send ops, read frames (split from NDJSON messages) in order."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self._frames: deque[dict[str, Any]] = deque()
+
+    async def __aenter__(self) -> Peer:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.ws.close()
+
+    async def send(self, *ops: dict[str, Any]) -> None:
+        await self.ws.send_str("\n".join(orjson.dumps(op).decode() for op in ops))
+
+    async def send_raw(self, data: str | bytes) -> None:
+        if isinstance(data, bytes):
+            await self.ws.send_bytes(data)
+        else:
+            await self.ws.send_str(data)
+
+    async def next(self, timeout: float = FRAME_TIMEOUT_S) -> dict[str, Any]:
+        """The next frame; raises ConnectionClosed (with the close code) when the socket closes."""
+        while not self._frames:
+            msg = await self.ws.receive(timeout=timeout)
+            if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                for line in (msg.data if isinstance(msg.data, str) else msg.data.decode()).split("\n"):
+                    if line.strip():
+                        self._frames.append(orjson.loads(line))
+            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                raise ConnectionClosed(self.ws.close_code, msg.extra)
+            elif msg.type is aiohttp.WSMsgType.ERROR:
+                raise ConnectionClosed(self.ws.close_code, str(msg.data))
+        return self._frames.popleft()
+
+    async def expect(self, type_: str, timeout: float = FRAME_TIMEOUT_S, **fields: Any) -> dict[str, Any]:
+        """The next frame, asserting its type (and fields)."""
+        frame = await self.next(timeout)
+        assert frame.get("type") == type_, f"expected {type_}, got {frame}"
+        for key, value in fields.items():
+            assert frame.get(key) == value, f"{key}: expected {value!r}, got {frame}"
+        return frame
+
+    async def until(self, type_: str, timeout: float = FRAME_TIMEOUT_S) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Frames up to (not including) the first of ``type_``, and that frame."""
+        seen: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.next(timeout)
+                if frame.get("type") == type_:
+                    return seen, frame
+                seen.append(frame)
+
+    async def closed(self, timeout: float = FRAME_TIMEOUT_S) -> int | None:
+        """Wait for the close; return its code (frames before it are discarded)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await self.next(timeout)
+        except ConnectionClosed as exc:
+            return exc.code
+
+    # producer conveniences -----------------------------------------------------------------
+
+    async def open(self, stream: str, **fields: Any) -> dict[str, Any]:
+        await self.send({"op": "open", "stream": stream, **fields})
+        return await self.next()
+
+    async def append(self, stream: str, seq: int, *chunks: Any) -> dict[str, Any]:
+        await self.send({"op": "append", "stream": stream, "seq": seq, "chunks": list(chunks)})
+        return await self.next()
+
+    async def end(self, stream: str, reason: str = "completed", **fields: Any) -> dict[str, Any]:
+        await self.send({"op": "end", "stream": stream, "reason": reason, **fields})
+        return await self.next()
+
+
+class ConnectionClosed(Exception):
+    def __init__(self, code: int | None, reason: object) -> None:
+        super().__init__(f"closed: {code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+async def collect_chunks(
+    peer: Peer, stream: str | None = None, timeout: float = FRAME_TIMEOUT_S
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Chunk frames (of ``stream``) until its end frame; returns (chunks, end)."""
+    chunks: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            frame = await peer.next(timeout)
+            if stream is not None and frame.get("stream") != stream:
+                continue
+            if frame["type"] == "chunk":
+                chunks.append(frame)
+            elif frame["type"] == "end":
+                return chunks, frame
