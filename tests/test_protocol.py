@@ -1,0 +1,166 @@
+"""The sans-I/O codec: producer and consumer ops decoded, frames encoded, without a socket."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from relayd.errors import ProtocolError
+from relayd.protocol import (
+    SSE_CODEC,
+    WS_CODEC,
+    AppendOp,
+    AuthOp,
+    CancelOp,
+    EndOp,
+    Entry,
+    FrameError,
+    OpenOp,
+    PingOp,
+    ProducerDecoder,
+    SubscribeOp,
+    UnsubscribeOp,
+    decode_consumer,
+    encode_sse_entries,
+    format_cursor,
+    is_valid_stream_id,
+    parse_cursor,
+    split_message,
+    sse_event,
+)
+
+DECODER = ProducerDecoder(max_chunk_bytes=100)
+
+
+def _error(result: object) -> str:
+    assert isinstance(result, FrameError), result
+    return result.error.code
+
+
+def test_cursors_round_trip_and_sort_in_append_order() -> None:
+    """Cursors parse back to (generation, offset) and sort lexicographically by offset."""
+    cursors = [format_cursor(1763745600123, n) for n in (1, 2, 9, 10, 11, 100, 12345)]
+    assert cursors == sorted(cursors)
+    assert parse_cursor(cursors[3]) == (1763745600123, 10)
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "12", "12-", "-5", "1-x", "1-2-3", "9" * 30 + "-1"])
+def test_malformed_cursors_are_refused(bad: str) -> None:
+    """A cursor that is not <digits>-<digits> raises bad_frame."""
+    with pytest.raises(ProtocolError) as info:
+        parse_cursor(bad)
+    assert info.value.code == "bad_frame"
+
+
+@pytest.mark.parametrize(
+    ("stream_id", "valid"),
+    [
+        ("chat-42", True),
+        ("user-7/chat:1@a=b.c_d", True),
+        ("a" * 200, True),
+        ("a" * 201, False),
+        ("", False),
+        ("has space", False),
+        ("{tag}", False),
+        ("é", False),
+        (42, False),
+    ],
+)
+def test_stream_id_rule(stream_id: object, valid: bool) -> None:
+    """Stream ids are 1-200 characters of a safe set: no spaces and no braces (hash tags)."""
+    assert is_valid_stream_id(stream_id) is valid
+
+
+def test_ndjson_messages_split_into_lines() -> None:
+    """A message of several newline-separated objects yields each, skipping blank lines."""
+    assert list(split_message('{"a":1}\n\n{"b":2}\n')) == ['{"a":1}', '{"b":2}']
+    assert list(split_message(b'{"a":1}')) == [b'{"a":1}']
+
+
+def test_open_append_end_ping_decode() -> None:
+    """Each producer op decodes into its typed op with defaults filled in."""
+    assert DECODER.decode('{"op":"open","stream":"s"}') == OpenOp("s", None, "json")
+    assert DECODER.decode('{"op":"open","stream":"s","epoch":3,"content_type":"text"}') == OpenOp("s", 3, "text")
+    op = DECODER.decode('{"op":"append","stream":"s","seq":4,"chunks":[{"d":"x"},"y",1]}')
+    assert op == AppendOp("s", 4, [b'{"d":"x"}', b'"y"', b"1"], 13)
+    assert DECODER.decode('{"op":"append","stream":"s","seq":1,"chunk":null}') == AppendOp("s", 1, [b"null"], 4)
+    assert DECODER.decode('{"op":"end","stream":"s","reason":"error","message":"boom"}') == EndOp("s", "error", "boom")
+    assert DECODER.decode('{"op":"ping","id":7}') == PingOp(7)
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        ("not json", "bad_frame"),
+        ("[1,2]", "bad_frame"),
+        ('{"stream":"s"}', "unknown_op"),
+        ('{"op":"fly"}', "unknown_op"),
+        ('{"op":"open","stream":"a b"}', "invalid_stream_id"),
+        ('{"op":"open","stream":"s","epoch":0}', "bad_frame"),
+        ('{"op":"open","stream":"s","epoch":true}', "bad_frame"),
+        ('{"op":"open","stream":"s","content_type":"xml"}', "bad_frame"),
+        ('{"op":"append","stream":"s","chunk":1}', "bad_frame"),
+        ('{"op":"append","stream":"s","seq":-1,"chunk":1}', "bad_frame"),
+        ('{"op":"append","stream":"s","seq":1}', "bad_frame"),
+        ('{"op":"append","stream":"s","seq":1,"chunks":[]}', "bad_frame"),
+        ('{"op":"append","stream":"s","seq":1,"chunk":"' + "x" * 200 + '"}', "chunk_too_large"),
+        ('{"op":"end","stream":"s","reason":"producer_lost"}', "bad_frame"),
+        ('{"op":"end","stream":"s","reason":"error","message":5}', "bad_frame"),
+    ],
+)
+def test_bad_producer_frames_get_precise_codes(line: str, code: str) -> None:
+    """Every malformed producer frame maps to the error code docs/protocol.md names."""
+    assert _error(DECODER.decode(line)) == code
+
+
+def test_errors_name_the_stream_and_seq_when_known() -> None:
+    """An error on an append carries its stream and seq so the producer can match it."""
+    result = DECODER.decode('{"op":"append","stream":"s","seq":9,"chunk":"' + "x" * 200 + '"}')
+    assert isinstance(result, FrameError) and result.stream == "s" and result.seq == 9
+
+
+def test_text_streams_take_strings_only() -> None:
+    """On a text stream a non-string chunk is refused with content_type."""
+    line = '{"op":"append","stream":"s","seq":1,"chunk":{"a":1}}'
+    assert _error(DECODER.decode(line, {"s"})) == "content_type"
+    assert isinstance(DECODER.decode(line), AppendOp)
+
+
+def test_consumer_ops_decode() -> None:
+    """Consumer ops decode, with optional cursor and wait."""
+    assert decode_consumer('{"op":"subscribe","stream":"s"}') == SubscribeOp("s", None, None)
+    assert decode_consumer('{"op":"subscribe","stream":"s","cursor":"5-0000000002","wait_ms":10}') == SubscribeOp(
+        "s", (5, 2), 10
+    )
+    assert decode_consumer('{"op":"unsubscribe","stream":"s"}') == UnsubscribeOp("s")
+    assert decode_consumer('{"op":"cancel","stream":"s"}') == CancelOp("s")
+    assert decode_consumer('{"op":"auth","token":"t"}') == AuthOp("t")
+    assert _error(decode_consumer('{"op":"subscribe","stream":"s","cursor":"zz"}')) == "bad_frame"
+    assert _error(decode_consumer('{"op":"subscribe","stream":"s","wait_ms":-1}')) == "bad_frame"
+    assert _error(decode_consumer('{"op":"auth"}')) == "bad_frame"
+
+
+def test_ws_frames_splice_the_stored_json() -> None:
+    """Websocket chunk frames embed the stored chunk bytes verbatim, one NDJSON line each."""
+    entries = [Entry(1, b'{"delta":"a"}'), Entry(2, b'"b"'), Entry(3, None, "error", "boom")]
+    lines = WS_CODEC.entries("s1", 77, entries, text=False).split(b"\n")
+    assert [orjson.loads(line) for line in lines] == [
+        {"type": "chunk", "stream": "s1", "cursor": "77-0000000001", "data": {"delta": "a"}},
+        {"type": "chunk", "stream": "s1", "cursor": "77-0000000002", "data": "b"},
+        {"type": "end", "stream": "s1", "cursor": "77-0000000003", "reason": "error", "message": "boom"},
+    ]
+
+
+def test_sse_events_carry_ids_and_split_multiline_text() -> None:
+    """SSE events have the cursor as id; text chunks go out raw, one data line per line."""
+    out = encode_sse_entries(5, [Entry(1, b'"line1\\nline2"'), Entry(2, None, "completed")], text=True)
+    assert out == (
+        b"id: 5-0000000001\nevent: chunk\ndata: line1\ndata: line2\n\n"
+        b'id: 5-0000000002\nevent: end\ndata: {"reason":"completed"}\n\n'
+    )
+    assert (
+        encode_sse_entries(5, [Entry(3, b'{"a":1}')], text=False)
+        == b'id: 5-0000000003\nevent: chunk\ndata: {"a":1}\n\n'
+    )
+    assert sse_event("gap", "x") == b"event: gap\ndata: x\n\n"
+    assert SSE_CODEC.reset("s", "stream_replaced") == b'event: reset\ndata: {"reason":"stream_replaced"}\n\n'
