@@ -142,6 +142,7 @@ class Outbox:
         self._closed = True
         self._ready.set()
         self._room.set()
+        self._empty.set()
 
 
 class State(Enum):
