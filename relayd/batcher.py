@@ -43,13 +43,14 @@ class Write:
 
 
 class Batcher:
-    def __init__(self, store: Store, cfg: BatchConfig, retry_ms: int, metrics: Metrics) -> None:
+    def __init__(self, store: Store, cfg: BatchConfig, retry_ms: int, timeout_ms: int, metrics: Metrics) -> None:
         self._store = store
         self._max_ops = cfg.max_ops
         self._max_bytes = cfg.max_bytes
         self._max_inflight = cfg.max_inflight
         self._linger_s = cfg.linger_ms / 1000
         self._retry_s = retry_ms / 1000
+        self._timeout_s = timeout_ms / 1000
         self._metrics = metrics
         self._queue: deque[Write] = deque()
         self._inflight = 0
@@ -120,9 +121,15 @@ class Batcher:
             self._wire_empty.clear()
             self._metrics.batch_sent(len(batch), len(payload))
             started = time.perf_counter()
-            future.add_done_callback(lambda f, b=batch, t=started: self._on_reply(b, t, f))
+            # A Redis that accepts the connection but never answers (paused, overloaded) must not
+            # hold writes forever: past redis.timeout_ms the connection is dropped and recovery runs.
+            timer = self._loop.call_later(self._timeout_s, self._store.abort_writer)
+            future.add_done_callback(lambda f, b=batch, t=started, h=timer: self._on_reply(b, t, h, f))
 
-    def _on_reply(self, batch: list[Write], started: float, future: asyncio.Future[list[Any]]) -> None:
+    def _on_reply(
+        self, batch: list[Write], started: float, timer: asyncio.TimerHandle, future: asyncio.Future[list[Any]]
+    ) -> None:
+        timer.cancel()
         self._inflight -= 1
         if not self._inflight:
             self._wire_empty.set()
@@ -166,7 +173,12 @@ class Batcher:
                     await self._store.load_scripts()
                     while self._failed:
                         batch = self._failed[0]
-                        replies = await self._store.send(b"".join([w.payload for w in batch]), len(batch))
+                        try:
+                            async with asyncio.timeout(self._timeout_s):
+                                replies = await self._store.send(b"".join([w.payload for w in batch]), len(batch))
+                        except TimeoutError:
+                            self._store.abort_writer()
+                            raise StoreUnavailable("Redis did not answer in time") from None
                         if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
                             raise StoreUnavailable("scripts missing after reload")
                         self._failed.popleft()

@@ -1,8 +1,10 @@
 """Typed configuration, parsed once.
 
 A TOML file (every key documented in ``config/relay.example.toml``) plus environment overrides
-``RELAYD_<TABLE>_<KEY>`` (``RELAYD_REDIS_URL``, ``RELAYD_BATCH_LINGER_MS``). Secrets come from
-the environment or from files, never from the TOML itself: API keys are configured as hashes.
+``RELAYD_<TABLE>_<KEY>`` (``RELAYD_REDIS_URL``, ``RELAYD_BATCH_LINGER_MS``). API keys are
+configured as hashes; plain keys and the JWT secret belong in the environment or in files
+(``auth.jwt_secret`` in the TOML is accepted for development; ``RELAYD_AUTH_JWT_SECRET`` or
+``auth.jwt_secret_file`` are meant for production).
 Every problem raises :class:`ConfigError` naming the dotted key.
 """
 
@@ -304,7 +306,10 @@ def _api_key_secrets(auth: AuthConfig, env: Mapping[str, str]) -> tuple[str, ...
 
 def _jwt_secret(auth: AuthConfig, env: Mapping[str, str]) -> str:
     if auth.jwt_secret_file:
-        return _read_secret_file("auth.jwt_secret_file", auth.jwt_secret_file).strip()
+        secret = _read_secret_file("auth.jwt_secret_file", auth.jwt_secret_file).strip()
+        if len(secret) < 32:  # empty would silently fall back to the development secret
+            raise ConfigError("auth.jwt_secret_file", "must hold a secret of at least 32 characters")
+        return secret
     secret = auth.jwt_secret
     if secret and len(secret) < 32:
         raise ConfigError("auth.jwt_secret", "must be at least 32 characters")

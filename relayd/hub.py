@@ -31,6 +31,7 @@ from relayd.store.redis_streams import Store, StreamMeta
 log = logging.getLogger("relayd.hub")
 
 _BUFFER_CAP = 64  # publications buffered per subscriber while it reads Redis
+_ENTRY_OVERHEAD = 100  # framing bytes per replayed entry, for sizing catch-up pieces
 
 
 class Publication:
@@ -85,6 +86,10 @@ class Outbox:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
     def offer(self, data: bytes) -> bool:
         """Queue without waiting; False when the queue is full (live frames then fall back)."""
         if self._closed or self._size >= self._max_bytes:
@@ -106,8 +111,8 @@ class Outbox:
             self._ready.set()
 
     async def put(self, data: bytes) -> None:
-        """Queue, waiting for room: the catch-up path, paced by the client."""
-        while self._size >= self._max_bytes and not self._closed:
+        """Queue, waiting for room for ``data``: the catch-up path, paced by the client."""
+        while self._size and self._size + len(data) > self._max_bytes and not self._closed:
             self._room.clear()
             await self._room.wait()
         if not self.offer(data):
@@ -183,6 +188,7 @@ class Subscriber:
         self.text = False
         self._buffer: list[Publication] = []
         self._overflow = False
+        self._new_gen: int | None = None  # the stream was lost and created again meanwhile
         self._wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -191,6 +197,7 @@ class Subscriber:
 
     async def stop(self) -> None:
         self.state = State.DONE
+        self._wake.set()  # a task whose cancellation gets lost (redis-py can swallow one) still ends
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -200,6 +207,11 @@ class Subscriber:
 
     def on_publication(self, pub: Publication) -> None:
         state = self.state
+        if pub.gen != self.gen and state is not State.WAITING:
+            if pub.gen > self.gen and state is not State.DONE:
+                self._new_gen = pub.gen  # a newer generation: reset, then deliver it from Redis
+                self._fall_behind()
+            return  # (an older generation's late publication: nothing for this subscriber)
         if state is State.LIVE:
             if pub.last < self.next:
                 return  # already delivered (from Redis)
@@ -222,6 +234,12 @@ class Subscriber:
         elif state is State.WAITING:
             self._wake.set()
 
+    def on_poke(self, gen: int, last: int) -> None:
+        if self.state is State.LIVE and gen == self.gen and self.next <= last:
+            self._fall_behind()
+        elif self.state is State.CATCHUP:
+            self._overflow = True  # the read in progress may predate them: read again
+
     def on_created(self) -> None:
         if self.state is State.WAITING:
             self._wake.set()
@@ -243,7 +261,7 @@ class Subscriber:
         self.hub.add(self)
         try:
             meta = await self._resolve_start()
-            if meta is None:
+            if meta is None or self.state is State.DONE:  # DONE: stopped meanwhile
                 return
             self.state = State.CATCHUP
             while self.state is not State.DONE:
@@ -273,14 +291,15 @@ class Subscriber:
             if meta is None and self.wait_s > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.wait_s):
-                        while meta is None:
+                        while meta is None and self.state is not State.DONE:
                             await self._wake.wait()
                             self._wake.clear()
                             meta = await store.read_meta(self.stream)
             if meta is None:
-                self.outbox.control(
-                    self.codec.error(self.stream, "stream_not_found", f"stream {self.stream} does not exist")
-                )
+                if self.state is not State.DONE:
+                    self.outbox.control(
+                        self.codec.error(self.stream, "stream_not_found", f"stream {self.stream} does not exist")
+                    )
                 return None
         self.gen = meta.gen
         self.text = meta.content_type == "text"
@@ -297,28 +316,60 @@ class Subscriber:
 
     async def _catch_up(self) -> None:
         store = self.hub.store
-        page = self.hub.catchup_page
+        page = count = self.hub.catchup_page
+        limit = self.outbox.max_bytes
         self.state = State.CATCHUP
         while True:
+            if self._new_gen is not None:
+                await self._reset_to_new_generation()
             self._buffer.clear()
             self._overflow = False
-            entries = await store.read_entries(self.stream, self.gen, self.next, page)
+            entries = await store.read_entries(self.stream, self.gen, self.next, count)
+            if self.state is State.DONE:  # stopped meanwhile
+                return
+            exhausted = len(entries) < count
             if entries and entries[0].offset > self.next:
                 self.hub.metrics.gap()
                 self.outbox.control(self.codec.gap(self.stream, self.gen, self.next - 1, entries[0].offset))
             if entries:
-                data = self.codec.entries(self.stream, self.gen, entries, self.text)
-                await self.outbox.put(data)
-                chunks = len(entries) - (1 if entries[-1].is_end else 0)
-                self.hub.metrics.delivered("replay", chunks, len(data))
-                self.next = entries[-1].offset + 1
+                # Hand the page over in pieces that fit the bounded queue; read about a queue's worth next.
+                nbytes = sum(len(e.data or b"") + _ENTRY_OVERHEAD for e in entries)
+                count = page if nbytes <= limit else max(1, len(entries) * limit // nbytes)
+                piece: list[Entry] = []
+                size = 0
+                for entry in entries:
+                    esize = len(entry.data or b"") + _ENTRY_OVERHEAD
+                    if piece and size + esize > limit:
+                        await self._put_replay(piece)
+                        piece, size = [], 0
+                    piece.append(entry)
+                    size += esize
+                await self._put_replay(piece)
                 if entries[-1].is_end:
                     self.state = State.DONE
                     return
-            if len(entries) < page and not self._overflow and self._replay_buffer():
+            if exhausted and not self._overflow and self._new_gen is None and self._replay_buffer():
                 if self.state is State.CATCHUP:
                     self.state = State.LIVE
                 return
+
+    async def _put_replay(self, entries: list[Entry]) -> None:
+        data = self.codec.entries(self.stream, self.gen, entries, self.text)
+        await self.outbox.put(data)
+        chunks = len(entries) - (1 if entries[-1].is_end else 0)
+        self.hub.metrics.delivered("replay", chunks, len(data))
+        self.next = entries[-1].offset + 1
+
+    async def _reset_to_new_generation(self) -> None:
+        """The stream was lost (expired, flushed) and created again: say so, restart at its start."""
+        gen, self._new_gen = self._new_gen, None
+        assert gen is not None
+        self.gen, self.next = gen, 1  # before any await: its publications are now this subscriber's
+        self.hub.metrics.gap()
+        self.outbox.control(self.codec.reset(self.stream, "stream_replaced"))
+        meta = await self.hub.store.read_meta(self.stream)
+        if meta is not None and meta.gen == gen:
+            self.text = meta.content_type == "text"
 
     def _replay_buffer(self) -> bool:
         """Deliver buffered publications in order; False if a hole needs another read."""
@@ -365,6 +416,11 @@ class Hub:
         if subs:
             for sub in tuple(subs):  # a subscriber may finish (and leave) during the loop
                 sub.on_publication(pub)
+
+    def poke(self, stream: str, gen: int, last: int) -> None:
+        """Entries up to ``last`` are in Redis though never published here: catch up who lacks them."""
+        for sub in tuple(self._subs.get(stream, ())):
+            sub.on_poke(gen, last)
 
     def created(self, stream: str) -> None:
         for sub in tuple(self._subs.get(stream, ())):

@@ -27,6 +27,8 @@ from relayd.store.redis_streams import Store, StreamMeta, now_ms
 
 log = logging.getLogger("relayd.relay")
 
+_ENDED_MEMORY = 1000  # ended streams a producer connection remembers, to answer stream_ended
+
 
 @dataclass(slots=True)
 class Held:
@@ -49,6 +51,10 @@ class ProducerSession:
         self.room = asyncio.Event()
         self.room.set()
         self.closed = False
+        # Streams this connection held (or found ended on open) that have ended -> their epoch.
+        self.ended: dict[str, int] = {}
+        # Ops that arrived while their stream's open was on its way to Redis (pipelined producers).
+        self.opening: dict[str, list[AppendOp | EndOp]] = {}
 
     def charge(self, nbytes: int) -> None:
         self.unacked_bytes += nbytes
@@ -61,6 +67,7 @@ class ProducerSession:
             self.room.set()
 
     def hold(self, stream: str, held: Held) -> None:
+        self.ended.pop(stream, None)
         self.held[stream] = held
         if held.text:
             self.text_streams.add(stream)
@@ -70,6 +77,20 @@ class ProducerSession:
     def drop(self, stream: str) -> None:
         self.held.pop(stream, None)
         self.text_streams.discard(stream)
+
+    def finish(self, stream: str, epoch: int | None = None) -> None:
+        """``stream`` ended: drop it but remember it (bounded), so later ops get ``stream_ended``."""
+        held = self.held.pop(stream, None)
+        self.text_streams.discard(stream)
+        if held is not None:
+            epoch = held.epoch
+        if epoch is None:
+            epoch = self.ended.get(stream)
+        if epoch is not None:
+            self.ended.pop(stream, None)
+            self.ended[stream] = epoch
+            if len(self.ended) > _ENDED_MEMORY:
+                del self.ended[next(iter(self.ended))]
 
 
 def _s(value: Any) -> str:
@@ -82,7 +103,7 @@ class Relay:
         self.store = store
         self.metrics = metrics
         self.hub = Hub(store, metrics, config.consumer.catchup_page)
-        self.batcher = Batcher(store, config.batch, config.redis.retry_ms, metrics)
+        self.batcher = Batcher(store, config.batch, config.redis.retry_ms, config.redis.timeout_ms, metrics)
         self._holders: dict[str, ProducerSession] = {}
         self._cancel_timers: dict[str, asyncio.TimerHandle] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -111,8 +132,15 @@ class Relay:
             session.send(error_frame("too_many_streams", "limits.max_streams_per_connection reached", op.stream))
             return
         payload = self.store.cmd_open(op.stream, op.epoch, op.content_type, now_ms())
+        session.opening.setdefault(op.stream, [])
 
         def done(reply: Any, exc: BaseException | None) -> None:
+            try:
+                opened(reply, exc)
+            finally:
+                self._replay_deferred(session, op.stream)
+
+        def opened(reply: Any, exc: BaseException | None) -> None:
             if exc is not None or isinstance(reply, hiredis.ReplyError):
                 session.send(error_frame("store_unavailable", f"open failed: {exc or reply}", op.stream))
                 return
@@ -126,6 +154,8 @@ class Relay:
                 self.hub.created(op.stream)
             if code != "ended":
                 self._take(op.stream, session, Held(int(epoch), gen_i, content_type == "text"))
+            else:
+                session.finish(op.stream, int(epoch))  # appends get stream_ended, not not_open
             session.send(
                 frame(
                     type="opened",
@@ -140,10 +170,33 @@ class Relay:
 
         self.batcher.submit(Write(payload, done))
 
+    def _replay_deferred(self, session: ProducerSession, stream: str) -> None:
+        for deferred in session.opening.pop(stream, ()):
+            if type(deferred) is AppendOp:
+                session.credit(deferred.nbytes)
+                self.append(session, deferred)
+            elif type(deferred) is EndOp:
+                self.end(session, deferred)
+
+    def _defer(self, session: ProducerSession, op: AppendOp | EndOp) -> bool:
+        """Hold ``op`` until its stream's open is answered; False if no open is pending."""
+        pending = session.opening.get(op.stream)
+        if pending is None:
+            return False
+        if type(op) is AppendOp:
+            session.charge(op.nbytes)
+        pending.append(op)
+        return True
+
     def append(self, session: ProducerSession, op: AppendOp) -> None:
         held = session.held.get(op.stream)
         if held is None:
-            session.send(error_frame("not_open", "open the stream on this connection first", op.stream, op.seq))
+            if self._defer(session, op):
+                return
+            if op.stream in session.ended:
+                session.send(error_frame("stream_ended", "the stream has ended", op.stream, op.seq))
+            else:
+                session.send(error_frame("not_open", "open the stream on this connection first", op.stream, op.seq))
             return
         session.charge(op.nbytes)
         payload = self.store.cmd_append(op.stream, held.epoch, op.seq, op.chunks, now_ms())
@@ -161,6 +214,10 @@ class Relay:
                     entries = [Entry(first + i, chunk) for i, chunk in enumerate(new)]
                     self.metrics.chunks_stored(len(new), sum(len(c) for c in new))
                     self.hub.publish(Publication(op.stream, gen, entries, held.text))
+                else:
+                    # All stored already: a resend, or a retry after a lost reply whose chunks were
+                    # never published here. Live subscribers short of them read them from Redis.
+                    self.hub.poke(op.stream, gen, last)
                 session.send(
                     b'{"type":"ack","stream":%s,"seq":%d,"cursor":"%s"}'
                     % (_json_str(op.stream), last_seq, format_cursor(gen, last).encode())
@@ -171,7 +228,7 @@ class Relay:
                 self._release(op.stream, session)
                 session.send(error_frame("fenced", "a newer producer took the stream over", op.stream, op.seq))
             elif code == "ended":
-                self._release(op.stream, session)
+                self._release(op.stream, session, ended=True)
                 session.send(error_frame("stream_ended", f"stream ended ({_s(reply[1])})", op.stream, op.seq))
             else:
                 self._release(op.stream, session)
@@ -181,8 +238,10 @@ class Relay:
 
     def end(self, session: ProducerSession, op: EndOp) -> None:
         held = session.held.get(op.stream)
-        epoch = held.epoch if held is not None else None
-        if held is None:
+        if held is None and self._defer(session, op):
+            return
+        epoch = held.epoch if held is not None else session.ended.get(op.stream)
+        if epoch is None:
             session.send(error_frame("not_open", "open the stream on this connection first", op.stream))
             return
 
@@ -199,7 +258,7 @@ class Relay:
                         "store_unavailable" if result == "error" else "stream_ended", f"end failed: {result}", op.stream
                     )
                 )
-            self._release(op.stream, session)
+            self._release(op.stream, session, ended=result in ("ok", "already"))
 
         self._end(op.stream, op.reason, op.message, epoch=epoch, then=done)
 
@@ -235,16 +294,19 @@ class Relay:
 
     def _take(self, stream: str, session: ProducerSession, held: Held) -> None:
         previous = self._holders.get(stream)
-        if previous is not None and previous is not session:
-            previous.drop(stream)  # fenced: its next append will be refused by the store too
-        elif previous is None:
+        # A previous holder keeps its (older) epoch: the store refuses its next append or end
+        # with ``fenced``, which releases the stream there.
+        if previous is None:
             self.metrics.streams_held(1)
         self._holders[stream] = session
         session.hold(stream, held)
         self.batcher.submit(Write(self.store.cmd_index([(stream, now_ms())]), _ignore))
 
-    def _release(self, stream: str, session: ProducerSession) -> None:
-        session.drop(stream)
+    def _release(self, stream: str, session: ProducerSession, *, ended: bool = False) -> None:
+        if ended:
+            session.finish(stream)
+        else:
+            session.drop(stream)
         if self._holders.get(stream) is session:
             del self._holders[stream]
             self.metrics.streams_held(-1)
@@ -278,7 +340,9 @@ class Relay:
                     timer.cancel()
                 holder = self._holders.get(stream)
                 if holder is not None:
-                    self._release(stream, holder)
+                    self._release(stream, holder, ended=True)
+            elif result == "already":
+                self.hub.poke(stream, gen, offset)  # the end may be the reply a failover lost
             if result in ("ok", "already", "not_found"):
                 self.batcher.submit(Write(self.store.cmd_unindex([stream]), _ignore))
             if then is not None:

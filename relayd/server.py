@@ -18,6 +18,7 @@ from aiohttp import web
 from relayd.auth import ApiKeys, TokenAuthority, generate_api_key
 from relayd.config import Config
 from relayd.embedded import EmbeddedRedis
+from relayd.errors import RelaydError
 from relayd.logs import setup_logging
 from relayd.metrics import Metrics
 from relayd.relay import Relay
@@ -68,7 +69,10 @@ class Server:
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.server.host, cfg.server.port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise RelaydError(f"cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}") from None
         server = site._server
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("relayd listening on %s", self.url)
@@ -86,7 +90,12 @@ class Server:
                     "no API key configured: using the development key in %s/dev-credentials",
                     self.config.embedded.data_dir,
                 )
-            secret = secret or dev_secret
+            if not secret:
+                secret = dev_secret
+                log.warning(
+                    "no auth.jwt_secret configured: using the development secret in %s/dev-credentials",
+                    self.config.embedded.data_dir,
+                )
         public_key = Path(cfg.jwt_public_key_file).read_text() if cfg.jwt_public_key_file else ""
         tokens = TokenAuthority(
             algorithm=cfg.jwt_algorithm,

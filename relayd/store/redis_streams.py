@@ -22,6 +22,7 @@ from relayd.store.keys import Keys
 from relayd.store.resp import RespConnection, encode_command
 
 SCRIPTS = ("open", "append", "end", "touch")
+_MAX_SEQ = 2**64 - 1  # the largest sequence part of a Redis stream entry id
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,11 @@ class Store:
         if self._writer is not None and not self._writer.closed:
             return
         self._writer = await RespConnection.connect(self.url, self._timeout_s)
+
+    def abort_writer(self) -> None:
+        """Drop the write connection: every batch on it fails and the batcher reconnects."""
+        if self._writer is not None:
+            self._writer.close()
 
     async def ping(self) -> None:
         try:
@@ -167,7 +173,10 @@ class Store:
         )
 
     def cmd_touch(self, stream: str, now: int) -> bytes:
-        return encode_command(["EVALSHA", self._sha["touch"], "1", self.keys.meta(stream), str(now)])
+        keys = self.keys
+        return encode_command(
+            ["EVALSHA", self._sha["touch"], "2", keys.meta(stream), keys.log(stream), str(now), self._open_ttl]
+        )
 
     def cmd_index(self, scored: list[tuple[str, int]]) -> bytes:
         """ZADD the open-stream index (score: last activity, ms)."""
@@ -191,9 +200,10 @@ class Store:
     async def read_entries(self, stream: str, gen: int, first: int, count: int) -> list[Entry]:
         """Up to ``count`` entries of generation ``gen`` from offset ``first`` on."""
         try:
-            # One key holds one generation: a new one starts only after the key vanished.
+            # One key holds one generation: a new one starts only after the key vanished. A reader
+            # still on an old generation must not take the new one's entries for its own: bound it.
             rows: list[tuple[bytes, dict[bytes, bytes]]] = await self._client.xrange(  # type: ignore[assignment]
-                self.keys.log(stream), f"{gen}-{first}", "+", count=count
+                self.keys.log(stream), f"{gen}-{first}", f"{gen}-{_MAX_SEQ}", count=count
             )
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc

@@ -39,5 +39,9 @@ async def _drain_connections(app: web.Application) -> None:
     rt.draining.set()
     producers, consumers = list(rt.producers), list(rt.consumers)
     log.info("draining: %d producer and %d consumer connections", len(producers), len(consumers))
-    await asyncio.gather(*(close() for close in producers), return_exceptions=True)
-    await asyncio.gather(*(close() for close in consumers), return_exceptions=True)
+    try:
+        async with asyncio.timeout(rt.config.server.drain_timeout_s):
+            await asyncio.gather(*(close() for close in producers), return_exceptions=True)
+            await asyncio.gather(*(close() for close in consumers), return_exceptions=True)
+    except TimeoutError:
+        log.warning("drain did not finish within server.drain_timeout_s; closing the rest")

@@ -60,6 +60,7 @@ class ConsumerConnection:
         self.outbox = Outbox(self._send, cfg.consumer.max_queue_bytes, cfg.consumer.send_timeout_ms / 1000)
         self.subs: dict[str, Subscriber] = {}
         self.close_code: int | None = None
+        self.refused = 0  # frames answered with an error
         self._expiry: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
         self.schedule_expiry()
@@ -125,6 +126,9 @@ class ConsumerConnection:
                 self.rt.metrics.auth_failure(exc.code)
             else:
                 self.rt.metrics.bad_frame(exc.code)
+            if not self.refused:  # the first one per connection; the close line counts them all
+                log.info("consumer sent a refused frame: %s", exc)
+            self.refused += 1
             stream = op.stream if isinstance(op, FrameError) else getattr(op, "stream", None)
             self.outbox.control(error_frame(exc.code, exc.message, stream))
 
@@ -202,9 +206,10 @@ async def consume_ws(request: web.Request) -> web.StreamResponse:
             await writer
         rt.metrics.connection_closed("consumer_ws")
         log.info(
-            "consumer closed remote=%s duration_s=%.1f code=%s",
+            "consumer closed remote=%s duration_s=%.1f refused=%d code=%s",
             request.remote,
             time.monotonic() - started,
+            conn.refused,
             conn.close_code or ws.close_code,
         )
     return ws

@@ -57,7 +57,7 @@ async def ingest(request: web.Request) -> web.StreamResponse:
     writer = asyncio.create_task(_write(outbox, ws), name="relayd-producer-writer")
     decoder = ProducerDecoder(cfg.limits.max_chunk_bytes)
     relay = rt.relay
-    ops = chunks = 0
+    ops = chunks = refused = 0
 
     async def drain_close() -> None:
         # Drain: everything this producer sent is acknowledged before it is told to go.
@@ -86,6 +86,9 @@ async def ingest(request: web.Request) -> web.StreamResponse:
                         session.send(frame(type="pong", id=op.id) if op.id is not None else b'{"type":"pong"}')
                     elif isinstance(op, FrameError):
                         rt.metrics.bad_frame(op.error.code)
+                        if not refused:  # the first one per connection; the close line counts them all
+                            log.info("producer %s sent a refused frame: %s", request.remote, op.error)
+                        refused += 1
                         session.send(error_frame(op.error.code, op.error.message, op.stream, op.seq))
             elif msg.type is WSMsgType.ERROR:
                 log.info("producer connection error: %s", ws.exception())
@@ -102,11 +105,12 @@ async def ingest(request: web.Request) -> web.StreamResponse:
             await writer
         rt.metrics.connection_closed("producer")
         log.info(
-            "producer closed remote=%s duration_s=%.1f ops=%d chunks=%d code=%s",
+            "producer closed remote=%s duration_s=%.1f ops=%d chunks=%d refused=%d code=%s",
             request.remote,
             time.monotonic() - started,
             ops,
             chunks,
+            refused,
             ws.close_code,
         )
     return ws

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from relayd.auth import parse_bearer
 from relayd.errors import ClientError, ProtocolError
-from relayd.web.errors import client_error_response
+from relayd.web.errors import client_error_response, error_response
 from relayd.web.keys import RUNTIME
 
 
@@ -17,6 +17,8 @@ async def mint_token(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     try:
         rt.api_keys.verify(parse_bearer(request.headers.get("Authorization")))
+        if not rt.tokens.can_mint:
+            return error_response(501, "not_configured", f"{rt.config.auth.jwt_algorithm}: relayd holds no signing key")
         body = await _json_body(request)
         streams = body.get("streams")
         rights = body.get("rights", ["read"])
