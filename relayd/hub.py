@@ -69,10 +69,23 @@ class SlowConsumer(Exception):
 class Outbox:
     """A connection's bounded queue of encoded frames and its single writer loop."""
 
-    def __init__(self, send: Callable[[list[bytes]], Awaitable[None]], max_bytes: int, send_timeout_s: float) -> None:
+    def __init__(
+        self,
+        send: Callable[[list[bytes]], Awaitable[None]],
+        max_bytes: int,
+        send_timeout_s: float,
+        backlog: Callable[[], int] | None = None,
+    ) -> None:
         self._send = send
         self._max_bytes = max_bytes
         self._timeout = send_timeout_s
+        # Bytes the transport still holds for the peer: a write that waits is only "stuck" when
+        # this stops shrinking (a slow but steady reader is not a slow consumer).
+        self._backlog = backlog
+        self._last_backlog = 0
+        self._stalled = False
+        self._writer: asyncio.Task[None] | None = None
+        self._pending_watchdog: asyncio.TimerHandle | None = None
         self._items: list[bytes] = []
         self._size = 0
         self._ready = asyncio.Event()
@@ -119,7 +132,10 @@ class Outbox:
             self.control(data)  # closed (dropped) or exactly at the limit after a wake-up
 
     async def run(self) -> None:
-        """Write until closed. Raises :class:`SlowConsumer` when a write stalls too long."""
+        """Write until closed. Raises :class:`SlowConsumer` when the peer accepts no data for
+        the send timeout."""
+        self._writer = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         while not self._closed:
             if not self._items:
                 self._empty.set()
@@ -130,12 +146,36 @@ class Outbox:
             self._items = []
             self._size = 0
             self._room.set()
+            if self._backlog is not None:
+                # what the transport will hold once this batch is written, if the peer reads nothing
+                self._last_backlog = self._backlog() + sum(map(len, batch))
+            watchdog = loop.call_later(self._timeout, self._check_progress)
             try:
-                async with asyncio.timeout(self._timeout):
-                    await self._send(batch)
-            except TimeoutError:
-                self.close()
-                raise SlowConsumer from None
+                await self._send(batch)
+            except asyncio.CancelledError:
+                if self._stalled:
+                    self.close()
+                    raise SlowConsumer from None
+                raise
+            finally:
+                self._cancel(watchdog)
+
+    def _cancel(self, watchdog: asyncio.TimerHandle) -> None:
+        watchdog.cancel()
+        if self._pending_watchdog is not None:
+            self._pending_watchdog.cancel()
+            self._pending_watchdog = None
+
+    def _check_progress(self) -> None:
+        """A write has been waiting for the send timeout: give up unless the peer read meanwhile."""
+        backlog = self._backlog() if self._backlog is not None else 0
+        if self._backlog is not None and backlog < self._last_backlog:
+            self._last_backlog = backlog  # the peer read something: watch one more period
+            self._pending_watchdog = asyncio.get_running_loop().call_later(self._timeout, self._check_progress)
+            return
+        self._stalled = True
+        if self._writer is not None:
+            self._writer.cancel()
 
     async def flush(self, timeout_s: float) -> None:
         """Best effort: give the writer a chance to send what is queued (before a close)."""

@@ -27,8 +27,8 @@ from relayd.protocol import (
     parse_optional_cursor,
     split_message,
 )
-from relayd.web.ingest import close_stuck
 from relayd.web.keys import RUNTIME, Runtime
+from relayd.web.transport import backlog_of, close_stuck
 
 log = logging.getLogger("relayd.consume")
 
@@ -52,12 +52,14 @@ def token_from_request(request: web.Request) -> str | None:
 class ConsumerConnection:
     """The subscriptions of one consumer websocket and its token."""
 
-    def __init__(self, rt: Runtime, ws: web.WebSocketResponse, principal: Principal) -> None:
+    def __init__(self, rt: Runtime, ws: web.WebSocketResponse, principal: Principal, request: web.Request) -> None:
         self.rt = rt
         self.ws = ws
         self.principal = principal
         cfg = rt.config
-        self.outbox = Outbox(self._send, cfg.consumer.max_queue_bytes, cfg.consumer.send_timeout_ms / 1000)
+        self.outbox = Outbox(
+            self._send, cfg.consumer.max_queue_bytes, cfg.consumer.send_timeout_ms / 1000, backlog_of(request)
+        )
         self.subs: dict[str, Subscriber] = {}
         self.close_code: int | None = None
         self.refused = 0  # frames answered with an error
@@ -178,7 +180,7 @@ async def consume_ws(request: web.Request) -> web.StreamResponse:
         await ws.close(code=CloseCode.NORMAL, message=exc.code.encode())
         return ws
 
-    conn = ConsumerConnection(rt, ws, principal)
+    conn = ConsumerConnection(rt, ws, principal, request)
     rt.metrics.connection_opened("consumer_ws")
     started = time.monotonic()
     writer = asyncio.create_task(_write(conn), name="relayd-consumer-writer")

@@ -26,6 +26,7 @@ from relayd.protocol import (
 from relayd.relay import ProducerSession
 from relayd.web.errors import client_error_response
 from relayd.web.keys import RUNTIME
+from relayd.web.transport import backlog_of, close_stuck
 
 log = logging.getLogger("relayd.ingest")
 
@@ -52,7 +53,7 @@ async def ingest(request: web.Request) -> web.StreamResponse:
     async def send(batch: list[bytes]) -> None:
         await ws.send_frame(b"\n".join(batch), WSMsgType.TEXT)
 
-    outbox = Outbox(send, max_bytes=cfg.limits.max_unacked_bytes, send_timeout_s=cfg.consumer.send_timeout_ms / 1000)
+    outbox = Outbox(send, cfg.limits.max_unacked_bytes, cfg.consumer.send_timeout_ms / 1000, backlog_of(request))
     session = ProducerSession(outbox.control, cfg.limits.max_unacked_bytes)
     writer = asyncio.create_task(_write(outbox, ws), name="relayd-producer-writer")
     decoder = ProducerDecoder(cfg.limits.max_chunk_bytes)
@@ -123,14 +124,3 @@ async def _write(outbox: Outbox, ws: web.WebSocketResponse) -> None:
         await close_stuck(ws, CloseCode.SLOW_CONSUMER, "slow_consumer")
     except (ConnectionError, RuntimeError):
         pass  # the peer went away; the reading side notices too
-
-
-async def close_stuck(ws: web.WebSocketResponse, code: int, reason: str) -> None:
-    """Close a websocket whose peer may not read: abort the transport if the close hangs."""
-    try:
-        async with asyncio.timeout(1.0):
-            await ws.close(code=code, message=reason.encode())
-    except (TimeoutError, ConnectionError, RuntimeError):
-        transport = ws._req.transport if ws._req is not None else None
-        if transport is not None:
-            transport.abort()

@@ -16,6 +16,7 @@ from relayd.protocol import SSE_CODEC, check_stream_id, parse_optional_cursor
 from relayd.web.cors import cors_headers
 from relayd.web.errors import client_error_response, error_response
 from relayd.web.keys import RUNTIME
+from relayd.web.transport import backlog_of
 
 log = logging.getLogger("relayd.sse")
 
@@ -75,7 +76,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     async def send(batch: list[bytes]) -> None:
         await response.write(b"".join(batch))
 
-    outbox = Outbox(send, cfg.consumer.max_queue_bytes, cfg.consumer.send_timeout_ms / 1000)
+    outbox = Outbox(send, cfg.consumer.max_queue_bytes, cfg.consumer.send_timeout_ms / 1000, backlog_of(request))
     done = _Done()
     sub = Subscriber(rt.relay.hub, stream, outbox, SSE_CODEC, cursor=cursor, wait_s=wait_ms / 1000, owner=done)
     rt.metrics.connection_opened("consumer_sse")
