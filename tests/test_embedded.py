@@ -457,7 +457,7 @@ def test_conftest_redis_plugin(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest_redis",
-         "-W", "error", "test_uses_plugin.py"],
+         "-o", "asyncio_default_fixture_loop_scope=function", "-W", "error", "test_uses_plugin.py"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=50, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
