@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import Protocol
 
 from relayd.errors import StoreError
 from relayd.metrics import Metrics
+from relayd.outbox import Outbox
 from relayd.protocol import Entry, FrameCodec
 from relayd.store.redis_streams import Store, StreamMeta
 
@@ -60,134 +60,6 @@ class Publication:
         """Only the entries from ``offset`` on (a subscriber that already had the rest)."""
         rest = [e for e in self.entries if e.offset >= offset]
         return codec.entries(self.stream, self.gen, rest, self.text)
-
-
-class SlowConsumer(Exception):
-    """The connection accepted no data for the send timeout."""
-
-
-class Outbox:
-    """A connection's bounded queue of encoded frames and its single writer loop."""
-
-    def __init__(
-        self,
-        send: Callable[[list[bytes]], Awaitable[None]],
-        max_bytes: int,
-        send_timeout_s: float,
-        backlog: Callable[[], int] | None = None,
-    ) -> None:
-        self._send = send
-        self._max_bytes = max_bytes
-        self._timeout = send_timeout_s
-        # Bytes the transport still holds for the peer: a write that waits is only "stuck" when
-        # this stops shrinking (a slow but steady reader is not a slow consumer).
-        self._backlog = backlog
-        self._last_backlog = 0
-        self._stalled = False
-        self._writer: asyncio.Task[None] | None = None
-        self._pending_watchdog: asyncio.TimerHandle | None = None
-        self._items: list[bytes] = []
-        self._size = 0
-        self._ready = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-        self._empty = asyncio.Event()
-        self._empty.set()
-        self._closed = False
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def max_bytes(self) -> int:
-        return self._max_bytes
-
-    def offer(self, data: bytes) -> bool:
-        """Queue without waiting; False when the queue is full (live frames then fall back)."""
-        if self._closed or self._size >= self._max_bytes:
-            return False
-        self._empty.clear()
-        self._items.append(data)
-        self._size += len(data)
-        self._ready.set()
-        if self._size >= self._max_bytes:
-            self._room.clear()
-        return True
-
-    def control(self, data: bytes) -> None:
-        """Queue a small control frame (pong, error, ack) regardless of the limit."""
-        if not self._closed:
-            self._empty.clear()
-            self._items.append(data)
-            self._size += len(data)
-            self._ready.set()
-
-    async def put(self, data: bytes) -> None:
-        """Queue, waiting for room for ``data``: the catch-up path, paced by the client."""
-        while self._size and self._size + len(data) > self._max_bytes and not self._closed:
-            self._room.clear()
-            await self._room.wait()
-        if not self.offer(data):
-            self.control(data)  # closed (dropped) or exactly at the limit after a wake-up
-
-    async def run(self) -> None:
-        """Write until closed. Raises :class:`SlowConsumer` when the peer accepts no data for
-        the send timeout."""
-        self._writer = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        while not self._closed:
-            if not self._items:
-                self._empty.set()
-                self._ready.clear()
-                await self._ready.wait()
-                continue
-            batch = self._items
-            self._items = []
-            self._size = 0
-            self._room.set()
-            if self._backlog is not None:
-                # what the transport will hold once this batch is written, if the peer reads nothing
-                self._last_backlog = self._backlog() + sum(map(len, batch))
-            watchdog = loop.call_later(self._timeout, self._check_progress)
-            try:
-                await self._send(batch)
-            except asyncio.CancelledError:
-                if self._stalled:
-                    self.close()
-                    raise SlowConsumer from None
-                raise
-            finally:
-                self._cancel(watchdog)
-
-    def _cancel(self, watchdog: asyncio.TimerHandle) -> None:
-        watchdog.cancel()
-        if self._pending_watchdog is not None:
-            self._pending_watchdog.cancel()
-            self._pending_watchdog = None
-
-    def _check_progress(self) -> None:
-        """A write has been waiting for the send timeout: give up unless the peer read meanwhile."""
-        backlog = self._backlog() if self._backlog is not None else 0
-        if self._backlog is not None and backlog < self._last_backlog:
-            self._last_backlog = backlog  # the peer read something: watch one more period
-            self._pending_watchdog = asyncio.get_running_loop().call_later(self._timeout, self._check_progress)
-            return
-        self._stalled = True
-        if self._writer is not None:
-            self._writer.cancel()
-
-    async def flush(self, timeout_s: float) -> None:
-        """Best effort: give the writer a chance to send what is queued (before a close)."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._empty.wait()
-
-    def close(self) -> None:
-        self._closed = True
-        self._ready.set()
-        self._room.set()
-        self._empty.set()
 
 
 class State(Enum):

@@ -11,7 +11,8 @@ from aiohttp import WSMsgType, web
 
 from relayd.auth import Principal, parse_bearer
 from relayd.errors import AuthError, ClientError, CloseCode
-from relayd.hub import Outbox, SlowConsumer, Subscriber
+from relayd.hub import Subscriber
+from relayd.outbox import Outbox, SlowConsumer
 from relayd.protocol import (
     WS_CODEC,
     AuthOp,
@@ -28,7 +29,7 @@ from relayd.protocol import (
     split_message,
 )
 from relayd.web.keys import RUNTIME, Runtime
-from relayd.web.transport import backlog_of, close_stuck
+from relayd.web.transport import backlog_of, close_stuck, ws_text_writer
 
 log = logging.getLogger("relayd.consume")
 
@@ -58,7 +59,11 @@ class ConsumerConnection:
         self.principal = principal
         cfg = rt.config
         self.outbox = Outbox(
-            self._send, cfg.consumer.max_queue_bytes, cfg.consumer.send_timeout_ms / 1000, backlog_of(request)
+            self._send,
+            cfg.consumer.max_queue_bytes,
+            cfg.consumer.send_timeout_ms / 1000,
+            backlog_of(request),
+            ws_text_writer(request, ws),
         )
         self.subs: dict[str, Subscriber] = {}
         self.close_code: int | None = None

@@ -11,7 +11,7 @@ from aiohttp import WSMsgType, web
 
 from relayd.auth import parse_bearer
 from relayd.errors import AuthError, CloseCode
-from relayd.hub import Outbox, SlowConsumer
+from relayd.outbox import Outbox, SlowConsumer
 from relayd.protocol import (
     AppendOp,
     EndOp,
@@ -26,7 +26,7 @@ from relayd.protocol import (
 from relayd.relay import ProducerSession
 from relayd.web.errors import client_error_response
 from relayd.web.keys import RUNTIME
-from relayd.web.transport import backlog_of, close_stuck
+from relayd.web.transport import backlog_of, close_stuck, ws_text_writer
 
 log = logging.getLogger("relayd.ingest")
 
@@ -53,7 +53,13 @@ async def ingest(request: web.Request) -> web.StreamResponse:
     async def send(batch: list[bytes]) -> None:
         await ws.send_frame(b"\n".join(batch), WSMsgType.TEXT)
 
-    outbox = Outbox(send, cfg.limits.max_unacked_bytes, cfg.consumer.send_timeout_ms / 1000, backlog_of(request))
+    outbox = Outbox(
+        send,
+        cfg.limits.max_unacked_bytes,
+        cfg.consumer.send_timeout_ms / 1000,
+        backlog_of(request),
+        ws_text_writer(request, ws),
+    )
     session = ProducerSession(outbox.control, cfg.limits.max_unacked_bytes)
     writer = asyncio.create_task(_write(outbox, ws), name="relayd-producer-writer")
     decoder = ProducerDecoder(cfg.limits.max_chunk_bytes)

@@ -11,7 +11,8 @@ from aiohttp import web
 
 from relayd.auth import parse_bearer
 from relayd.errors import ClientError, StoreError
-from relayd.hub import Outbox, SlowConsumer, Subscriber
+from relayd.hub import Subscriber
+from relayd.outbox import Outbox, SlowConsumer
 from relayd.protocol import SSE_CODEC, check_stream_id, parse_optional_cursor
 from relayd.web.cors import cors_headers
 from relayd.web.errors import client_error_response, error_response
