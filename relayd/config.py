@@ -120,7 +120,7 @@ class BatchConfig:
 class LimitsConfig:
     max_frame_bytes: int = 1024 * 1024
     max_chunk_bytes: int = 256 * 1024
-    max_unacked_bytes: int = 4 * 1024 * 1024
+    max_unacked_bytes: int = 1024 * 1024
     max_streams_per_connection: int = 1000
 
     def check(self) -> None:
@@ -152,7 +152,7 @@ class StreamsConfig:
 
 @dataclass(frozen=True, slots=True)
 class ConsumerConfig:
-    max_queue_bytes: int = 1024 * 1024
+    max_queue_bytes: int = 256 * 1024
     send_timeout_ms: int = 10_000
     catchup_page: int = 500
     sse_keepalive_s: float = 15.0

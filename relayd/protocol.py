@@ -65,12 +65,22 @@ class OpenOp:
     content_type: str
 
 
+# Memory an admitted chunk holds besides its JSON, while it waits for Redis (its bytes object,
+# its copy in the command buffer, the op and callback objects): counted by producer flow control.
+CHUNK_OVERHEAD_BYTES = 300
+
+
 @dataclass(frozen=True, slots=True)
 class AppendOp:
     stream: str
     seq: int
     chunks: list[bytes]  # each chunk already JSON-encoded, ready to store
     nbytes: int
+
+    @property
+    def cost(self) -> int:
+        """What this append holds in memory until acknowledged: the unit of producer flow control."""
+        return 2 * self.nbytes + CHUNK_OVERHEAD_BYTES * len(self.chunks)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import hiredis
+import orjson
 
 from relayd.batcher import Batcher, Write
 from relayd.config import Config
@@ -37,6 +38,8 @@ class Held:
     epoch: int
     gen: int
     text: bool
+    append_head: bytes  # the stream's append command up to the epoch, encoded once
+    stream_json: bytes  # the stream id as JSON, for acks
 
 
 class ProducerSession:
@@ -153,7 +156,15 @@ class Relay:
                 self.metrics.stream_started()
                 self.hub.created(op.stream)
             if code != "ended":
-                self._take(op.stream, session, Held(int(epoch), gen_i, content_type == "text"))
+                epoch_i = int(epoch)
+                held = Held(
+                    epoch_i,
+                    gen_i,
+                    content_type == "text",
+                    self.store.append_head(op.stream, epoch_i),
+                    orjson.dumps(op.stream),
+                )
+                self._take(op.stream, session, held)
             else:
                 session.finish(op.stream, int(epoch))  # appends get stream_ended, not not_open
             session.send(
@@ -173,7 +184,7 @@ class Relay:
     def _replay_deferred(self, session: ProducerSession, stream: str) -> None:
         for deferred in session.opening.pop(stream, ()):
             if type(deferred) is AppendOp:
-                session.credit(deferred.nbytes)
+                session.credit(deferred.cost)
                 self.append(session, deferred)
             elif type(deferred) is EndOp:
                 self.end(session, deferred)
@@ -184,7 +195,7 @@ class Relay:
         if pending is None:
             return False
         if type(op) is AppendOp:
-            session.charge(op.nbytes)
+            session.charge(op.cost)
         pending.append(op)
         return True
 
@@ -198,11 +209,11 @@ class Relay:
             else:
                 session.send(error_frame("not_open", "open the stream on this connection first", op.stream, op.seq))
             return
-        session.charge(op.nbytes)
-        payload = self.store.cmd_append(op.stream, held.epoch, op.seq, op.chunks, now_ms())
+        session.charge(op.cost)
+        payload = self.store.cmd_append(held.append_head, op.seq, op.chunks, now_ms())
 
         def done(reply: Any, exc: BaseException | None) -> None:
-            session.credit(op.nbytes)
+            session.credit(op.cost)
             if exc is not None or isinstance(reply, hiredis.ReplyError):
                 session.send(error_frame("store_unavailable", f"append not stored: {exc or reply}", op.stream, op.seq))
                 return
@@ -220,7 +231,7 @@ class Relay:
                     self.hub.poke(op.stream, gen, last)
                 session.send(
                     b'{"type":"ack","stream":%s,"seq":%d,"cursor":"%s"}'
-                    % (_json_str(op.stream), last_seq, format_cursor(gen, last).encode())
+                    % (held.stream_json, last_seq, format_cursor(gen, last).encode())
                 )
             elif code == "seq_gap":
                 session.send(error_frame("seq_gap", f"expected seq {int(reply[1]) + 1}", op.stream, int(reply[1])))
@@ -380,9 +391,3 @@ class Relay:
 def _ignore(reply: Any, exc: BaseException | None) -> None:
     if exc is not None:
         log.debug("background write failed: %s", exc)
-
-
-def _json_str(value: str) -> bytes:
-    import orjson
-
-    return orjson.dumps(value)

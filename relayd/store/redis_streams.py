@@ -65,6 +65,7 @@ class Store:
         self._max_chunks = str(streams_cfg.max_chunks).encode()
         self._open_ttl = str(streams_cfg.open_ttl_s).encode()
         self._end_ttl = str(streams_cfg.ttl_after_end_s).encode()
+        self._append_tail = encode_command([self._max_chunks, self._open_ttl])[4:]
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -128,22 +129,29 @@ class Store:
             ]
         )
 
-    def cmd_append(self, stream: str, epoch: int, seq: int, chunks: list[bytes], now: int) -> bytes:
+    def append_head(self, stream: str, epoch: int) -> bytes:
+        """The fixed part of every append command for ``stream`` in ``epoch``, encoded once.
+
+        A micro-optimisation: ``cmd_append`` is on the hot path and only its sequence number,
+        clock and chunks change from one append to the next.
+        """
         keys = self.keys
-        args: list[bytes | str] = [
-            "EVALSHA",
-            self._sha["append"],
-            "2",
-            keys.meta(stream),
-            keys.log(stream),
-            str(epoch),
-            str(seq),
-            str(now),
-            self._max_chunks,
-            self._open_ttl,
+        return encode_command(["EVALSHA", self._sha["append"], "2", keys.meta(stream), keys.log(stream), str(epoch)])[
+            4:  # without the "*6\r\n" array header: the real argument count is set per append
         ]
-        args.extend(chunks)
-        return encode_command(args)
+
+    def cmd_append(self, head: bytes, seq: int, chunks: list[bytes], now: int) -> bytes:
+        """``head`` from :meth:`append_head`, then the per-append arguments."""
+        seq_b = b"%d" % seq
+        now_b = b"%d" % now
+        parts = [
+            b"*%d\r\n" % (10 + len(chunks)),
+            head,
+            b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(seq_b), seq_b, len(now_b), now_b),
+            self._append_tail,
+        ]
+        parts.extend([b"$%d\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks])
+        return b"".join(parts)
 
     def cmd_end(
         self,
