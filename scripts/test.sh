@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The README's test command: installs everything the suite needs on a fresh Debian machine
+# (Python 3.11 only), then runs it. Extra arguments go to pytest.
+#
+#   - Debian's chromium (browser client tests, driven by Playwright's Python package) and
+#     prometheus/promtool (metrics tests), installed with apt-get when missing;
+#   - relayd with its dev extras (pytest, websockets, playwright, openai, ...).
+# Tests start their own Redis-compatible server (the embedded Valkey) on a free port.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+if ((${#need[@]})); then
+    sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    echo "scripts/test.sh: installing ${need[*]} with apt-get" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+pip install -q -e '.[dev]'
+exec pytest "$@"
