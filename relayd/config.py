@@ -81,8 +81,16 @@ class AuthConfig:
     jwt_issuer: str = ""
     token_ttl_s: int = 300
     token_max_ttl_s: int = 3600
+    admin_keys: tuple[str, ...] = ()  # sha256:<hex> hashes of keys for /v1/admin (relayd streams, status)
 
     def check(self) -> None:
+        for i, key in enumerate(self.admin_keys):
+            if not _HASH_RE.match(key):
+                raise ConfigError(
+                    f"auth.admin_keys[{i}]",
+                    "must be a hash 'sha256:<64 hex>' (make one with `relayd hash-key`); "
+                    "put plain keys in RELAYD_ADMIN_KEYS",
+                )
         for i, key in enumerate(self.api_keys):
             if not _HASH_RE.match(key):
                 raise ConfigError(
@@ -189,6 +197,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     # Plain API keys from RELAYD_API_KEYS or auth.api_keys_file; resolved once, never logged.
     api_key_secrets: tuple[str, ...] = field(default=(), repr=False)
+    # Plain admin keys from RELAYD_ADMIN_KEYS; resolved once, never logged.
+    admin_key_secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def embedded_redis(self) -> bool:
@@ -216,7 +226,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 
 def build_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     tables: dict[str, Any] = {}
-    known = {f.name: f for f in dataclasses.fields(Config) if f.name != "api_key_secrets"}
+    known = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("api_key_secrets", "admin_key_secrets")}
     for name in raw:
         if name not in known:
             raise ConfigError(name, f"unknown table (known: {', '.join(known)})")
@@ -231,7 +241,8 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     tables["auth"] = dataclasses.replace(tables["auth"], jwt_secret=jwt_secret)
     for table in tables.values():
         table.check()
-    return Config(**tables, api_key_secrets=secrets)
+    admin_secrets = _admin_key_secrets(env)
+    return Config(**tables, api_key_secrets=secrets, admin_key_secrets=admin_secrets)
 
 
 def _build_table(name: str, cls: Any, section: Mapping[str, Any], env: Mapping[str, str]) -> Any:
@@ -302,6 +313,14 @@ def _api_key_secrets(auth: AuthConfig, env: Mapping[str, str]) -> tuple[str, ...
         if len(key) < 16 and not key.startswith("sha256:"):
             raise ConfigError("auth.api_keys", "plain API keys must be at least 16 characters")
     return tuple(keys)
+
+
+def _admin_key_secrets(env: Mapping[str, str]) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in env.get("RELAYD_ADMIN_KEYS", "").split(",") if k.strip())
+    for key in keys:
+        if len(key) < 16 and not key.startswith("sha256:"):
+            raise ConfigError("auth.admin_keys", "plain admin keys must be at least 16 characters")
+    return keys
 
 
 def _jwt_secret(auth: AuthConfig, env: Mapping[str, str]) -> str:

@@ -301,6 +301,31 @@ class Relay:
         self._cancel_timers.pop(stream, None)
         self._end(stream, "cancelled", "cancelled by a consumer", epoch=None, then=None)
 
+    # operator requests (the admin API) ------------------------------------------------------------
+
+    async def end_stream(self, stream: str, reason: str, message: str) -> tuple[str, int, int, str]:
+        """End ``stream`` as an operator: like a producer's end, without an epoch.
+
+        Consumers get the end through the hub as from any producer. A producer holding the stream
+        here is released and sent an unsolicited ``ended`` frame (its later appends get
+        ``stream_ended``); one on another instance learns it from its next append. Returns
+        ``(result, gen, offset, status)`` as ``end.lua`` answers (``ok``, ``already``,
+        ``not_found``, ``error``).
+        """
+        future: asyncio.Future[tuple[str, int, int, str]] = asyncio.get_running_loop().create_future()
+        holder = self._holders.get(stream)
+
+        def then(result: str, gen: int, offset: int, status: str) -> None:
+            if result == "ok" and holder is not None and not holder.closed:
+                fields = {"message": message} if message else {}
+                cursor = format_cursor(gen, offset)
+                holder.send(frame(type="ended", stream=stream, reason=reason, cursor=cursor, **fields))
+            if not future.done():
+                future.set_result((result, gen, offset, status))
+
+        self._end(stream, reason, message, epoch=None, then=then)
+        return await future
+
     # shared -----------------------------------------------------------------------------------
 
     def _take(self, stream: str, session: ProducerSession, held: Held) -> None:

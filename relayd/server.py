@@ -40,6 +40,7 @@ class Server:
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.dev_api_key: str | None = None
+        self.dev_admin_key: str | None = None
 
     @property
     def url(self) -> str:
@@ -63,7 +64,14 @@ class Server:
         self.relay = Relay(cfg, self.store, metrics)
         await self.relay.start()
         api_keys, tokens = self._credentials()
-        self.runtime = Runtime(config=cfg, relay=self.relay, metrics=metrics, api_keys=api_keys, tokens=tokens)
+        self.runtime = Runtime(
+            config=cfg,
+            relay=self.relay,
+            metrics=metrics,
+            api_keys=api_keys,
+            tokens=tokens,
+            admin_keys=self._admin_keys(),
+        )
         app = build_app(self.runtime)
         self._runner = web.AppRunner(
             app, handle_signals=False, access_log=None, shutdown_timeout=cfg.server.drain_timeout_s
@@ -109,6 +117,14 @@ class Server:
         )
         return api_keys, tokens
 
+    def _admin_keys(self) -> ApiKeys:
+        """Configured admin keys; else, when relayd runs on development credentials, the dev admin key."""
+        admin_keys = ApiKeys(self.config.auth.admin_keys, self.config.admin_key_secrets)
+        if not admin_keys and self.dev_api_key is not None:
+            self.dev_admin_key = dev_admin_key(Path(self.config.embedded.data_dir))
+            admin_keys = ApiKeys(secrets=[self.dev_admin_key])
+        return admin_keys
+
     async def stop(self) -> None:
         """Ordered drain: stop accepting, flush producers, tell clients to reconnect, release."""
         if self._runner is not None:
@@ -130,13 +146,24 @@ def _dev_credentials(data_dir: Path) -> tuple[str, str]:
     path = data_dir / "dev-credentials"
     if path.exists():
         lines = path.read_text().split()
-        if len(lines) == 2:
+        if len(lines) >= 2:  # a third line is the development admin key (dev_admin_key)
             return lines[0], lines[1]
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key, secret = generate_api_key(), generate_api_key() + generate_api_key()
     path.touch(mode=0o600)
     path.write_text(f"{key}\n{secret}\n")
     return key, secret
+
+
+def dev_admin_key(data_dir: Path) -> str:
+    """The development admin key: the third line of dev-credentials, added if the file has two."""
+    path = data_dir / "dev-credentials"
+    lines = path.read_text().split()
+    if len(lines) >= 3:
+        return lines[2]
+    key = generate_api_key()
+    path.write_text("".join(f"{line}\n" for line in (*lines[:2], key)))
+    return key
 
 
 def dev_credentials_path(config: Config) -> Path:

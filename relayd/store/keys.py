@@ -32,6 +32,15 @@ class Keys:
     def meta(self, stream: str) -> str:
         return f"{self.prefix}:{{{stream}}}:meta"
 
-    def stream_pattern(self) -> str:
-        """SCAN pattern matching every meta key (admin listing)."""
-        return f"{self.prefix}:{{*}}:meta"
+    def stream_pattern(self, id_prefix: str = "") -> str:
+        """SCAN pattern matching the meta key of every stream whose id starts with ``id_prefix``.
+
+        Neither key prefixes nor stream ids can hold a glob character (``* ? [ ] \\``), so both
+        go into the pattern as they are.
+        """
+        return f"{self.prefix}:{{{id_prefix}*}}:meta"
+
+    def stream_of_meta(self, key: bytes | str) -> str:
+        """The stream id of a meta key found by SCAN."""
+        text = key.decode() if isinstance(key, bytes) else key
+        return text[len(self.prefix) + 2 : -len("}:meta")]

@@ -44,6 +44,20 @@ class StreamMeta:
         return self.status == "open"
 
 
+@dataclass(frozen=True, slots=True)
+class StreamStats:
+    """What the admin API shows of a stream besides its meta."""
+
+    meta: StreamMeta
+    entries: int  # entries stored in the log (chunks, and the end once ended)
+    memory_bytes: int | None  # Redis's estimate for the log and meta keys (MEMORY USAGE)
+    ttl_s: int  # seconds until the stream expires; -1: no expiry set
+
+    @property
+    def chunks(self) -> int:
+        return max(self.entries - (0 if self.meta.is_open else 1), 0)
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -231,6 +245,91 @@ class Store:
             return int(await self._client.ttl(self.keys.meta(stream)))
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc
+
+    # admin reads and removal (relayd/web/admin.py) ------------------------------------------------
+
+    async def scan_streams(self, cursor: int, id_prefix: str, count: int) -> tuple[int, list[str]]:
+        """One SCAN step over the meta keys of streams whose id starts with ``id_prefix``.
+
+        Returns the next cursor (0: the scan is complete) and the stream ids found, open or ended.
+        """
+        try:
+            cursor, found = await self._client.scan(cursor, match=self.keys.stream_pattern(id_prefix), count=count)
+        except redis.exceptions.RedisError as exc:
+            raise _translate(exc) from exc
+        return int(cursor), [self.keys.stream_of_meta(key) for key in found]
+
+    async def scan_open(self, cursor: int, id_prefix: str, count: int) -> tuple[int, list[str]]:
+        """One ZSCAN step over the open-stream index; cheaper than :meth:`scan_streams` for open ones."""
+        try:
+            cursor, found = await self._client.zscan(self.keys.open_index, cursor, match=f"{id_prefix}*", count=count)
+        except redis.exceptions.RedisError as exc:
+            raise _translate(exc) from exc
+        return int(cursor), [member.decode() if isinstance(member, bytes) else str(member) for member, _ in found]
+
+    async def open_count(self) -> int:
+        """Streams in the open index (held by a producer on any instance, or awaiting the sweep)."""
+        try:
+            return int(await self._client.zcard(self.keys.open_index))
+        except redis.exceptions.RedisError as exc:
+            raise _translate(exc) from exc
+
+    async def stream_stats(self, streams: list[str]) -> list[StreamStats | None]:
+        """Meta, entry count, memory and TTL of each stream, in one round trip; None if it is gone.
+
+        ``MEMORY USAGE`` samples the log (Redis's default), so ``memory_bytes`` is an estimate;
+        None where the server refuses the command (some managed Redis services do).
+        """
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for stream in streams:
+                    meta_key, log_key = self.keys.meta(stream), self.keys.log(stream)
+                    pipe.hgetall(meta_key)
+                    pipe.xlen(log_key)
+                    pipe.memory_usage(log_key)
+                    pipe.memory_usage(meta_key)
+                    pipe.ttl(meta_key)
+                replies = await pipe.execute(raise_on_error=False)
+        except redis.exceptions.RedisError as exc:
+            raise _translate(exc) from exc
+        out: list[StreamStats | None] = []
+        for i, stream in enumerate(streams):
+            raw, entries, log_mem, meta_mem, ttl = replies[5 * i : 5 * i + 5]
+            if isinstance(raw, Exception) or isinstance(entries, Exception) or isinstance(ttl, Exception):
+                raise StoreError(f"Redis error: {raw if isinstance(raw, Exception) else entries}")
+            if not raw:
+                out.append(None)
+                continue
+            memory = None
+            if not isinstance(log_mem, Exception) and not isinstance(meta_mem, Exception):
+                memory = int(log_mem or 0) + int(meta_mem or 0)
+            out.append(StreamStats(parse_meta(stream, raw), int(entries), memory, int(ttl)))
+        return out
+
+    async def log_edges(self, stream: str) -> tuple[int, int] | None:
+        """Offsets of the first and last entries still stored (the end counts), or None if empty."""
+        log_key = self.keys.log(stream)
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.xrange(log_key, count=1)
+                pipe.xrevrange(log_key, count=1)
+                first, last = await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise _translate(exc) from exc
+        if not first or not last:
+            return None
+        return int(first[0][0].partition(b"-")[2]), int(last[0][0].partition(b"-")[2])
+
+    async def delete_stream(self, stream: str) -> bool:
+        """Delete a stream's keys and its index entry; False if it did not exist."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.delete(self.keys.meta(stream), self.keys.log(stream))
+                pipe.zrem(self.keys.open_index, stream)
+                deleted, _ = await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise _translate(exc) from exc
+        return int(deleted) > 0
 
 
 def parse_meta(stream: str, raw: dict[bytes, bytes]) -> StreamMeta:

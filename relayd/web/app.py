@@ -7,7 +7,7 @@ import logging
 
 from aiohttp import web
 
-from relayd.web import ops
+from relayd.web import admin, ops
 from relayd.web.consume import consume_ws
 from relayd.web.cors import cors_middleware
 from relayd.web.ingest import ingest
@@ -29,6 +29,7 @@ def build_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/healthz", ops.healthz)
     app.router.add_get("/readyz", ops.readyz)
     app.router.add_get("/metrics", ops.metrics)
+    admin.setup(app)  # /v1/admin/...: relayd streams, relayd status (admin keys)
     app.on_shutdown.append(_drain_connections)
     return app
 

@@ -25,6 +25,7 @@ class Runtime:
     metrics: Metrics
     api_keys: ApiKeys
     tokens: TokenAuthority
+    admin_keys: ApiKeys = field(default_factory=ApiKeys)  # /v1/admin; empty: the admin API is off
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     # Open connections, as the coroutine that closes each for a drain (code 1012).
     producers: set[Closer] = field(default_factory=set)

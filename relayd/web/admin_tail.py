@@ -1,0 +1,81 @@
+"""``GET /v1/admin/streams/{stream}/tail``: follow a stream as NDJSON, for ``relayd streams tail``.
+
+A hub subscription exactly like a consumer's (the same :class:`~relayd.hub.Subscriber` and
+:class:`~relayd.outbox.Outbox`, so the history->live handoff, slow-reader catch-up and the end
+behave the same), framed as the consumer websocket's frames, one per line, on a streamed HTTP
+response. A blank line every ``consumer.sse_keepalive_s`` keeps proxies from closing an idle one
+and lets relayd notice a reader that went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import web
+
+from relayd.hub import Subscriber
+from relayd.outbox import Outbox, SlowConsumer
+from relayd.protocol import WS_CODEC
+from relayd.store.redis_streams import StreamMeta
+from relayd.web.keys import RUNTIME
+from relayd.web.transport import backlog_of
+
+NDJSON = "application/x-ndjson"
+
+
+class _Done:
+    """Owner of the tail's single subscription: wakes the handler when it ends."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def subscription_done(self, sub: Subscriber) -> None:
+        self.event.set()
+
+
+async def follow(request: web.Request, stream: str, meta: StreamMeta, *, from_start: bool) -> web.StreamResponse:
+    """Chunks from the start (``from_start``) or from now, then live, until the end."""
+    rt = request.app[RUNTIME]
+    cfg = rt.config
+    response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
+    await response.prepare(request)
+
+    async def send(batch: list[bytes]) -> None:
+        await response.write(b"\n".join(batch) + b"\n")
+
+    outbox = Outbox(send, cfg.consumer.max_queue_bytes, cfg.consumer.send_timeout_ms / 1000, backlog_of(request))
+    done = _Done()
+    cursor = None if from_start else (meta.gen, meta.n)  # "now": after the last entry stored
+    sub = Subscriber(rt.relay.hub, stream, outbox, WS_CODEC, cursor=cursor, wait_s=0, owner=done)
+    writer = asyncio.create_task(outbox.run(), name="relayd-admin-tail-writer")
+    keepalive = asyncio.create_task(_keepalive(outbox, cfg.consumer.sse_keepalive_s))
+
+    async def drain_close() -> None:
+        outbox.control(WS_CODEC.error(stream, "shutting_down", "relayd is restarting"))
+        done.event.set()
+
+    rt.consumers.add(drain_close)
+    sub.start()
+    try:
+        waiter = asyncio.create_task(done.event.wait())
+        await asyncio.wait([waiter, writer], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not writer.done():
+            await outbox.flush(1.0)
+    finally:
+        rt.consumers.discard(drain_close)
+        keepalive.cancel()
+        await sub.stop()
+        outbox.close()
+        writer.cancel()
+        for task in (writer, keepalive):
+            with contextlib.suppress(asyncio.CancelledError, SlowConsumer, ConnectionError, RuntimeError):
+                await task
+    return response
+
+
+async def _keepalive(outbox: Outbox, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)  # a periodic job, not a synchronisation
+        outbox.control(b"")

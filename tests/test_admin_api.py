@@ -1,0 +1,317 @@
+"""The admin API (``/v1/admin/...``) against a real relayd and Valkey, read with a real HTTP client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from relayd.auth import hash_api_key
+from relayd.config import Config
+from tests.helpers import Peer, Relayd, collect_chunks
+
+ADMIN_KEY = "rk_admin_test_key_0123456789abcdef"
+
+
+@pytest.fixture
+async def admin(config_factory: Callable[..., Config]) -> AsyncIterator[Relayd]:
+    """relayd with one admin key configured (as a hash, like auth.api_keys)."""
+    async with Relayd(config_factory(auth={"admin_keys": [hash_api_key(ADMIN_KEY)]})) as server:
+        yield server
+
+
+async def call(
+    relayd: Relayd, method: str, path: str, *, key: str | None = ADMIN_KEY, **kwargs: Any
+) -> tuple[int, Any]:
+    assert relayd.session is not None
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    async with relayd.session.request(method, f"{relayd.url}{path}", headers=headers, **kwargs) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def ndjson(relayd: Relayd, path: str, **params: str) -> list[dict[str, Any]]:
+    """Every object of a streamed NDJSON answer, read to its end."""
+    assert relayd.session is not None
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with relayd.session.get(f"{relayd.url}{path}", headers=headers, params=params) as resp:
+        assert resp.status == 200 and resp.content_type == "application/x-ndjson"
+        return [orjson.loads(line) async for line in resp.content if line.strip()]
+
+
+async def produce(producer: Peer, stream: str, chunks: list[Any], end: str | None = None, **open_fields: Any) -> None:
+    opened = await producer.open(stream, **open_fields)
+    assert opened["type"] == "opened", opened
+    for seq, chunk in enumerate(chunks, start=1):
+        assert (await producer.append(stream, seq, chunk))["type"] == "ack"
+    if end is not None:
+        assert (await producer.end(stream, end))["type"] == "ended"
+
+
+ROUTES = [
+    ("GET", "/v1/admin/status"),
+    ("GET", "/v1/admin/streams"),
+    ("GET", "/v1/admin/streams/s-1"),
+    ("GET", "/v1/admin/streams/s-1/tail"),
+    ("GET", "/v1/admin/streams/s-1/export"),
+    ("POST", "/v1/admin/streams/s-1/end"),
+    ("DELETE", "/v1/admin/streams/s-1"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+async def test_every_route_refuses_a_missing_or_wrong_admin_key(admin: Relayd, method: str, path: str) -> None:
+    """No key, a wrong key, or a producer API key: 401 with a JSON error, and nothing happens."""
+    from tests.helpers import API_KEY
+
+    for key, message in ((None, "missing admin key"), ("rk_wrong_key_0123456789abcdef", "invalid admin key")):
+        status, body = await call(admin, method, path, key=key)
+        assert (status, body) == (401, {"error": {"code": "unauthorized", "message": message}})
+    status, _ = await call(admin, method, path, key=API_KEY)
+    assert status == 401
+
+
+async def test_admin_api_is_off_without_admin_keys(relayd: Relayd) -> None:
+    """API keys configured but no admin key: every admin route says how to turn it on."""
+    status, body = await call(relayd, "GET", "/v1/admin/status")
+    assert status == 401 and "auth.admin_keys" in body["error"]["message"]
+
+
+async def test_admin_keys_from_the_environment(config_factory: Callable[..., Config], tmp_path: Path) -> None:
+    """RELAYD_ADMIN_KEYS holds plain keys, like RELAYD_API_KEYS."""
+    from relayd.config import build_config
+
+    base = config_factory()
+    config = build_config(
+        {
+            "redis": {"url": base.redis.url, "key_prefix": base.redis.key_prefix},
+            "server": {"port": 0},
+            "auth": {"api_keys": list(base.auth.api_keys), "jwt_secret": base.auth.jwt_secret},
+            "embedded": {"data_dir": str(tmp_path)},
+        },
+        env={"RELAYD_ADMIN_KEYS": f"{ADMIN_KEY}, rk_other_admin_key_0123456789"},
+    )
+    async with Relayd(config) as server:
+        assert (await call(server, "GET", "/v1/admin/status"))[0] == 200
+        assert (await call(server, "GET", "/v1/admin/status", key="rk_other_admin_key_0123456789"))[0] == 200
+
+
+async def test_dev_mode_writes_and_accepts_a_development_admin_key(
+    config_factory: Callable[..., Config], tmp_path: Path
+) -> None:
+    """No API key configured: the third line of dev-credentials is an admin key relayd accepts, kept across restarts."""
+    config = config_factory(auth={"api_keys": []})
+    async with Relayd(config) as server:
+        lines = (tmp_path / "dev-credentials").read_text().split()
+        assert len(lines) == 3 and lines[2] == server.server.dev_admin_key
+        assert (await call(server, "GET", "/v1/admin/status", key=lines[2]))[0] == 200
+        assert (await call(server, "GET", "/v1/admin/status", key=lines[0]))[0] == 401  # the dev API key is not one
+    async with Relayd(config) as server:
+        assert (tmp_path / "dev-credentials").read_text().split() == lines
+        assert (await call(server, "GET", "/v1/admin/status", key=lines[2]))[0] == 200
+
+
+async def test_unknown_and_invalid_streams(admin: Relayd) -> None:
+    """An unknown stream is 404 stream_not_found on every per-stream route; an invalid id is 400."""
+    for method, path in ROUTES[2:]:
+        body = {"json": {"reason": "completed"}} if method == "POST" else {}
+        status, answer = await call(admin, method, path.replace("s-1", "nope-1"), **body)
+        assert status == 404 and answer["error"]["code"] == "stream_not_found", (path, answer)
+    status, answer = await call(admin, "GET", "/v1/admin/streams/bad%20id")
+    assert status == 400 and answer["error"]["code"] == "invalid_stream_id"
+
+
+async def test_ls_filters_by_status_and_prefix_newest_first(admin: Relayd) -> None:
+    """ls lists every stream with its status, chunk count, size, age and local consumers."""
+    async with await admin.producer() as producer:
+        await produce(producer, "a-1", ["x", "y"], end="completed")
+        await produce(producer, "a-2", [{"n": 1}])
+        await produce(producer, "b-1", [])
+        consumer = await admin.consumer("a-2")
+        await consumer.expect("subscribed")
+        await consumer.expect("chunk")  # replayed: the subscription is registered with the hub
+
+        status, body = await call(admin, "GET", "/v1/admin/streams")
+        assert status == 200 and body["truncated"] is False
+        assert sorted(s["id"] for s in body["streams"]) == ["a-1", "a-2", "b-1"]
+        created = [s["created_ms"] for s in body["streams"]]
+        assert created == sorted(created, reverse=True)
+        by_id = {s["id"]: s for s in body["streams"]}
+        assert by_id["a-1"]["status"] == "completed" and by_id["a-1"]["chunks"] == 2
+        assert by_id["a-2"]["status"] == "open" and by_id["a-2"]["chunks"] == 1
+        assert by_id["a-2"]["consumers"] == 1 and by_id["a-1"]["consumers"] == 0
+        assert all(s["bytes"] > 0 and s["age_s"] >= 0 for s in body["streams"])
+
+        async def ids(**params: str) -> list[str]:
+            status, body = await call(admin, "GET", "/v1/admin/streams", params=params)
+            assert status == 200, body
+            return [s["id"] for s in body["streams"]]
+
+        assert sorted(await ids(status="open")) == ["a-2", "b-1"]
+        assert await ids(status="ended") == ["a-1"]
+        assert sorted(await ids(prefix="a-")) == ["a-1", "a-2"]
+        assert await ids(status="open", prefix="a-") == ["a-2"]
+        status, body = await call(admin, "GET", "/v1/admin/streams", params={"limit": "1"})
+        assert len(body["streams"]) == 1 and body["truncated"] is True
+        for bad in ({"status": "closed"}, {"limit": "0"}, {"prefix": "a b"}):
+            assert (await call(admin, "GET", "/v1/admin/streams", params=bad))[0] == 400
+        await consumer.ws.close()
+
+
+async def test_show_an_open_and_an_ended_stream(admin: Relayd) -> None:
+    """show: status, end reason and message, content type, epoch, times, first/last cursor, size, TTL."""
+    async with await admin.producer() as producer:
+        await produce(producer, "s-open", ["a", "b", "c"], content_type="text")
+        status, s = await call(admin, "GET", "/v1/admin/streams/s-open")
+        assert status == 200
+        assert s["status"] == "open" and s["reason"] is None and s["content_type"] == "text"
+        assert (s["epoch"], s["seq"], s["chunks"], s["entries"]) == (1, 3, 3, 3)
+        gen = s["first_cursor"].split("-")[0]
+        assert s["first_cursor"] == f"{gen}-0000000001" and s["last_cursor"] == f"{gen}-0000000003"
+        assert s["ended_ms"] is None and s["created_ms"] <= s["updated_ms"]
+        assert 0 < s["ttl_s"] <= 86_400 and s["bytes"] > 0 and s["consumers"] == 0
+
+        await produce(producer, "s-err", [1])
+        await producer.end("s-err", "error", message="model timed out")
+        status, s = await call(admin, "GET", "/v1/admin/streams/s-err")
+        assert s["status"] == "error" and s["reason"] == "error" and s["message"] == "model timed out"
+        assert s["chunks"] == 1 and s["entries"] == 2 and s["last_cursor"].endswith("-0000000002")
+        assert s["ended_ms"] >= s["created_ms"] and 0 < s["ttl_s"] <= 3600
+
+
+async def test_tail_follows_live_chunks_until_the_end(admin: Relayd) -> None:
+    """tail without from: only chunks stored after it started, live, then the end; the response closes."""
+    assert admin.session is not None
+    async with await admin.producer() as producer:
+        await produce(producer, "t-1", [{"old": 1}])
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with admin.session.get(f"{admin.url}/v1/admin/streams/t-1/tail", headers=headers) as resp:
+            assert resp.status == 200
+            await producer.append("t-1", 2, {"new": 2})
+            first = orjson.loads(await resp.content.readline())
+            assert first["type"] == "chunk" and first["data"] == {"new": 2} and first["cursor"].endswith("0002")
+            await producer.append("t-1", 3, {"new": 3})
+            await producer.end("t-1", "completed")
+            rest = [orjson.loads(line) async for line in resp.content if line.strip()]
+        assert [f["type"] for f in rest] == ["chunk", "end"] and rest[1]["reason"] == "completed"
+
+
+async def test_tail_from_start_replays_then_ends(admin: Relayd) -> None:
+    """tail from=start of an ended stream: every chunk, then the end; of an ended stream from now: just the end."""
+    async with await admin.producer() as producer:
+        await produce(producer, "t-2", ["a", "b"], end="cancelled", content_type="text")
+    frames = await ndjson(admin, "/v1/admin/streams/t-2/tail", **{"from": "start"})
+    assert [(f["type"], f.get("data") or f.get("reason")) for f in frames] == [
+        ("chunk", "a"),
+        ("chunk", "b"),
+        ("end", "cancelled"),
+    ]
+    frames = await ndjson(admin, "/v1/admin/streams/t-2/tail")
+    assert [f["type"] for f in frames] == ["end"]
+
+
+async def test_export_is_complete_and_in_order_across_pages(
+    config_factory: Callable[..., Config],
+) -> None:
+    """export reads the stream page by page: every chunk once, in order, the end, and a trailer with the count."""
+    config = config_factory(auth={"admin_keys": [hash_api_key(ADMIN_KEY)]}, consumer={"catchup_page": 7})
+    async with Relayd(config) as server, await server.producer() as producer:
+        await produce(producer, "e-1", [{"i": i} for i in range(50)], end="completed")
+        await produce(producer, "e-open", ["only"])
+        frames = await ndjson(server, "/v1/admin/streams/e-1/export")
+        assert [f["data"]["i"] for f in frames[:-2]] == list(range(50))
+        assert [f["cursor"] for f in frames[:-1]] == sorted(f["cursor"] for f in frames[:-1])
+        assert frames[-2]["type"] == "end" and frames[-2]["reason"] == "completed"
+        assert frames[-1] == {"type": "exported", "stream": "e-1", "chunks": 50, "cursor": frames[-2]["cursor"]}
+        frames = await ndjson(server, "/v1/admin/streams/e-open/export")  # an open stream: what is stored now
+        assert [f["type"] for f in frames] == ["chunk", "exported"] and frames[1]["chunks"] == 1
+
+
+async def test_end_reaches_live_consumers_and_tells_the_producer(admin: Relayd) -> None:
+    """end: a live consumer gets the end frame, the producer an ``ended`` frame and stream_ended afterwards."""
+    async with await admin.producer() as producer:
+        await produce(producer, "x-1", ["a"])
+        consumer = await admin.consumer("x-1")
+        await consumer.expect("subscribed")
+        await consumer.expect("chunk", data="a")
+        status, body = await call(
+            admin, "POST", "/v1/admin/streams/x-1/end", json={"reason": "error", "message": "stopped by ops"}
+        )
+        assert status == 200 and body["result"] == "ended" and body["reason"] == "error"
+        end = await consumer.expect("end", reason="error", message="stopped by ops")
+        assert end["cursor"] == body["cursor"]
+        told = await producer.next()
+        assert told == {
+            "type": "ended",
+            "stream": "x-1",
+            "reason": "error",
+            "cursor": body["cursor"],
+            "message": "stopped by ops",
+        }
+        await producer.send({"op": "append", "stream": "x-1", "seq": 2, "chunk": "late"})
+        assert (await producer.next())["code"] == "stream_ended"
+
+        status, body = await call(admin, "POST", "/v1/admin/streams/x-1/end", json={"reason": "error"})
+        assert status == 200 and body["result"] == "already_ended"
+        status, body = await call(admin, "POST", "/v1/admin/streams/x-1/end", json={"reason": "completed"})
+        assert status == 409 and body["error"]["code"] == "stream_ended"
+        status, body = await call(admin, "POST", "/v1/admin/streams/x-1/end", json={"reason": "producer_lost"})
+        assert status == 400
+        await consumer.ws.close()
+
+
+async def test_rm_deletes_an_ended_stream_and_an_open_one_only_with_force(admin: Relayd) -> None:
+    """rm of an ended stream deletes it; of an open one: 409, unless forced, which ends it (cancelled) first."""
+    async with await admin.producer() as producer:
+        await produce(producer, "r-ended", ["a"], end="completed")
+        status, body = await call(admin, "DELETE", "/v1/admin/streams/r-ended")
+        assert (status, body) == (200, {"stream": "r-ended", "deleted": True, "ended_first": False})
+        assert (await call(admin, "GET", "/v1/admin/streams/r-ended"))[0] == 404
+
+        await produce(producer, "r-open", ["a"])
+        consumer = await admin.consumer("r-open")
+        await consumer.expect("subscribed")
+        await consumer.expect("chunk")
+        status, body = await call(admin, "DELETE", "/v1/admin/streams/r-open")
+        assert status == 409 and body["error"]["code"] == "stream_open"
+        status, body = await call(admin, "DELETE", "/v1/admin/streams/r-open", params={"force": "1"})
+        assert (status, body) == (200, {"stream": "r-open", "deleted": True, "ended_first": True})
+        chunks, end = await collect_chunks(consumer, "r-open")
+        assert chunks == [] and end["reason"] == "cancelled"
+        assert (await call(admin, "GET", "/v1/admin/streams/r-open"))[0] == 404
+        await consumer.ws.close()
+
+
+async def test_status_summarises_the_running_relayd(admin: Relayd) -> None:
+    """status: version, uptime, connections by role, open streams, subscriptions, chunk totals, Redis health."""
+    from relayd import __version__
+
+    async with await admin.producer() as producer:
+        await produce(producer, "st-1", ["a", "b"])
+        consumer = await admin.consumer("st-1")
+        await consumer.expect("subscribed")
+        await consumer.expect("chunk")
+        await consumer.expect("chunk")
+        status, st = await call(admin, "GET", "/v1/admin/status")
+        assert status == 200
+        assert st["version"] == __version__ and st["uptime_s"] >= 0 and st["draining"] is False
+        assert st["connections"] == {"producer": 1, "consumer_ws": 1, "consumer_sse": 0}
+        assert st["streams"] == {"open": 1, "held_here": 1} and st["subscriptions"] == 1
+        assert st["chunks"]["stored"] == 2 and st["chunks"]["delivered"] == 2
+        assert st["chunks"]["stored_per_s"] > 0 and st["chunks"]["window_s"] > 0
+        assert st["redis"]["mode"] == "external" and st["redis"]["ok"] is True and st["redis"]["latency_ms"] >= 0
+        await consumer.ws.close()
+
+
+async def test_percent_encoded_ids_with_slashes(admin: Relayd) -> None:
+    """Stream ids may hold '/': the API takes them percent-encoded in the path."""
+    assert admin.session is not None
+    async with await admin.producer() as producer:
+        await produce(producer, "user-7/chat:1", ["a"])
+    url = f"{admin.url}/v1/admin/streams/user-7%2Fchat%3A1"
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with admin.session.get(aiohttp.client.URL(url, encoded=True), headers=headers) as resp:
+        assert resp.status == 200 and (await resp.json())["id"] == "user-7/chat:1"
