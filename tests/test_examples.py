@@ -7,19 +7,29 @@ The examples import each other the way they run (``python examples/chat_app.py``
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from tests.helpers import API_KEY, JWT_SECRET, Relayd, collect_chunks
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
+import chat_app  # noqa: E402
 from fake_openai import FakeOpenAI, answer_text, start_fake_openai  # noqa: E402
 
 PROMPT = "Why does a relay need a cursor?"
@@ -138,3 +148,156 @@ async def test_fake_model_lists_its_model(client: openai.AsyncOpenAI) -> None:
     """GET /v1/models answers a model list."""
     models = [model.id async for model in client.models.list()]
     assert models == ["fake-gpt"]
+
+
+# chat_app ------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def chat_app_for(relayd: Relayd, fake: FakeOpenAI) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    """examples/chat_app.py on a free port, producing into the test relayd from ``fake``."""
+    settings = chat_app.ChatSettings(
+        relayd_url=relayd.url, api_key=API_KEY, jwt_secret=JWT_SECRET, openai_base_url=fake.base_url
+    )
+    async with TestClient(TestServer(chat_app.build_app(settings), host="127.0.0.1", port=0)) as client:
+        yield client
+
+
+def delta_text(chunks: list[dict[str, Any]]) -> str:
+    """The text of relayd chunk frames holding OpenAI chunk dicts."""
+    return "".join(c["data"]["choices"][0]["delta"].get("content", "") for c in chunks if c["data"]["choices"])
+
+
+async def test_chat_app_streams_the_answer_through_relayd(relayd: Relayd) -> None:
+    """POST /chat returns at once; a consumer gets the model's chunks as OpenAI dicts, then completed."""
+    async with FakeOpenAI(tokens=30, tokens_per_s=100) as fake, chat_app_for(relayd, fake) as app:
+        response = await app.post("/chat", json={"prompt": PROMPT})
+        assert response.status == 200
+        body = await response.json()
+        assert fake.stats.streams_completed == 0  # answered before the model did
+        assert body["stream_id"].startswith("chat-") and body["relayd_url"] == relayd.url
+
+        async with await relayd.consumer(body["stream_id"], token=body["token"]) as peer:
+            chunks, end = await collect_chunks(peer)
+
+    assert end["reason"] == "completed"
+    assert delta_text(chunks) == answer_text(PROMPT, 30)
+    first = chunks[0]["data"]
+    assert first["object"] == "chat.completion.chunk"
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["data"]["usage"]["completion_tokens"] == 30  # stream_options.include_usage
+
+
+async def test_chat_app_stop_aborts_the_model_call(relayd: Relayd) -> None:
+    """A consumer's cancel reaches the producer SDK, which closes the OpenAI stream: the model sees the abort."""
+    async with FakeOpenAI(tokens=2000, tokens_per_s=50) as fake, chat_app_for(relayd, fake) as app:
+        body = await (await app.post("/chat", json={"prompt": PROMPT})).json()
+        stream = body["stream_id"]
+        async with await relayd.consumer(stream, token=body["token"]) as peer:
+            while True:  # until the answer has started
+                frame = await peer.next()
+                if frame["type"] == "chunk" and delta_text([frame]):
+                    break
+            await peer.send({"op": "cancel", "stream": stream})
+            rest, end = await collect_chunks(peer, stream)
+            await fake.wait_for(lambda stats: stats.streams_aborted == 1)
+
+    assert end["reason"] == "cancelled"
+    assert fake.stats.streams_completed == 0
+    assert len(rest) < 100  # stopped long before the 2000 tokens
+
+
+async def test_chat_app_ends_the_stream_error_when_the_model_fails(relayd: Relayd) -> None:
+    """A model stream failing midway ends the relayd stream `error`, after the text received before it."""
+    async with FakeOpenAI(tokens=30, fail_after=5) as fake, chat_app_for(relayd, fake) as app:
+        body = await (await app.post("/chat", json={"prompt": PROMPT})).json()
+        async with await relayd.consumer(body["stream_id"], token=body["token"]) as peer:
+            chunks, end = await collect_chunks(peer)
+
+    assert end["reason"] == "error"
+    assert end.get("message")
+    assert delta_text(chunks) == answer_text(PROMPT, 30, max_tokens=5)
+
+
+async def test_chat_app_token_is_for_that_stream_only(relayd: Relayd) -> None:
+    """The page's token reads its own stream, not another one; a fresh one comes from /chat/{id}/token."""
+    async with FakeOpenAI(tokens=3) as fake, chat_app_for(relayd, fake) as app:
+        first = await (await app.post("/chat", json={"prompt": "one"})).json()
+        second = await (await app.post("/chat", json={"prompt": "two"})).json()
+        fresh = await (await app.post(f"/chat/{first['stream_id']}/token")).json()
+        async with await relayd.consumer(second["stream_id"], token=first["token"]) as peer:
+            assert await peer.closed() == 4003
+        async with await relayd.consumer(first["stream_id"], token=fresh["token"]) as peer:
+            _, end = await collect_chunks(peer)
+        assert end["reason"] == "completed"
+        assert (await app.post("/chat", json={"prompt": " "})).status == 400
+        assert (await app.post("/chat/not-a-chat/token")).status == 404
+        page = await (await app.get("/")).text()
+        assert f'"relaydUrl": "{relayd.url}"' in page
+
+
+# worker and celery_task: their one command, as a subprocess ------------------------------------
+
+
+async def run_example(script: str, *args: str, cwd: Path, env: dict[str, str]) -> str:
+    """Run ``python examples/<script> args`` to its end; returns its stdout (fails on a non-zero exit)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLES / script),
+        *args,
+        cwd=cwd,  # no relayd-data/ here: the credentials come from the environment
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+def credentials_env(relayd: Relayd) -> dict[str, str]:
+    return {"RELAYD_URL": relayd.url, "RELAYD_API_KEY": API_KEY, "RELAYD_JWT_SECRET": JWT_SECRET}
+
+
+async def test_worker_answers_every_job_on_one_connection(relayd: Relayd, fake: FakeOpenAI, tmp_path: Path) -> None:
+    """worker.py answers each prompt into its own text stream, all completed with the model's text."""
+    prompts = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    out = await run_example(
+        "worker.py",
+        *prompts,
+        "--relayd-url",
+        relayd.url,
+        "--openai-base-url",
+        fake.base_url,
+        "--concurrency",
+        "3",
+        cwd=tmp_path,
+        env=credentials_env(relayd),
+    )
+
+    jobs = dict(re.findall(r"^(job-[0-9a-f]+): (\w+)$", out, re.MULTILINE))
+    assert sorted(jobs.values()) == sorted(prompts)
+    assert len(re.findall(r"^(job-[0-9a-f]+): completed \(\d+ chunks\)$", out, re.MULTILINE)) == len(prompts)
+    for stream, prompt in jobs.items():
+        async with await relayd.consumer(stream) as peer:
+            chunks, end = await collect_chunks(peer)
+        assert end["reason"] == "completed"
+        assert "".join(chunk["data"] for chunk in chunks) == answer_text(prompt, 30)
+
+
+async def test_celery_task_streams_into_relayd(relayd: Relayd, fake: FakeOpenAI, tmp_path: Path) -> None:
+    """celery_task.py runs the task once; the curl command it prints replays the whole answer."""
+    env = {**credentials_env(relayd), "OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "x"}
+    out = await run_example("celery_task.py", PROMPT, cwd=tmp_path, env=env)
+
+    url = re.search(r'curl -N "(\S+)"', out)
+    assert url is not None, out
+    assert "'reason': 'completed'" in out
+    async with aiohttp.ClientSession() as http, http.get(url.group(1)) as response:
+        assert response.status == 200
+        events = (await response.text()).split("\n\n")
+    chunks = [e for e in events if "event: chunk" in e]
+    text = "".join("\n".join(line[6:] for line in e.split("\n") if line.startswith("data: ")) for e in chunks)
+    assert text == answer_text(PROMPT, 30)
+    assert "event: end" in events[-2] and '"reason":"completed"' in events[-2]
