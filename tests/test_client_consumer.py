@@ -242,28 +242,45 @@ async def test_token_is_refreshed_on_the_open_connection_before_it_expires(relay
     assert await metric(relayd, "relayd_connections_opened_total", role="consumer_ws") == 1
 
 
-async def test_expired_token_is_replaced_through_fetch_token_after_4002(relayd: Relayd) -> None:
-    """A token refused at connect (4002) is replaced by an async fetch_token and the stream is read."""
+async def test_token_refused_with_4002_is_replaced_through_fetch_token(relayd: Relayd) -> None:
+    """relayd closes 4002 on an expired token: an async fetch_token is asked again and the stream read."""
     stream = "refresh-2"
     expired, _ = relayd.tokens.mint([stream], ["read"], ttl_s=5, now=time.time() - 60)
-    calls = 0
+    handed: list[str] = []
 
     async def fetch_token() -> str:
-        nonlocal calls
-        calls += 1
-        return relayd.token([stream])
+        handed.append(expired if not handed else relayd.token([stream]))
+        return handed[-1]
 
     async with await relayd.producer() as producer:
         await producer.open(stream)
         await append(producer, stream, 1, 4)
         await producer.end(stream)
-    got = await rest(consume(relayd.url, stream, token=expired, fetch_token=fetch_token, **FAST))
+    got = await rest(consume(relayd.url, stream, fetch_token=fetch_token, **FAST))
     assert ids(got) == [1, 2, 3, 4]
-    assert calls == 1
+    assert len(handed) == 2
+    assert await metric(relayd, "relayd_auth_failures_total", reason="token_expired") == 1
+
+
+async def test_refused_tokens_raise_unauthorized(relayd: Relayd) -> None:
+    """Without fetch_token a refused token raises at once; a fetch_token whose tokens are refused too raises."""
+    stream = "refresh-3"
+    expired, _ = relayd.tokens.mint([stream], ["read"], ttl_s=5, now=time.time() - 60)
+    with pytest.raises(Unauthorized) as caught:
+        await anext(consume(relayd.url, stream, token=expired))
+    assert caught.value.code == "token_expired"
+
+    calls = 0
+
+    def bad_tokens() -> str:
+        nonlocal calls
+        calls += 1
+        return "not.a.jwt"
 
     with pytest.raises(Unauthorized) as caught:
-        await rest(consume(relayd.url, stream, token=expired))
-    assert caught.value.code == "token_expired"
+        await anext(consume(relayd.url, stream, token=expired, fetch_token=bad_tokens, **FAST))
+    assert caught.value.code == "unauthorized"
+    assert calls == 1
 
 
 # --- ends ---------------------------------------------------------------------------------------

@@ -20,12 +20,10 @@ here. Everything else hangs off that loop:
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import random
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -35,7 +33,6 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from relayd.client.claims import token_allows, token_expiry
 from relayd.client.errors import (
     ConnectionFailed,
     Forbidden,
@@ -45,24 +42,20 @@ from relayd.client.errors import (
     refused_from_frame,
     stream_failed,
 )
+from relayd.client.token_keeper import AuthSender, TokenKeeper, TokenSource, token_allows
 from relayd.errors import CloseCode, ProtocolError
-from relayd.protocol import is_valid_stream_id, parse_optional_cursor
+from relayd.protocol import is_valid_stream_id, parse_optional_cursor, split_message
 
 __all__ = ["Consumer", "Decoder", "End", "TokenSource", "consume"]
 
 log = logging.getLogger("relayd.client.consumer")
 
-TokenSource = Callable[[], str | Awaitable[str]]
 Decoder = Callable[[Any], Any]
 
 SUBPROTOCOL = "relayd.v1"
 # relayd pings every server.heartbeat_s (20 s); any data resets this timer, so it only fires on a
 # connection that went silent (a vanished host), which a plain read would wait on forever.
 _HEARTBEAT_S = 30.0
-# Refresh this share of a token's remaining lifetime before its exp, capped: early enough that
-# the auth op arrives before relayd closes with 4002, late enough not to fetch in a loop.
-_REFRESH_SHARE = 1 / 3
-_REFRESH_LEAD_MAX_S = 60.0
 # Subscription errors after which subscribing again may succeed: reconnect with backoff.
 _TRANSIENT_ERRORS = frozenset({"store_unavailable", "internal", "shutting_down"})
 _AUTH_CLOSES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.TOKEN_EXPIRED})
@@ -152,8 +145,7 @@ class Consumer:
             raise ValueError("backoff: need 0 < backoff_initial_s <= backoff_max_s")
         self.stream = stream
         self._base = _ws_base(url)
-        self._token = token or None
-        self._fetch_token = fetch_token
+        self._tokens = TokenKeeper(token, fetch_token, f"stream {stream}")
         self._cursor = cursor or None
         self._decoder = decoder
         self._wait_ms = wait_ms
@@ -171,10 +163,10 @@ class Consumer:
         self._failures = 0  # connection attempts failed in a row; reset by "subscribed"
         self._last_error: BaseException | None = None
         self._gap_seen: tuple[Any, Any] | None = None
-        self._cancel_pending = False  # cancel sent (or to send) and not yet answered
+        self._auth_refusals = 0  # tokens refused in a row (4001/4002); reset by "subscribed"
+        self._cancel_wanted = False  # cancel() called, relayd has not confirmed it yet
+        self._cancels_unanswered = 0  # cancel ops sent on this connection, not answered yet
         self._send_lock = asyncio.Lock()
-        self._refresh_timer: asyncio.TimerHandle | None = None
-        self._refresh_task: asyncio.Task[None] | None = None
 
     # -- public ------------------------------------------------------------------------------
 
@@ -244,16 +236,17 @@ class Consumer:
         """
         if self._end is not None or self._closed:
             return
-        if self._token is not None and token_allows(self._token, self.stream, "cancel") is False:
+        token = self._tokens.token
+        if token is not None and token_allows(token, self.stream, "cancel") is False:
             raise Forbidden("the token lacks the cancel right on this stream", stream=self.stream)
-        self._cancel_pending = True
+        self._cancel_wanted = True
         if self._ws is not None:
-            await self._send(self._ws, {"op": "cancel", "stream": self.stream})
+            await self._send_cancel(self._ws)
 
     async def aclose(self) -> None:
         """Close the connection (idempotent); the iteration then stops."""
         self._closed = True
-        self._stop_refresh()
+        self._tokens.stop()
         ws, self._ws = self._ws, None
         if ws is not None:
             await ws.close()
@@ -271,8 +264,7 @@ class Consumer:
             ws = self._ws if self._ws is not None else await self._connect()
             msg = await ws.receive()
             if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
-                text = msg.data if isinstance(msg.data, str) else msg.data.decode()
-                self._frames.extend(orjson.loads(line) for line in text.split("\n") if line.strip())
+                self._frames.extend(orjson.loads(line) for line in split_message(msg.data))
             elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
                 await self._dropped(ws, ws.close_code, str(msg.extra or ""))
             elif msg.type is aiohttp.WSMsgType.ERROR:
@@ -294,7 +286,7 @@ class Consumer:
     async def _control(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         if kind == "subscribed":
-            self._failures = 0
+            self._failures = self._auth_refusals = 0
             self._last_error = None
         elif kind == "gap":
             seen = (frame.get("cursor"), frame.get("next"))
@@ -307,11 +299,7 @@ class Consumer:
             self._gap_seen = None
             raise StreamReset(str(frame.get("reason") or "stream_replaced"), self.stream)
         elif kind == "cancel_requested":
-            self._cancel_pending = False
-        elif kind == "authed":
-            expires_at = frame.get("expires_at")
-            if isinstance(expires_at, int | float):
-                self._schedule_refresh(float(expires_at))
+            self._cancel_answered()
         elif kind == "error":
             await self._error(frame)
 
@@ -321,13 +309,15 @@ class Consumer:
             # The answer to a refreshed token's ``auth``: the old token stays in force until it
             # expires (4002); the reconnect then fetches another one.
             log.warning("relayd refused the refreshed token (%s): %s", code, frame.get("message"))
-            self._token = None
+            self._tokens.forget()
             return
-        if self._cancel_pending and code in ("forbidden", "stream_ended"):
-            self._cancel_pending = False  # the answer to our cancel; the subscription goes on
-            if code == "forbidden":
-                raise refused_from_frame(frame)
+        if code == "stream_ended":
+            # Only a cancel is answered so: the stream ended first, and its end frame says how.
+            self._cancel_answered()
             return
+        if code == "forbidden" and self._cancels_unanswered:
+            self._cancel_answered()  # a refused cancel (the token lacks the right)
+            raise refused_from_frame(frame)
         if code in _TRANSIENT_ERRORS and self._reconnect:
             log.info("stream %s: %s; subscribing again", self.stream, code)
             self._last_error = refused_from_frame(frame)
@@ -350,7 +340,9 @@ class Consumer:
                         attempts=self._failures,
                     ) from self._last_error
                 await asyncio.sleep(self._delay(self._failures))
-            token = await self._current_token()
+            token = await self._tokens.get()
+            if self._closed:  # aclose() from another task while this one waited
+                raise StopAsyncIteration
             if self._session is None:
                 self._session = aiohttp.ClientSession()
             try:
@@ -368,11 +360,15 @@ class Consumer:
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 self._failed(exc)
                 continue
+            if self._closed:
+                await ws.close()
+                raise StopAsyncIteration
             self._ws = ws
             self._frames.clear()
-            if self._cancel_pending:
-                await self._send(ws, {"op": "cancel", "stream": self.stream})
-            self._schedule_refresh(token_expiry(token))
+            self._cancels_unanswered = 0
+            if self._cancel_wanted:  # not confirmed on the last connection: ask again
+                await self._send_cancel(ws)
+            self._tokens.watch(self._auth_sender(ws))
             return ws
 
     def _failed(self, exc: BaseException) -> None:
@@ -391,10 +387,14 @@ class Consumer:
             raise StopAsyncIteration
         if code in _AUTH_CLOSES:
             wire = reason or ("token_expired" if code == CloseCode.TOKEN_EXPIRED else "unauthorized")
-            if self._fetch_token is None:
-                raise Unauthorized("relayd closed the connection", code=wire, stream=self.stream)
-            self._token = None  # fetch a fresh one for the reconnect
-            self._last_error = Unauthorized("token refused", code=wire, stream=self.stream)
+            refused = Unauthorized("relayd refused the token", code=wire, stream=self.stream)
+            self._auth_refusals += 1
+            # Without fetch_token nothing changes on a retry; with it, a freshly fetched token
+            # refused again means fetch_token hands out tokens relayd does not accept.
+            if not self._tokens.can_fetch or self._auth_refusals > 1:
+                raise refused
+            self._tokens.forget()  # fetch a fresh one for the reconnect
+            self._last_error = refused
             self._failures += 1
             log.info("stream %s: token refused (%s); fetching a new one", self.stream, wire)
             return
@@ -414,7 +414,7 @@ class Consumer:
         )
 
     async def _discard(self) -> None:
-        self._stop_refresh()
+        self._tokens.stop()
         ws, self._ws = self._ws, None
         if ws is not None and not ws.closed:
             await ws.close()
@@ -435,63 +435,31 @@ class Consumer:
         delay = min(cap, initial * 2.0 ** min(failures - 1, 30))
         return delay / 2 + random.random() * delay / 2
 
-    async def _send(self, ws: aiohttp.ClientWebSocketResponse, op: dict[str, Any]) -> None:
+    async def _send(self, ws: aiohttp.ClientWebSocketResponse, op: dict[str, Any]) -> bool:
+        """Write one op on ``ws`` if it is still the open connection; whether it was written."""
         async with self._send_lock:
-            if ws.closed:
-                return  # the reader sees the close and reconnects; pending ops are sent again
+            if ws is not self._ws or ws.closed:
+                return False  # the reader sees the close and reconnects; what is pending is sent again
             try:
                 await ws.send_str(orjson.dumps(op).decode())
             except (aiohttp.ClientError, ConnectionError) as exc:
                 log.info("stream %s: could not send %s: %s", self.stream, op.get("op"), exc)
+                return False
+            return True
 
-    # -- tokens ------------------------------------------------------------------------------
+    async def _send_cancel(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        if await self._send(ws, {"op": "cancel", "stream": self.stream}):
+            self._cancels_unanswered += 1
 
-    async def _current_token(self) -> str:
-        if self._token is None:
-            self._token = await self._call_fetch_token()
-        return self._token
+    def _cancel_answered(self) -> None:
+        self._cancel_wanted = False
+        self._cancels_unanswered = max(0, self._cancels_unanswered - 1)
 
-    async def _call_fetch_token(self) -> str:
-        assert self._fetch_token is not None  # a consumer without a token has fetch_token
-        result = self._fetch_token()
-        token = await result if inspect.isawaitable(result) else result
-        if not isinstance(token, str) or not token:
-            raise TypeError(f"fetch_token must return a JWT string, got {type(token).__name__}")
-        return token
+    def _auth_sender(self, ws: aiohttp.ClientWebSocketResponse) -> AuthSender:
+        async def send_auth(token: str) -> bool:
+            return await self._send(ws, {"op": "auth", "token": token})
 
-    def _schedule_refresh(self, expires_at: float | None) -> None:
-        self._stop_refresh()
-        if self._fetch_token is None or expires_at is None or self._ws is None:
-            return
-        remaining = expires_at - time.time()
-        delay = max(0.0, remaining - min(_REFRESH_LEAD_MAX_S, remaining * _REFRESH_SHARE))
-        self._refresh_timer = asyncio.get_running_loop().call_later(delay, self._refresh_due)
-
-    def _refresh_due(self) -> None:
-        self._refresh_timer = None
-        self._refresh_task = asyncio.create_task(self._refresh(), name="relayd-consumer-token-refresh")
-
-    async def _refresh(self) -> None:
-        ws = self._ws
-        try:
-            token = await self._call_fetch_token()
-        except Exception:
-            # Not fatal yet: the old token holds until its exp, and the reconnect after the 4002
-            # calls fetch_token again, raising to the caller if it still fails.
-            log.warning("stream %s: fetch_token failed; relayd will close at expiry", self.stream, exc_info=True)
-            return
-        self._token = token
-        if ws is not None and ws is self._ws:
-            await self._send(ws, {"op": "auth", "token": token})
-            self._schedule_refresh(token_expiry(token))
-
-    def _stop_refresh(self) -> None:
-        if self._refresh_timer is not None:
-            self._refresh_timer.cancel()
-            self._refresh_timer = None
-        task, self._refresh_task = self._refresh_task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        return send_auth
 
 
 def _ws_base(url: str) -> str:
