@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from relayd import __version__
+from relayd.cli_admin import status, streams
 from relayd.config import Config, load_config
 from relayd.errors import RelaydError
 
@@ -34,6 +35,10 @@ def _load(config_path: Path | None) -> Config:
 @click.version_option(__version__, prog_name="relayd")
 def main() -> None:
     """relayd: durable, resumable streaming of LLM output over websockets and SSE."""
+
+
+main.add_command(streams)
+main.add_command(status)
 
 
 @main.command()
@@ -145,3 +150,7 @@ def _redact(url: str) -> str:
         scheme, _, rest = url.partition("://")
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+if __name__ == "__main__":  # python -m relayd.cli, same as the relayd entry point
+    main()

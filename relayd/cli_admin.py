@@ -1,0 +1,408 @@
+"""``relayd streams …`` and ``relayd status``: operate a running relayd through its admin API.
+
+Each command parses its options, finds relayd (``--url``/``RELAYD_URL``, else the config's
+``server.host``/``server.port``) and the admin key (``--admin-key``/``RELAYD_ADMIN_KEY``, else
+the development key in ``<embedded.data_dir>/dev-credentials``), makes one call through
+:class:`~relayd.admin_client.AdminClient`, and prints a human summary, or the API's JSON with
+``--json``. A failure is one line on stderr and the exit code of its kind (admin_client.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+import click
+import orjson
+
+from relayd.admin_client import EXIT_ERROR, AdminClient, AdminError, Unauthorized, stream_path
+from relayd.config import Config, load_config
+from relayd.errors import RelaydError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def admin_options(command: F) -> F:
+    """The options every admin command takes: where relayd is, the admin key, the output form."""
+    options = [
+        click.option(
+            "--url", envvar="RELAYD_URL", help="relayd's base URL [env RELAYD_URL; default: from the config]."
+        ),
+        click.option(
+            "--admin-key",
+            envvar="RELAYD_ADMIN_KEY",
+            help="An admin key [env RELAYD_ADMIN_KEY; default: the development key in dev-credentials].",
+        ),
+        click.option(
+            "--config",
+            "-c",
+            "config_path",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="RELAYD_CONFIG",
+            help="relayd's config file: where it listens, where its dev-credentials are.",
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer instead."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def connect(url: str | None, admin_key: str | None, config_path: Path | None) -> AdminClient:
+    """An admin client for the relayd these options name (see the module docstring)."""
+    if url is None or admin_key is None:
+        config = _load(config_path)
+        if url is None:
+            url = _listen_url(config)
+        if admin_key is None:
+            admin_key = _dev_admin_key(config)
+    if not admin_key:
+        raise Unauthorized(
+            "no admin key: pass --admin-key or set RELAYD_ADMIN_KEY "
+            "(relayd serve in development mode writes one to <data_dir>/dev-credentials)"
+        )
+    return AdminClient(url, admin_key)
+
+
+def _load(config_path: Path | None) -> Config:
+    try:
+        return load_config(config_path)
+    except RelaydError as exc:
+        raise AdminError(f"bad config: {exc}") from None
+
+
+def _listen_url(config: Config) -> str:
+    host = config.server.host
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.server.port}"
+
+
+def _dev_admin_key(config: Config) -> str | None:
+    path = Path(config.embedded.data_dir) / "dev-credentials"
+    try:
+        lines = path.read_text().split()
+    except OSError:
+        return None
+    return lines[2] if len(lines) >= 3 else None
+
+
+def reports_errors(command: F) -> F:
+    """Turn an :class:`AdminError` into one line on stderr and its exit code."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except AdminError as exc:
+            click.echo(f"relayd: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return run  # type: ignore[return-value]
+
+
+def _print_json(value: Any) -> None:
+    click.echo(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+
+
+# -- formatting -----------------------------------------------------------------------------------
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) + f".{ms % 1000:03d}"
+
+
+def _table(rows: list[list[str]], out: TextIO | None = None) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        click.echo("  ".join(cells).rstrip(), file=out)
+
+
+# -- relayd status --------------------------------------------------------------------------------
+
+
+@click.command()
+@admin_options
+@reports_errors
+def status(url: str | None, admin_key: str | None, config_path: Path | None, as_json: bool) -> None:
+    """A one-screen summary of a running relayd."""
+    client = connect(url, admin_key, config_path)
+    st = client.get("/v1/admin/status")
+    if as_json:
+        _print_json(st)
+        return
+    conns, chunks, redis, streams = st["connections"], st["chunks"], st["redis"], st["streams"]
+    state = "DRAINING" if st["draining"] else "serving"
+    click.echo(f"relayd {st['version']} at {client.url}: {state}, up {human_duration(st['uptime_s'])}")
+    click.echo("connections  " + ", ".join(f"{role} {n}" for role, n in conns.items()))
+    opened = "?" if streams["open"] is None else streams["open"]
+    click.echo(f"streams      {opened} open ({streams['held_here']} held here), {st['subscriptions']} subscriptions")
+    click.echo(
+        f"chunks       {chunks['stored']} stored ({chunks['stored_per_s']}/s), "
+        f"{chunks['delivered']} delivered ({chunks['delivered_per_s']}/s), rates over {chunks['window_s']:.0f}s"
+    )
+    health = f"ok, PING {redis['latency_ms']} ms" if redis.get("ok") else f"DOWN: {redis.get('error')}"
+    click.echo(f"redis        {redis['mode']}, {health}")
+
+
+# -- relayd streams -------------------------------------------------------------------------------
+
+
+@click.group()
+def streams() -> None:
+    """Inspect and operate streams on a running relayd (admin API)."""
+
+
+@streams.command("ls")
+@click.option("--status", "which", type=click.Choice(["open", "ended", "all"]), default="all", show_default=True)
+@click.option("--prefix", default="", help="Only streams whose id starts with this.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@admin_options
+@reports_errors
+def ls(
+    which: str, prefix: str, limit: int, url: str | None, admin_key: str | None, config_path: Path | None, as_json: bool
+) -> None:
+    """List streams, newest first: id, status, chunks, bytes, age, consumers (here)."""
+    client = connect(url, admin_key, config_path)
+    query = {"status": which, "limit": str(limit)}
+    if prefix:
+        query["prefix"] = prefix
+    answer = client.get("/v1/admin/streams", **query)
+    if as_json:
+        _print_json(answer)
+        return
+    rows = [["ID", "STATUS", "CHUNKS", "BYTES", "AGE", "CONSUMERS"]]
+    rows += [
+        [
+            s["id"],
+            s["status"],
+            str(s["chunks"]),
+            human_bytes(s["bytes"]),
+            human_duration(s["age_s"]),
+            str(s["consumers"]),
+        ]
+        for s in answer["streams"]
+    ]
+    if len(rows) == 1:
+        click.echo("no streams", err=True)
+    else:
+        _table(rows)
+    if answer["truncated"]:
+        click.echo("(more streams not shown: raise --limit or narrow --prefix)", err=True)
+
+
+@streams.command()
+@click.argument("stream")
+@admin_options
+@reports_errors
+def show(stream: str, url: str | None, admin_key: str | None, config_path: Path | None, as_json: bool) -> None:
+    """One stream's metadata, cursors, size, TTL and consumers."""
+    s = connect(url, admin_key, config_path).get(stream_path(stream))
+    if as_json:
+        _print_json(s)
+        return
+    status_line = s["status"] if s["reason"] is None else f"ended: {s['reason']}"
+    if s["message"]:
+        status_line += f" ({s['message']})"
+    ttl = "none" if s["ttl_s"] < 0 else human_duration(s["ttl_s"])
+    fields = [
+        ("stream", s["id"]),
+        ("status", status_line),
+        ("content type", s["content_type"]),
+        ("epoch", f"{s['epoch']} (producer seq {s['seq']})"),
+        ("created", f"{_when(s['created_ms'])} ({human_duration(s['age_s'])} ago)"),
+        ("updated", _when(s["updated_ms"])),
+        ("ended", _when(s["ended_ms"])),
+        ("first cursor", s["first_cursor"] or "-"),
+        ("last cursor", s["last_cursor"] or "-"),
+        ("size", f"{s['chunks']} chunks, {human_bytes(s['bytes'])} in Redis"),
+        ("expires in", ttl),
+        ("consumers", f"{s['consumers']} on this relayd"),
+    ]
+    for name, value in fields:
+        click.echo(f"{name + ':':<14}{value}")
+
+
+def _write_chunk(data: Any, out: TextIO) -> None:
+    """Text: strings as they are (a text stream reads as its text), anything else one JSON per line."""
+    if isinstance(data, str):
+        out.write(data)
+    else:
+        out.write(orjson.dumps(data).decode() + "\n")
+
+
+@streams.command()
+@click.argument("stream")
+@click.option("--from-start", is_flag=True, help="Replay the stream from its first chunk, then follow it.")
+@admin_options
+@reports_errors
+def tail(
+    stream: str, from_start: bool, url: str | None, admin_key: str | None, config_path: Path | None, as_json: bool
+) -> None:
+    """Print a stream's chunks as they come, until it ends.
+
+    Strings are printed as they are, other chunks one JSON per line; gaps and the end go to
+    stderr. With --json, every frame (chunk, gap, reset, end) is one JSON line on stdout.
+    """
+    client = connect(url, admin_key, config_path)
+    frames = client.lines(stream_path(stream, "tail"), timeout_s=None, **({"from": "start"} if from_start else {}))
+    out = click.get_text_stream("stdout")
+    for f in frames:
+        kind = f.get("type")
+        if as_json and kind != "error":
+            out.write(orjson.dumps(f).decode() + "\n")
+            out.flush()
+        if kind == "chunk":
+            if not as_json:
+                _write_chunk(f["data"], out)
+                out.flush()
+        elif kind == "end":
+            if not as_json:
+                message = f" ({f['message']})" if f.get("message") else ""
+                click.echo(f"\n-- end: {f['reason']}{message} at {f['cursor']}", err=True)
+            return
+        elif kind == "error":
+            raise AdminError(f"{f.get('code')}: {f.get('message')}", str(f.get("code")))
+        elif not as_json:
+            click.echo(f"\n-- {kind}: {orjson.dumps(f).decode()}", err=True)
+    raise AdminError("relayd closed the tail before the stream ended")
+
+
+@streams.command()
+@click.argument("stream")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "text"]), default="jsonl", show_default=True)
+@click.option("--url", envvar="RELAYD_URL", help="relayd's base URL [env RELAYD_URL; default: from the config].")
+@click.option("--admin-key", envvar="RELAYD_ADMIN_KEY", help="An admin key [env RELAYD_ADMIN_KEY].")
+@click.option(
+    "--config",
+    "-c",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="RELAYD_CONFIG",
+    help="relayd's config file: where it listens, where its dev-credentials are.",
+)
+@reports_errors
+def export(stream: str, fmt: str, url: str | None, admin_key: str | None, config_path: Path | None) -> None:
+    """Write the whole stream to stdout: jsonl (consumer websocket frames) or text.
+
+    jsonl: one frame per line, chunks then the end (if ended), as a websocket consumer gets
+    them; text: strings as they are, other chunks one JSON per line. A progress bar goes to
+    stderr when it is a terminal.
+    """
+    client = connect(url, admin_key, config_path)
+    out = click.get_text_stream("stdout")
+    frames = client.lines(stream_path(stream, "export"), timeout_s=client.timeout_s)
+    if sys.stderr.isatty():
+        total = client.get(stream_path(stream))["chunks"]
+        with click.progressbar(length=total, label=f"exporting {stream}", file=sys.stderr, update_min_steps=100) as bar:
+            _export(frames, fmt, out, bar.update)
+    else:
+        _export(frames, fmt, out, lambda n: None)
+
+
+def _export(frames: Iterator[dict[str, Any]], fmt: str, out: TextIO, advance: Callable[[int], None]) -> None:
+    for f in frames:
+        kind = f.get("type")
+        if kind == "exported":
+            out.flush()
+            return
+        if kind == "error":
+            raise AdminError(f"export incomplete: {f.get('code')}: {f.get('message')}", str(f.get("code")))
+        if fmt == "jsonl":
+            out.write(orjson.dumps(f).decode() + "\n")
+        elif kind == "chunk":
+            _write_chunk(f["data"], out)
+        if kind == "chunk":
+            advance(1)
+    raise AdminError("export incomplete: the response ended early")
+
+
+@streams.command()
+@click.argument("stream")
+@click.option("--reason", type=click.Choice(["completed", "error", "cancelled"]), required=True, help="The end reason.")
+@click.option("--message", default="", help="Why (shown to consumers; at most 1000 characters).")
+@admin_options
+@reports_errors
+def end(
+    stream: str,
+    reason: str,
+    message: str,
+    url: str | None,
+    admin_key: str | None,
+    config_path: Path | None,
+    as_json: bool,
+) -> None:
+    """End an open stream as relayd would: consumers get the end, its producer is told."""
+    body = {"reason": reason, "message": message} if message else {"reason": reason}
+    answer = connect(url, admin_key, config_path).post(stream_path(stream, "end"), body)
+    if as_json:
+        _print_json(answer)
+    elif answer["result"] == "ended":
+        click.echo(f"ended {stream}: {reason} at {answer['cursor']}")
+    else:
+        click.echo(f"{stream} had already ended: {reason}")
+
+
+@streams.command()
+@click.argument("stream")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--force", is_flag=True, help="Also an open stream: end it (cancelled) first, then delete it.")
+@admin_options
+@reports_errors
+def rm(
+    stream: str,
+    yes: bool,
+    force: bool,
+    url: str | None,
+    admin_key: str | None,
+    config_path: Path | None,
+    as_json: bool,
+) -> None:
+    """Delete a stream and its history. An open stream only with --force."""
+    client = connect(url, admin_key, config_path)
+    if not yes and not click.confirm(f"Delete stream {stream} and its history?", err=True):
+        click.echo("relayd: not deleted", err=True)
+        sys.exit(EXIT_ERROR)
+    try:
+        answer = client.delete(stream_path(stream), **({"force": "1"} if force else {}))
+    except AdminError as exc:
+        if exc.code == "stream_open":
+            raise AdminError(f"{exc} (--force)", exc.code) from None
+        raise
+    if as_json:
+        _print_json(answer)
+    else:
+        note = " (ended cancelled first)" if answer["ended_first"] else ""
+        click.echo(f"deleted {stream}{note}")

@@ -1,0 +1,269 @@
+"""``relayd streams …`` and ``relayd status`` against a real relayd (in this test's loop) and Valkey.
+
+The commands block (synchronous HTTP), so CliRunner runs them in a thread while the loop serves
+relayd; ``tail`` runs as a real process whose output is read line by line as it comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from click.testing import CliRunner, Result
+
+from relayd.admin_client import EXIT_NOT_FOUND, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE
+from relayd.auth import hash_api_key
+from relayd.cli import main
+from relayd.config import Config
+from relayd.embedded import free_port
+from tests.helpers import Peer, Relayd, collect_chunks
+
+ADMIN_KEY = "rk_admin_cli_key_0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def no_relayd_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The commands read RELAYD_* from the environment: start every test without any."""
+    for name in list(os.environ):
+        if name.startswith("RELAYD_"):
+            monkeypatch.delenv(name)
+    yield
+
+
+@pytest.fixture
+async def admin(config_factory: Callable[..., Config]) -> AsyncIterator[Relayd]:
+    async with Relayd(config_factory(auth={"admin_keys": [hash_api_key(ADMIN_KEY)]})) as server:
+        yield server
+
+
+async def cli(relayd: Relayd | None, *args: str, key: str = ADMIN_KEY, stdin: str | None = None) -> Result:
+    """Run ``relayd ARGS`` in a thread, pointed at ``relayd`` through RELAYD_URL/RELAYD_ADMIN_KEY."""
+    env = {"RELAYD_ADMIN_KEY": key}
+    if relayd is not None:
+        env["RELAYD_URL"] = relayd.url
+    return await asyncio.to_thread(CliRunner().invoke, main, list(args), input=stdin, env=env)
+
+
+async def produce(producer: Peer, stream: str, chunks: list[Any], end: str | None = None, **fields: Any) -> None:
+    assert (await producer.open(stream, **fields))["type"] == "opened"
+    for seq, chunk in enumerate(chunks, start=1):
+        assert (await producer.append(stream, seq, chunk))["type"] == "ack"
+    if end is not None:
+        assert (await producer.end(stream, end))["type"] == "ended"
+
+
+async def test_ls_human_and_json_with_filters(admin: Relayd) -> None:
+    """ls prints a table (id, status, chunks, bytes, age, consumers); --json the API's answer; filters apply."""
+    async with await admin.producer() as producer:
+        await produce(producer, "job-1", ["a", "b", "c"], end="completed")
+        await produce(producer, "job-2", ["a"])
+        await produce(producer, "other-1", [])
+
+        result = await cli(admin, "streams", "ls")
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        assert lines[0].split() == ["ID", "STATUS", "CHUNKS", "BYTES", "AGE", "CONSUMERS"]
+        rows = {line.split()[0]: line.split() for line in lines[1:]}
+        assert set(rows) == {"job-1", "job-2", "other-1"}
+        assert rows["job-1"][1:3] == ["completed", "3"] and rows["job-2"][1:3] == ["open", "1"]
+        assert rows["job-2"][-1] == "0"
+
+        result = await cli(admin, "streams", "ls", "--status", "open", "--prefix", "job-", "--json")
+        assert result.exit_code == 0, result.output
+        body = orjson.loads(result.stdout)
+        assert [s["id"] for s in body["streams"]] == ["job-2"] and body["truncated"] is False
+
+        result = await cli(admin, "streams", "ls", "--status", "ended", "--json")
+        assert [s["id"] for s in orjson.loads(result.stdout)["streams"]] == ["job-1"]
+
+        result = await cli(admin, "streams", "ls", "--limit", "1")
+        assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2
+        assert "more streams not shown" in result.stderr
+
+
+async def test_show_human_and_json(admin: Relayd) -> None:
+    """show prints the metadata as 'name: value' lines; --json gives every field."""
+    async with await admin.producer() as producer:
+        await produce(producer, "sh-1", ["x", "y"], content_type="text")
+        await producer.end("sh-1", "error", message="model timed out")
+    result = await cli(admin, "streams", "show", "sh-1")
+    assert result.exit_code == 0, result.output
+    fields = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert fields["status"].strip() == "ended: error (model timed out)"
+    assert fields["content type"].strip() == "text"
+    assert fields["size"].strip().startswith("2 chunks, ")
+    assert fields["last cursor"].strip().endswith("-0000000003")
+    assert fields["consumers"].strip() == "0 on this relayd"
+    result = await cli(admin, "streams", "show", "sh-1", "--json")
+    body = orjson.loads(result.stdout)
+    assert body["reason"] == "error" and body["chunks"] == 2 and 0 < body["ttl_s"] <= 3600
+
+
+async def test_tail_prints_live_chunks_until_the_end(admin: Relayd) -> None:
+    """tail (a real process): replayed and live chunks as they come, one JSON per line, then the end; exit 0."""
+    async with await admin.producer() as producer:
+        await produce(producer, "tl-1", [{"n": 1}])
+        env = {**os.environ, "RELAYD_URL": admin.url, "RELAYD_ADMIN_KEY": ADMIN_KEY}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relayd.cli", "streams", "tail", "tl-1", "--from-start",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            async with asyncio.timeout(20):
+                assert orjson.loads(await proc.stdout.readline()) == {"n": 1}  # tail is following now
+                await producer.append("tl-1", 2, {"n": 2})
+                assert orjson.loads(await proc.stdout.readline()) == {"n": 2}  # live, while open
+                await producer.append("tl-1", 3, "text chunk\n")
+                await producer.end("tl-1", "completed")
+                rest, err = await proc.communicate()
+            assert proc.returncode == 0, err
+            assert rest.decode() == "text chunk\n"
+            assert "-- end: completed at " in err.decode()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def test_tail_json_prints_frames(admin: Relayd) -> None:
+    """tail --json of an ended stream from the start: every frame as a JSON line, the end last."""
+    async with await admin.producer() as producer:
+        await produce(producer, "tl-2", ["a", "b"], end="cancelled", content_type="text")
+    result = await cli(admin, "streams", "tail", "tl-2", "--from-start", "--json")
+    assert result.exit_code == 0, result.output
+    frames = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert [(f["type"], f.get("data", f.get("reason"))) for f in frames] == [
+        ("chunk", "a"),
+        ("chunk", "b"),
+        ("end", "cancelled"),
+    ]
+
+
+async def test_export_jsonl_and_text_complete_and_in_order(config_factory: Callable[..., Config]) -> None:
+    """export (paged on the server): jsonl = every chunk frame in order then the end; text = the chunks' text."""
+    config = config_factory(auth={"admin_keys": [hash_api_key(ADMIN_KEY)]}, consumer={"catchup_page": 16})
+    async with Relayd(config) as server, await server.producer() as producer:
+        words = [f"w{i} " for i in range(100)]
+        await produce(producer, "ex-1", words, end="completed", content_type="text")
+        await produce(producer, "ex-2", [{"a": 1}, "s", [2]])
+
+        result = await cli(server, "streams", "export", "ex-1")
+        assert result.exit_code == 0, result.output
+        frames = [orjson.loads(line) for line in result.stdout.splitlines()]
+        assert [f["data"] for f in frames[:-1]] == words
+        assert frames[-1]["type"] == "end" and frames[-1]["reason"] == "completed"
+        cursors = [f["cursor"] for f in frames]
+        assert cursors == sorted(cursors) and len(set(cursors)) == 101
+
+        result = await cli(server, "streams", "export", "ex-1", "--format", "text")
+        assert result.exit_code == 0 and result.stdout == "".join(words)
+        result = await cli(server, "streams", "export", "ex-2", "--format", "text")
+        assert result.stdout == '{"a":1}\ns[2]\n'
+
+
+async def test_end_reaches_a_live_consumer(admin: Relayd) -> None:
+    """end: the live consumer gets the end frame with the reason and message; ending it again is idempotent."""
+    async with await admin.producer() as producer:
+        await produce(producer, "en-1", ["a"])
+        consumer = await admin.consumer("en-1")
+        await consumer.expect("subscribed")
+        await consumer.expect("chunk")
+        result = await cli(admin, "streams", "end", "en-1", "--reason", "cancelled", "--message", "ops")
+        assert result.exit_code == 0, result.output
+        chunks, end = await collect_chunks(consumer, "en-1")
+        assert chunks == [] and end["reason"] == "cancelled" and end["message"] == "ops"
+        assert result.stdout == f"ended en-1: cancelled at {end['cursor']}\n"
+        assert (await producer.next())["type"] == "ended"  # the producer was told too
+
+        result = await cli(admin, "streams", "end", "en-1", "--reason", "cancelled")
+        assert result.exit_code == 0 and "already ended" in result.stdout
+        result = await cli(admin, "streams", "end", "en-1", "--reason", "completed")
+        assert result.exit_code == 1 and result.stderr == "relayd: stream en-1 already ended (cancelled)\n"
+        await consumer.ws.close()
+
+
+async def test_rm_asks_refuses_open_streams_and_forces(admin: Relayd) -> None:
+    """rm asks first (--yes does not), refuses an open stream without --force, and deletes."""
+    async with await admin.producer() as producer:
+        await produce(producer, "rm-1", ["a"], end="completed")
+        await produce(producer, "rm-2", ["a"])
+
+        result = await cli(admin, "streams", "rm", "rm-1", stdin="n\n")
+        assert result.exit_code == 1 and "not deleted" in result.stderr
+        result = await cli(admin, "streams", "rm", "rm-1", stdin="y\n")
+        assert result.exit_code == 0 and result.stdout == "deleted rm-1\n"
+        assert (await cli(admin, "streams", "show", "rm-1")).exit_code == EXIT_NOT_FOUND
+
+        result = await cli(admin, "streams", "rm", "rm-2", "--yes")
+        assert result.exit_code == 1
+        assert result.stderr == "relayd: stream rm-2 is open: end it first, or force its removal (--force)\n"
+        result = await cli(admin, "streams", "rm", "rm-2", "--yes", "--force")
+        assert result.exit_code == 0 and result.stdout == "deleted rm-2 (ended cancelled first)\n"
+
+
+async def test_status_one_screen(admin: Relayd) -> None:
+    """status: version and state, connections by role, streams, chunk totals and rates, Redis health."""
+    from relayd import __version__
+
+    async with await admin.producer() as producer:
+        await produce(producer, "st-1", ["a"])
+        result = await cli(admin, "status")
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        assert lines[0].startswith(f"relayd {__version__} at {admin.url}: serving, up ")
+        assert lines[1] == "connections  producer 1, consumer_ws 0, consumer_sse 0"
+        assert lines[2] == "streams      1 open (1 held here), 0 subscriptions"
+        assert lines[3].startswith("chunks       1 stored (")
+        assert lines[4].startswith("redis        external, ok, PING ")
+        body = orjson.loads((await cli(admin, "status", "--json")).stdout)
+        assert body["streams"]["open"] == 1 and body["redis"]["ok"] is True
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("status",), ("streams", "ls"), ("streams", "show", "s"), ("streams", "tail", "s"), ("streams", "export", "s")],
+)
+async def test_relayd_down_is_one_line_and_exit_4(args: tuple[str, ...]) -> None:
+    """Nothing listens at the URL: one line on stderr naming it, exit code 4."""
+    url = f"http://127.0.0.1:{free_port()}"
+    result = await asyncio.to_thread(CliRunner().invoke, main, [*args, "--url", url, "--admin-key", ADMIN_KEY])
+    assert result.exit_code == EXIT_UNREACHABLE
+    assert result.stdout == ""
+    assert result.stderr == f"relayd: cannot reach relayd at {url}: connection refused\n"
+
+
+async def test_wrong_key_and_unknown_stream(admin: Relayd) -> None:
+    """A wrong admin key exits 3, an unknown stream 5, each with one line on stderr."""
+    result = await cli(admin, "status", key="rk_wrong_admin_key_0123456789")
+    assert result.exit_code == EXIT_UNAUTHORIZED
+    assert result.stderr == "relayd: unauthorized: invalid admin key\n"
+    for args in (("show",), ("tail",), ("export",), ("end", "--reason", "completed"), ("rm", "--yes")):
+        result = await cli(admin, "streams", args[0], "nope-1", *args[1:])
+        assert result.exit_code == EXIT_NOT_FOUND, (args, result.output)
+        assert result.stderr == "relayd: stream nope-1 does not exist\n"
+
+
+async def test_finds_relayd_and_the_dev_admin_key_from_the_config(
+    config_factory: Callable[..., Config], tmp_path: Path
+) -> None:
+    """Without --url and --admin-key: server.host/port from --config, the key from its dev-credentials."""
+    async with Relayd(config_factory(auth={"api_keys": []})) as server:
+        toml = tmp_path / "relay.toml"
+        toml.write_text(
+            f'[server]\nhost = "0.0.0.0"\nport = {server.server.port}\n\n[embedded]\ndata_dir = "{tmp_path}"\n'
+        )
+        result = await asyncio.to_thread(CliRunner().invoke, main, ["status", "--config", str(toml)])
+        assert result.exit_code == 0, result.output
+        assert f"at http://127.0.0.1:{server.server.port}: serving" in result.stdout
+
+        (tmp_path / "empty").mkdir()
+        toml.write_text(f'[server]\nport = {server.server.port}\n\n[embedded]\ndata_dir = "{tmp_path / "empty"}"\n')
+        result = await asyncio.to_thread(CliRunner().invoke, main, ["status", "--config", str(toml)])
+        assert result.exit_code == EXIT_UNAUTHORIZED and result.stderr.startswith("relayd: no admin key: ")
