@@ -183,6 +183,7 @@ class Batcher:
                             raise StoreUnavailable("scripts missing after reload")
                         self._failed.popleft()
                         _resolve(batch, replies)
+                    self._metrics.redis_health(True)
                     log.info("redis writes recovered")
                     return
                 except (StoreUnavailable, StoreError) as exc:

@@ -180,8 +180,8 @@ class LogConfig:
     def check(self) -> None:
         if self.level not in _LEVELS:
             raise ConfigError("log.level", f"must be one of {', '.join(_LEVELS)}, got {self.level!r}")
-        if self.format not in ("text", "json"):
-            raise ConfigError("log.format", f"must be text or json, got {self.format!r}")
+        if self.format not in ("text", "json", "logfmt"):
+            raise ConfigError("log.format", f"must be text, json or logfmt, got {self.format!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,28 @@ class CloseCode(IntEnum):
     SLOW_CONSUMER = 4008
 
 
+# Every wire error ``code`` (the table in docs/protocol.md): the bounded label set of metrics.
+ERROR_CODES = (
+    "bad_frame",
+    "unknown_op",
+    "invalid_stream_id",
+    "chunk_too_large",
+    "not_open",
+    "content_type",
+    "seq_gap",
+    "fenced",
+    "stream_ended",
+    "too_many_streams",
+    "store_unavailable",
+    "stream_not_found",
+    "unauthorized",
+    "token_expired",
+    "forbidden",
+    "shutting_down",
+    "not_configured",
+    "internal",
+)
+
 AUTH_CLOSE_CODES: dict[str, CloseCode] = {
     "unauthorized": CloseCode.UNAUTHORIZED,
     "token_expired": CloseCode.TOKEN_EXPIRED,

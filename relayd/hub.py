@@ -37,10 +37,12 @@ _ENTRY_OVERHEAD = 100  # framing bytes per replayed entry, for sizing catch-up p
 class Publication:
     """Entries of one stream made durable by one batch, encoded lazily once per codec."""
 
-    __slots__ = ("_encoded", "chunks", "end", "entries", "first", "gen", "last", "stream", "text")
+    __slots__ = ("_encoded", "chunks", "end", "entries", "first", "gen", "last", "received", "stream", "text")
 
-    def __init__(self, stream: str, gen: int, entries: list[Entry], text: bool) -> None:
+    def __init__(self, stream: str, gen: int, entries: list[Entry], text: bool, received: float = 0.0) -> None:
+        """``received``: when (monotonic) the append was read; 0 when unknown (ends, pokes)."""
         self.stream = stream
+        self.received = received
         self.gen = gen
         self.entries = entries
         self.first = entries[0].offset
@@ -97,6 +99,7 @@ class Subscriber:
         self.state = State.WAITING
         self.gen = 0
         self.next = 1  # offset of the next entry this subscriber needs
+        self.chunks = 0  # chunks handed to the connection, live and replayed (for its close log line)
         self.text = False
         self._buffer: list[Publication] = []
         self._overflow = False
@@ -131,10 +134,14 @@ class Subscriber:
                 self._fall_behind()  # a hole: a publication this subscriber never saw
                 return
             data = pub.encoded(self.codec) if pub.first == self.next else pub.encoded_from(self.codec, self.next)
-            if not self.outbox.offer(data):
+            outbox = self.outbox
+            if not outbox.offer(data):
                 self._fall_behind()
                 return
+            if not outbox.oldest:  # publications come in the order they were read: the first is the oldest
+                outbox.oldest = pub.received
             self.hub.metrics.delivered("live", pub.chunks, len(data))
+            self.chunks += pub.chunks
             self.next = pub.last + 1
             if pub.end:
                 self._finish()
@@ -222,7 +229,7 @@ class Subscriber:
                 if cursor[1] >= meta.n and not meta.is_open:
                     self.next = meta.n  # at (or past) the end: say again how it ended
             else:
-                self.hub.metrics.gap()
+                self.hub.metrics.reset()
                 self.outbox.control(self.codec.reset(self.stream, "stream_replaced"))
         return meta
 
@@ -270,6 +277,7 @@ class Subscriber:
         await self.outbox.put(data)
         chunks = len(entries) - (1 if entries[-1].is_end else 0)
         self.hub.metrics.delivered("replay", chunks, len(data))
+        self.chunks += chunks
         self.next = entries[-1].offset + 1
 
     async def _reset_to_new_generation(self) -> None:
@@ -277,7 +285,7 @@ class Subscriber:
         gen, self._new_gen = self._new_gen, None
         assert gen is not None
         self.gen, self.next = gen, 1  # before any await: its publications are now this subscriber's
-        self.hub.metrics.gap()
+        self.hub.metrics.reset()
         self.outbox.control(self.codec.reset(self.stream, "stream_replaced"))
         meta = await self.hub.store.read_meta(self.stream)
         if meta is not None and meta.gen == gen:
@@ -293,7 +301,10 @@ class Subscriber:
             data = pub.encoded(self.codec) if pub.first == self.next else pub.encoded_from(self.codec, self.next)
             if not self.outbox.offer(data):
                 return False
+            if not self.outbox.oldest:
+                self.outbox.oldest = pub.received
             self.hub.metrics.delivered("live", pub.chunks, len(data))
+            self.chunks += pub.chunks
             self.next = pub.last + 1
             if pub.end:
                 self.state = State.DONE

@@ -1,9 +1,15 @@
 """Prometheus metrics: one registry per relayd, intent-named methods, children bound once.
 
-Labels come only from bounded sets (role, reason, path); never a stream id.
+Labels come only from bounded sets (role, reason, path, error code); never a stream id. What
+runs per chunk or per write (counters, the ack and delivery latency histograms) is kept as plain
+integers and lists and turned into samples only when scraped. Every metric, and what to alert
+on, is listed in docs/operations.md ("Metrics reference").
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -16,22 +22,57 @@ from prometheus_client import (
 from prometheus_client import (
     ProcessCollector as _ProcessCollector,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from relayd import __version__
+from relayd.errors import ERROR_CODES
 
 ROLES = ("producer", "consumer_ws", "consumer_sse")
 END_REASONS = ("completed", "error", "cancelled", "producer_lost")
 AUTH_REASONS = ("unauthorized", "token_expired", "forbidden")
 PATHS = ("live", "replay")
+OTHER = "other"  # the label of an error code outside docs/protocol.md's table
 
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# open -> first chunk: a model's time to first token, seconds rather than milliseconds
+_FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
-class _HotCounters(Collector):
-    """Per-chunk counters as plain integers, turned into samples only when scraped.
+class HotHistogram:
+    """A histogram for the hot path: a list of bucket counts and a sum, no lock.
+
+    A micro-optimisation: ``prometheus_client.Histogram.observe`` takes a lock and runs a Python
+    loop over the buckets; this is one C ``bisect`` and two adds, on the event loop's thread.
+    """
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        buckets: list[tuple[str, float]] = []
+        cumulative = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
+        family = HistogramMetricFamily(name, documentation, unit="seconds")
+        family.add_metric([], buckets, self.total)
+        return family
+
+
+class _HotPath(Collector):
+    """Per-chunk and per-write series as plain numbers, turned into samples only when scraped.
 
     A micro-optimisation: a prometheus_client ``Counter.inc`` takes a lock; these run several
     times per chunk on the hot path, in one thread, so an ``int`` add is enough.
@@ -42,8 +83,12 @@ class _HotCounters(Collector):
         self.bytes_in = 0
         self.delivered = dict.fromkeys(PATHS, 0)
         self.delivered_bytes = dict.fromkeys(PATHS, 0)
+        self.ack_latency = HotHistogram(_LATENCY_BUCKETS)
+        self.delivery_latency = HotHistogram(_LATENCY_BUCKETS)
+        self.redis_up = 1
+        self.draining = 0
 
-    def collect(self) -> list[CounterMetricFamily]:
+    def collect(self) -> Iterable[Metric]:
         chunks_in = CounterMetricFamily("relayd_chunks_in", "Chunks stored (acknowledged appends)")
         chunks_in.add_metric([], self.chunks_in)
         bytes_in = CounterMetricFamily("relayd_bytes_in", "Chunk bytes stored")
@@ -57,7 +102,27 @@ class _HotCounters(Collector):
         for path in PATHS:
             out.add_metric([path], self.delivered[path])
             bout.add_metric([path], self.delivered_bytes[path])
-        return [chunks_in, bytes_in, out, bout]
+        up = GaugeMetricFamily(
+            "relayd_redis_up", "1 if the last Redis round trip (write batch, readiness or sweep) succeeded"
+        )
+        up.add_metric([], self.redis_up)
+        draining = GaugeMetricFamily("relayd_draining", "1 while relayd drains connections for a shutdown")
+        draining.add_metric([], self.draining)
+        return [
+            chunks_in,
+            bytes_in,
+            out,
+            bout,
+            self.ack_latency.family(
+                "relayd_ack_latency_seconds", "Producer append frame read -> its ack queued to the producer"
+            ),
+            self.delivery_latency.family(
+                "relayd_delivery_latency_seconds",
+                "Live path: append frame read -> written to a consumer socket (oldest chunk of each write)",
+            ),
+            up,
+            draining,
+        ]
 
 
 class Metrics:
@@ -72,8 +137,11 @@ class Metrics:
         self._conns = {role: conns.labels(role) for role in ROLES}
         self._opened = {role: opened.labels(role) for role in ROLES}
 
-        self._hot = _HotCounters()
+        self._hot = _HotPath()
         r.register(self._hot)
+        # bound methods of the hot histograms, handed to the engine once
+        self.ack_latency = self._hot.ack_latency.observe
+        self.delivery_latency = self._hot.delivery_latency.observe
 
         self._batch_size = Histogram(
             "relayd_redis_batch_size", "Commands per Redis pipeline", buckets=_BATCH_BUCKETS, registry=r
@@ -88,18 +156,32 @@ class Metrics:
         self._started = Counter("relayd_streams_started", "Streams created", registry=r)
         ended = Counter("relayd_streams_ended", "Streams ended, by reason", ["reason"], registry=r)
         self._ended = {reason: ended.labels(reason) for reason in END_REASONS}
+        self._first_chunk = Histogram(
+            "relayd_time_to_first_chunk_seconds",
+            "Stream created -> its first chunk stored",
+            buckets=_FIRST_CHUNK_BUCKETS,
+            registry=r,
+        )
+        duration = Histogram(
+            "relayd_stream_duration_seconds",
+            "Stream created -> ended, by end reason",
+            ["reason"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self._duration = {reason: duration.labels(reason) for reason in END_REASONS}
 
         auth = Counter("relayd_auth_failures", "Refused credentials, by reason", ["reason"], registry=r)
         self._auth = {reason: auth.labels(reason) for reason in AUTH_REASONS}
-        self._bad_frames = Counter("relayd_bad_frames", "Refused client frames, by code", ["code"], registry=r)
+        bad = Counter("relayd_bad_frames", "Refused client frames, by error code", ["code"], registry=r)
+        self._bad_frames = {code: bad.labels(code) for code in (*ERROR_CODES, OTHER)}
 
         self._catchups = Counter(
             "relayd_consumer_catchups", "Consumers that fell behind and were caught up from Redis", registry=r
         )
-        self._gaps = Counter(
-            "relayd_consumer_gaps", "Gap or reset frames sent (history no longer available)", registry=r
-        )
-        self._slow = Counter("relayd_slow_consumer_disconnects", "Consumers closed with 4008 slow_consumer", registry=r)
+        self._gaps = Counter("relayd_consumer_gaps", "Gap frames sent (history trimmed away)", registry=r)
+        self._resets = Counter("relayd_consumer_resets", "Reset frames sent (the stream was created again)", registry=r)
+        self._slow = Counter("relayd_slow_consumer_disconnects", "Consumers closed as slow", registry=r)
         self._subs = Gauge("relayd_subscriptions", "Active consumer subscriptions", registry=r)
 
     # connections ------------------------------------------------------------------------------
@@ -109,6 +191,9 @@ class Metrics:
 
     def connection_closed(self, role: str) -> None:
         self._conns[role].dec()
+
+    def draining(self) -> None:
+        self._hot.draining = 1
 
     # ingest / store ---------------------------------------------------------------------------
     def chunks_stored(self, count: int, nbytes: int) -> None:
@@ -122,17 +207,27 @@ class Metrics:
 
     def batch_done(self, seconds: float) -> None:
         self._batch_latency.observe(seconds)
+        self._hot.redis_up = 1
 
     def redis_error(self) -> None:
         self._redis_errors.inc()
+        self._hot.redis_up = 0
+
+    def redis_health(self, up: bool) -> None:
+        """The outcome of a Redis round trip outside the write path (readiness, sweep, recovery)."""
+        self._hot.redis_up = 1 if up else 0
 
     def stream_started(self) -> None:
         self._started.inc()
 
-    def stream_ended(self, reason: str) -> None:
+    def first_chunk(self, seconds: float) -> None:
+        self._first_chunk.observe(seconds)
+
+    def stream_ended(self, reason: str, seconds: float) -> None:
         child = self._ended.get(reason)
         if child is not None:
             child.inc()
+            self._duration[reason].observe(max(seconds, 0.0))  # created on another clock: clamp
 
     def streams_held(self, delta: int) -> None:
         self._streams_open.inc(delta)
@@ -149,6 +244,9 @@ class Metrics:
     def gap(self) -> None:
         self._gaps.inc()
 
+    def reset(self) -> None:
+        self._resets.inc()
+
     def slow_consumer(self) -> None:
         self._slow.inc()
 
@@ -160,7 +258,7 @@ class Metrics:
         self._auth.get(reason, self._auth["unauthorized"]).inc()
 
     def bad_frame(self, code: str) -> None:
-        self._bad_frames.labels(code).inc()
+        self._bad_frames.get(code, self._bad_frames[OTHER]).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

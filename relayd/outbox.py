@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from time import monotonic
 
 _CONGESTED = 64 * 1024  # transport bytes beyond which writes go through the awaiting path
 
@@ -37,8 +38,14 @@ class Outbox:
         send_timeout_s: float,
         backlog: Callable[[], int] | None = None,
         write_now: Callable[[list[bytes]], None] | None = None,
+        on_written: Callable[[float], None] | None = None,
     ) -> None:
+        """``on_written(seconds)``: after each write holding live data, the age of its oldest chunk."""
         self._send = send
+        self._on_written = on_written
+        # When (monotonic) the oldest live data queued was read from its producer; 0: none queued.
+        # Set by whoever queues live data (the hub), reported and cleared by each write.
+        self.oldest = 0.0
         self._write_now = write_now
         self._max_bytes = max_bytes
         self._timeout = send_timeout_s
@@ -111,6 +118,10 @@ class Outbox:
         self._room.set()
         return batch
 
+    def _written(self, oldest: float) -> None:
+        if self._on_written is not None:
+            self._on_written(monotonic() - oldest)
+
     def _flush(self) -> None:
         """End of the tick: write what was queued, synchronously if the socket keeps up."""
         self._scheduled = False
@@ -118,12 +129,15 @@ class Outbox:
             return
         write_now = self._write_now
         if write_now is not None and (self._backlog is None or self._backlog() < _CONGESTED):
+            oldest, self.oldest = self.oldest, 0.0
             try:
                 write_now(self._take())
             except (ConnectionError, RuntimeError):
                 self.close()  # the peer is gone; the reading side notices too
                 return
             self._empty.set()
+            if oldest:
+                self._written(oldest)
             return
         self._sending = True
         self._ready.set()
@@ -142,6 +156,7 @@ class Outbox:
                 await self._ready.wait()
                 continue
             self._sending = True
+            oldest, self.oldest = self.oldest, 0.0
             batch = self._take()
             if self._backlog is not None:
                 # what the transport will hold once this batch is written, if the peer reads nothing
@@ -156,6 +171,8 @@ class Outbox:
                 raise
             finally:
                 self._watchdog.cancel()
+            if oldest:
+                self._written(oldest)
 
     def _check_progress(self) -> None:
         """A write has waited for the send timeout: give up unless the peer read meanwhile."""

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any
 
 import hiredis
@@ -40,6 +41,7 @@ class Held:
     text: bool
     append_head: bytes  # the stream's append command up to the epoch, encoded once
     stream_json: bytes  # the stream id as JSON, for acks
+    first_chunk_due: float = 0.0  # created by this open: when (monotonic) the open was read; 0 after its first chunk
 
 
 class ProducerSession:
@@ -54,10 +56,13 @@ class ProducerSession:
         self.room = asyncio.Event()
         self.room.set()
         self.closed = False
+        # When (monotonic) the message being handled was read: the start of ack and delivery latency.
+        self.received_at = 0.0
         # Streams this connection held (or found ended on open) that have ended -> their epoch.
         self.ended: dict[str, int] = {}
-        # Ops that arrived while their stream's open was on its way to Redis (pipelined producers).
-        self.opening: dict[str, list[AppendOp | EndOp]] = {}
+        # Ops that arrived while their stream's open was on its way to Redis (pipelined producers),
+        # with when they were read.
+        self.opening: dict[str, list[tuple[AppendOp | EndOp, float]]] = {}
 
     def charge(self, nbytes: int) -> None:
         self.unacked_bytes += nbytes
@@ -136,6 +141,7 @@ class Relay:
             return
         payload = self.store.cmd_open(op.stream, op.epoch, op.content_type, now_ms())
         session.opening.setdefault(op.stream, [])
+        received = session.received_at
 
         def done(reply: Any, exc: BaseException | None) -> None:
             try:
@@ -163,6 +169,7 @@ class Relay:
                     content_type == "text",
                     self.store.append_head(op.stream, epoch_i),
                     orjson.dumps(op.stream),
+                    received if code == "created" else 0.0,
                 )
                 self._take(op.stream, session, held)
             else:
@@ -182,10 +189,10 @@ class Relay:
         self.batcher.submit(Write(payload, done))
 
     def _replay_deferred(self, session: ProducerSession, stream: str) -> None:
-        for deferred in session.opening.pop(stream, ()):
+        for deferred, received in session.opening.pop(stream, ()):
             if type(deferred) is AppendOp:
                 session.credit(deferred.cost)
-                self.append(session, deferred)
+                self.append(session, deferred, received)
             elif type(deferred) is EndOp:
                 self.end(session, deferred)
 
@@ -196,10 +203,13 @@ class Relay:
             return False
         if type(op) is AppendOp:
             session.charge(op.cost)
-        pending.append(op)
+        pending.append((op, session.received_at))
         return True
 
-    def append(self, session: ProducerSession, op: AppendOp) -> None:
+    def append(self, session: ProducerSession, op: AppendOp, received: float | None = None) -> None:
+        """``received``: when the append was read, if not the message being handled now."""
+        if received is None:
+            received = session.received_at
         held = session.held.get(op.stream)
         if held is None:
             if self._defer(session, op):
@@ -224,7 +234,10 @@ class Relay:
                     new = op.chunks[len(op.chunks) - (last - first + 1) :]
                     entries = [Entry(first + i, chunk) for i, chunk in enumerate(new)]
                     self.metrics.chunks_stored(len(new), sum(len(c) for c in new))
-                    self.hub.publish(Publication(op.stream, gen, entries, held.text))
+                    if held.first_chunk_due:
+                        self.metrics.first_chunk(monotonic() - held.first_chunk_due)
+                        held.first_chunk_due = 0.0
+                    self.hub.publish(Publication(op.stream, gen, entries, held.text, received))
                 else:
                     # All stored already: a resend, or a retry after a lost reply whose chunks were
                     # never published here. Live subscribers short of them read them from Redis.
@@ -233,6 +246,8 @@ class Relay:
                     b'{"type":"ack","stream":%s,"seq":%d,"cursor":"%s"}'
                     % (held.stream_json, last_seq, format_cursor(gen, last).encode())
                 )
+                if received:
+                    self.metrics.ack_latency(monotonic() - received)
             elif code == "seq_gap":
                 session.send(error_frame("seq_gap", f"expected seq {int(reply[1]) + 1}", op.stream, int(reply[1])))
             elif code == "fenced":
@@ -369,7 +384,7 @@ class Relay:
             offset = int(reply[2]) if result in ("ok", "already") else 0
             status = _s(reply[3]) if result == "already" else reason
             if result == "ok":
-                self.metrics.stream_ended(reason)
+                self.metrics.stream_ended(reason, (now_ms() - gen) / 1000)  # gen: the creation time, ms
                 self.hub.publish(Publication(stream, gen, [Entry(offset, None, reason, message)], False))
                 timer = self._cancel_timers.pop(stream, None)
                 if timer is not None:
@@ -394,7 +409,10 @@ class Relay:
             try:
                 await self.sweep(timeout_ms)
             except StoreError as exc:
+                self.metrics.redis_health(False)
                 log.warning("producer-lost sweep skipped: %s", exc)
+            else:
+                self.metrics.redis_health(True)
 
     async def sweep(self, timeout_ms: int) -> None:
         """Keep streams held here alive; end streams whose producer is gone ``producer_lost``."""

@@ -40,6 +40,7 @@ async def _drain_connections(app: web.Application) -> None:
     rt.draining.set()
     producers, consumers = list(rt.producers), list(rt.consumers)
     log.info("draining: %d producer and %d consumer connections", len(producers), len(consumers))
+    rt.metrics.draining()
     try:
         async with asyncio.timeout(rt.config.server.drain_timeout_s):
             await asyncio.gather(*(close() for close in producers), return_exceptions=True)

@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from relayd.auth import Principal, parse_bearer
 from relayd.errors import AuthError, ClientError, CloseCode
 from relayd.hub import Subscriber
+from relayd.logs import ConnectionLog, Pairs
 from relayd.outbox import Outbox, SlowConsumer
 from relayd.protocol import (
     WS_CODEC,
@@ -53,7 +55,9 @@ def token_from_request(request: web.Request) -> str | None:
 class ConsumerConnection:
     """The subscriptions of one consumer websocket and its token."""
 
-    def __init__(self, rt: Runtime, ws: web.WebSocketResponse, principal: Principal, request: web.Request) -> None:
+    def __init__(
+        self, rt: Runtime, ws: web.WebSocketResponse, principal: Principal, request: web.Request, **log_fields: Any
+    ) -> None:
         self.rt = rt
         self.ws = ws
         self.principal = principal
@@ -64,10 +68,14 @@ class ConsumerConnection:
             cfg.consumer.send_timeout_ms / 1000,
             backlog_of(request),
             ws_text_writer(request, ws),
+            rt.metrics.delivery_latency,
         )
         self.subs: dict[str, Subscriber] = {}
         self.close_code: int | None = None
         self.refused = 0  # frames answered with an error
+        # for the close log line: frames read, subscriptions made, chunks of finished subscriptions
+        self.frames_in = self.streams = self.chunks_out = 0
+        self.log = ConnectionLog(log, "consumer_ws", request.remote, **log_fields)
         self._expiry: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
         self.schedule_expiry()
@@ -87,10 +95,12 @@ class ConsumerConnection:
 
     def close(self, code: int, reason: str) -> None:
         if self._closing is None:
+            self.log.closing(reason)
             self.close_code = code
             self._closing = asyncio.create_task(close_stuck(self.ws, code, reason))
 
     def subscription_done(self, sub: Subscriber) -> None:
+        self.chunks_out += sub.chunks
         if self.subs.get(sub.stream) is sub:
             del self.subs[sub.stream]
 
@@ -103,6 +113,7 @@ class ConsumerConnection:
         cap = self.rt.config.streams.wait_timeout_ms
         wait_s = min(cap if wait_ms is None else wait_ms, cap) / 1000
         sub = Subscriber(self.rt.relay.hub, stream, self.outbox, WS_CODEC, cursor=cursor, wait_s=wait_s, owner=self)
+        self.streams += 1
         self.subs[stream] = sub
         self.outbox.control(frame(type="subscribed", stream=stream))
         sub.start()
@@ -134,7 +145,7 @@ class ConsumerConnection:
             else:
                 self.rt.metrics.bad_frame(exc.code)
             if not self.refused:  # the first one per connection; the close line counts them all
-                log.info("consumer sent a refused frame: %s", exc)
+                self.log.event(logging.INFO, "refused frame", code=exc.code, error=exc.message)
             self.refused += 1
             stream = op.stream if isinstance(op, FrameError) else getattr(op, "stream", None)
             self.outbox.control(error_frame(exc.code, exc.message, stream))
@@ -176,7 +187,8 @@ async def consume_ws(request: web.Request) -> web.StreamResponse:
             principal.require(check_stream_id(first_stream), "read")
     except AuthError as exc:
         rt.metrics.auth_failure(exc.code)
-        log.info("consumer refused from %s: %s", request.remote, exc.code)
+        fields = {"remote": request.remote, "code": exc.code}
+        log.info("consumer_ws refused %s", Pairs(fields), extra={"role": "consumer_ws", **fields})
         await ws.close(code=exc.close_code, message=exc.code.encode())
         return ws
     except ClientError as exc:
@@ -185,12 +197,13 @@ async def consume_ws(request: web.Request) -> web.StreamResponse:
         await ws.close(code=CloseCode.NORMAL, message=exc.code.encode())
         return ws
 
-    conn = ConsumerConnection(rt, ws, principal, request)
     rt.metrics.connection_opened("consumer_ws")
-    started = time.monotonic()
+    conn = ConsumerConnection(rt, ws, principal, request, stream=first_stream)
     writer = asyncio.create_task(_write(conn), name="relayd-consumer-writer")
+    ended_by = "client_closed"
 
     async def drain_close() -> None:
+        conn.log.closing("shutting_down")
         await conn.outbox.flush(1.0)
         await close_stuck(ws, CloseCode.SERVICE_RESTART, "shutting_down")
 
@@ -201,8 +214,11 @@ async def consume_ws(request: web.Request) -> web.StreamResponse:
         async for msg in ws:
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
                 for line in split_message(msg.data):
+                    conn.frames_in += 1
                     await conn.handle(line)
             elif msg.type is WSMsgType.ERROR:
+                ended_by = "message_too_big" if ws.close_code == CloseCode.MESSAGE_TOO_BIG else "error"
+                conn.log.event(logging.INFO, "connection error", error=str(ws.exception()))
                 break
     finally:
         rt.consumers.discard(drain_close)
@@ -212,12 +228,14 @@ async def consume_ws(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(asyncio.CancelledError):
             await writer
         rt.metrics.connection_closed("consumer_ws")
-        log.info(
-            "consumer closed remote=%s duration_s=%.1f refused=%d code=%s",
-            request.remote,
-            time.monotonic() - started,
-            conn.refused,
-            conn.close_code or ws.close_code,
+        code = conn.close_code or ws.close_code
+        conn.log.closed(
+            code,
+            "connection_lost" if code in (None, 1006) else ended_by,
+            frames_in=conn.frames_in,
+            chunks_out=conn.chunks_out,
+            streams=conn.streams,
+            refused=conn.refused,
         )
     return ws
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+from time import monotonic
 
 from aiohttp import WSMsgType, web
 
 from relayd.auth import parse_bearer
 from relayd.errors import AuthError, CloseCode
+from relayd.logs import ConnectionLog, Pairs
 from relayd.outbox import Outbox, SlowConsumer
 from relayd.protocol import (
     AppendOp,
@@ -40,7 +41,8 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         rt.api_keys.verify(parse_bearer(request.headers.get("Authorization")))
     except AuthError as exc:
         rt.metrics.auth_failure(exc.code)
-        log.info("producer refused from %s: %s", request.remote, exc.code)
+        fields = {"remote": request.remote, "code": exc.code}
+        log.info("producer refused %s", Pairs(fields), extra={"role": "producer", **fields})
         return client_error_response(exc)
 
     ws = web.WebSocketResponse(
@@ -48,7 +50,7 @@ async def ingest(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     rt.metrics.connection_opened("producer")
-    started = time.monotonic()
+    conn_log = ConnectionLog(log, "producer", request.remote)
 
     async def send(batch: list[bytes]) -> None:
         await ws.send_frame(b"\n".join(batch), WSMsgType.TEXT)
@@ -61,13 +63,15 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         ws_text_writer(request, ws),
     )
     session = ProducerSession(outbox.control, cfg.limits.max_unacked_bytes)
-    writer = asyncio.create_task(_write(outbox, ws), name="relayd-producer-writer")
+    writer = asyncio.create_task(_write(outbox, ws, conn_log), name="relayd-producer-writer")
     decoder = ProducerDecoder(cfg.limits.max_chunk_bytes)
     relay = rt.relay
-    ops = chunks = refused = 0
+    ops = chunks = streams = refused = 0
+    ended_by = "connection_lost"
 
     async def drain_close() -> None:
         # Drain: everything this producer sent is acknowledged before it is told to go.
+        conn_log.closing("shutting_down")
         await relay.batcher.drain()
         await outbox.flush(cfg.server.drain_timeout_s)
         await close_stuck(ws, CloseCode.SERVICE_RESTART, "shutting_down")
@@ -79,6 +83,7 @@ async def ingest(request: web.Request) -> web.StreamResponse:
                 await session.room.wait()  # flow control: stop reading until Redis acknowledged
             msg = await ws.receive()
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
+                session.received_at = monotonic()  # once per message: the start of ack and delivery latency
                 for line in split_message(msg.data):
                     op = decoder.decode(line, session.text_streams)
                     ops += 1
@@ -86,6 +91,7 @@ async def ingest(request: web.Request) -> web.StreamResponse:
                         chunks += len(op.chunks)
                         relay.append(session, op)
                     elif type(op) is OpenOp:
+                        streams += 1
                         relay.open(session, op)
                     elif type(op) is EndOp:
                         relay.end(session, op)
@@ -94,13 +100,16 @@ async def ingest(request: web.Request) -> web.StreamResponse:
                     elif isinstance(op, FrameError):
                         rt.metrics.bad_frame(op.error.code)
                         if not refused:  # the first one per connection; the close line counts them all
-                            log.info("producer %s sent a refused frame: %s", request.remote, op.error)
+                            conn_log.event(logging.INFO, "refused frame", code=op.error.code, error=op.error.message)
                         refused += 1
                         session.send(error_frame(op.error.code, op.error.message, op.stream, op.seq))
             elif msg.type is WSMsgType.ERROR:
-                log.info("producer connection error: %s", ws.exception())
+                ended_by = "message_too_big" if ws.close_code == CloseCode.MESSAGE_TOO_BIG else "error"
+                conn_log.event(logging.INFO, "connection error", error=str(ws.exception()))
                 break
             else:  # CLOSE, CLOSING, CLOSED
+                if msg.type is WSMsgType.CLOSE:
+                    ended_by = "client_closed"
                 break
     finally:
         rt.producers.discard(drain_close)
@@ -111,22 +120,15 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(asyncio.CancelledError):
             await writer
         rt.metrics.connection_closed("producer")
-        log.info(
-            "producer closed remote=%s duration_s=%.1f ops=%d chunks=%d refused=%d code=%s",
-            request.remote,
-            time.monotonic() - started,
-            ops,
-            chunks,
-            refused,
-            ws.close_code,
-        )
+        conn_log.closed(ws.close_code, ended_by, frames_in=ops, chunks_in=chunks, streams=streams, refused=refused)
     return ws
 
 
-async def _write(outbox: Outbox, ws: web.WebSocketResponse) -> None:
+async def _write(outbox: Outbox, ws: web.WebSocketResponse, conn_log: ConnectionLog) -> None:
     try:
         await outbox.run()
     except SlowConsumer:
+        conn_log.closing("slow_consumer")
         await close_stuck(ws, CloseCode.SLOW_CONSUMER, "slow_consumer")
     except (ConnectionError, RuntimeError):
         pass  # the peer went away; the reading side notices too

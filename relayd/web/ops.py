@@ -22,7 +22,9 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await rt.relay.store.ping()
     except StoreError as exc:
+        rt.metrics.redis_health(False)
         return web.json_response({"status": "redis_unavailable", "message": str(exc)}, status=503)
+    rt.metrics.redis_health(True)
     return web.json_response({"status": "ready"})
 
 

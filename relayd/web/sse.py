@@ -12,6 +12,7 @@ from aiohttp import web
 from relayd.auth import parse_bearer
 from relayd.errors import ClientError, StoreError
 from relayd.hub import Subscriber
+from relayd.logs import ConnectionLog, Pairs
 from relayd.outbox import Outbox, SlowConsumer
 from relayd.protocol import SSE_CODEC, check_stream_id, parse_optional_cursor
 from relayd.web.cors import cors_headers
@@ -27,8 +28,10 @@ class _Done:
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
+        self.chunks = 0
 
     def subscription_done(self, sub: Subscriber) -> None:
+        self.chunks = sub.chunks
         self.event.set()
 
 
@@ -48,6 +51,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     except ClientError as exc:
         if exc.code in ("unauthorized", "token_expired", "forbidden"):
             rt.metrics.auth_failure(exc.code)
+            fields = {"remote": request.remote, "code": exc.code}
+            log.info("consumer_sse refused %s", Pairs(fields), extra={"role": "consumer_sse", **fields})
         else:
             rt.metrics.bad_frame(exc.code)
         refusal = client_error_response(exc)
@@ -77,15 +82,22 @@ async def events(request: web.Request) -> web.StreamResponse:
     async def send(batch: list[bytes]) -> None:
         await response.write(b"".join(batch))
 
-    outbox = Outbox(send, cfg.consumer.max_queue_bytes, cfg.consumer.send_timeout_ms / 1000, backlog_of(request))
+    outbox = Outbox(
+        send,
+        cfg.consumer.max_queue_bytes,
+        cfg.consumer.send_timeout_ms / 1000,
+        backlog_of(request),
+        on_written=rt.metrics.delivery_latency,
+    )
     done = _Done()
     sub = Subscriber(rt.relay.hub, stream, outbox, SSE_CODEC, cursor=cursor, wait_s=wait_ms / 1000, owner=done)
     rt.metrics.connection_opened("consumer_sse")
-    started = time.monotonic()
+    conn_log = ConnectionLog(log, "consumer_sse", request.remote, stream=stream)
     writer = asyncio.create_task(outbox.run(), name="relayd-sse-writer")
     loop = asyncio.get_running_loop()
 
     def expired() -> None:
+        conn_log.closing("token_expired")
         rt.metrics.auth_failure("token_expired")
         outbox.control(SSE_CODEC.error(stream, "token_expired", "the token expired; reconnect with a fresh one"))
         done.event.set()
@@ -94,6 +106,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     keepalive = asyncio.create_task(_keepalive(outbox, cfg.consumer.sse_keepalive_s))
 
     async def drain_close() -> None:
+        conn_log.closing("shutting_down")
         outbox.control(SSE_CODEC.error(stream, "shutting_down", "relayd is restarting; reconnect"))
         done.event.set()
 
@@ -103,6 +116,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         waiter = asyncio.create_task(done.event.wait())
         await asyncio.wait([waiter, writer], return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
+        if done.event.is_set():
+            conn_log.closing("stream_done")  # the stream ended (or could not be followed): the response ends
         if not writer.done():
             await outbox.flush(1.0)
     finally:
@@ -117,8 +132,9 @@ async def events(request: web.Request) -> web.StreamResponse:
                 await task
         if writer.done() and not writer.cancelled() and isinstance(writer.exception(), SlowConsumer):
             rt.metrics.slow_consumer()
+            conn_log.closing("slow_consumer")
         rt.metrics.connection_closed("consumer_sse")
-        log.info("sse closed remote=%s stream=%s duration_s=%.1f", request.remote, stream, time.monotonic() - started)
+        conn_log.closed(None, "client_closed", chunks_out=done.chunks, streams=1)
     return response
 
 
