@@ -199,6 +199,20 @@ async def test_drain_1012_then_resume_on_the_restarted_relayd(
     assert "relayd closed the connection (code 1012" in caplog.text
 
 
+async def test_without_reconnect_a_drop_raises_connection_failed(relayd: Relayd) -> None:
+    """reconnect=False: relayd's drain (1012) raises ConnectionFailed instead of resuming."""
+    stream = "once-1"
+    consumer = consume(relayd.url, stream, token=relayd.token([stream]), reconnect=False)
+    async with await relayd.producer() as producer:
+        await producer.open(stream)
+        await append(producer, stream, 1, 1)
+        assert ids(await take(consumer, 1)) == [1]
+        reader = asyncio.create_task(anext(consumer))
+        await relayd.server.stop()
+        with pytest.raises(ConnectionFailed, match="1012"):
+            await reader
+
+
 async def test_gives_up_after_max_retries_with_connection_failed() -> None:
     """With nothing listening, the consumer retries max_retries times, then raises ConnectionFailed."""
     consumer = consume(f"http://127.0.0.1:{free_port()}", "nobody", token="x.y.z", max_retries=2, **FAST)
@@ -207,6 +221,16 @@ async def test_gives_up_after_max_retries_with_connection_failed() -> None:
     assert caught.value.attempts == 3
     assert isinstance(caught.value.__cause__, OSError)
     await consumer.aclose()
+
+
+async def test_stream_ids_with_slashes_and_a_prefix_token(relayd: Relayd) -> None:
+    """An id like ``user-7/chat-1`` travels as one path segment; a ``user-7/*`` token covers it."""
+    stream = "user-7/chat-1@v=2"
+    async with await relayd.producer() as producer:
+        await producer.open(stream)
+        await append(producer, stream, 1, 3)
+        await producer.end(stream)
+    assert ids(await rest(consume(relayd.url, stream, token=relayd.token(["user-7/*"])))) == [1, 2, 3]
 
 
 # --- tokens -------------------------------------------------------------------------------------
@@ -402,24 +426,40 @@ async def test_token_for_another_stream_raises_forbidden(relayd: Relayd) -> None
 
 
 async def test_cancel_reaches_the_producer_and_ends_cancelled(relayd: Relayd) -> None:
-    """cancel() is delivered to the producer as a cancel frame; the iteration then raises StreamCancelled."""
+    """cancel() from another task reaches the producer as a cancel frame; the reader then gets StreamCancelled."""
     stream = "cancel-1"
     token = relayd.token([stream], rights=("read", "cancel"))
     async with await relayd.producer() as producer, consume(relayd.url, stream, token=token) as consumer:
         await producer.open(stream)
         await append(producer, stream, 1, 2)
-        assert ids(await take(consumer, 2)) == [1, 2]
+        got: list[Any] = []
+        reader = asyncio.create_task(read_into(consumer, got))  # a UI loop; the test is the Stop button
         await consumer.cancel()
         await producer.expect("cancel", stream=stream)
         await append(producer, stream, 3, 3)  # the last chunk the producer had in flight
         ended = await producer.end(stream, "cancelled")
-        tail: list[Any] = []
         with pytest.raises(StreamCancelled):
-            await read_into(consumer, tail)
-        assert ids(tail) == [3]
+            await reader
+        assert ids(got) == [1, 2, 3]
         assert consumer.cursor is not None and consumer.cursor < ended["cursor"]
         assert consumer.end == End("cancelled", None, ended["cursor"])
         await consumer.cancel()  # after the end: nothing to do
+
+
+async def test_cancel_before_connecting_is_sent_on_connect(relayd: Relayd) -> None:
+    """cancel() before the first iteration is sent as soon as the consumer connects."""
+    stream = "cancel-3"
+    async with await relayd.producer() as producer:
+        await producer.open(stream)
+        await append(producer, stream, 1, 1)
+        consumer = consume(relayd.url, stream, token=relayd.token([stream], rights=("read", "cancel")))
+        await consumer.cancel()
+        reader = asyncio.create_task(rest(consumer))
+        await producer.expect("cancel", stream=stream)
+        await producer.end(stream, "cancelled")
+        with pytest.raises(StreamCancelled):
+            await reader
+        assert consumer.end is not None and consumer.end.reason == "cancelled"
 
 
 async def test_cancel_without_the_right_is_forbidden(relayd: Relayd) -> None:
