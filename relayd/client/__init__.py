@@ -4,6 +4,7 @@ Asyncio on aiohttp; imports only relayd's core modules (protocol, auth, errors),
 server. docs/clients.md is the guide; docs/protocol.md the wire protocol underneath.
 """
 
+from relayd.client.encoding import Encoder, json_encoder, text_encoder
 from relayd.client.errors import (
     AckTimeout,
     ClientError,
@@ -22,12 +23,18 @@ from relayd.client.errors import (
     StreamReset,
     Unauthorized,
 )
+from relayd.client.producer import Producer, StreamResult, Writer
+from relayd.client.sync import SyncProducer, SyncWriter
+from relayd.client.tee import Tee
+from relayd.client.tokens import mint_token
 
 __all__ = [
     "AckTimeout",
     "ClientError",
     "ConnectionFailed",
+    "Encoder",
     "Forbidden",
+    "Producer",
     "ProducerClosed",
     "ProducerFenced",
     "ProducerLost",
@@ -39,5 +46,13 @@ __all__ = [
     "StreamGap",
     "StreamNotFound",
     "StreamReset",
+    "StreamResult",
+    "SyncProducer",
+    "SyncWriter",
+    "Tee",
     "Unauthorized",
+    "Writer",
+    "json_encoder",
+    "mint_token",
+    "text_encoder",
 ]

@@ -1,0 +1,479 @@
+"""The asyncio producer: ``Producer`` (one connection), ``Writer`` (one stream), ``stream()``.
+
+Every stream of a Producer shares one websocket (:mod:`relayd.client.session`), which batches
+per event-loop tick, bounds the ack window, and reconnects and resends without loss or
+duplicates. This module adds the stream-level API on top: encoding, how a stream ends (by the
+code, an exception or a consumer's cancel), and piping an iterator into a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+
+from relayd.client.encoding import Encoder, default_encoder
+from relayd.client.errors import AckTimeout, ClientError, ProducerClosed
+from relayd.client.session import Connection, Options, StreamState
+from relayd.errors import ProtocolError
+from relayd.protocol import CONTENT_TYPES, check_stream_id
+
+if TYPE_CHECKING:
+    from relayd.client.tee import Tee
+
+__all__ = ["EndReason", "Producer", "StreamResult", "Writer"]
+
+log = logging.getLogger("relayd.client")
+
+EndReason = Literal["completed", "error", "cancelled"]
+OnCancel = Callable[[], Any]  # sync, or returning an awaitable
+
+
+@dataclass(frozen=True, slots=True)
+class StreamResult:
+    """How a stream ended: ``reason`` and the end's ``cursor`` as relayd stored them.
+
+    ``chunks`` counts the chunks this producer appended (all acknowledged). ``error`` is the
+    upstream's exception when :meth:`Producer.stream` was told not to raise it.
+    """
+
+    stream: str
+    reason: str
+    cursor: str | None
+    chunks: int
+    error: BaseException | None = None
+
+
+class Writer:
+    """Appends to one stream; made by :meth:`Producer.writer`, used as ``async with``.
+
+    Leaving the block without :meth:`end` ends the stream ``completed``; with an exception,
+    ``error`` with ``str(exc)`` as the message (the exception propagates); after a consumer's
+    cancel request, ``cancelled``. If the task is cancelled, the end (``cancelled``) is queued,
+    not awaited; the Producer's exit waits for it.
+    """
+
+    def __init__(self, conn: Connection, stream: str, encoder: Encoder, content_type: str) -> None:
+        self._conn = conn
+        self._encoder = encoder
+        self._text = content_type == "text"
+        self._state: StreamState = conn.add_stream(stream, content_type)
+        self.stream = stream
+
+    @property
+    def cancelled(self) -> asyncio.Event:
+        """Set when a consumer asked to cancel the stream: stop and end it ``cancelled``."""
+        return self._state.cancelled
+
+    @property
+    def cursor(self) -> str | None:
+        """The cursor of the last acknowledged chunk (None before the first ack)."""
+        return self._state.cursor
+
+    @property
+    def chunks(self) -> int:
+        """Chunks appended so far (acknowledged or not)."""
+        return self._state.next_seq - 1
+
+    def on_cancel(self, callback: OnCancel) -> None:
+        """Call ``callback()`` (sync, or returning an awaitable) when a consumer asks to cancel."""
+        self._state.cancel_callbacks.append(callback)
+        if self._state.cancelled.is_set():
+            self._conn.run_callback(callback)
+
+    async def send(self, item: Any) -> bool:
+        """Encode ``item`` and append it; False if the encoder made nothing of it.
+
+        Returns once the chunk is queued inside the ack window: waits while the Producer's
+        unacknowledged bytes would exceed ``max_unacked_bytes``. Raises the stream's failure
+        (:class:`ProducerFenced`, :class:`StreamAlreadyEnded`, a :class:`Refused` chunk,
+        :class:`ConnectionFailed`), ``ProducerClosed`` after :meth:`end`, and ``TypeError`` for
+        a value that is not JSON (or not a string on a text stream).
+        """
+        state = self._state
+        self._check()
+        value = self._encoder(item)
+        if value is None or (isinstance(value, str) and not value):
+            return False
+        if self._text and not isinstance(value, str):
+            raise TypeError(f"a text stream takes strings; the encoder returned {type(value).__name__}")
+        data = orjson.dumps(value)
+        await self._conn.reserve(len(data))
+        try:
+            self._check()
+        except BaseException:
+            self._conn.release(len(data))
+            raise
+        state.enqueue(data)
+        return True
+
+    def _check(self) -> None:
+        state = self._state
+        if state.failure is not None:
+            raise state.failure
+        if state.end_request is not None or state.done:
+            raise ProducerClosed(f"stream {self.stream} has been ended")
+
+    async def flush(self) -> None:
+        """Wait until every chunk sent so far is acknowledged (stored in Redis)."""
+        state = self._state
+        while not state.idle.is_set():
+            await state.idle.wait()
+        if state.failure is not None:
+            raise state.failure
+
+    async def end(self, reason: EndReason = "completed", message: str | None = None) -> StreamResult:
+        """End the stream once every chunk is acknowledged; return how relayd stored the end.
+
+        ``message`` (at most 1000 characters are kept) says why, for ``error``. Idempotent: a
+        second call waits for the same end. If a chunk was refused (see :meth:`send`), ending
+        ``completed`` ends ``error`` instead and raises the refusal.
+        """
+        state = self._state
+        failure = state.failure
+        if failure is not None and not state.terminal and reason == "completed":
+            state.request_end("error", str(failure))
+        else:
+            state.request_end(reason, message or "")
+        ended = await state.ended
+        if failure is not None and reason == "completed":
+            raise failure
+        return StreamResult(self.stream, ended.reason, ended.cursor, self.chunks)
+
+    def end_nowait(self, reason: EndReason, message: str = "") -> None:
+        """Queue the end without waiting for it (the Producer's exit waits)."""
+        self._state.request_end(reason, message)
+
+    async def __aenter__(self) -> Writer:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        state = self._state
+        if state.done or state.terminal:
+            return
+        if exc is None:
+            await self.end("cancelled" if state.cancelled.is_set() else "completed")
+        elif not isinstance(exc, Exception):  # CancelledError, KeyboardInterrupt: do not await
+            self.end_nowait("cancelled", f"producer stopped: {type(exc).__name__}")
+        else:
+            with contextlib.suppress(ClientError):
+                await self.end("error", str(exc) or type(exc).__name__)
+
+
+class Producer:
+    """A connection to relayd's producer websocket, carrying any number of streams.
+
+    ``url`` is relayd's base URL (``http(s)://host:port``, or ``ws(s)://``); ``api_key`` one of
+    its API keys. ``encoder`` turns items into chunks (default: :func:`json_encoder` for
+    ``content_type="json"`` streams, :func:`text_encoder` for ``"text"``). Options:
+
+    - ``max_unacked_bytes``: the ack window (bytes of chunk JSON sent but not acknowledged, all
+      streams together); ``send`` waits when it is full. Memory held is bounded by it.
+    - ``reconnect``, ``backoff_initial_s``, ``backoff_max_s``: reconnect after a drop, waiting
+      ``backoff_initial_s * 2**n`` (capped, with jitter) between attempts;
+      ``reconnect_timeout_s``: give up (:class:`ConnectionFailed`) after trying that long.
+    - ``close_timeout_s``: how long leaving the ``async with`` waits for acks and ends.
+    - ``max_message_bytes``: the largest websocket message written (relayd's
+      ``limits.max_frame_bytes`` must be larger).
+    - ``heartbeat_s``: websocket ping interval, to notice a dead connection.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        *,
+        encoder: Encoder | None = None,
+        content_type: str = "json",
+        max_unacked_bytes: int = 1 << 20,
+        reconnect: bool = True,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+        reconnect_timeout_s: float = 60.0,
+        close_timeout_s: float = 10.0,
+        max_message_bytes: int = 512 * 1024,
+        heartbeat_s: float = 20.0,
+    ) -> None:
+        _check_content_type(content_type)
+        if max_unacked_bytes <= 0 or max_message_bytes <= 0:
+            raise ValueError("max_unacked_bytes and max_message_bytes must be positive")
+        self.url = url
+        self._api_key = api_key
+        self.encoder = encoder
+        self.content_type = content_type
+        self.options = Options(
+            max_unacked_bytes=max_unacked_bytes,
+            max_message_bytes=max_message_bytes,
+            reconnect=reconnect,
+            backoff_initial_s=backoff_initial_s,
+            backoff_max_s=backoff_max_s,
+            reconnect_timeout_s=reconnect_timeout_s,
+            heartbeat_s=heartbeat_s,
+            close_timeout_s=close_timeout_s,
+        )
+        self._conn: Connection | None = None
+        self._tees: set[asyncio.Task[Any]] = set()
+        self._cleanups: set[asyncio.Task[Any]] = set()
+
+    @property
+    def unacked_bytes(self) -> int:
+        """Bytes of chunk JSON sent (or queued) and not yet acknowledged; <= max_unacked_bytes."""
+        return self._conn.unacked_bytes if self._conn is not None else 0
+
+    @property
+    def connection(self) -> Connection:
+        if self._conn is None:
+            raise ProducerClosed("the Producer is not connected: use `async with Producer(...)`")
+        return self._conn
+
+    async def connect(self) -> None:
+        """Open the websocket (``async with`` does this). Raises :class:`Unauthorized` for a bad
+        key and :class:`ConnectionFailed` if relayd cannot be reached within the reconnect limit."""
+        if self._conn is None:
+            conn = Connection(self.url, self._api_key, self.options)
+            await conn.start()
+            self._conn = conn
+
+    async def close(self, *, cancel_tees: bool = False) -> None:
+        """Wait for tee tasks (or cancel them), then for acks and ends, then close.
+
+        Raises :class:`AckTimeout` if chunks are still unacknowledged after ``close_timeout_s``,
+        or the connection's failure (:class:`ConnectionFailed`, :class:`Unauthorized`) if it gave
+        up. ``async with`` does not raise these over an exception of its body.
+        """
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            if cancel_tees:
+                for task in self._tees:
+                    task.cancel()
+            await asyncio.gather(*self._tees, return_exceptions=True)
+            settled = await conn.settle(self.options.close_timeout_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.options.close_timeout_s):
+                    await asyncio.gather(*self._cleanups, return_exceptions=True)
+            failure = conn.failure
+            unacked = sum(len(s.unacked) for s in conn.streams.values())
+        finally:
+            await conn.close()
+            self._conn = None
+        if failure is not None:
+            raise failure
+        if not settled:
+            raise AckTimeout(f"{unacked} chunks not acknowledged within {self.options.close_timeout_s}s", unacked)
+
+    async def flush(self) -> None:
+        """Wait until every chunk sent so far, on every stream, is acknowledged."""
+        conn = self.connection
+        await conn.settle(float("inf"))
+        conn.check()
+
+    async def __aenter__(self) -> Producer:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.close(cancel_tees=exc is not None)
+        except ClientError:
+            if exc is None:
+                raise
+            log.warning("relayd producer closed with work left after an error", exc_info=True)
+
+    def writer(
+        self,
+        stream_id: str,
+        *,
+        encoder: Encoder | None = None,
+        content_type: str | None = None,
+        on_cancel: OnCancel | None = None,
+    ) -> Writer:
+        """Open ``stream_id`` (taking it over if it exists and is open) and return its writer.
+
+        The open is queued and written with the first chunks, without waiting for relayd.
+        """
+        try:
+            check_stream_id(stream_id)
+        except ProtocolError as exc:
+            raise ValueError(f"invalid stream id {stream_id!r}: {exc.message}") from None
+        ctype = self.content_type if content_type is None else content_type
+        _check_content_type(ctype)
+        chosen = encoder or (self.encoder if content_type is None else None) or default_encoder(ctype)
+        writer = Writer(self.connection, stream_id, chosen, ctype)
+        if on_cancel is not None:
+            writer.on_cancel(on_cancel)
+        return writer
+
+    async def stream(
+        self,
+        stream_id: str,
+        source: AsyncIterable[Any] | Iterable[Any],
+        *,
+        on_cancel: OnCancel | None = None,
+        encoder: Encoder | None = None,
+        content_type: str | None = None,
+        raise_on_error: bool = True,
+    ) -> StreamResult:
+        """Append every item of ``source`` to ``stream_id``, then end the stream.
+
+        - ``source`` ends: the stream ends ``completed``.
+        - ``source`` raises: the stream ends ``error`` with ``str(exc)`` as its message, then the
+          exception is re-raised (the stream is already ended when you see it), or, with
+          ``raise_on_error=False``, returned in ``StreamResult.error`` with reason ``error``.
+        - a consumer cancels: iteration stops at once (a pending ``__anext__`` is cancelled),
+          ``source`` is closed (``aclose()``, or ``close()``, awaited if it returns an
+          awaitable: async generators, OpenAI ``AsyncStream``), the stream ends ``cancelled``
+          and the result says so; ``on_cancel`` is called first.
+        - relayd refuses the stream (fenced, already ended) or the connection gives up: the
+          source is closed and that :class:`ClientError` is raised.
+
+        A sync iterable is iterated on the event loop, so it must not block: use
+        :class:`SyncProducer` for a blocking iterator (a sync SDK stream).
+        """
+        writer = self.writer(stream_id, encoder=encoder, content_type=content_type, on_cancel=on_cancel)
+        return await self.pipe(writer, source, raise_on_error=raise_on_error)
+
+    async def pipe(
+        self,
+        writer: Writer,
+        source: AsyncIterable[Any] | Iterable[Any],
+        *,
+        tap: Callable[[Any], Awaitable[None]] | None = None,
+        raise_on_error: bool = True,
+    ) -> StreamResult:
+        """:meth:`stream` on an existing writer; ``tap(item)`` sees each item before it is sent."""
+        iterator = _aiter(source)
+        pump = asyncio.create_task(_pump(writer, iterator, tap), name=f"relayd-stream-{writer.stream}")
+        cancel = asyncio.create_task(writer.cancelled.wait())
+        try:
+            await asyncio.wait((pump, cancel), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            pump.cancel()
+            writer.end_nowait("cancelled", "the producer task was cancelled")
+            self._cleanup(_close_after(pump, source, iterator))
+            raise
+        finally:
+            cancel.cancel()
+        if not pump.done():  # a consumer asked to cancel
+            pump.cancel()
+            with contextlib.suppress(BaseException):
+                await pump
+            await _close(source, iterator)
+            return await writer.end("cancelled")
+        error = pump.exception()
+        if error is None:
+            return await writer.end("completed")
+        await _close(source, iterator)
+        if isinstance(error, ClientError) and writer._state.failure is error:
+            if not writer._state.terminal:
+                with contextlib.suppress(ClientError):
+                    await writer.end("error", str(error))
+            raise error
+        result = await writer.end("error", str(error) or type(error).__name__)
+        if raise_on_error:
+            raise error
+        return StreamResult(result.stream, result.reason, result.cursor, result.chunks, error)
+
+    def tee(
+        self,
+        stream_id: str,
+        upstream: AsyncIterable[Any] | Iterable[Any],
+        *,
+        encoder: Encoder | None = None,
+        content_type: str | None = None,
+        on_cancel: OnCancel | None = None,
+        buffer: int = 256,
+    ) -> Tee:
+        """Pipe ``upstream`` into ``stream_id`` in a background task and yield its items too.
+
+        For an HTTP handler that streams the answer to its own client while relayd keeps a
+        durable copy: if the handler stops iterating or is cancelled (the client went away),
+        the background task still reads ``upstream`` to its end and ends the stream
+        ``completed`` (``error`` if it raises). A consumer's cancel stops it as in
+        :meth:`stream`. The Producer's exit waits for the task. ``buffer`` bounds the items
+        held for a slow HTTP side; while it is full, reading ``upstream`` waits for the HTTP
+        side (which stops waiting once the iterator is closed or garbage-collected).
+        """
+        from relayd.client.tee import Tee
+
+        writer = self.writer(stream_id, encoder=encoder, content_type=content_type, on_cancel=on_cancel)
+        tee = Tee(self, writer, upstream, buffer)
+        return tee
+
+    def _spawn_tee(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tees.add(task)
+        task.add_done_callback(self._tees.discard)
+        return task
+
+    def _cleanup(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+
+def _check_content_type(content_type: str) -> None:
+    if content_type not in CONTENT_TYPES:
+        raise ValueError(f"content_type must be 'json' or 'text', got {content_type!r}")
+
+
+async def _from_sync(items: Iterable[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
+
+
+def _aiter(source: AsyncIterable[Any] | Iterable[Any]) -> AsyncIterator[Any]:
+    if isinstance(source, AsyncIterable):
+        return aiter(source)
+    if isinstance(source, Iterable):
+        return _from_sync(source)
+    raise TypeError(f"source must be an iterable or async iterable, got {type(source).__name__}")
+
+
+async def _pump(writer: Writer, iterator: AsyncIterator[Any], tap: Callable[[Any], Awaitable[None]] | None) -> None:
+    async for item in iterator:
+        if tap is not None:
+            await tap(item)
+        await writer.send(item)
+
+
+async def _close(source: object, iterator: object) -> None:
+    """Close what was being iterated: our iterator, then the source if it is another object.
+
+    ``aclose()`` is preferred; ``close()`` is awaited if it returns an awaitable (OpenAI's
+    ``AsyncStream.close`` is a coroutine, ``Stream.close`` and generators' are not). Errors are
+    logged: a failing close must not hide how the stream ended.
+    """
+    done: list[object] = []
+    for obj in (iterator, source):
+        if any(obj is seen for seen in done):
+            continue
+        done.append(obj)
+        closer = getattr(obj, "aclose", None) or getattr(obj, "close", None)
+        if not callable(closer):
+            continue
+        try:
+            result = closer()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.warning("closing the upstream %r failed", obj, exc_info=True)
+
+
+async def _close_after(pump: asyncio.Task[None], source: object, iterator: object) -> None:
+    with contextlib.suppress(BaseException):
+        await pump
+    await _close(source, iterator)

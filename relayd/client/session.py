@@ -1,0 +1,550 @@
+"""The producer connection: one websocket to ``/v1/ingest`` carrying every stream of a Producer.
+
+What this module owns (docs/protocol.md, "Producer websocket"):
+
+- **State per stream** (:class:`StreamState`): its epoch, the chunks not yet acknowledged (each
+  already JSON-encoded, with its sequence number), what was written on the current connection,
+  the end asked for and the ``ended`` answer.
+- **Batching**: ops are not written when queued; the sender task wakes once per event-loop
+  tick and writes everything queued meanwhile as one NDJSON message, one ``append`` (with
+  ``chunks``) per stream. Several messages only when one would exceed ``max_message_bytes``.
+- **The ack window**: the bytes of unacknowledged chunks, for all streams together, never
+  exceed ``max_unacked_bytes`` (one oversized chunk at a time excepted); :meth:`reserve` waits.
+  The chunks are kept until acknowledged, so they can be resent: this bounds memory too.
+- **Reconnecting**: when the websocket drops, every live stream is re-opened with the epoch it
+  holds; its appends wait for ``opened``, whose ``seq`` says what relayd stored; everything
+  after it is resent. ``store_unavailable``/``seq_gap``/``not_open`` refusals resynchronise a
+  stream the same way on the open connection. Nothing is lost, nothing stored twice.
+
+The first open of a stream is pipelined: its appends follow the open without waiting for
+``opened`` (relayd holds them until the open is answered). A re-open is not: its appends wait,
+because where to resume from is only known from ``opened``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from relayd.client.errors import (
+    ClientError,
+    ConnectionFailed,
+    ProducerClosed,
+    Refused,
+    StreamAlreadyEnded,
+    Unauthorized,
+    refused_from_frame,
+)
+from relayd.protocol import MAX_END_MESSAGE, split_message
+
+log = logging.getLogger("relayd.client")
+
+_TERMINAL_CODES = frozenset({"fenced", "stream_ended"})
+_RESYNC_CODES = frozenset({"store_unavailable", "seq_gap", "not_open"})
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Connection settings of a Producer (see :class:`relayd.client.Producer`)."""
+
+    max_unacked_bytes: int = 1 << 20
+    max_message_bytes: int = 512 * 1024
+    reconnect: bool = True
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 5.0
+    reconnect_timeout_s: float = 60.0
+    heartbeat_s: float = 20.0
+    close_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """How a stream ended, as relayd confirmed it."""
+
+    reason: str
+    cursor: str | None
+
+
+def ingest_url(base_url: str) -> str:
+    """``http(s)://host:port[/prefix]`` (or ``ws(s)://``) -> the producer websocket URL."""
+    url = base_url.rstrip("/")
+    for scheme, ws_scheme in (("http://", "ws://"), ("https://", "wss://")):
+        if url.startswith(scheme):
+            url = ws_scheme + url[len(scheme) :]
+    if not url.startswith(("ws://", "wss://")):
+        raise ValueError(f"relayd URL must start with http://, https://, ws:// or wss://, got {base_url!r}")
+    return url + "/v1/ingest"
+
+
+class StreamState:
+    """One stream of a connection. Changed only on the event loop, by the connection and its writer."""
+
+    def __init__(self, conn: Connection, stream: str, content_type: str) -> None:
+        self.conn = conn
+        self.stream = stream
+        self.stream_json = orjson.dumps(stream)
+        self.content_type = content_type
+        self.epoch: int | None = None
+        self.next_seq = 1
+        self.unacked: deque[tuple[int, bytes]] = deque()  # (seq, chunk JSON), seq-contiguous
+        self.acked = 0  # last seq relayd acknowledged (or reported stored) in this epoch
+        self.sent = 0  # last seq written on the current connection
+        self.cursor: str | None = None
+        self.open_pending = True  # an open must be written
+        self.open_inflight = False  # an open was written; its answer has not arrived
+        self.resuming = False  # appends wait for ``opened`` (a re-open)
+        self.end_request: tuple[str, str] | None = None
+        self.end_sent = False
+        self.ended: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
+        self.ended.add_done_callback(_consume_exception)
+        self.failure: ClientError | None = None  # raised by send(); the stream takes no more chunks
+        self.terminal = False  # nothing at all can be written any more (fenced, ended, gave up)
+        self.cancelled = asyncio.Event()
+        self.cancel_callbacks: list[Callable[[], Any]] = []
+        self.idle = asyncio.Event()  # set while no chunk awaits its ack
+        self.idle.set()
+
+    @property
+    def done(self) -> bool:
+        return self.ended.done()
+
+    def enqueue(self, data: bytes) -> None:
+        self.unacked.append((self.next_seq, data))
+        self.next_seq += 1
+        self.idle.clear()
+        self.conn.mark_dirty(self)
+
+    def request_end(self, reason: str, message: str) -> None:
+        if self.end_request is None and not self.done:
+            self.end_request = (reason, message[:MAX_END_MESSAGE])
+            self.conn.mark_dirty(self)
+
+    # -- answers from relayd ---------------------------------------------------------------------
+
+    def on_opened(self, frame: dict[str, Any]) -> None:
+        self.open_inflight = False
+        status = frame.get("status")
+        if status != "open":
+            if self.end_request is not None and status == self.end_request[0]:
+                self.finish(Ended(status, frame.get("cursor")))  # our end was stored; its answer lost
+            else:
+                self.fail(StreamAlreadyEnded(f"the stream already ended ({status})", stream=self.stream), terminal=True)
+            return
+        epoch, seq = int(frame["epoch"]), int(frame["seq"])
+        if self.resuming and self.epoch is not None and epoch == self.epoch and seq < self.acked:
+            self.fail(
+                ClientError(
+                    f"stream {self.stream}: relayd lost acknowledged chunks (stored {seq}, acked {self.acked})"
+                ),
+                terminal=True,
+            )
+            return
+        self.epoch = epoch
+        if self.resuming:
+            self.resuming = False
+            self.ack(seq, frame.get("cursor"))
+            self.sent = max(seq, self.acked)
+        self.conn.mark_dirty(self)
+
+    def ack(self, seq: int, cursor: Any) -> None:
+        if seq <= self.acked:
+            return
+        self.acked = seq
+        if isinstance(cursor, str):
+            self.cursor = cursor
+        freed = 0
+        unacked = self.unacked
+        while unacked and unacked[0][0] <= seq:
+            freed += len(unacked.popleft()[1])
+        self.conn.release(freed)
+        if not unacked:
+            self.idle.set()
+            if self.end_request is not None:
+                self.conn.mark_dirty(self)
+
+    def on_ended(self, frame: dict[str, Any]) -> None:
+        self.finish(Ended(str(frame.get("reason")), frame.get("cursor")))
+
+    def on_cancel(self) -> None:
+        if self.cancelled.is_set() or self.done:
+            return
+        self.cancelled.set()
+        for callback in self.cancel_callbacks:
+            self.conn.run_callback(callback)
+
+    def on_error(self, frame: dict[str, Any]) -> None:
+        code = frame.get("code")
+        seq = frame.get("seq")
+        if code in _TERMINAL_CODES:
+            self.fail(refused_from_frame(frame), terminal=True)
+        elif code in _RESYNC_CODES:
+            if seq is None and self.end_sent and code == "store_unavailable":
+                self.end_sent = False  # the end was not stored: write it again, a little later
+                self.conn.mark_dirty_later(self)
+            elif seq is None and self.open_inflight:
+                self.open_inflight = False  # the open failed: open again, a little later
+                self.open_pending = True
+                self.resuming = True
+                self.conn.mark_dirty_later(self)
+            elif self.failure is None and not self.open_inflight and not self.open_pending:
+                self.resync()
+            # else: a refusal of an op written before the resync; the re-open settles it
+        elif self.failure is None:
+            self.fail(refused_from_frame(frame), terminal=code == "too_many_streams")
+
+    # -- transitions -----------------------------------------------------------------------------
+
+    def resync(self) -> None:
+        """Re-open with our epoch; resend from what relayd reports as stored."""
+        self.open_pending = True
+        self.resuming = True
+        self.end_sent = False
+        self.conn.mark_dirty(self)
+
+    def disconnected(self) -> None:
+        self.open_pending = True
+        self.open_inflight = False
+        self.resuming = True
+        self.end_sent = False
+        self.sent = self.acked
+
+    def drop_unacked(self) -> None:
+        freed = sum(len(data) for _, data in self.unacked)
+        self.unacked.clear()
+        self.conn.release(freed)
+        self.idle.set()
+
+    def fail(self, error: ClientError, *, terminal: bool) -> None:
+        """The stream takes no more chunks; if ``terminal``, not even an end."""
+        if self.done:
+            return
+        if self.failure is None:
+            self.failure = error
+            log.warning("relayd stream %s: %s", self.stream, error)
+        self.drop_unacked()
+        if terminal:
+            self.terminal = True
+            self.ended.set_exception(error)
+            self.conn.forget(self)
+        elif self.end_request is not None:
+            self.conn.mark_dirty(self)
+
+    def finish(self, ended: Ended) -> None:
+        if not self.done:
+            self.ended.set_result(ended)
+        self.terminal = True
+        self.drop_unacked()
+        self.conn.forget(self)
+
+    # -- what to write ---------------------------------------------------------------------------
+
+    def ops(self, limit: int) -> list[bytes]:
+        """The frames to write now for this stream: open, then appends, then end, as due."""
+        out: list[bytes] = []
+        if self.terminal:
+            return out
+        if self.open_pending:
+            self.open_pending = False
+            self.open_inflight = True
+            if self.epoch is None:
+                op = b'{"op":"open","stream":%s,"content_type":"%s"}' % (self.stream_json, self.content_type.encode())
+            else:
+                op = b'{"op":"open","stream":%s,"epoch":%d}' % (self.stream_json, self.epoch)
+            out.append(op)
+        if self.resuming:
+            return out
+        if self.failure is None and self.unacked and self.unacked[-1][0] > self.sent:
+            out.extend(self._appends(limit))
+        if self.end_request is not None and not self.end_sent and not self.unacked and not self.open_inflight:
+            reason, message = self.end_request
+            fields: dict[str, Any] = {"op": "end", "stream": self.stream, "reason": reason}
+            if message:
+                fields["message"] = message
+            out.append(orjson.dumps(fields))
+            self.end_sent = True
+        return out
+
+    def _appends(self, limit: int) -> list[bytes]:
+        """``append`` frames for the chunks after ``sent``, each frame at most ``limit`` bytes."""
+        start = self.sent + 1 - self.unacked[0][0]
+        frames: list[bytes] = []
+        head = b'{"op":"append","stream":%s,"seq":' % self.stream_json
+        batch: list[bytes] = []
+        first = size = 0
+        for i in range(start, len(self.unacked)):
+            seq, data = self.unacked[i]
+            if batch and size + len(data) + 1 > limit:
+                frames.append(b'%s%d,"chunks":[%s]}' % (head, first, b",".join(batch)))
+                batch = []
+            if not batch:
+                first, size = seq, len(head) + 32
+            batch.append(data)
+            size += len(data) + 1
+        if batch:
+            frames.append(b'%s%d,"chunks":[%s]}' % (head, first, b",".join(batch)))
+        self.sent = self.unacked[-1][0]
+        return frames
+
+
+def _consume_exception(future: asyncio.Future[Ended]) -> None:
+    # A stream nobody awaits (its writer went away) must not log "exception never retrieved".
+    if not future.cancelled():
+        future.exception()
+
+
+class Connection:
+    """One producer websocket with reconnects; see the module docstring."""
+
+    def __init__(self, base_url: str, api_key: str, options: Options) -> None:
+        self.url = ingest_url(base_url)
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+        self.options = options
+        self.streams: dict[str, StreamState] = {}
+        self.unacked_bytes = 0
+        self.failure: ClientError | None = None
+        self.closed = False
+        self.messages_sent = 0  # websocket messages written, over all connections
+        self._dirty: dict[StreamState, None] = {}
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._settled = asyncio.Event()  # set while nothing awaits an ack or an ``ended``
+        self._settled.set()
+        self._connected = asyncio.Event()
+        self._http: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._callbacks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (retrying within ``reconnect_timeout_s`` if reconnecting is on)."""
+        self._http = aiohttp.ClientSession()
+        try:
+            ws = await self._connect()
+        except BaseException:
+            await self._http.close()
+            raise
+        self._runner = asyncio.create_task(self._run(ws), name="relayd-producer-connection")
+
+    async def settle(self, timeout: float) -> bool:
+        """Wait until every chunk is acknowledged and every requested end answered."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._is_settled():
+                    self._settled.clear()
+                    await self._settled.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _is_settled(self) -> bool:
+        if self.failure is not None:
+            return True
+        return self.unacked_bytes == 0 and not any(s.end_request is not None for s in self.streams.values())
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+        for task in list(self._callbacks):
+            task.cancel()
+        if self._http is not None:
+            await self._http.close()
+        self._fail_all(ProducerClosed("the Producer is closed"))
+
+    # -- used by writers -------------------------------------------------------------------------
+
+    def add_stream(self, stream: str, content_type: str) -> StreamState:
+        self.check()
+        if stream in self.streams:
+            raise ValueError(f"stream {stream} is already being written by this Producer")
+        state = StreamState(self, stream, content_type)
+        self.streams[stream] = state
+        self.mark_dirty(state)
+        return state
+
+    def check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+        if self.closed:
+            raise ProducerClosed("the Producer is closed")
+
+    async def reserve(self, nbytes: int) -> None:
+        """Wait for ``nbytes`` of room in the ack window, then take it."""
+        limit = self.options.max_unacked_bytes
+        while self.unacked_bytes and self.unacked_bytes + nbytes > limit:
+            self.check()
+            self._room.clear()
+            await self._room.wait()
+        self.check()
+        self.unacked_bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        if not nbytes:
+            return
+        self.unacked_bytes -= nbytes
+        self._room.set()
+        if self.unacked_bytes == 0:
+            self._settled.set()
+
+    def mark_dirty(self, state: StreamState) -> None:
+        self._dirty[state] = None
+        self._wake.set()
+
+    def mark_dirty_later(self, state: StreamState) -> None:
+        asyncio.get_running_loop().call_later(self.options.backoff_initial_s, self.mark_dirty, state)
+
+    def forget(self, state: StreamState) -> None:
+        if self.streams.get(state.stream) is state:
+            del self.streams[state.stream]
+        self._dirty.pop(state, None)
+        self._settled.set()
+
+    def run_callback(self, callback: Callable[[], Any]) -> None:
+        try:
+            result = callback()
+        except Exception:
+            log.exception("relayd on_cancel callback failed")
+            return
+        if asyncio.iscoroutine(result):
+            task = asyncio.ensure_future(result)
+            self._callbacks.add(task)
+            task.add_done_callback(self._callback_done)
+
+    def _callback_done(self, task: asyncio.Task[Any]) -> None:
+        self._callbacks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("relayd on_cancel callback failed", exc_info=task.exception())
+
+    # -- the connection --------------------------------------------------------------------------
+
+    async def _connect(self) -> aiohttp.ClientWebSocketResponse:
+        assert self._http is not None
+        opts = self.options
+        attempts = 0
+        deadline = time.monotonic() + opts.reconnect_timeout_s
+        while True:
+            attempts += 1
+            try:
+                return await self._http.ws_connect(
+                    self.url, headers=self._headers, heartbeat=opts.heartbeat_s, autoping=True
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status == 401:
+                    raise Unauthorized("relayd refused the API key", code="unauthorized") from exc
+                if exc.status < 500 and exc.status != 429:
+                    raise ConnectionFailed(f"relayd refused the connection: HTTP {exc.status}", attempts) from exc
+                error: Exception = exc
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                error = exc
+            if not opts.reconnect or time.monotonic() >= deadline:
+                raise ConnectionFailed(f"cannot connect to {self.url}: {error}", attempts) from error
+            delay = min(opts.backoff_max_s, opts.backoff_initial_s * 2 ** min(attempts - 1, 30))
+            delay *= 0.5 + random.random() / 2  # jitter: a restarted relayd is not hit by all at once
+            log.info("relayd producer: connect attempt %d failed (%s); retrying in %.2fs", attempts, error, delay)
+            await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))  # backoff, not a sync
+
+    async def _run(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            while True:
+                self._ws = ws
+                reader = asyncio.create_task(self._read(ws), name="relayd-producer-reader")
+                sender = asyncio.create_task(self._send(ws), name="relayd-producer-sender")
+                try:
+                    await asyncio.wait((reader, sender), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in (reader, sender):
+                        task.cancel()
+                    for task in (reader, sender):
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await task
+                    with contextlib.suppress(Exception):
+                        await ws.close()
+                    self._ws = None
+                if self.closed:
+                    return
+                log.info("relayd producer connection lost (code %s); reconnecting", ws.close_code)
+                for state in self.streams.values():
+                    state.disconnected()
+                ws = await self._connect()
+                for state in self.streams.values():
+                    self._dirty[state] = None
+                self._wake.set()
+        except ClientError as exc:
+            self._fail_all(exc)
+
+    def _fail_all(self, error: ClientError) -> None:
+        if self.failure is None and not isinstance(error, ProducerClosed):
+            self.failure = error
+            log.error("relayd producer gave up: %s", error)
+        for state in list(self.streams.values()):
+            state.fail(error, terminal=True)
+        self._room.set()
+        self._settled.set()
+
+    async def _send(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        limit = self.options.max_message_bytes
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            dirty, self._dirty = self._dirty, {}
+            message: list[bytes] = []
+            size = 0
+            for state in dirty:
+                for op in state.ops(limit):
+                    if message and size + len(op) + 1 > limit:
+                        await self._write(ws, message)
+                        message, size = [], 0
+                    message.append(op)
+                    size += len(op) + 1
+            if message:
+                await self._write(ws, message)
+
+    async def _write(self, ws: aiohttp.ClientWebSocketResponse, frames: list[bytes]) -> None:
+        self.messages_sent += 1
+        await ws.send_frame(b"\n".join(frames), aiohttp.WSMsgType.TEXT)
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                continue
+            for line in split_message(msg.data):
+                self._dispatch(orjson.loads(line))
+
+    def _dispatch(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        state = self.streams.get(frame.get("stream") or "")
+        if state is None:
+            if kind == "error":
+                log.warning("relayd refused a producer op: %s", frame)
+            return
+        if kind == "ack":
+            state.ack(int(frame["seq"]), frame.get("cursor"))
+        elif kind == "opened":
+            state.on_opened(frame)
+        elif kind == "ended":
+            state.on_ended(frame)
+        elif kind == "cancel":
+            state.on_cancel()
+        elif kind == "error":
+            state.on_error(frame)
+
+
+__all__ = ["Connection", "Ended", "Options", "Refused", "StreamState", "ingest_url"]

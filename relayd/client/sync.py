@@ -1,0 +1,231 @@
+"""``SyncProducer``: the Producer for code without an event loop (Celery/RQ tasks, threads).
+
+It runs one asyncio event loop in a daemon thread and forwards every call to a
+:class:`~relayd.client.Producer` living there, so batching, the ack window and reconnects work
+exactly as in async code. Every method may be called from any thread (not from the loop thread
+itself); calls block until the loop has done them.
+
+Iterating a source (:meth:`SyncProducer.stream`) happens in the caller's thread, so a blocking
+iterator (a sync OpenAI stream) blocks only its caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Coroutine, Iterable
+from types import TracebackType
+from typing import Any, TypeVar
+
+from relayd.client.encoding import Encoder
+from relayd.client.errors import ClientError
+from relayd.client.producer import EndReason, Producer, StreamResult, Writer
+
+__all__ = ["SyncProducer", "SyncWriter"]
+
+T = TypeVar("T")
+
+
+class SyncProducer:
+    """``with SyncProducer(url, api_key, **options) as p:``; options as :class:`Producer`."""
+
+    def __init__(self, url: str, api_key: str, **options: Any) -> None:
+        self._args = (url, api_key)
+        self._options = options
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._producer: Producer | None = None
+        self._lock = threading.Lock()
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        loop = self._loop
+        if loop is None:
+            coro.close()
+            raise ClientError("the SyncProducer is not started: use `with SyncProducer(...) as p`")
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("SyncProducer methods block; do not call them from its own loop thread")
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    @property
+    def producer(self) -> Producer:
+        if self._producer is None:
+            raise ClientError("the SyncProducer is not started: use `with SyncProducer(...) as p`")
+        return self._producer
+
+    @property
+    def unacked_bytes(self) -> int:
+        return self._producer.unacked_bytes if self._producer is not None else 0
+
+    def start(self) -> None:
+        """Start the loop thread and connect (``with`` does this)."""
+        with self._lock:
+            if self._loop is not None:
+                return
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="relayd-sync-producer", daemon=True)
+            thread.start()
+            self._loop, self._thread = loop, thread
+
+        async def connect() -> Producer:
+            producer = Producer(*self._args, **self._options)
+            await producer.connect()
+            return producer
+
+        try:
+            self._producer = self._call(connect())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def close(self, *, error: bool = False) -> None:
+        """Flush, close the connection and stop the loop thread (``with`` does this)."""
+        if self._loop is None:
+            return
+        try:
+            if self._producer is not None:
+                self._call(self._producer.close(cancel_tees=error))
+        finally:
+            self._producer = None
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+    def __enter__(self) -> SyncProducer:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.close()
+        else:
+            with contextlib.suppress(ClientError):
+                self.close(error=True)
+
+    def flush(self) -> None:
+        """Block until every chunk sent so far is acknowledged."""
+        self._call(self.producer.flush())
+
+    def writer(
+        self,
+        stream_id: str,
+        *,
+        encoder: Encoder | None = None,
+        content_type: str | None = None,
+        on_cancel: Callable[[], Any] | None = None,
+    ) -> SyncWriter:
+        """Open ``stream_id``; as :meth:`Producer.writer`. ``on_cancel`` runs in the loop thread."""
+        producer = self.producer
+
+        async def make() -> Writer:
+            return producer.writer(stream_id, encoder=encoder, content_type=content_type, on_cancel=on_cancel)
+
+        return SyncWriter(self, self._call(make()))
+
+    def stream(
+        self,
+        stream_id: str,
+        source: Iterable[Any],
+        *,
+        on_cancel: Callable[[], Any] | None = None,
+        encoder: Encoder | None = None,
+        content_type: str | None = None,
+        raise_on_error: bool = True,
+    ) -> StreamResult:
+        """As :meth:`Producer.stream`, iterating ``source`` in the calling thread.
+
+        A cancel request is noticed between two items (a blocking ``next()`` cannot be
+        interrupted); ``source`` is then closed (``close()``) and the stream ends ``cancelled``.
+        """
+        w = self.writer(stream_id, encoder=encoder, content_type=content_type, on_cancel=on_cancel)
+        iterator = iter(source)
+        try:
+            for item in iterator:
+                if w.cancelled.is_set():
+                    break
+                w.send(item)
+        except ClientError as exc:
+            _close(iterator, source)
+            if exc is w._writer._state.failure and not w._writer._state.terminal:
+                with contextlib.suppress(ClientError):
+                    w.end("error", str(exc))
+            raise
+        except Exception as exc:
+            _close(iterator, source)
+            result = w.end("error", str(exc) or type(exc).__name__)
+            if raise_on_error:
+                raise
+            return StreamResult(result.stream, result.reason, result.cursor, result.chunks, exc)
+        except BaseException as exc:
+            _close(iterator, source)
+            w._call_nowait_end(f"producer stopped: {type(exc).__name__}")
+            raise
+        if w.cancelled.is_set():
+            _close(iterator, source)
+            return w.end("cancelled")
+        return w.end("completed")
+
+
+class SyncWriter:
+    """A :class:`Writer` driven from another thread; ``with p.writer(id) as w:``."""
+
+    def __init__(self, owner: SyncProducer, writer: Writer) -> None:
+        self._owner = owner
+        self._writer = writer
+        self.stream = writer.stream
+        self.cancelled = threading.Event()  # set when a consumer asked to cancel
+        loop = owner._loop
+        assert loop is not None
+        loop.call_soon_threadsafe(writer.on_cancel, self.cancelled.set)
+
+    @property
+    def cursor(self) -> str | None:
+        return self._writer.cursor
+
+    @property
+    def chunks(self) -> int:
+        return self._writer.chunks
+
+    def send(self, item: Any) -> bool:
+        """As :meth:`Writer.send`: blocks while the ack window is full."""
+        return self._owner._call(self._writer.send(item))
+
+    def flush(self) -> None:
+        self._owner._call(self._writer.flush())
+
+    def end(self, reason: EndReason = "completed", message: str | None = None) -> StreamResult:
+        return self._owner._call(self._writer.end(reason, message))
+
+    def _call_nowait_end(self, message: str) -> None:
+        loop = self._owner._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._writer.end_nowait, "cancelled", message)
+
+    def __enter__(self) -> SyncWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None and not isinstance(exc, Exception):
+            self._call_nowait_end(f"producer stopped: {type(exc).__name__}")
+            return
+        self._owner._call(self._writer.__aexit__(exc_type, exc, tb))
+
+
+def _close(iterator: object, source: object) -> None:
+    for obj in (iterator, source) if iterator is not source else (iterator,):
+        closer = getattr(obj, "close", None)
+        if callable(closer):
+            with contextlib.suppress(Exception):
+                closer()

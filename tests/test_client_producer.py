@@ -1,0 +1,463 @@
+"""The asyncio producer SDK (relayd.client.Producer) against a real relayd and a real Valkey.
+
+Where a test must see or disturb the wire (count websocket messages, hold acks back, drop a
+connection), the Producer talks to relayd through :class:`IngestProxy`, a real websocket proxy
+on port 0; everything else connects straight to relayd. Results are checked by replaying each
+stream through a consumer websocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from openai.types.chat import ChatCompletionChunk
+
+from relayd.client import (
+    ConnectionFailed,
+    Producer,
+    ProducerFenced,
+    Refused,
+    StreamAlreadyEnded,
+    Unauthorized,
+    json_encoder,
+    text_encoder,
+)
+from relayd.config import Config
+from relayd.protocol import split_message
+from tests.helpers import API_KEY, Relayd, collect_chunks
+
+ConfigFactory = Callable[..., Config]
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+class IngestProxy:
+    """A websocket proxy for ``/v1/ingest``: records what the producer sends, can hold acks, can drop."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.messages: list[list[dict[str, Any]]] = []  # producer -> relayd, one list of frames per message
+        self.connections = 0
+        self.hold_acks = False
+        self.held_ack_seq: dict[str, int] = {}
+        self.changed = asyncio.Event()
+        self._client: web.WebSocketResponse | None = None
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> IngestProxy:
+        app = web.Application()
+        app.router.add_get("/v1/ingest", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        self._http = aiohttp.ClientSession()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None and self._http is not None
+        await self._runner.cleanup()
+        await self._http.close()
+
+    async def wait_for(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                self.changed.clear()
+                await self.changed.wait()
+
+    def appends(self, messages: list[list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+        return [f for m in (self.messages if messages is None else messages) for f in m if f["op"] == "append"]
+
+    async def drop(self) -> None:
+        """Close the producer's connection from the server side, as a network failure would."""
+        assert self._client is not None
+        await self._client.close(code=1011)
+
+    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
+        assert self._http is not None
+        client = web.WebSocketResponse()
+        await client.prepare(request)
+        self._client = client
+        self.connections += 1
+        headers = {"Authorization": request.headers["Authorization"]}
+        async with self._http.ws_connect(f"{self.target}/v1/ingest", headers=headers) as upstream:
+
+            async def to_relayd() -> None:
+                async for msg in client:
+                    self.messages.append([orjson.loads(line) for line in split_message(msg.data)])
+                    self.changed.set()
+                    await upstream.send_str(msg.data)
+
+            async def to_producer() -> None:
+                async for msg in upstream:
+                    frames: list[str] = []
+                    for line in split_message(msg.data):
+                        frame = orjson.loads(line)
+                        if self.hold_acks and frame["type"] == "ack":
+                            self.held_ack_seq[frame["stream"]] = frame["seq"]
+                        else:
+                            frames.append(line if isinstance(line, str) else line.decode())
+                    self.changed.set()
+                    if frames:
+                        await client.send_str("\n".join(frames))
+
+            tasks = [asyncio.create_task(to_relayd()), asyncio.create_task(to_producer())]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await client.close()
+        self.changed.set()
+        return client
+
+
+async def replay(server: Relayd, stream: str) -> tuple[list[Any], dict[str, Any]]:
+    """Every chunk's data of ``stream`` from the start, and its end frame."""
+    async with await server.consumer(stream) as consumer:
+        chunks, end = await collect_chunks(consumer, stream)
+    return [c["data"] for c in chunks], end
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+# --- batching, encoders, ends -----------------------------------------------------------------
+
+
+async def test_many_streams_share_one_connection_and_batch_per_tick(relayd: Relayd) -> None:
+    """Chunks queued in one tick, over many streams, go out in a few messages with one append per stream."""
+    streams = [f"batch-{i}" for i in range(20)]
+    async with IngestProxy(relayd.url) as proxy, Producer(proxy.url, API_KEY) as p:
+        writers = [p.writer(s) for s in streams]
+        for i in range(50):  # no await that yields in between: one event-loop tick
+            for w in writers:
+                await w.send({"i": i})
+        results = await asyncio.gather(*(w.end() for w in writers))
+    assert proxy.connections == 1
+    first = proxy.messages[0]
+    assert [f["op"] for f in first] == ["open", "append"] * 20
+    assert all(len(f["chunks"]) == 50 and f["seq"] == 1 for f in first if f["op"] == "append")
+    assert len(proxy.messages) <= 3  # the opens and appends, then the ends (maybe split by acks' timing)
+    assert {r.reason for r in results} == {"completed"} and {r.chunks for r in results} == {50}
+    for s in streams:
+        data, end = await replay(relayd, s)
+        assert data == [{"i": i} for i in range(50)] and end["reason"] == "completed"
+
+
+async def test_stream_from_async_generator_and_sync_iterable(relayd: Relayd) -> None:
+    """stream() takes async and sync iterables, runs items through the encoder and skips empty chunks."""
+
+    async def tokens() -> AsyncIterator[Any]:
+        yield Delta("Hel")  # a dataclass: asdict
+        yield ""  # skipped
+        yield None  # skipped
+        yield {"delta": "lo"}
+
+    chunk = ChatCompletionChunk.model_validate(
+        {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}],
+        }
+    )
+    role_only = chunk.model_copy(update={"choices": [chunk.choices[0].model_copy(update={"delta": {}})]})
+    async with Producer(relayd.url, API_KEY) as p:
+        first = await p.stream("gen-1", tokens())
+        second = await p.stream("text-1", ["a", "", chunk, role_only, "b"], content_type="text")
+        third = await p.stream("sdk-1", [chunk])
+    assert (first.reason, first.chunks, second.chunks) == ("completed", 2, 3)
+    assert (await replay(relayd, "gen-1"))[0] == [{"text": "Hel"}, {"delta": "lo"}]
+    assert (await replay(relayd, "text-1"))[0] == ["a", "Hi", "b"]
+    data, end = await replay(relayd, "sdk-1")
+    assert data == [json_encoder(chunk)] and "system_fingerprint" not in data[0]  # None fields dropped
+    assert end["cursor"] == third.cursor
+    assert text_encoder({"type": "content_block_delta", "delta": {"text": "x"}}) == "x"
+
+
+async def test_stream_error_ends_the_stream_with_the_message_and_reraises(relayd: Relayd) -> None:
+    """An upstream exception ends the stream `error` with str(exc), then is raised (or returned)."""
+
+    async def failing() -> AsyncIterator[str]:
+        yield "one"
+        raise RuntimeError("model timed out")
+
+    async with Producer(relayd.url, API_KEY, content_type="text") as p:
+        with pytest.raises(RuntimeError, match="model timed out"):
+            await p.stream("err-1", failing())
+        result = await p.stream("err-2", failing(), raise_on_error=False)
+        async with p.writer("err-3") as w:
+            await w.send("x")
+            with contextlib.suppress(ValueError):
+                raise ValueError("bad input")  # handled: the writer still completes
+        with pytest.raises(KeyError):
+            async with p.writer("err-4") as w:
+                await w.send("y")
+                raise KeyError("boom")
+    assert result.reason == "error" and isinstance(result.error, RuntimeError)
+    for stream, message in (("err-1", "model timed out"), ("err-2", "model timed out"), ("err-4", "'boom'")):
+        _, end = await replay(relayd, stream)
+        assert end["reason"] == "error" and end["message"] == message, end
+    assert (await replay(relayd, "err-3"))[1]["reason"] == "completed"
+
+
+async def test_refusals_surface_as_exceptions(relayd: Relayd, config_factory: ConfigFactory) -> None:
+    """A bad API key, a takeover (fenced) and an ended stream raise the matching ClientError."""
+    with pytest.raises(Unauthorized):
+        async with Producer(relayd.url, "rk_wrong"):
+            pass
+    with pytest.raises(ConnectionFailed):
+        async with Producer("http://127.0.0.1:1", API_KEY, reconnect=False):
+            pass
+    async with Producer(relayd.url, API_KEY) as p1, Producer(relayd.url, API_KEY) as p2:
+        w1 = p1.writer("fence-1")
+        await w1.send(1)
+        await w1.flush()
+        async with p2.writer("fence-1") as w2:  # takes the stream over: epoch 2
+            await w2.send(2)
+            await w2.flush()
+            with pytest.raises(ProducerFenced):
+                await w1.send(3)
+                await w1.flush()
+        with pytest.raises(StreamAlreadyEnded):
+            async with p1.writer("fence-1") as again:
+                await again.send(4)
+                await again.flush()
+        big = p1.writer("big-1")
+        with pytest.raises(Refused) as refused:
+            await big.send("x" * 300_000)  # over limits.max_chunk_bytes
+            await big.flush()
+        assert refused.value.code == "chunk_too_large"
+        with pytest.raises(Refused):
+            await big.end()  # a refused chunk never ends `completed`
+    assert (await replay(relayd, "fence-1"))[0] == [1, 2]
+    assert (await replay(relayd, "big-1"))[1]["reason"] == "error"
+
+
+# --- reconnects ---------------------------------------------------------------------------------
+
+
+async def test_reconnects_across_a_relayd_restart_without_loss_or_duplicates(config_factory: ConfigFactory) -> None:
+    """relayd restarts on the same port mid-stream: the Producer re-opens with its epoch and resends."""
+    server = Relayd(config_factory())
+    await server.__aenter__()
+    port = server.server.port
+    try:
+        producer = Producer(server.url, API_KEY, backoff_initial_s=0.02, backoff_max_s=0.2)
+        async with producer as p, p.writer("restart-1") as w:
+            for i in range(50):
+                await w.send(i)
+            await w.flush()
+
+            async def keep_sending() -> None:
+                for i in range(50, 300):
+                    await w.send(i)
+                    await asyncio.sleep(0)  # spread the sends over the restart
+
+            sender = asyncio.create_task(keep_sending())
+            await server.__aexit__()  # graceful stop: drains, closes the producer with 1012
+            server = Relayd(config_factory(server={"port": port}))
+            await server.__aenter__()
+            await sender
+        data, end = await replay(server, "restart-1")
+        assert data == list(range(300)) and end["reason"] == "completed"
+    finally:
+        await server.__aexit__()
+
+
+async def test_lost_acks_cause_no_duplicates(relayd: Relayd) -> None:
+    """Stored but unacknowledged chunks are not resent: the re-open's `seq` says what relayd has."""
+    async with IngestProxy(relayd.url) as proxy, Producer(proxy.url, API_KEY, backoff_initial_s=0.02) as p:
+        w = p.writer("lost-1")
+        proxy.hold_acks = True
+        for i in range(10):
+            await w.send(i)
+        await proxy.wait_for(lambda: proxy.held_ack_seq.get("lost-1") == 10)  # stored; acks swallowed
+        assert p.unacked_bytes > 0
+        first_connection = len(proxy.messages)
+        await proxy.drop()
+        proxy.hold_acks = False
+        for i in range(10, 20):
+            await w.send(i)
+        result = await w.end()
+    assert proxy.connections == 2 and result.chunks == 20
+    resent = proxy.appends(proxy.messages[first_connection:])
+    assert resent and min(f["seq"] for f in resent) == 11  # nothing at or below what relayd reported
+    reopen = next(f for m in proxy.messages[first_connection:] for f in m if f["op"] == "open")
+    assert reopen["epoch"] == 1
+    assert (await replay(relayd, "lost-1"))[0] == list(range(20))
+
+
+async def test_gives_up_after_the_reconnect_timeout(config_factory: ConfigFactory) -> None:
+    """With relayd gone for longer than reconnect_timeout_s, writers get ConnectionFailed."""
+    server = Relayd(config_factory())
+    await server.__aenter__()
+    p = Producer(server.url, API_KEY, backoff_initial_s=0.02, backoff_max_s=0.05, reconnect_timeout_s=0.3)
+    await p.connect()
+    w = p.writer("gone-1")
+    await w.send(1)
+    await w.flush()
+    await server.__aexit__()
+    with pytest.raises(ConnectionFailed) as failed:
+        await w.send(2)
+        await w.end()
+    assert failed.value.attempts >= 2
+    with pytest.raises(ConnectionFailed):
+        await p.close()
+
+
+# --- flow control -------------------------------------------------------------------------------
+
+
+async def test_send_blocks_while_the_ack_window_is_full(relayd: Relayd) -> None:
+    """With acks held back, send() stops once max_unacked_bytes are unacknowledged and resumes on acks."""
+    window = 1000
+    chunk = "x" * 98  # 100 bytes of JSON
+    seen: list[int] = []
+    async with IngestProxy(relayd.url) as proxy, Producer(proxy.url, API_KEY, max_unacked_bytes=window) as p:
+        w = p.writer("window-1")
+        proxy.hold_acks = True
+
+        async def send_all() -> None:
+            for _ in range(100):
+                await w.send(chunk)
+                seen.append(p.unacked_bytes)
+
+        sender = asyncio.create_task(send_all())
+        await proxy.wait_for(lambda: proxy.held_ack_seq.get("window-1") == 10)
+        assert not sender.done() and len(seen) == 10 and p.unacked_bytes == window  # blocked in send()
+        proxy.hold_acks = False
+        await proxy.drop()  # the held acks are gone; the re-open tells what relayd stored
+        await sender
+        await w.end()
+    assert max(seen) <= window and len(seen) == 100
+    assert (await replay(relayd, "window-1"))[0] == [chunk] * 100
+
+
+# --- cancel and tee -----------------------------------------------------------------------------
+
+
+async def test_cancel_from_a_consumer_closes_the_upstream_and_ends_cancelled(relayd: Relayd) -> None:
+    """A consumer's cancel reaches stream(): the generator is closed, the stream ends `cancelled`."""
+    closed = asyncio.Event()
+    callbacks: list[str] = []
+
+    async def answer() -> AsyncIterator[str]:
+        try:
+            yield "a"
+            yield "b"
+            await asyncio.Event().wait()  # a model that thinks forever
+            yield "never"
+        finally:
+            closed.set()
+
+    token = relayd.token(["cancel-1"], ("read", "cancel"))
+    async with await relayd.consumer("cancel-1", token=token) as consumer:
+        await consumer.expect("subscribed")
+        async with Producer(relayd.url, API_KEY, content_type="text") as p:
+            task = asyncio.create_task(p.stream("cancel-1", answer(), on_cancel=lambda: callbacks.append("x")))
+            assert (await consumer.expect("chunk"))["data"] == "a"
+            assert (await consumer.expect("chunk"))["data"] == "b"
+            await consumer.send({"op": "cancel", "stream": "cancel-1"})
+            result = await task
+        assert result.reason == "cancelled" and closed.is_set() and callbacks == ["x"]
+        frames, end = await consumer.until("end")
+        assert [f["type"] for f in frames] == ["cancel_requested"] and end["reason"] == "cancelled"
+
+
+async def _serve(handler: Callable[[web.Request], Any]) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_get("/chat", handler)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/chat"
+
+
+@pytest.mark.parametrize("how", ["disconnect", "stop_iterating"])
+async def test_tee_keeps_relaying_when_the_http_side_goes_away(relayd: Relayd, how: str) -> None:
+    """The HTTP client disconnects (handler cancelled) or the handler stops iterating: relayd still gets it all."""
+    resume = asyncio.Event()
+    handler_done = asyncio.Event()
+    stream = f"tee-{how}"
+
+    async def upstream() -> AsyncIterator[str]:
+        for i in range(30):
+            if i == 5:
+                await resume.wait()
+            yield f"t{i} "
+
+    async with Producer(relayd.url, API_KEY, content_type="text") as p:
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse()
+            await response.prepare(request)
+            try:
+                async for item in p.tee(stream, upstream(), buffer=2):
+                    await response.write(item.encode())
+                    if how == "stop_iterating" and item == "t2 ":
+                        break  # no aclose(): the iterator is just dropped
+            finally:
+                handler_done.set()
+            return response
+
+        runner, url = await _serve(handler)
+        try:
+            async with aiohttp.ClientSession() as http, http.get(url) as response:
+                received = b""
+                while received.count(b" ") < 3:
+                    received += await response.content.readany()
+                response.close()  # the browser tab went away
+            await handler_done.wait()
+            gc.collect()
+            resume.set()
+        finally:
+            await runner.cleanup()
+    # leaving the Producer waited for the tee task
+    data, end = await replay(relayd, stream)
+    assert data == [f"t{i} " for i in range(30)] and end["reason"] == "completed"
+
+
+async def test_tee_yields_every_item_to_a_reader_that_stays(relayd: Relayd) -> None:
+    """A reader that stays gets every item, and the result once the relay side ended."""
+
+    async def upstream() -> AsyncIterator[dict[str, int]]:
+        for i in range(20):
+            yield {"i": i}
+
+    async with Producer(relayd.url, API_KEY) as p:
+        tee = p.tee("tee-full", upstream(), buffer=3)
+        items = [item async for item in tee]
+        await tee.task
+    assert items == [{"i": i} for i in range(20)]
+    assert tee.result is not None and tee.result.reason == "completed" and tee.result.chunks == 20
+
+
+async def test_consumer_peer_sees_live_chunks(relayd: Relayd) -> None:
+    """Chunks reach a live consumer as they are acknowledged (not only at the end)."""
+    async with await relayd.consumer("live-1") as consumer:
+        await consumer.expect("subscribed")
+        async with Producer(relayd.url, API_KEY) as p, p.writer("live-1") as w:
+            await w.send({"n": 1})
+            assert (await consumer.expect("chunk"))["data"] == {"n": 1}
+            assert w.cursor is None or w.cursor.endswith("1")
+        await consumer.expect("end", reason="completed")
