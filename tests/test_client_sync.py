@@ -1,0 +1,113 @@
+"""SyncProducer (the producer for threads and Celery-style tasks) and mint_token, against a real relayd."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from relayd.auth import TokenAuthority
+from relayd.client import StreamResult, SyncProducer, mint_token
+from relayd.config import Config
+from tests.helpers import API_KEY, JWT_SECRET, Relayd, collect_chunks
+
+
+def celery_style_task(url: str, job: str) -> tuple[StreamResult, StreamResult]:
+    """What a worker does: no event loop of its own, plain blocking calls."""
+    with SyncProducer(url, API_KEY, content_type="text") as p:
+        streamed = p.stream(f"{job}-text", (f"w{i} " for i in range(20)))
+        with p.writer(f"{job}-json", content_type="json") as w:
+            for i in range(5):
+                w.send({"i": i})
+            w.flush()
+            assert w.cursor is not None and w.cursor.endswith("5")
+        ended = w.end()  # idempotent: the exit already ended it
+    return streamed, ended
+
+
+async def test_sync_producer_from_a_plain_thread(relayd: Relayd) -> None:
+    """A SyncProducer used from a worker thread streams and writes like the async one."""
+    streamed, ended = await asyncio.to_thread(celery_style_task, relayd.url, "job-1")
+    assert (streamed.reason, streamed.chunks, ended.reason, ended.chunks) == ("completed", 20, "completed", 5)
+    async with await relayd.consumer("job-1-text") as consumer:
+        chunks, end = await collect_chunks(consumer)
+    assert [c["data"] for c in chunks] == [f"w{i} " for i in range(20)] and end["cursor"] == streamed.cursor
+    async with await relayd.consumer("job-1-json") as consumer:
+        chunks, _ = await collect_chunks(consumer)
+    assert [c["data"] for c in chunks] == [{"i": i} for i in range(5)]
+
+
+def test_sync_producer_is_shared_by_threads_and_ends_errors(relayd_url: str) -> None:
+    """Several threads write through one SyncProducer; a failing iterator ends its stream `error`."""
+
+    def failing() -> Iterator[str]:
+        yield "a"
+        raise ValueError("upstream broke")
+
+    with SyncProducer(relayd_url, API_KEY, content_type="text") as p:
+        results: list[StreamResult] = []
+
+        def worker(n: int) -> None:
+            results.append(p.stream(f"thread-{n}", [f"{n}:{i}" for i in range(10)]))
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with pytest.raises(ValueError, match="upstream broke"):
+            p.stream("thread-err", failing())
+        returned = p.stream("thread-err-2", failing(), raise_on_error=False)
+    assert sorted(r.chunks for r in results) == [10, 10, 10, 10]
+    assert returned.reason == "error" and isinstance(returned.error, ValueError)
+
+
+@pytest.fixture
+def relayd_url(config_factory: Callable[..., Config]) -> Iterator[str]:
+    """relayd in its own thread and loop, for tests that are plain (non-async) functions."""
+    started = threading.Event()
+    stop: list[asyncio.Event] = []
+    box: list[str] = []
+
+    async def serve() -> None:
+        async with Relayd(config_factory()) as server:
+            box.append(server.url)
+            stop.append(asyncio.Event())
+            started.set()
+            await stop[0].wait()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert started.wait(30)
+    try:
+        yield box[0]
+    finally:
+        loop.call_soon_threadsafe(stop[0].set)
+        thread.join(30)
+        loop.close()
+
+
+def test_mint_token_is_what_relayd_verifies() -> None:
+    """mint_token signs with relayd's own code: TokenAuthority verifies the claims it set."""
+    token = mint_token(JWT_SECRET, ["chat-*"], rights=("read", "cancel"), ttl=60, sub="user-7")
+    principal = TokenAuthority(secret=JWT_SECRET).verify(token)
+    assert principal.allows("chat-42", "cancel") and not principal.allows("other", "read")
+    assert principal.subject == "user-7"
+    with pytest.raises(ValueError):
+        mint_token(JWT_SECRET, ["chat-1"], rights=("write",))
+    with pytest.raises(ValueError):
+        mint_token(JWT_SECRET, ["bad id"])
+
+
+async def test_minted_token_is_accepted_by_relayd(relayd: Relayd) -> None:
+    """A consumer connecting with a minted token reads the stream; a token for another stream is refused."""
+    await asyncio.to_thread(celery_style_task, relayd.url, "minted")
+    token = mint_token(JWT_SECRET, ["minted-text"])
+    async with await relayd.consumer("minted-text", token=token) as consumer:
+        chunks, end = await collect_chunks(consumer)
+    assert len(chunks) == 20 and end["reason"] == "completed"
+    async with await relayd.consumer("minted-json", token=token) as refused:
+        assert await refused.closed() == 4003
