@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from relayd.auth import TokenAuthority
 from relayd.client.consumer import Consumer, End, consume
 from relayd.client.errors import (
     ConnectionFailed,
@@ -27,10 +28,12 @@ from relayd.client.errors import (
     StreamReset,
     Unauthorized,
 )
+from relayd.client.retry import Retry
+from relayd.client.token_keeper import token_allows, token_expiry
 from relayd.config import Config
 from relayd.embedded import free_port
 from relayd.store.keys import Keys
-from tests.helpers import Peer, Relayd
+from tests.helpers import JWT_SECRET, Peer, Relayd
 
 ConfigFactory = Callable[..., Config]
 FAST = {"backoff_initial_s": 0.02, "backoff_max_s": 0.2}
@@ -473,3 +476,33 @@ async def test_cancel_without_the_right_is_forbidden(relayd: Relayd) -> None:
         await append(producer, stream, 2, 2)
         await producer.end(stream)
         assert ids(await rest(c)) == [1, 2]
+
+
+# --- policy pieces, without a server --------------------------------------------------------------
+
+
+async def test_retry_backs_off_exponentially_with_jitter_and_gives_up() -> None:
+    """Delays double from initial_s up to max_s, each drawn in [half, all]; past max_retries, ConnectionFailed."""
+    retry = Retry(0.1, 0.5, max_retries=4)
+    assert retry.delay() == 0.0
+    for expected in (0.1, 0.2, 0.4, 0.5, 0.5):
+        retry.failed(OSError("refused"))
+        assert expected / 2 <= retry.delay() <= expected
+    with pytest.raises(ConnectionFailed) as caught:
+        await retry.wait("stream s")
+    assert caught.value.attempts == 5 and isinstance(caught.value.__cause__, OSError)
+    retry.succeeded()
+    await retry.wait("stream s")  # no failure: returns at once
+    with pytest.raises(ValueError):
+        Retry(0.0, 1.0, None)
+
+
+def test_token_claims_are_read_without_verifying() -> None:
+    """exp and the cancel right come from the payload; an unreadable token gives None, not an error."""
+    token, _ = TokenAuthority(secret=JWT_SECRET).mint(["user-7/*"], ["read"], ttl_s=60)
+    expiry = token_expiry(token)
+    assert expiry is not None and abs(expiry - (time.time() + 60)) < 2
+    assert token_allows(token, "user-7/a", "read") is True
+    assert token_allows(token, "user-7/a", "cancel") is False
+    assert token_allows(token, "user-8/a", "read") is False
+    assert token_expiry("not-a-jwt") is None and token_allows("a.b.c", "s", "cancel") is None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from relayd.client.errors import (
     refused_from_frame,
     stream_failed,
 )
+from relayd.client.retry import Retry
 from relayd.client.token_keeper import AuthSender, TokenKeeper, TokenSource, token_allows
 from relayd.errors import CloseCode, ProtocolError
 from relayd.protocol import is_valid_stream_id, parse_optional_cursor, split_message
@@ -141,8 +141,6 @@ class Consumer:
             raise ValueError("a token or a fetch_token callable is required")
         if wait_ms is not None and wait_ms < 0:
             raise ValueError("wait_ms must be >= 0")
-        if backoff_initial_s <= 0 or backoff_max_s < backoff_initial_s:
-            raise ValueError("backoff: need 0 < backoff_initial_s <= backoff_max_s")
         self.stream = stream
         self._base = _ws_base(url)
         self._tokens = TokenKeeper(token, fetch_token, f"stream {stream}")
@@ -151,8 +149,7 @@ class Consumer:
         self._wait_ms = wait_ms
         self._reconnect = reconnect
         self._raise_on_end = raise_on_end
-        self._max_retries = max_retries
-        self._backoff = (backoff_initial_s, backoff_max_s)
+        self._retry = Retry(backoff_initial_s, backoff_max_s, max_retries)
         self._session = session
         self._own_session = session is None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -160,8 +157,6 @@ class Consumer:
         self._end: End | None = None
         self._closed = False
         self._busy = False  # an __anext__ is running: a second concurrent one is a caller bug
-        self._failures = 0  # connection attempts failed in a row; reset by "subscribed"
-        self._last_error: BaseException | None = None
         self._gap_seen: tuple[Any, Any] | None = None
         self._auth_refusals = 0  # tokens refused in a row (4001/4002); reset by "subscribed"
         self._cancel_wanted = False  # cancel() called, relayd has not confirmed it yet
@@ -286,8 +281,8 @@ class Consumer:
     async def _control(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         if kind == "subscribed":
-            self._failures = self._auth_refusals = 0
-            self._last_error = None
+            self._retry.succeeded()
+            self._auth_refusals = 0
         elif kind == "gap":
             seen = (frame.get("cursor"), frame.get("next"))
             if seen != self._gap_seen:  # the same gap again after a reconnect was already raised
@@ -320,8 +315,7 @@ class Consumer:
             raise refused_from_frame(frame)
         if code in _TRANSIENT_ERRORS and self._reconnect:
             log.info("stream %s: %s; subscribing again", self.stream, code)
-            self._last_error = refused_from_frame(frame)
-            self._failures += 1
+            self._retry.failed(refused_from_frame(frame))
             await self._discard()
             return
         raise refused_from_frame(frame)
@@ -333,13 +327,7 @@ class Consumer:
         while True:
             if self._closed:
                 raise StopAsyncIteration
-            if self._failures:
-                if self._max_retries is not None and self._failures > self._max_retries:
-                    raise ConnectionFailed(
-                        f"gave up on stream {self.stream} after {self._failures} failed attempts: {self._last_error}",
-                        attempts=self._failures,
-                    ) from self._last_error
-                await asyncio.sleep(self._delay(self._failures))
+            await self._retry.wait(f"stream {self.stream}")
             token = await self._tokens.get()
             if self._closed:  # aclose() from another task while this one waited
                 raise StopAsyncIteration
@@ -374,9 +362,8 @@ class Consumer:
     def _failed(self, exc: BaseException) -> None:
         if not self._reconnect:
             raise ConnectionFailed(f"cannot reach relayd at {self._base}: {exc}") from exc
-        self._failures += 1
-        self._last_error = exc
-        log.info("stream %s: connection attempt %d failed: %s", self.stream, self._failures, exc)
+        self._retry.failed(exc)
+        log.info("stream %s: connection attempt %d failed: %s", self.stream, self._retry.failures, exc)
 
     async def _dropped(self, ws: aiohttp.ClientWebSocketResponse, code: int | None, reason: str) -> None:
         """The connection closed: raise what it means, or count a failure and reconnect."""
@@ -394,8 +381,7 @@ class Consumer:
             if not self._tokens.can_fetch or self._auth_refusals > 1:
                 raise refused
             self._tokens.forget()  # fetch a fresh one for the reconnect
-            self._last_error = refused
-            self._failures += 1
+            self._retry.failed(refused)
             log.info("stream %s: token refused (%s); fetching a new one", self.stream, wire)
             return
         if code == CloseCode.FORBIDDEN:
@@ -403,8 +389,7 @@ class Consumer:
         error = ConnectionFailed(f"connection closed (code {code} {reason})".strip())
         if not self._reconnect:
             raise error
-        self._failures += 1
-        self._last_error = error
+        self._retry.failed(error)
         log.info(
             "stream %s: relayd closed the connection (code %s %s); resuming after cursor %s",
             self.stream,
@@ -428,12 +413,6 @@ class Consumer:
         # "/" and the like are valid in stream ids: quote the id into one path segment.
         path = f"/v1/streams/{quote(self.stream, safe='')}/ws"
         return URL(f"{self._base}{path}{'?' + urlencode(query) if query else ''}", encoded=True)
-
-    def _delay(self, failures: int) -> float:
-        """Exponential backoff with jitter (half fixed, half random) for the n-th failure."""
-        initial, cap = self._backoff
-        delay = min(cap, initial * 2.0 ** min(failures - 1, 30))
-        return delay / 2 + random.random() * delay / 2
 
     async def _send(self, ws: aiohttp.ClientWebSocketResponse, op: dict[str, Any]) -> bool:
         """Write one op on ``ws`` if it is still the open connection; whether it was written."""
