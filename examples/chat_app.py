@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per model call otherwise
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     settings = ChatSettings(
         relayd_url=args.relayd_url.rstrip("/"),
         api_key=credentials.api_key(args.api_key),
