@@ -30,7 +30,6 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 import orjson
-from yarl import URL
 
 from relayd.client.errors import (
     ConnectionFailed,
@@ -404,7 +403,7 @@ class Consumer:
         if ws is not None and not ws.closed:
             await ws.close()
 
-    def _url(self) -> URL:
+    def _url(self) -> str:
         query: dict[str, str] = {}
         if self._cursor is not None:
             query["cursor"] = self._cursor
@@ -412,7 +411,7 @@ class Consumer:
             query["wait_ms"] = str(self._wait_ms)
         # "/" and the like are valid in stream ids: quote the id into one path segment.
         path = f"/v1/streams/{quote(self.stream, safe='')}/ws"
-        return URL(f"{self._base}{path}{'?' + urlencode(query) if query else ''}", encoded=True)
+        return f"{self._base}{path}?{urlencode(query)}" if query else f"{self._base}{path}"
 
     async def _send(self, ws: aiohttp.ClientWebSocketResponse, op: dict[str, Any]) -> bool:
         """Write one op on ``ws`` if it is still the open connection; whether it was written."""
