@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,7 +20,9 @@ import orjson
 
 from relayd.client.encoding import Encoder, default_encoder
 from relayd.client.errors import AckTimeout, ClientError, ProducerClosed
-from relayd.client.session import Connection, Options, StreamState
+from relayd.client.session import Connection, Options
+from relayd.client.stream_state import StreamState
+from relayd.client.upstream import aiter_of, close_after, close_upstream, pump_into
 from relayd.errors import ProtocolError
 from relayd.protocol import CONTENT_TYPES, check_stream_id
 
@@ -354,28 +355,27 @@ class Producer:
         raise_on_error: bool = True,
     ) -> StreamResult:
         """:meth:`stream` on an existing writer; ``tap(item)`` sees each item before it is sent."""
-        iterator = _aiter(source)
-        pump = asyncio.create_task(_pump(writer, iterator, tap), name=f"relayd-stream-{writer.stream}")
+        iterator = aiter_of(source)
+        pump = asyncio.create_task(pump_into(writer, iterator, tap), name=f"relayd-stream-{writer.stream}")
         cancel = asyncio.create_task(writer.cancelled.wait())
         try:
             await asyncio.wait((pump, cancel), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             pump.cancel()
             writer.end_nowait("cancelled", "the producer task was cancelled")
-            self._cleanup(_close_after(pump, source, iterator))
+            self._cleanup(close_after(pump, source, iterator))
             raise
         finally:
             cancel.cancel()
         if not pump.done():  # a consumer asked to cancel
             pump.cancel()
-            with contextlib.suppress(BaseException):
-                await pump
-            await _close(source, iterator)
+            await asyncio.wait((pump,))
+            await close_upstream(source, iterator)
             return await writer.end("cancelled")
-        error = pump.exception()
+        error = pump.exception() if not pump.cancelled() else RuntimeError("the upstream was cancelled")
         if error is None:
             return await writer.end("completed")
-        await _close(source, iterator)
+        await close_upstream(source, iterator)
         if isinstance(error, ClientError) and writer._state.failure is error:
             if not writer._state.terminal:
                 with contextlib.suppress(ClientError):
@@ -428,52 +428,3 @@ class Producer:
 def _check_content_type(content_type: str) -> None:
     if content_type not in CONTENT_TYPES:
         raise ValueError(f"content_type must be 'json' or 'text', got {content_type!r}")
-
-
-async def _from_sync(items: Iterable[Any]) -> AsyncIterator[Any]:
-    for item in items:
-        yield item
-
-
-def _aiter(source: AsyncIterable[Any] | Iterable[Any]) -> AsyncIterator[Any]:
-    if isinstance(source, AsyncIterable):
-        return aiter(source)
-    if isinstance(source, Iterable):
-        return _from_sync(source)
-    raise TypeError(f"source must be an iterable or async iterable, got {type(source).__name__}")
-
-
-async def _pump(writer: Writer, iterator: AsyncIterator[Any], tap: Callable[[Any], Awaitable[None]] | None) -> None:
-    async for item in iterator:
-        if tap is not None:
-            await tap(item)
-        await writer.send(item)
-
-
-async def _close(source: object, iterator: object) -> None:
-    """Close what was being iterated: our iterator, then the source if it is another object.
-
-    ``aclose()`` is preferred; ``close()`` is awaited if it returns an awaitable (OpenAI's
-    ``AsyncStream.close`` is a coroutine, ``Stream.close`` and generators' are not). Errors are
-    logged: a failing close must not hide how the stream ended.
-    """
-    done: list[object] = []
-    for obj in (iterator, source):
-        if any(obj is seen for seen in done):
-            continue
-        done.append(obj)
-        closer = getattr(obj, "aclose", None) or getattr(obj, "close", None)
-        if not callable(closer):
-            continue
-        try:
-            result = closer()
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            log.warning("closing the upstream %r failed", obj, exc_info=True)
-
-
-async def _close_after(pump: asyncio.Task[None], source: object, iterator: object) -> None:
-    with contextlib.suppress(BaseException):
-        await pump
-    await _close(source, iterator)

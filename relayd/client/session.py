@@ -28,7 +28,6 @@ import contextlib
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,21 +35,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from relayd.client.errors import (
-    ClientError,
-    ConnectionFailed,
-    ProducerClosed,
-    Refused,
-    StreamAlreadyEnded,
-    Unauthorized,
-    refused_from_frame,
-)
-from relayd.protocol import MAX_END_MESSAGE, split_message
+from relayd.client.errors import ClientError, ConnectionFailed, ProducerClosed, Unauthorized
+from relayd.client.stream_state import StreamState
+from relayd.protocol import split_message
 
 log = logging.getLogger("relayd.client")
-
-_TERMINAL_CODES = frozenset({"fenced", "stream_ended"})
-_RESYNC_CODES = frozenset({"store_unavailable", "seq_gap", "not_open"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,14 +56,6 @@ class Options:
     close_timeout_s: float = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class Ended:
-    """How a stream ended, as relayd confirmed it."""
-
-    reason: str
-    cursor: str | None
-
-
 def ingest_url(base_url: str) -> str:
     """``http(s)://host:port[/prefix]`` (or ``ws(s)://``) -> the producer websocket URL."""
     url = base_url.rstrip("/")
@@ -84,222 +65,6 @@ def ingest_url(base_url: str) -> str:
     if not url.startswith(("ws://", "wss://")):
         raise ValueError(f"relayd URL must start with http://, https://, ws:// or wss://, got {base_url!r}")
     return url + "/v1/ingest"
-
-
-class StreamState:
-    """One stream of a connection. Changed only on the event loop, by the connection and its writer."""
-
-    def __init__(self, conn: Connection, stream: str, content_type: str) -> None:
-        self.conn = conn
-        self.stream = stream
-        self.stream_json = orjson.dumps(stream)
-        self.content_type = content_type
-        self.epoch: int | None = None
-        self.next_seq = 1
-        self.unacked: deque[tuple[int, bytes]] = deque()  # (seq, chunk JSON), seq-contiguous
-        self.acked = 0  # last seq relayd acknowledged (or reported stored) in this epoch
-        self.sent = 0  # last seq written on the current connection
-        self.cursor: str | None = None
-        self.open_pending = True  # an open must be written
-        self.open_inflight = False  # an open was written; its answer has not arrived
-        self.resuming = False  # appends wait for ``opened`` (a re-open)
-        self.end_request: tuple[str, str] | None = None
-        self.end_sent = False
-        self.ended: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
-        self.ended.add_done_callback(_consume_exception)
-        self.failure: ClientError | None = None  # raised by send(); the stream takes no more chunks
-        self.terminal = False  # nothing at all can be written any more (fenced, ended, gave up)
-        self.cancelled = asyncio.Event()
-        self.cancel_callbacks: list[Callable[[], Any]] = []
-        self.idle = asyncio.Event()  # set while no chunk awaits its ack
-        self.idle.set()
-
-    @property
-    def done(self) -> bool:
-        return self.ended.done()
-
-    def enqueue(self, data: bytes) -> None:
-        self.unacked.append((self.next_seq, data))
-        self.next_seq += 1
-        self.idle.clear()
-        self.conn.mark_dirty(self)
-
-    def request_end(self, reason: str, message: str) -> None:
-        if self.end_request is None and not self.done:
-            self.end_request = (reason, message[:MAX_END_MESSAGE])
-            self.conn.mark_dirty(self)
-
-    # -- answers from relayd ---------------------------------------------------------------------
-
-    def on_opened(self, frame: dict[str, Any]) -> None:
-        self.open_inflight = False
-        status = frame.get("status")
-        if status != "open":
-            if self.end_request is not None and status == self.end_request[0]:
-                self.finish(Ended(status, frame.get("cursor")))  # our end was stored; its answer lost
-            else:
-                self.fail(StreamAlreadyEnded(f"the stream already ended ({status})", stream=self.stream), terminal=True)
-            return
-        epoch, seq = int(frame["epoch"]), int(frame["seq"])
-        if self.resuming and self.epoch is not None and epoch == self.epoch and seq < self.acked:
-            self.fail(
-                ClientError(
-                    f"stream {self.stream}: relayd lost acknowledged chunks (stored {seq}, acked {self.acked})"
-                ),
-                terminal=True,
-            )
-            return
-        self.epoch = epoch
-        if self.resuming:
-            self.resuming = False
-            self.ack(seq, frame.get("cursor"))
-            self.sent = max(seq, self.acked)
-        self.conn.mark_dirty(self)
-
-    def ack(self, seq: int, cursor: Any) -> None:
-        if seq <= self.acked:
-            return
-        self.acked = seq
-        if isinstance(cursor, str):
-            self.cursor = cursor
-        freed = 0
-        unacked = self.unacked
-        while unacked and unacked[0][0] <= seq:
-            freed += len(unacked.popleft()[1])
-        self.conn.release(freed)
-        if not unacked:
-            self.idle.set()
-            if self.end_request is not None:
-                self.conn.mark_dirty(self)
-
-    def on_ended(self, frame: dict[str, Any]) -> None:
-        self.finish(Ended(str(frame.get("reason")), frame.get("cursor")))
-
-    def on_cancel(self) -> None:
-        if self.cancelled.is_set() or self.done:
-            return
-        self.cancelled.set()
-        for callback in self.cancel_callbacks:
-            self.conn.run_callback(callback)
-
-    def on_error(self, frame: dict[str, Any]) -> None:
-        code = frame.get("code")
-        seq = frame.get("seq")
-        if code in _TERMINAL_CODES:
-            self.fail(refused_from_frame(frame), terminal=True)
-        elif code in _RESYNC_CODES:
-            if seq is None and self.end_sent and code == "store_unavailable":
-                self.end_sent = False  # the end was not stored: write it again, a little later
-                self.conn.mark_dirty_later(self)
-            elif seq is None and self.open_inflight:
-                self.open_inflight = False  # the open failed: open again, a little later
-                self.open_pending = True
-                self.resuming = True
-                self.conn.mark_dirty_later(self)
-            elif self.failure is None and not self.open_inflight and not self.open_pending:
-                self.resync()
-            # else: a refusal of an op written before the resync; the re-open settles it
-        elif self.failure is None:
-            self.fail(refused_from_frame(frame), terminal=code == "too_many_streams")
-
-    # -- transitions -----------------------------------------------------------------------------
-
-    def resync(self) -> None:
-        """Re-open with our epoch; resend from what relayd reports as stored."""
-        self.open_pending = True
-        self.resuming = True
-        self.end_sent = False
-        self.conn.mark_dirty(self)
-
-    def disconnected(self) -> None:
-        self.open_pending = True
-        self.open_inflight = False
-        self.resuming = True
-        self.end_sent = False
-        self.sent = self.acked
-
-    def drop_unacked(self) -> None:
-        freed = sum(len(data) for _, data in self.unacked)
-        self.unacked.clear()
-        self.conn.release(freed)
-        self.idle.set()
-
-    def fail(self, error: ClientError, *, terminal: bool) -> None:
-        """The stream takes no more chunks; if ``terminal``, not even an end."""
-        if self.done:
-            return
-        if self.failure is None:
-            self.failure = error
-            log.warning("relayd stream %s: %s", self.stream, error)
-        self.drop_unacked()
-        if terminal:
-            self.terminal = True
-            self.ended.set_exception(error)
-            self.conn.forget(self)
-        elif self.end_request is not None:
-            self.conn.mark_dirty(self)
-
-    def finish(self, ended: Ended) -> None:
-        if not self.done:
-            self.ended.set_result(ended)
-        self.terminal = True
-        self.drop_unacked()
-        self.conn.forget(self)
-
-    # -- what to write ---------------------------------------------------------------------------
-
-    def ops(self, limit: int) -> list[bytes]:
-        """The frames to write now for this stream: open, then appends, then end, as due."""
-        out: list[bytes] = []
-        if self.terminal:
-            return out
-        if self.open_pending:
-            self.open_pending = False
-            self.open_inflight = True
-            if self.epoch is None:
-                op = b'{"op":"open","stream":%s,"content_type":"%s"}' % (self.stream_json, self.content_type.encode())
-            else:
-                op = b'{"op":"open","stream":%s,"epoch":%d}' % (self.stream_json, self.epoch)
-            out.append(op)
-        if self.resuming:
-            return out
-        if self.failure is None and self.unacked and self.unacked[-1][0] > self.sent:
-            out.extend(self._appends(limit))
-        if self.end_request is not None and not self.end_sent and not self.unacked and not self.open_inflight:
-            reason, message = self.end_request
-            fields: dict[str, Any] = {"op": "end", "stream": self.stream, "reason": reason}
-            if message:
-                fields["message"] = message
-            out.append(orjson.dumps(fields))
-            self.end_sent = True
-        return out
-
-    def _appends(self, limit: int) -> list[bytes]:
-        """``append`` frames for the chunks after ``sent``, each frame at most ``limit`` bytes."""
-        start = self.sent + 1 - self.unacked[0][0]
-        frames: list[bytes] = []
-        head = b'{"op":"append","stream":%s,"seq":' % self.stream_json
-        batch: list[bytes] = []
-        first = size = 0
-        for i in range(start, len(self.unacked)):
-            seq, data = self.unacked[i]
-            if batch and size + len(data) + 1 > limit:
-                frames.append(b'%s%d,"chunks":[%s]}' % (head, first, b",".join(batch)))
-                batch = []
-            if not batch:
-                first, size = seq, len(head) + 32
-            batch.append(data)
-            size += len(data) + 1
-        if batch:
-            frames.append(b'%s%d,"chunks":[%s]}' % (head, first, b",".join(batch)))
-        self.sent = self.unacked[-1][0]
-        return frames
-
-
-def _consume_exception(future: asyncio.Future[Ended]) -> None:
-    # A stream nobody awaits (its writer went away) must not log "exception never retrieved".
-    if not future.cancelled():
-        future.exception()
 
 
 class Connection:
@@ -356,10 +121,16 @@ class Connection:
 
     async def close(self) -> None:
         self.closed = True
+        unfinished = [s.stream for s in self.streams.values() if s.end_request is None]
+        if unfinished and self.failure is None:
+            log.warning(
+                "relayd producer closed with %d streams not ended (%s); relayd ends them producer_lost",
+                len(unfinished),
+                ", ".join(unfinished[:5]),
+            )
         if self._runner is not None:
             self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+            await asyncio.wait((self._runner,))
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 await self._ws.close()
@@ -547,4 +318,4 @@ class Connection:
             state.on_error(frame)
 
 
-__all__ = ["Connection", "Ended", "Options", "Refused", "StreamState", "ingest_url"]
+__all__ = ["Connection", "Options", "ingest_url"]
