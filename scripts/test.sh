@@ -2,8 +2,9 @@
 # The README's test command: installs everything the suite needs on a fresh Debian machine
 # (Python 3.11 only), then runs it. Extra arguments go to pytest.
 #
-#   - Debian's chromium (browser client tests, driven by Playwright's Python package) and
-#     prometheus/promtool (metrics tests), installed with apt-get when missing;
+#   - Debian's chromium (browser client tests, driven by Playwright's Python package),
+#     prometheus/promtool (metrics tests) and systemd's systemd-analyze (deploy/ unit checks),
+#     installed with apt-get when missing;
 #   - relayd with its dev extras (pytest, websockets, playwright, openai, ...).
 # Tests start their own Redis-compatible server (the embedded Valkey) on a free port.
 set -euo pipefail
@@ -13,6 +14,7 @@ need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # deploy/systemd unit checks
 if ((${#need[@]})); then
     sudo=""
     [[ $(id -u) -eq 0 ]] || sudo="sudo"
