@@ -69,6 +69,34 @@ class AdminClient:
     def __repr__(self) -> str:
         return f"AdminClient({self.url!r})"
 
+    # what the commands call ---------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return self.get("/v1/admin/status")
+
+    def list_streams(self, which: str, prefix: str, limit: int) -> dict[str, Any]:
+        query = {"status": which, "limit": str(limit)}
+        if prefix:
+            query["prefix"] = prefix
+        return self.get("/v1/admin/streams", **query)
+
+    def show(self, stream: str) -> dict[str, Any]:
+        return self.get(stream_path(stream))
+
+    def tail(self, stream: str, from_start: bool) -> Iterator[dict[str, Any]]:
+        return self.lines(stream_path(stream, "tail"), timeout_s=None, **({"from": "start"} if from_start else {}))
+
+    def export(self, stream: str) -> Iterator[dict[str, Any]]:
+        return self.lines(stream_path(stream, "export"), timeout_s=self.timeout_s)
+
+    def end(self, stream: str, reason: str, message: str) -> dict[str, Any]:
+        return self.post(stream_path(stream, "end"), {"reason": reason, "message": message})
+
+    def remove(self, stream: str, force: bool) -> dict[str, Any]:
+        return self.delete(stream_path(stream), **({"force": "1"} if force else {}))
+
+    # HTTP ---------------------------------------------------------------------------------------
+
     def get(self, path: str, **query: str) -> dict[str, Any]:
         return self._json("GET", path, query)
 

@@ -4,7 +4,9 @@ Each command parses its options, finds relayd (``--url``/``RELAYD_URL``, else th
 ``server.host``/``server.port``) and the admin key (``--admin-key``/``RELAYD_ADMIN_KEY``, else
 the development key in ``<embedded.data_dir>/dev-credentials``), makes one call through
 :class:`~relayd.admin_client.AdminClient`, and prints a human summary, or the API's JSON with
-``--json``. A failure is one line on stderr and the exit code of its kind (admin_client.py).
+``--json``. ``ls``, ``show`` and ``export`` can also read Redis directly (``--redis-url``,
+``--direct``: :class:`~relayd.admin_direct.DirectClient`) when relayd is down. A failure is one
+line on stderr and the exit code of its kind (admin_client.py).
 """
 
 from __future__ import annotations
@@ -14,46 +16,95 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeAlias, TypeVar
 
 import click
 import orjson
 
-from relayd.admin_client import EXIT_ERROR, AdminClient, AdminError, Unauthorized, stream_path
+from relayd.admin_client import AdminClient, AdminError, Unauthorized
 from relayd.config import Config, load_config
 from relayd.errors import RelaydError
 
+if TYPE_CHECKING:
+    from relayd.admin_direct import DirectClient  # imported when used: it loads the Redis client
+
 F = TypeVar("F", bound=Callable[..., Any])
+Client: TypeAlias = "AdminClient | DirectClient"
+
+_CONNECTION_OPTIONS = (
+    click.option("--url", envvar="RELAYD_URL", help="relayd's base URL [env RELAYD_URL; default: from the config]."),
+    click.option(
+        "--admin-key",
+        envvar="RELAYD_ADMIN_KEY",
+        help="An admin key [env RELAYD_ADMIN_KEY; default: the development key in dev-credentials].",
+    ),
+    click.option(
+        "--config",
+        "-c",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="RELAYD_CONFIG",
+        help="relayd's config file: where it listens, its dev-credentials, its Redis.",
+    ),
+)
+_DIRECT_OPTIONS = (
+    click.option(
+        "--redis-url",
+        help="Read straight from this Redis (relayd may be down), under the config's redis.key_prefix.",
+    ),
+    click.option("--direct", is_flag=True, help="Read the streams straight from the config's redis.url."),
+)
+_JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer instead.")
 
 
-def admin_options(command: F) -> F:
-    """The options every admin command takes: where relayd is, the admin key, the output form."""
-    options = [
-        click.option(
-            "--url", envvar="RELAYD_URL", help="relayd's base URL [env RELAYD_URL; default: from the config]."
-        ),
-        click.option(
-            "--admin-key",
-            envvar="RELAYD_ADMIN_KEY",
-            help="An admin key [env RELAYD_ADMIN_KEY; default: the development key in dev-credentials].",
-        ),
-        click.option(
-            "--config",
-            "-c",
-            "config_path",
-            type=click.Path(dir_okay=False, path_type=Path),
-            envvar="RELAYD_CONFIG",
-            help="relayd's config file: where it listens, where its dev-credentials are.",
-        ),
-        click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer instead."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def admin_command(*, direct: bool = False, json: bool = True) -> Callable[[F], F]:
+    """Options to find relayd (and, with ``direct``, its Redis) -> a ``client`` argument.
+
+    An :class:`AdminError` raised while connecting or running becomes one line on stderr and
+    the exit code of its kind.
+    """
+
+    def decorate(command: F) -> F:
+        @functools.wraps(command)
+        def run(
+            *args: Any,
+            url: str | None,
+            admin_key: str | None,
+            config_path: Path | None,
+            redis_url: str | None = None,
+            direct: bool = False,
+            **kwargs: Any,
+        ) -> Any:
+            try:
+                client = connect(url, admin_key, config_path, redis_url, direct)
+                return command(*args, client=client, **kwargs)
+            except AdminError as exc:
+                click.echo(f"relayd: {exc}", err=True)
+                sys.exit(exc.exit_code)
+
+        wrapped: Any = run
+        options = [*_CONNECTION_OPTIONS, *(_DIRECT_OPTIONS if direct else ()), *((_JSON_OPTION,) if json else ())]
+        for option in reversed(options):
+            wrapped = option(wrapped)
+        return wrapped  # type: ignore[no-any-return]
+
+    return decorate
 
 
-def connect(url: str | None, admin_key: str | None, config_path: Path | None) -> AdminClient:
-    """An admin client for the relayd these options name (see the module docstring)."""
+def connect(
+    url: str | None, admin_key: str | None, config_path: Path | None, redis_url: str | None = None, direct: bool = False
+) -> Client:
+    """The client for the relayd (or, direct, the Redis) these options name (module docstring)."""
+    if redis_url is not None or direct:
+        config = _load(config_path)
+        redis_url = redis_url or config.redis.url
+        if not redis_url:
+            raise AdminError(
+                "--direct needs redis.url in the config (an embedded server stops with relayd): pass --redis-url"
+            )
+        from relayd.admin_direct import DirectClient
+
+        return DirectClient(config, redis_url)
     if url is None or admin_key is None:
         config = _load(config_path)
         if url is None:
@@ -92,18 +143,9 @@ def _dev_admin_key(config: Config) -> str | None:
     return lines[2] if len(lines) >= 3 else None
 
 
-def reports_errors(command: F) -> F:
-    """Turn an :class:`AdminError` into one line on stderr and its exit code."""
-
-    @functools.wraps(command)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except AdminError as exc:
-            click.echo(f"relayd: {exc}", err=True)
-            sys.exit(exc.exit_code)
-
-    return run  # type: ignore[return-value]
+def _admin(client: Client) -> AdminClient:
+    assert isinstance(client, AdminClient)  # commands without --direct get an AdminClient
+    return client
 
 
 def _print_json(value: Any) -> None:
@@ -154,12 +196,10 @@ def _table(rows: list[list[str]], out: TextIO | None = None) -> None:
 
 
 @click.command()
-@admin_options
-@reports_errors
-def status(url: str | None, admin_key: str | None, config_path: Path | None, as_json: bool) -> None:
+@admin_command()
+def status(client: Client, as_json: bool) -> None:
     """A one-screen summary of a running relayd."""
-    client = connect(url, admin_key, config_path)
-    st = client.get("/v1/admin/status")
+    st = _admin(client).status()
     if as_json:
         _print_json(st)
         return
@@ -182,37 +222,23 @@ def status(url: str | None, admin_key: str | None, config_path: Path | None, as_
 
 @click.group()
 def streams() -> None:
-    """Inspect and operate streams on a running relayd (admin API)."""
+    """Inspect and operate streams on a running relayd (admin API), or read them from its Redis."""
 
 
 @streams.command("ls")
 @click.option("--status", "which", type=click.Choice(["open", "ended", "all"]), default="all", show_default=True)
 @click.option("--prefix", default="", help="Only streams whose id starts with this.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
-@admin_options
-@reports_errors
-def ls(
-    which: str, prefix: str, limit: int, url: str | None, admin_key: str | None, config_path: Path | None, as_json: bool
-) -> None:
-    """List streams, newest first: id, status, chunks, bytes, age, consumers (here)."""
-    client = connect(url, admin_key, config_path)
-    query = {"status": which, "limit": str(limit)}
-    if prefix:
-        query["prefix"] = prefix
-    answer = client.get("/v1/admin/streams", **query)
+@admin_command(direct=True)
+def ls(which: str, prefix: str, limit: int, client: Client, as_json: bool) -> None:
+    """List streams, newest first: id, status, chunks, bytes, age, consumers (on this relayd)."""
+    answer = client.list_streams(which, prefix, limit)
     if as_json:
         _print_json(answer)
         return
     rows = [["ID", "STATUS", "CHUNKS", "BYTES", "AGE", "CONSUMERS"]]
     rows += [
-        [
-            s["id"],
-            s["status"],
-            str(s["chunks"]),
-            human_bytes(s["bytes"]),
-            human_duration(s["age_s"]),
-            str(s["consumers"]),
-        ]
+        [s["id"], s["status"], str(s["chunks"]), human_bytes(s["bytes"]), human_duration(s["age_s"]), _count(s)]
         for s in answer["streams"]
     ]
     if len(rows) == 1:
@@ -223,13 +249,16 @@ def ls(
         click.echo("(more streams not shown: raise --limit or narrow --prefix)", err=True)
 
 
+def _count(stream: dict[str, Any]) -> str:
+    return "-" if stream["consumers"] is None else str(stream["consumers"])
+
+
 @streams.command()
 @click.argument("stream")
-@admin_options
-@reports_errors
-def show(stream: str, url: str | None, admin_key: str | None, config_path: Path | None, as_json: bool) -> None:
+@admin_command(direct=True)
+def show(stream: str, client: Client, as_json: bool) -> None:
     """One stream's metadata, cursors, size, TTL and consumers."""
-    s = connect(url, admin_key, config_path).get(stream_path(stream))
+    s = client.show(stream)
     if as_json:
         _print_json(s)
         return
@@ -237,6 +266,7 @@ def show(stream: str, url: str | None, admin_key: str | None, config_path: Path 
     if s["message"]:
         status_line += f" ({s['message']})"
     ttl = "none" if s["ttl_s"] < 0 else human_duration(s["ttl_s"])
+    consumers = "unknown (read from Redis)" if s["consumers"] is None else f"{s['consumers']} on this relayd"
     fields = [
         ("stream", s["id"]),
         ("status", status_line),
@@ -249,7 +279,7 @@ def show(stream: str, url: str | None, admin_key: str | None, config_path: Path 
         ("last cursor", s["last_cursor"] or "-"),
         ("size", f"{s['chunks']} chunks, {human_bytes(s['bytes'])} in Redis"),
         ("expires in", ttl),
-        ("consumers", f"{s['consumers']} on this relayd"),
+        ("consumers", consumers),
     ]
     for name, value in fields:
         click.echo(f"{name + ':':<14}{value}")
@@ -266,20 +296,15 @@ def _write_chunk(data: Any, out: TextIO) -> None:
 @streams.command()
 @click.argument("stream")
 @click.option("--from-start", is_flag=True, help="Replay the stream from its first chunk, then follow it.")
-@admin_options
-@reports_errors
-def tail(
-    stream: str, from_start: bool, url: str | None, admin_key: str | None, config_path: Path | None, as_json: bool
-) -> None:
+@admin_command()
+def tail(stream: str, from_start: bool, client: Client, as_json: bool) -> None:
     """Print a stream's chunks as they come, until it ends.
 
     Strings are printed as they are, other chunks one JSON per line; gaps and the end go to
     stderr. With --json, every frame (chunk, gap, reset, end) is one JSON line on stdout.
     """
-    client = connect(url, admin_key, config_path)
-    frames = client.lines(stream_path(stream, "tail"), timeout_s=None, **({"from": "start"} if from_start else {}))
     out = click.get_text_stream("stdout")
-    for f in frames:
+    for f in _admin(client).tail(stream, from_start):
         kind = f.get("type")
         if as_json and kind != "error":
             out.write(orjson.dumps(f).decode() + "\n")
@@ -303,33 +328,21 @@ def tail(
 @streams.command()
 @click.argument("stream")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "text"]), default="jsonl", show_default=True)
-@click.option("--url", envvar="RELAYD_URL", help="relayd's base URL [env RELAYD_URL; default: from the config].")
-@click.option("--admin-key", envvar="RELAYD_ADMIN_KEY", help="An admin key [env RELAYD_ADMIN_KEY].")
-@click.option(
-    "--config",
-    "-c",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar="RELAYD_CONFIG",
-    help="relayd's config file: where it listens, where its dev-credentials are.",
-)
-@reports_errors
-def export(stream: str, fmt: str, url: str | None, admin_key: str | None, config_path: Path | None) -> None:
+@admin_command(direct=True, json=False)
+def export(stream: str, fmt: str, client: Client) -> None:
     """Write the whole stream to stdout: jsonl (consumer websocket frames) or text.
 
     jsonl: one frame per line, chunks then the end (if ended), as a websocket consumer gets
     them; text: strings as they are, other chunks one JSON per line. A progress bar goes to
     stderr when it is a terminal.
     """
-    client = connect(url, admin_key, config_path)
     out = click.get_text_stream("stdout")
-    frames = client.lines(stream_path(stream, "export"), timeout_s=client.timeout_s)
     if sys.stderr.isatty():
-        total = client.get(stream_path(stream))["chunks"]
+        total = client.show(stream)["chunks"]
         with click.progressbar(length=total, label=f"exporting {stream}", file=sys.stderr, update_min_steps=100) as bar:
-            _export(frames, fmt, out, bar.update)
+            _export(client.export(stream), fmt, out, bar.update)
     else:
-        _export(frames, fmt, out, lambda n: None)
+        _export(client.export(stream), fmt, out, lambda n: None)
 
 
 def _export(frames: Iterator[dict[str, Any]], fmt: str, out: TextIO, advance: Callable[[int], None]) -> None:
@@ -353,20 +366,10 @@ def _export(frames: Iterator[dict[str, Any]], fmt: str, out: TextIO, advance: Ca
 @click.argument("stream")
 @click.option("--reason", type=click.Choice(["completed", "error", "cancelled"]), required=True, help="The end reason.")
 @click.option("--message", default="", help="Why (shown to consumers; at most 1000 characters).")
-@admin_options
-@reports_errors
-def end(
-    stream: str,
-    reason: str,
-    message: str,
-    url: str | None,
-    admin_key: str | None,
-    config_path: Path | None,
-    as_json: bool,
-) -> None:
+@admin_command()
+def end(stream: str, reason: str, message: str, client: Client, as_json: bool) -> None:
     """End an open stream as relayd would: consumers get the end, its producer is told."""
-    body = {"reason": reason, "message": message} if message else {"reason": reason}
-    answer = connect(url, admin_key, config_path).post(stream_path(stream, "end"), body)
+    answer = _admin(client).end(stream, reason, message)
     if as_json:
         _print_json(answer)
     elif answer["result"] == "ended":
@@ -379,24 +382,13 @@ def end(
 @click.argument("stream")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--force", is_flag=True, help="Also an open stream: end it (cancelled) first, then delete it.")
-@admin_options
-@reports_errors
-def rm(
-    stream: str,
-    yes: bool,
-    force: bool,
-    url: str | None,
-    admin_key: str | None,
-    config_path: Path | None,
-    as_json: bool,
-) -> None:
+@admin_command()
+def rm(stream: str, yes: bool, force: bool, client: Client, as_json: bool) -> None:
     """Delete a stream and its history. An open stream only with --force."""
-    client = connect(url, admin_key, config_path)
     if not yes and not click.confirm(f"Delete stream {stream} and its history?", err=True):
-        click.echo("relayd: not deleted", err=True)
-        sys.exit(EXIT_ERROR)
+        raise AdminError("not deleted")
     try:
-        answer = client.delete(stream_path(stream), **({"force": "1"} if force else {}))
+        answer = _admin(client).remove(stream, force)
     except AdminError as exc:
         if exc.code == "stream_open":
             raise AdminError(f"{exc} (--force)", exc.code) from None

@@ -315,3 +315,17 @@ async def test_percent_encoded_ids_with_slashes(admin: Relayd) -> None:
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     async with admin.session.get(aiohttp.client.URL(url, encoded=True), headers=headers) as resp:
         assert resp.status == 200 and (await resp.json())["id"] == "user-7/chat:1"
+
+
+def test_admin_keys_config_is_checked() -> None:
+    """auth.admin_keys takes only sha256 hashes, RELAYD_ADMIN_KEYS only keys of 16 characters or more."""
+    from relayd.config import build_config
+    from relayd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"auth\.admin_keys\[0\]: must be a hash"):
+        build_config({"auth": {"admin_keys": [ADMIN_KEY]}}, env={})
+    with pytest.raises(ConfigError, match=r"auth\.admin_keys: plain admin keys must be at least 16"):
+        build_config({}, env={"RELAYD_ADMIN_KEYS": "short"})
+    config = build_config({"auth": {"admin_keys": [hash_api_key(ADMIN_KEY)]}}, env={"RELAYD_ADMIN_KEYS": ADMIN_KEY})
+    assert config.auth.admin_keys == (hash_api_key(ADMIN_KEY),) and config.admin_key_secrets == (ADMIN_KEY,)
+    assert ADMIN_KEY not in repr(config)

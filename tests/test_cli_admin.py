@@ -267,3 +267,43 @@ async def test_finds_relayd_and_the_dev_admin_key_from_the_config(
         toml.write_text(f'[server]\nport = {server.server.port}\n\n[embedded]\ndata_dir = "{tmp_path / "empty"}"\n')
         result = await asyncio.to_thread(CliRunner().invoke, main, ["status", "--config", str(toml)])
         assert result.exit_code == EXIT_UNAUTHORIZED and result.stderr.startswith("relayd: no admin key: ")
+
+
+async def test_direct_mode_reads_redis_while_relayd_is_down(
+    config_factory: Callable[..., Config], redis_server: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """ls, show and export with --redis-url read the stored streams with relayd stopped; the rest need relayd."""
+    async with Relayd(config_factory()) as server, await server.producer() as producer:
+        await produce(producer, "d-1", ["a", "b"], end="completed", content_type="text")
+        await produce(producer, "d-2", [{"x": 1}])
+    toml = tmp_path / "relay.toml"
+    toml.write_text(f'[redis]\nkey_prefix = "{key_prefix}"\n')
+    direct = ("--config", str(toml), "--redis-url", redis_server)
+
+    async def run(*args: str) -> Result:
+        return await asyncio.to_thread(CliRunner().invoke, main, list(args))
+
+    result = await run("streams", "ls", *direct, "--json")
+    assert result.exit_code == 0, result.output
+    listed = {s["id"]: s for s in orjson.loads(result.stdout)["streams"]}
+    assert set(listed) == {"d-1", "d-2"} and listed["d-1"]["chunks"] == 2 and listed["d-1"]["consumers"] is None
+    result = await run("streams", "ls", *direct, "--status", "open")
+    assert result.exit_code == 0 and [line.split()[0] for line in result.stdout.splitlines()[1:]] == ["d-2"]
+    assert result.stdout.splitlines()[1].split()[-1] == "-"  # no relayd: consumers unknown
+
+    result = await run("streams", "show", "d-1", *direct)
+    assert result.exit_code == 0, result.output
+    assert "ended: completed" in result.stdout and "unknown (read from Redis)" in result.stdout
+    result = await run("streams", "export", "d-1", *direct, "--format", "text")
+    assert result.exit_code == 0 and result.stdout == "ab"
+    result = await run("streams", "export", "d-1", *direct)
+    assert [orjson.loads(line)["type"] for line in result.stdout.splitlines()] == ["chunk", "chunk", "end"]
+
+    result = await run("streams", "show", "nope-1", *direct)
+    assert result.exit_code == EXIT_NOT_FOUND and result.stderr == "relayd: stream nope-1 does not exist\n"
+    dead = f"redis://127.0.0.1:{free_port()}"
+    result = await run("streams", "ls", "--config", str(toml), "--redis-url", dead)
+    assert result.exit_code == EXIT_UNREACHABLE and result.stderr.startswith(f"relayd: cannot reach Redis at {dead}: ")
+    assert len(result.stderr.splitlines()) == 1
+    result = await run("streams", "ls", "--config", str(toml), "--direct")  # no redis.url: embedded
+    assert result.exit_code == 1 and "pass --redis-url" in result.stderr
