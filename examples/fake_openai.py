@@ -85,6 +85,7 @@ class FakeModelSettings:
     ttft_s: float = 0.0  # time to first token
     fail_after: int | None = None  # fail the stream after this many content tokens
     fail_mode: FailMode = "error"  # "error": an OpenAI error event; "disconnect": drop the connection
+    reject_status: int | None = None  # refuse every completion with this HTTP status (401, 429, 500...)
     model: str = "fake-gpt"
 
 
@@ -168,6 +169,8 @@ class FakeOpenAI:
             except json.JSONDecodeError:
                 raise RequestError(400, "We could not parse the JSON body of your request.") from None
             plan = _Plan.from_body(body, self.settings)
+            if self.settings.reject_status is not None:
+                raise RequestError(self.settings.reject_status, "Refused on purpose (reject_status).")
         except RequestError as exc:
             error = {"message": str(exc), "type": "invalid_request_error", "param": exc.param, "code": None}
             return web.json_response({"error": error}, status=exc.status)

@@ -207,7 +207,7 @@ async def test_chat_app_stop_aborts_the_model_call(relayd: Relayd) -> None:
     assert len(rest) < 100  # stopped long before the 2000 tokens
 
 
-async def test_chat_app_ends_the_stream_error_when_the_model_fails(relayd: Relayd) -> None:
+async def test_chat_app_ends_the_stream_error_when_the_model_fails_midway(relayd: Relayd) -> None:
     """A model stream failing midway ends the relayd stream `error`, after the text received before it."""
     async with FakeOpenAI(tokens=30, fail_after=5) as fake, chat_app_for(relayd, fake) as app:
         body = await (await app.post("/chat", json={"prompt": PROMPT})).json()
@@ -217,6 +217,18 @@ async def test_chat_app_ends_the_stream_error_when_the_model_fails(relayd: Relay
     assert end["reason"] == "error"
     assert end.get("message")
     assert delta_text(chunks) == answer_text(PROMPT, 30, max_tokens=5)
+
+
+async def test_chat_app_ends_the_stream_error_when_the_model_call_fails(relayd: Relayd) -> None:
+    """A model call refused before any chunk still ends the stream, `error` with the reason, for the page to show."""
+    async with FakeOpenAI(reject_status=401) as fake, chat_app_for(relayd, fake) as app:
+        body = await (await app.post("/chat", json={"prompt": PROMPT})).json()
+        async with await relayd.consumer(body["stream_id"], token=body["token"]) as peer:
+            chunks, end = await collect_chunks(peer)
+
+    assert chunks == []
+    assert end["reason"] == "error"
+    assert "model call failed" in end["message"]
 
 
 async def test_chat_app_token_is_for_that_stream_only(relayd: Relayd) -> None:
@@ -279,6 +291,9 @@ async def test_worker_answers_every_job_on_one_connection(relayd: Relayd, fake: 
     jobs = dict(re.findall(r"^(job-[0-9a-f]+): (\w+)$", out, re.MULTILINE))
     assert sorted(jobs.values()) == sorted(prompts)
     assert len(re.findall(r"^(job-[0-9a-f]+): completed \(\d+ chunks\)$", out, re.MULTILINE)) == len(prompts)
+    async with aiohttp.ClientSession() as http, http.get(f"{relayd.url}/metrics") as response:
+        metrics = await response.text()
+    assert 'relayd_connections_opened_total{role="producer"} 1.0' in metrics  # one websocket for all jobs
     for stream, prompt in jobs.items():
         async with await relayd.consumer(stream) as peer:
             chunks, end = await collect_chunks(peer)
