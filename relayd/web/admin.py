@@ -68,6 +68,8 @@ def admin_only(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except ClientError as exc:
+            if exc.code == "stream_not_found":
+                return error_response(404, exc.code, exc.message)
             return client_error_response(exc)
         except StoreError as exc:
             return error_response(503, "store_unavailable", str(exc))
@@ -76,21 +78,18 @@ def admin_only(handler: Handler) -> Handler:
 
 
 async def existing_stream(request: web.Request) -> tuple[str, StreamMeta]:
-    """The stream named in the path and its meta; a 404 if it does not exist."""
+    """The stream named in the path and its meta; ``stream_not_found`` (404) if it does not exist."""
     stream = check_stream_id(request.match_info["stream"])
     meta = await request.app[RUNTIME].relay.store.read_meta(stream)
     if meta is None:
-        raise web.HTTPNotFound(
-            text=orjson.dumps(
-                {"error": {"code": "stream_not_found", "message": f"stream {stream} does not exist"}}
-            ).decode(),
-            content_type="application/json",
-        )
+        raise ClientError("stream_not_found", f"stream {stream} does not exist")
     return stream, meta
 
 
 async def tail(request: web.Request) -> web.StreamResponse:
     """``?from=start``: the whole stream, then live; otherwise only what comes from now on."""
+    if request.app[RUNTIME].draining.is_set():
+        return error_response(503, "shutting_down", "relayd is draining")
     stream, meta = await existing_stream(request)
     return await follow(request, stream, meta, from_start=request.query.get("from") == "start")
 
@@ -121,7 +120,7 @@ async def show_stream(request: web.Request) -> web.Response:
     stream = check_stream_id(request.match_info["stream"])
     body = await catalog.describe(rt.relay.store, stream, rt.relay.hub.subscriber_count)
     if body is None:
-        return error_response(404, "stream_not_found", f"stream {stream} does not exist")
+        raise ClientError("stream_not_found", f"stream {stream} does not exist")
     return web.json_response(body)
 
 
@@ -156,7 +155,7 @@ async def end_stream(request: web.Request) -> web.Response:
         raise ProtocolError("bad_frame", f"message must be a string of at most {MAX_END_MESSAGE} characters")
     result, gen, offset, status = await rt.relay.end_stream(stream, reason, message)
     if result == "not_found":
-        return error_response(404, "stream_not_found", f"stream {stream} does not exist")
+        raise ClientError("stream_not_found", f"stream {stream} does not exist")
     if result == "error":
         return error_response(503, "store_unavailable", "the end was not stored: Redis did not answer")
     if result == "already" and status != reason:
