@@ -321,14 +321,32 @@ class _Plan:
         }
 
 
+_NUMBERS = {"tokens": int, "tokens_per_s": float, "ttft_s": float, "fail_after": int, "reject_status": int}
+
+
 def _known(overrides: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(FakeModelSettings)}
-    out = {key: value for key, value in overrides.items() if key in names}
+    """The request's ``fake`` overrides, checked: unknown keys are ignored, bad values refused."""
     if "ttft_ms" in overrides:
-        out["ttft_s"] = float(overrides["ttft_ms"]) / 1000
-    if out.get("fail_mode", "error") not in ("error", "disconnect"):
-        raise RequestError(400, "fake.fail_mode: expected 'error' or 'disconnect'.", "fake")
+        overrides = {**overrides, "ttft_s": overrides["ttft_ms"] / 1000 if _is_number(overrides["ttft_ms"]) else None}
+    out: dict[str, Any] = {}
+    for key, kind in _NUMBERS.items():
+        if key in overrides:
+            value = overrides[key]
+            if value is None and key in ("fail_after", "reject_status"):  # null turns them off
+                out[key] = None
+                continue
+            if not _is_number(value) or value < 0:
+                raise RequestError(400, f"fake.{key}: expected a number >= 0.", "fake")
+            out[key] = kind(value)
+    if "fail_mode" in overrides:
+        if overrides["fail_mode"] not in ("error", "disconnect"):
+            raise RequestError(400, "fake.fail_mode: expected 'error' or 'disconnect'.", "fake")
+        out["fail_mode"] = overrides["fail_mode"]
     return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _last_user_text(messages: list[Any]) -> str:
