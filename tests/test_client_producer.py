@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -481,3 +483,12 @@ async def test_consumer_peer_sees_live_chunks(relayd: Relayd) -> None:
             assert (await consumer.expect("chunk"))["data"] == {"n": 1}
             assert w.cursor is None or w.cursor.endswith("1")
         await consumer.expect("end", reason="completed")
+
+
+def test_the_sdk_imports_only_relayd_core_modules() -> None:
+    """relayd.client depends on protocol/auth/errors only: no engine, no server, no redis."""
+    code = "import sys, relayd.client; print(' '.join(sorted(sys.modules)))"
+    modules = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    relayd_modules = {m for m in modules if m.startswith("relayd.") and not m.startswith("relayd.client")}
+    assert relayd_modules <= {"relayd.auth", "relayd.errors", "relayd.protocol"}, relayd_modules
+    assert "redis" not in modules

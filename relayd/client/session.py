@@ -95,7 +95,9 @@ class Connection:
 
     async def start(self) -> None:
         """Connect (retrying within ``reconnect_timeout_s`` if reconnecting is on)."""
-        self._http = aiohttp.ClientSession()
+        # No total timeout (aiohttp's default is 300 s for the whole request), a bounded connect:
+        # an unreachable host becomes a retry, not a five-minute hang.
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=10.0))
         try:
             ws = await self._connect()
         except BaseException:
