@@ -26,6 +26,7 @@ from relayd.protocol import (
     check_stream_id,
     decode_consumer,
     error_frame,
+    format_cursor,
     frame,
     parse_optional_cursor,
     split_message,
@@ -114,6 +115,7 @@ class ConsumerConnection:
         wait_s = min(cap if wait_ms is None else wait_ms, cap) / 1000
         sub = Subscriber(self.rt.relay.hub, stream, self.outbox, WS_CODEC, cursor=cursor, wait_s=wait_s, owner=self)
         self.streams += 1
+        self.log.event(logging.DEBUG, "subscribe", stream=stream, cursor=cursor and format_cursor(*cursor))
         self.subs[stream] = sub
         self.outbox.control(frame(type="subscribed", stream=stream))
         sub.start()

@@ -68,6 +68,7 @@ async def ingest(request: web.Request) -> web.StreamResponse:
     relay = rt.relay
     ops = chunks = streams = refused = 0
     ended_by = "connection_lost"
+    debug = log.isEnabledFor(logging.DEBUG)  # decided once per connection
 
     async def drain_close() -> None:
         # Drain: everything this producer sent is acknowledged before it is told to go.
@@ -92,6 +93,8 @@ async def ingest(request: web.Request) -> web.StreamResponse:
                         relay.append(session, op)
                     elif type(op) is OpenOp:
                         streams += 1
+                        if debug:
+                            conn_log.event(logging.DEBUG, "open", stream=op.stream, epoch=op.epoch)
                         relay.open(session, op)
                     elif type(op) is EndOp:
                         relay.end(session, op)
