@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
@@ -23,6 +26,7 @@ from relayd.client.errors import (
     ProducerLost,
     StreamCancelled,
     StreamErrored,
+    StreamFailed,
     StreamGap,
     StreamNotFound,
     StreamReset,
@@ -36,7 +40,7 @@ from relayd.store.keys import Keys
 from tests.helpers import JWT_SECRET, Peer, Relayd
 
 ConfigFactory = Callable[..., Config]
-FAST = {"backoff_initial_s": 0.02, "backoff_max_s": 0.2}
+FAST: dict[str, Any] = {"backoff_initial_s": 0.02, "backoff_max_s": 0.2}
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -111,7 +115,7 @@ async def test_reads_live_then_from_history_and_resumes_after_a_cursor(relayd: R
         assert live.end == End("completed", None, ended["cursor"])
 
     history = consume(relayd.url, stream, token=token)
-    seen = [(item["i"], history.cursor) async for item in history]
+    seen = [(item["i"], history.cursor or "") async for item in history]
     assert [i for i, _ in seen] == list(range(1, 11))
     assert seen[4][1] == cursors[5]
     assert [c for _, c in seen] == sorted({c for _, c in seen}), "cursors increase, none repeats"
@@ -200,6 +204,62 @@ async def test_drain_1012_then_resume_on_the_restarted_relayd(
         await producer.ws.close()
     assert ids(got) == list(range(1, 9))
     assert "relayd closed the connection (code 1012" in caplog.text
+
+
+def small_receive_buffer(addr_info: Any) -> socket.socket:
+    """A client socket whose kernel receive buffer stays tiny, so a caller that stops iterating
+    really stops the connection (loopback buffers can otherwise grow to tens of MiB)."""
+    family, kind, proto, _, _ = addr_info
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return sock
+
+
+def kernel_send_buffer_max() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 4 * 1024 * 1024
+
+
+async def test_caller_that_stops_iterating_is_closed_4008_then_resumes_exactly(
+    config_factory: ConfigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The consumer reads nothing ahead of its caller: relayd sees it stall and closes 4008; iterating
+    again drains what was received, reconnects and reads the rest, every chunk once."""
+    caplog.set_level(logging.INFO, logger="relayd.client.consumer")
+    stream = "slow-1"
+    pad = "x" * 10_000
+    total = (2 * kernel_send_buffer_max() + 4 * 1024 * 1024) // len(pad)  # more than the kernel buffers hold
+    config = config_factory(consumer={"send_timeout_ms": 300, "max_queue_bytes": 64 * 1024})
+    async with (
+        Relayd(config) as server,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer)) as session,
+        consume(server.url, stream, token=server.token([stream]), session=session, **FAST) as consumer,
+        await server.producer() as producer,
+    ):
+        assert server.server.runtime is not None
+        metrics = server.server.runtime.metrics
+        closed_slow = asyncio.Event()
+        count_slow = metrics.slow_consumer
+
+        def slow_consumer() -> None:  # relayd's own hook: the moment it gives up on a connection
+            count_slow()
+            closed_slow.set()
+
+        metrics.slow_consumer = slow_consumer  # type: ignore[method-assign]
+        await producer.open(stream)
+        for seq in range(1, total + 1, 8):
+            last = min(seq + 7, total)
+            chunks = [{"i": i, "pad": pad} for i in range(seq, last + 1)]
+            await producer.send({"op": "append", "stream": stream, "seq": seq, "chunks": chunks})
+            assert (await producer.next())["seq"] == last
+        await producer.end(stream)
+        await asyncio.wait_for(closed_slow.wait(), 30)
+        got = await rest(consumer)
+    assert ids(got) == list(range(1, total + 1))
+    # the close frame usually gets through once the caller drains; an aborted transport is a drop too
+    assert "relayd closed the connection (code" in caplog.text
 
 
 async def test_without_reconnect_a_drop_raises_connection_failed(relayd: Relayd) -> None:
@@ -321,7 +381,7 @@ async def test_refused_tokens_raise_unauthorized(relayd: Relayd) -> None:
         ("cancelled", None, StreamCancelled),
     ],
 )
-async def test_end_reasons(relayd: Relayd, reason: str, message: str | None, raised: type[Exception] | None) -> None:
+async def test_end_reasons(relayd: Relayd, reason: str, message: str | None, raised: type[StreamFailed] | None) -> None:
     """completed ends the iteration; error/cancelled raise after the last chunk, or just end with raise_on_end=False."""
     stream = f"end-{reason}"
     token = relayd.token([stream])
