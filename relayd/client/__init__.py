@@ -4,6 +4,7 @@ Asyncio on aiohttp; imports only relayd's core modules (protocol, auth, errors),
 server. docs/clients.md is the guide; docs/protocol.md the wire protocol underneath.
 """
 
+from relayd.client.consumer import Consumer, End, consume
 from relayd.client.encoding import Encoder, json_encoder, text_encoder
 from relayd.client.errors import (
     AckTimeout,
@@ -32,7 +33,9 @@ __all__ = [
     "AckTimeout",
     "ClientError",
     "ConnectionFailed",
+    "Consumer",
     "Encoder",
+    "End",
     "Forbidden",
     "Producer",
     "ProducerClosed",
@@ -52,6 +55,7 @@ __all__ = [
     "Tee",
     "Unauthorized",
     "Writer",
+    "consume",
     "json_encoder",
     "mint_token",
     "text_encoder",
