@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from relayd.auth import TokenAuthority
-from relayd.client.consumer import Consumer, End, consume
+from relayd.client import Consumer, End, consume
 from relayd.client.errors import (
     ConnectionFailed,
     Forbidden,
