@@ -13,6 +13,7 @@ from relayd.web.cors import cors_middleware
 from relayd.web.ingest import ingest
 from relayd.web.keys import RUNTIME, Runtime
 from relayd.web.sse import events
+from relayd.web.static import client_js
 from relayd.web.tokens import mint_token
 
 log = logging.getLogger("relayd.web")
@@ -25,6 +26,7 @@ def build_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/v1/ws", consume_ws)
     app.router.add_get("/v1/streams/{stream}/ws", consume_ws)
     app.router.add_get("/v1/streams/{stream}/events", events)
+    app.router.add_get("/v1/client.js", client_js())
     app.router.add_post("/v1/tokens", mint_token)
     app.router.add_get("/healthz", ops.healthz)
     app.router.add_get("/readyz", ops.readyz)

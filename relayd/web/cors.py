@@ -10,7 +10,7 @@ from relayd.web.errors import error_response
 from relayd.web.keys import RUNTIME
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_BROWSER_PREFIXES = ("/v1/streams/", "/v1/tokens", "/v1/ws")
+_BROWSER_PREFIXES = ("/v1/streams/", "/v1/tokens", "/v1/ws", "/v1/client.js")
 _ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID"
 
 

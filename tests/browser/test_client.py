@@ -1,0 +1,307 @@
+"""The browser client (relayd/web/static/relayd-client.js) in a real headless Chromium.
+
+relayd runs in the test's event loop against the session's Valkey; the producer is a raw
+protocol peer; the page (tests/browser/pages/client.html) imports the client from relayd's
+/v1/client.js and renders what it gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+from urllib.parse import urlencode
+
+from playwright.async_api import Page, WebSocket
+
+from tests.browser.conftest import PageServer
+from tests.helpers import Peer, Relayd
+
+
+async def open_page(page: Page, page_server: PageServer, relayd_url: str, stream: str, **params: str) -> None:
+    """Load the test page following ``stream`` and wait until it is subscribed."""
+    query = urlencode({"relayd": relayd_url, "stream": stream, **params})
+    await page.goto(f"{page_server.url}/client.html?{query}")
+    await page.wait_for_function("window.sub && ['live', 'ended'].includes(window.sub.status)")
+
+
+async def wait_text(page: Page, text: str) -> None:
+    await page.wait_for_function("expected => window.relaydTest.text === expected", arg=text)
+
+
+async def wait_end(page: Page) -> dict[str, Any]:
+    await page.wait_for_function("window.relaydTest.end !== null && window.relaydTest.done")
+    end: dict[str, Any] = await page.evaluate("window.relaydTest.end")
+    return end
+
+
+async def producer_for(relayd: Relayd, stream: str) -> Peer:
+    peer = await relayd.producer()
+    opened = await peer.open(stream)
+    assert opened["type"] == "opened", opened
+    return peer
+
+
+async def append(peer: Peer, stream: str, seq: int, *chunks: Any) -> None:
+    ack = await peer.append(stream, seq, *chunks)
+    assert ack["type"] == "ack", ack
+
+
+async def test_chunks_appended_while_the_page_is_open_render_in_order_then_the_end(
+    page: Page, page_server: PageServer, relayd: Relayd
+) -> None:
+    sockets: list[WebSocket] = []
+    page.on("websocket", lambda ws: sockets.append(ws))
+    async with await producer_for(relayd, "live") as producer:
+        await append(producer, "live", 1, "Hel")  # before the page: replayed
+        await open_page(page, page_server, relayd.url, "live")
+        await wait_text(page, "Hel")
+        await append(producer, "live", 2, {"t": "lo"})
+        await wait_text(page, "Hello")
+        await append(producer, "live", 3, ",", " wor", "ld")  # several frames in one message
+        await wait_text(page, "Hello, world")
+        ended = await producer.end("live", "completed")
+    end = await wait_end(page)
+    assert end == {"reason": "completed", "cursor": ended["cursor"]}
+    assert await page.text_content("#end") == "completed"
+    assert await page.evaluate("[window.sub.status, window.sub.cursor]") == ["ended", ended["cursor"]]
+    assert await page.evaluate("window.relaydTest.chunks") == ["Hel", {"t": "lo"}, ",", " wor", "ld"]
+    # The token went in the subprotocol, not the URL; the client closed the socket after the end.
+    assert len(sockets) == 1 and "token" not in sockets[0].url
+    if not sockets[0].is_closed():
+        await sockets[0].wait_for_event("close")
+
+
+async def test_a_reload_mid_stream_resumes_from_the_stored_cursor(
+    page: Page, page_server: PageServer, relayd: Relayd
+) -> None:
+    stream = "reload"
+    async with await producer_for(relayd, stream) as producer:
+        await append(producer, stream, 1, "a", "b")
+        await open_page(page, page_server, relayd.url, stream, persist="session")
+        await wait_text(page, "ab")
+        await append(producer, stream, 3, "c")
+        await wait_text(page, "abc")
+        stored = await page.evaluate(f"sessionStorage.getItem('relayd:cursor:{stream}')")
+        assert stored == await page.evaluate("window.sub.cursor")
+
+        reload = asyncio.create_task(page.reload())
+        await append(producer, stream, 4, "d", "e")  # while the page reloads
+        await reload
+        await page.wait_for_function("window.sub && window.sub.status === 'live'")
+        await append(producer, stream, 6, "f")
+        await wait_text(page, "abcdef")
+        ended = await producer.end(stream, "completed")
+    await wait_end(page)
+    # Every chunk exactly once: the reloaded page got only what came after the stored cursor
+    # ("d" and "e" may have reached the old page before it unloaded).
+    assert await page.evaluate("window.relaydTest.text") == "abcdef"
+    assert await page.evaluate("window.relaydTest.chunks") in (["d", "e", "f"], ["f"])
+    # After the end the stored cursor is the end's: another reload replays nothing, gets the end.
+    assert await page.evaluate(f"sessionStorage.getItem('relayd:cursor:{stream}')") == ended["cursor"]
+    await page.reload()
+    end = await wait_end(page)
+    assert end["reason"] == "completed"
+    assert await page.evaluate("[window.relaydTest.chunks, window.relaydTest.text]") == [[], "abcdef"]
+
+
+class DropProxy:
+    """A TCP proxy in front of relayd whose connections can be cut without a close frame."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> DropProxy:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        self.drop()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+    def drop(self) -> None:
+        """What a dead network does: both sides' sockets vanish (RST), no websocket close."""
+        for writer in list(self.writers):
+            writer.transport.abort()
+        self.writers.clear()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers.update((writer, up_writer))
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        dst.transport.abort()
+
+
+async def test_after_a_network_drop_and_a_server_side_close_the_page_resumes_without_duplicates(
+    page: Page, page_server: PageServer, relayd: Relayd
+) -> None:
+    stream = "drop"
+    runtime = relayd.server.runtime
+    assert runtime is not None
+    async with DropProxy(relayd.server.port) as proxy, await producer_for(relayd, stream) as producer:
+        # The module comes through the proxy too, so its default url is the proxy's origin.
+        await open_page(page, page_server, proxy.url, stream)
+        await append(producer, stream, 1, "1,", "2,")
+        await wait_text(page, "1,2,")
+
+        async with page.expect_websocket() as reconnected:
+            proxy.drop()
+            await append(producer, stream, 3, "3,", "4,")  # while the page is cut off
+        await reconnected.value
+        await append(producer, stream, 5, "5,")
+        await wait_text(page, "1,2,3,4,5,")
+
+        async with page.expect_websocket() as reconnected:
+            for close in list(runtime.consumers):  # relayd tells the page to go away (1012)
+                await close()
+            await append(producer, stream, 6, "6,")
+        await reconnected.value
+        await append(producer, stream, 7, "7,", "8")
+        await producer.end(stream, "completed")
+        await wait_end(page)
+    assert await page.evaluate("window.relaydTest.text") == "1,2,3,4,5,6,7,8"
+    assert len(await page.evaluate("window.relaydTest.chunks")) == 8
+
+
+async def test_stop_sends_cancel_to_the_producer_and_the_page_shows_cancelled(
+    page: Page, page_server: PageServer, relayd: Relayd
+) -> None:
+    stream = "stop"
+    async with await producer_for(relayd, stream) as producer:
+        await append(producer, stream, 1, "thinking")
+        await open_page(page, page_server, relayd.url, stream, rights="read,cancel")
+        await wait_text(page, "thinking")
+        await page.click("#stop")
+        assert await producer.next() == {"type": "cancel", "stream": stream}
+        ended = await producer.end(stream, "cancelled")
+        assert ended["type"] == "ended"
+    end = await wait_end(page)
+    assert end["reason"] == "cancelled"
+    assert await page.text_content("#end") == "cancelled"
+    assert await page.evaluate("window.relaydTest.cancel") == "requested"
+
+
+async def test_stop_without_the_cancel_right_is_refused_and_the_stream_goes_on(
+    page: Page, page_server: PageServer, relayd: Relayd
+) -> None:
+    stream = "stop-refused"
+    async with await producer_for(relayd, stream) as producer:
+        await open_page(page, page_server, relayd.url, stream, rights="read")
+        await page.click("#stop")
+        await page.wait_for_function("window.relaydTest.cancel !== null")
+        assert await page.evaluate("window.relaydTest.cancel") == "refused:forbidden"
+        await append(producer, stream, 1, "still here")
+        await wait_text(page, "still here")
+        await producer.end(stream, "completed")
+    assert (await wait_end(page))["reason"] == "completed"
+
+
+async def test_a_short_lived_token_is_refreshed_on_the_open_connection(
+    page: Page, page_server: PageServer, relayd: Relayd
+) -> None:
+    stream = "refresh"
+    sockets: list[WebSocket] = []
+    received: list[str] = []
+
+    def on_websocket(ws: WebSocket) -> None:
+        sockets.append(ws)
+        ws.on("framereceived", lambda payload: received.append(str(payload)))
+
+    page.on("websocket", on_websocket)
+    async with await producer_for(relayd, stream) as producer:
+        await append(producer, stream, 1, "before ")
+        await open_page(page, page_server, relayd.url, stream, ttl_s="2")
+        await wait_text(page, "before ")
+        first_expiry = page_server.minted[0]["expires_at"]
+        # Wait (on the page's clock) until the first token is well past its expiry.
+        await page.wait_for_function(
+            "exp => Date.now() / 1000 > exp + 0.5 && window.relaydTest.tokens >= 3", arg=first_expiry, timeout=10_000
+        )
+        assert time.time() > first_expiry
+        await append(producer, stream, 2, "after")
+        await wait_text(page, "before after")
+        await producer.end(stream, "completed")
+    assert (await wait_end(page))["reason"] == "completed"
+    # One connection throughout: each new token went as an `auth` op, relayd never closed it.
+    assert len(sockets) == 1
+    authed = [json.loads(line) for msg in received for line in msg.split("\n") if '"authed"' in line]
+    assert len(authed) >= 2 and all(frame["expires_at"] > first_expiry for frame in authed)
+
+
+async def test_aborting_the_signal_closes_the_connection(page: Page, page_server: PageServer, relayd: Relayd) -> None:
+    stream = "abort"
+    async with await producer_for(relayd, stream) as producer:
+        await append(producer, stream, 1, "x")
+        sockets: list[WebSocket] = []
+        page.on("websocket", lambda ws: sockets.append(ws))
+        await open_page(page, page_server, relayd.url, stream)
+        await wait_text(page, "x")
+        async with sockets[0].expect_event("close"):
+            await page.click("#abort")
+        await page.wait_for_function("window.relaydTest.done && window.relaydTest.error !== null")
+        assert await page.evaluate("[window.sub.status, window.relaydTest.error.code]") == ["closed", "closed"]
+        assert await page.evaluate("window.relaydTest.iterError") is None  # the loop just ended
+        await producer.end(stream, "completed")
+
+
+def openai_chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"id": "c1", "object": "chat.completion.chunk", "choices": choices, **extra}
+
+
+OPENAI_CHUNKS = [
+    openai_chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}}]),
+    openai_chunk([{"index": 0, "delta": {"content": "Bonjour"}}]),
+    openai_chunk([{"index": 0, "delta": {"content": " le monde"}}]),
+    openai_chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+    openai_chunk([], usage={"total_tokens": 9}),
+]
+
+
+async def test_text_deltas_of_openai_chunks(page: Page, page_server: PageServer, relayd: Relayd) -> None:
+    stream = "openai"
+    async with await producer_for(relayd, stream) as producer:
+        await append(producer, stream, 1, *OPENAI_CHUNKS)
+        await producer.end(stream, "completed")
+    await open_page(page, page_server, relayd.url, stream, mode="openai")
+    await wait_end(page)
+    assert await page.evaluate("window.relaydTest.chunks") == ["Bonjour", " le monde"]
+    shapes = await page.evaluate(
+        """async (base) => {
+            const { openaiText } = await import(`${base}/v1/client.js`);
+            return [
+                openaiText({ choices: [{ delta: { content: "chat" } }] }),
+                openaiText({ choices: [{ text: "legacy" }] }),
+                openaiText({ type: "response.output_text.delta", delta: "responses" }),
+                openaiText("plain"),
+                openaiText({ choices: [{ delta: { tool_calls: [] } }] }),
+                openaiText(null),
+            ];
+        }""",
+        relayd.url,
+    )
+    assert shapes == ["chat", "legacy", "responses", "plain", "", ""]
