@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from relayd.client import StreamCancelled, consume
 from tests.helpers import API_KEY, JWT_SECRET, Relayd, collect_chunks
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -163,9 +164,14 @@ async def chat_app_for(relayd: Relayd, fake: FakeOpenAI) -> AsyncIterator[TestCl
         yield client
 
 
-def delta_text(chunks: list[dict[str, Any]]) -> str:
+def openai_text(chunk: dict[str, Any]) -> str:
+    """The text delta of one OpenAI chat-completion chunk dict ("" for role and usage chunks)."""
+    return str(chunk["choices"][0]["delta"].get("content", "")) if chunk["choices"] else ""
+
+
+def delta_text(frames: list[dict[str, Any]]) -> str:
     """The text of relayd chunk frames holding OpenAI chunk dicts."""
-    return "".join(c["data"]["choices"][0]["delta"].get("content", "") for c in chunks if c["data"]["choices"])
+    return "".join(openai_text(frame["data"]) for frame in frames)
 
 
 async def test_chat_app_streams_the_answer_through_relayd(relayd: Relayd) -> None:
@@ -177,34 +183,33 @@ async def test_chat_app_streams_the_answer_through_relayd(relayd: Relayd) -> Non
         assert fake.stats.streams_completed == 0  # answered before the model did
         assert body["stream_id"].startswith("chat-") and body["relayd_url"] == relayd.url
 
-        async with await relayd.consumer(body["stream_id"], token=body["token"]) as peer:
-            chunks, end = await collect_chunks(peer)
+        async with consume(body["relayd_url"], body["stream_id"], token=body["token"]) as consumer:
+            chunks = [chunk async for chunk in consumer]
 
-    assert end["reason"] == "completed"
-    assert delta_text(chunks) == answer_text(PROMPT, 30)
-    first = chunks[0]["data"]
-    assert first["object"] == "chat.completion.chunk"
-    assert first["choices"][0]["delta"]["role"] == "assistant"
-    assert chunks[-1]["data"]["usage"]["completion_tokens"] == 30  # stream_options.include_usage
+    assert consumer.end is not None and consumer.end.reason == "completed"
+    assert "".join(map(openai_text, chunks)) == answer_text(PROMPT, 30)
+    assert chunks[0]["object"] == "chat.completion.chunk"
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["usage"]["completion_tokens"] == 30  # stream_options.include_usage
 
 
 async def test_chat_app_stop_aborts_the_model_call(relayd: Relayd) -> None:
     """A consumer's cancel reaches the producer SDK, which closes the OpenAI stream: the model sees the abort."""
     async with FakeOpenAI(tokens=2000, tokens_per_s=50) as fake, chat_app_for(relayd, fake) as app:
         body = await (await app.post("/chat", json={"prompt": PROMPT})).json()
-        stream = body["stream_id"]
-        async with await relayd.consumer(stream, token=body["token"]) as peer:
-            while True:  # until the answer has started
-                frame = await peer.next()
-                if frame["type"] == "chunk" and delta_text([frame]):
-                    break
-            await peer.send({"op": "cancel", "stream": stream})
-            rest, end = await collect_chunks(peer, stream)
-            await fake.wait_for(lambda stats: stats.streams_aborted == 1)
+        text, stopped = "", False
+        async with consume(relayd.url, body["stream_id"], token=body["token"]) as consumer:
+            with pytest.raises(StreamCancelled):
+                async for chunk in consumer:
+                    text += openai_text(chunk)
+                    if text and not stopped:  # the answer has started: Stop
+                        stopped = True
+                        await consumer.cancel()
+        await fake.wait_for(lambda stats: stats.streams_aborted == 1)
 
-    assert end["reason"] == "cancelled"
     assert fake.stats.streams_completed == 0
-    assert len(rest) < 100  # stopped long before the 2000 tokens
+    assert answer_text(PROMPT, 2000).startswith(text)
+    assert len(text.split()) < 100  # stopped long before the 2000 tokens
 
 
 async def test_chat_app_ends_the_stream_error_when_the_model_fails_midway(relayd: Relayd) -> None:
