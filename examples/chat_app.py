@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -164,7 +165,7 @@ async def answer(state: ChatState, model: str, stream_id: str, prompt: str) -> S
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A chat web app streaming model answers through relayd.")
-    parser.add_argument("--relayd-url", default="http://127.0.0.1:8080")
+    parser.add_argument("--relayd-url", default=os.environ.get("RELAYD_URL", "http://127.0.0.1:8080"))
     parser.add_argument("--api-key", help="producer API key (default: $RELAYD_API_KEY or relayd-data/dev-credentials)")
     parser.add_argument("--jwt-secret", help="to sign consumer tokens (default: $RELAYD_JWT_SECRET or dev-credentials)")
     parser.add_argument("--openai-base-url", help="an OpenAI-compatible API (default: the fake model, in-process)")

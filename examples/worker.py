@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import uuid
 from dataclasses import dataclass
 
@@ -103,7 +104,7 @@ async def _main(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A background worker producing relayd streams.")
     parser.add_argument("prompts", nargs="*", help="one job per prompt (default: three demo prompts)")
-    parser.add_argument("--relayd-url", default="http://127.0.0.1:8080")
+    parser.add_argument("--relayd-url", default=os.environ.get("RELAYD_URL", "http://127.0.0.1:8080"))
     parser.add_argument("--api-key", help="producer API key (default: $RELAYD_API_KEY or relayd-data/dev-credentials)")
     parser.add_argument("--jwt-secret", help="to sign the curl tokens (default: $RELAYD_JWT_SECRET or dev-credentials)")
     parser.add_argument("--openai-base-url", help="an OpenAI-compatible API (default: the fake model, in-process)")
