@@ -11,24 +11,36 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
+import redis.asyncio as aioredis
 from playwright.async_api import Page, WebSocket
 
+from relayd.config import Config
+from relayd.store.keys import Keys
 from tests.browser.conftest import PageServer
 from tests.helpers import Peer, Relayd
 
 
 async def open_page(page: Page, page_server: PageServer, relayd_url: str, stream: str, **params: str) -> None:
-    """Load the test page following ``stream`` and wait until it is subscribed."""
+    """Load the test page following ``stream`` and wait until it is subscribed (or already over)."""
     query = urlencode({"relayd": relayd_url, "stream": stream, **params})
     await page.goto(f"{page_server.url}/client.html?{query}")
-    await page.wait_for_function("window.sub && ['live', 'ended'].includes(window.sub.status)")
+    await page.wait_for_function("window.sub && ['live', 'ended', 'closed'].includes(window.sub.status)")
 
 
 async def wait_text(page: Page, text: str) -> None:
     await page.wait_for_function("expected => window.relaydTest.text === expected", arg=text)
+
+
+async def wait_failure(page: Page) -> tuple[str, str]:
+    """Wait until the iterator threw; the codes it threw and ``ended`` rejected with."""
+    await page.wait_for_function("window.relaydTest.iterError !== null && window.relaydTest.error !== null")
+    thrown, rejected = await page.evaluate("[window.relaydTest.iterError, window.relaydTest.error.code]")
+    assert await page.evaluate("window.sub.status") == "closed"
+    return thrown, rejected
 
 
 async def wait_end(page: Page) -> dict[str, Any]:
@@ -305,3 +317,93 @@ async def test_text_deltas_of_openai_chunks(page: Page, page_server: PageServer,
         relayd.url,
     )
     assert shapes == ["chat", "legacy", "responses", "plain", "", ""]
+
+
+async def test_the_decoder_maps_each_chunk(page: Page, page_server: PageServer, relayd: Relayd) -> None:
+    async with await producer_for(relayd, "decoded") as producer:
+        await append(producer, "decoded", 1, "abc", "def")
+        await producer.end("decoded", "completed")
+    await open_page(page, page_server, relayd.url, "decoded", decoder="upper")
+    await wait_end(page)
+    assert await page.evaluate("window.relaydTest.chunks") == ["ABC", "DEF"]
+
+
+async def test_a_refused_token_is_replaced_through_fetch_token(
+    page: Page, page_server: PageServer, relayd: Relayd
+) -> None:
+    """Close 4001 (a token relayd cannot verify): the page asks for a new one and reconnects."""
+    sockets: list[WebSocket] = []
+    page.on("websocket", lambda ws: sockets.append(ws))
+    async with await producer_for(relayd, "bad-token") as producer:
+        await append(producer, "bad-token", 1, "ok")
+        await producer.end("bad-token", "completed")
+    await open_page(page, page_server, relayd.url, "bad-token", token="bad")
+    assert (await wait_end(page))["reason"] == "completed"
+    assert await page.evaluate("[window.relaydTest.text, window.relaydTest.tokens]") == ["ok", 1]
+    assert len(sockets) == 2
+
+
+async def test_without_fetch_token_an_expired_token_ends_the_subscription(
+    page: Page, page_server: PageServer, relayd: Relayd
+) -> None:
+    async with await producer_for(relayd, "expiring") as producer:
+        await append(producer, "expiring", 1, "a")
+        await open_page(page, page_server, relayd.url, "expiring", token="static", ttl_s="1")
+        assert await wait_failure(page) == ("token_expired", "token_expired")
+        assert await page.evaluate("window.relaydTest.text") in ("", "a")
+
+
+async def test_a_stream_that_never_appears_ends_with_stream_not_found(
+    page: Page, page_server: PageServer, relayd: Relayd
+) -> None:
+    await open_page(page, page_server, relayd.url, "nobody", wait_ms="0")
+    assert await wait_failure(page) == ("stream_not_found", "stream_not_found")
+
+
+async def test_trimmed_history_is_a_gap_error_unless_the_page_accepts_the_loss(
+    page: Page, page_server: PageServer, config_factory: Callable[..., Config]
+) -> None:
+    stream = "trimmed"
+    async with Relayd(config_factory(streams={"max_chunks": 10})) as server:
+        async with await producer_for(server, stream) as producer:
+            first = await producer.append(stream, 1, "1,")
+            for seq in range(2, 1001, 100):
+                await append(producer, stream, seq, *(f"{i}," for i in range(seq, seq + 100)))
+            await producer.end(stream, "completed")
+
+        await open_page(page, page_server, server.url, stream, cursor=first["cursor"])
+        assert await wait_failure(page) == ("gap", "gap")
+        assert await page.evaluate("window.relaydTest.chunks") == []
+
+        await open_page(page, page_server, server.url, stream, cursor=first["cursor"], onloss="1")
+        await wait_end(page)
+        losses = await page.evaluate("window.relaydTest.losses")
+        assert len(losses) == 1 and losses[0]["code"] == "gap" and losses[0]["cursor"] == first["cursor"]
+        chunks = await page.evaluate("window.relaydTest.chunks")
+        oldest = int(chunks[0].rstrip(","))
+        assert oldest > 2 and chunks == [f"{i}," for i in range(oldest, 1002)]
+
+
+async def test_a_replaced_stream_is_a_reset_error_unless_the_page_accepts_the_loss(
+    page: Page, page_server: PageServer, relayd: Relayd, redis_server: str, key_prefix: str
+) -> None:
+    stream = "replaced"
+    keys = Keys(key_prefix)
+    async with await producer_for(relayd, stream) as producer:
+        old = await producer.append(stream, 1, "old1", "old2")
+        rds = aioredis.Redis.from_url(redis_server)
+        try:
+            assert await rds.delete(keys.log(stream), keys.meta(stream)) == 2  # lost: expired, flushed
+        finally:
+            await rds.aclose()
+        await producer.open(stream)
+        await append(producer, stream, 1, "new1", "new2")
+        await producer.end(stream, "completed")
+
+    await open_page(page, page_server, relayd.url, stream, cursor=old["cursor"])
+    assert await wait_failure(page) == ("reset", "reset")
+
+    await open_page(page, page_server, relayd.url, stream, cursor=old["cursor"], onloss="1")
+    await wait_end(page)
+    assert [loss["code"] for loss in await page.evaluate("window.relaydTest.losses")] == ["reset"]
+    assert await page.evaluate("window.relaydTest.chunks") == ["new1", "new2"]

@@ -49,6 +49,9 @@ export class RelaydError extends Error {
  * @property {(data: any) => any} [decoder]    maps each chunk's `data` (already JSON-parsed) to what you get
  * @property {AbortSignal} [signal]            abort closes the subscription
  * @property {number} [waitMs]                 how long relayd waits for a stream that does not exist yet
+ * @property {(loss: RelaydError) => void} [onLoss]  accept lost history and read on: called, in order,
+ *   with a "gap" (trimmed/expired chunks) or "reset" (stream replaced) error. Without it, a loss
+ *   ends the subscription: the iterator throws it and `ended` rejects with it.
  * @property {{initialMs?: number, maxMs?: number}} [backoff]  reconnect delays (default 250 ms .. 5 s)
  */
 
@@ -75,7 +78,7 @@ export function connect(options) {
 export class Subscription {
   #opts; #wsUrl; #storageKey; #backoff;
   #ws = null; #status = "connecting"; #attempt = 0; #retryTimer = null; #refreshTimer = null;
-  #token; #received; #cursor; #queue = []; #waiter = null; #done = false;
+  #token; #received; #cursor; #queue = []; #wakers = []; #done = false;
   #cancels = []; #settleEnd;
 
   /** @param {ConnectOptions} opts */
@@ -110,9 +113,22 @@ export class Subscription {
   [Symbol.asyncIterator]() { return this; }
 
   /** @returns {Promise<IteratorResult<any>>} */
-  next() {
-    if (this.#queue.length || this.#done) return this.#take();
-    return new Promise((resolve, reject) => { this.#waiter = { resolve, reject }; });
+  async next() {
+    for (;;) {
+      if (!this.#queue.length && !this.#done) await new Promise((wake) => this.#wakers.push(wake));
+      const item = this.#queue.shift();
+      if (!item) return { done: true, value: undefined };
+      if (item.error) throw item.error;
+      if (item.loss) {
+        this.#opts.onLoss(item.loss); // in order: after the chunks before the loss were handled
+        continue;
+      }
+      this.#cursor = item.end ? item.end.cursor || this.#cursor : item.cursor;
+      // Stored as the chunk is handed over: render it synchronously in your loop and a reload
+      // resumes exactly after it. After the end the end's cursor stays, so a reload gets `end` only.
+      if (this.#storageKey && this.#cursor) sessionStorage.setItem(this.#storageKey, this.#cursor);
+      return item.end ? { done: true, value: undefined } : { done: false, value: item.value };
+    }
   }
 
   /** Leaving a `for await` loop early (break, throw) closes the subscription. */
@@ -215,12 +231,18 @@ export class Subscription {
         this.#cancels.shift()?.resolve();
         break;
       case "gap":
-        this.#fail(new RelaydError("gap", `chunks between ${frame.cursor} and ${frame.next} are gone`,
-          { cursor: frame.cursor, next: frame.next }));
+      case "reset": {
+        const loss = frame.type === "gap"
+          ? new RelaydError("gap", `chunks between ${frame.cursor} and ${frame.next} are gone`,
+            { cursor: frame.cursor, next: frame.next })
+          : new RelaydError("reset", `the stream was replaced (${frame.reason})`, { reason: frame.reason });
+        if (!this.#opts.onLoss) return this.#fail(loss);
+        // Accepted loss: delivery goes on (a reset restarts at the new generation's first chunk,
+        // whose cursors sort before the old ones).
+        if (frame.type === "reset") this.#received = null;
+        this.#push({ loss });
         break;
-      case "reset":
-        this.#fail(new RelaydError("reset", `the stream was replaced (${frame.reason})`, { reason: frame.reason }));
-        break;
+      }
       case "error":
         this.#onError(frame);
         break;
@@ -293,22 +315,7 @@ export class Subscription {
 
   #push(item) {
     this.#queue.push(item);
-    if (this.#waiter) {
-      const waiter = this.#waiter;
-      this.#waiter = null;
-      this.#take().then(waiter.resolve, waiter.reject);
-    }
-  }
-
-  async #take() {
-    const item = this.#queue.shift();
-    if (!item) return { done: true, value: undefined };
-    if (item.error) throw item.error;
-    this.#cursor = item.end ? item.end.cursor || this.#cursor : item.cursor;
-    // Stored as the chunk is handed over: render it synchronously in your loop and a reload
-    // resumes exactly after it. After the end the end's cursor stays, so a reload gets `end` only.
-    if (this.#storageKey && this.#cursor) sessionStorage.setItem(this.#storageKey, this.#cursor);
-    return item.end ? { done: true, value: undefined } : { done: false, value: item.value };
+    for (const wake of this.#wakers.splice(0)) wake();
   }
 
   /** A fatal error: the chunks already received are still handed out, then the iterator throws. */
@@ -329,11 +336,7 @@ export class Subscription {
     if (err) this.#settleEnd.reject(err);
     for (const c of this.#cancels.splice(0)) c.reject(err || new RelaydError("closed", "the subscription is over"));
     if (!keepQueue) this.#queue.length = 0;
-    if (this.#waiter) {
-      const waiter = this.#waiter;
-      this.#waiter = null;
-      this.#take().then(waiter.resolve, waiter.reject);
-    }
+    for (const wake of this.#wakers.splice(0)) wake();
   }
 }
 
