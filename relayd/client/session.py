@@ -99,7 +99,7 @@ class Connection:
         # an unreachable host becomes a retry, not a five-minute hang.
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=10.0))
         try:
-            ws = await self._connect()
+            ws = await self._connect(time.monotonic())
         except BaseException:
             await self._http.close()
             raise
@@ -208,11 +208,11 @@ class Connection:
 
     # -- the connection --------------------------------------------------------------------------
 
-    async def _connect(self) -> aiohttp.ClientWebSocketResponse:
+    async def _connect(self, outage_start: float, attempts: int = 0) -> aiohttp.ClientWebSocketResponse:
+        """Connect, retrying with backoff until ``reconnect_timeout_s`` after ``outage_start``."""
         assert self._http is not None
         opts = self.options
-        attempts = 0
-        deadline = time.monotonic() + opts.reconnect_timeout_s
+        deadline = outage_start + opts.reconnect_timeout_s
         while True:
             attempts += 1
             try:
@@ -229,34 +229,51 @@ class Connection:
                 error = exc
             if not opts.reconnect or time.monotonic() >= deadline:
                 raise ConnectionFailed(f"cannot connect to {self.url}: {error}", attempts) from error
-            delay = min(opts.backoff_max_s, opts.backoff_initial_s * 2 ** min(attempts - 1, 30))
-            delay *= 0.5 + random.random() / 2  # jitter: a restarted relayd is not hit by all at once
-            log.info("relayd producer: connect attempt %d failed (%s); retrying in %.2fs", attempts, error, delay)
-            await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))  # backoff, not a sync
+            log.info("relayd producer: connect attempt %d failed (%s)", attempts, error)
+            await self._backoff(attempts, deadline)
+
+    async def _backoff(self, attempts: int, deadline: float) -> None:
+        opts = self.options
+        delay = min(opts.backoff_max_s, opts.backoff_initial_s * 2 ** min(attempts - 1, 30))
+        delay *= 0.5 + random.random() / 2  # jitter: a restarted relayd is not hit by all at once
+        await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))  # backoff, not a sync
 
     async def _run(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        opts = self.options
+        outage_start = 0.0
+        quick_drops = 0
         try:
             while True:
+                connected_at = time.monotonic()
                 self._ws = ws
                 reader = asyncio.create_task(self._read(ws), name="relayd-producer-reader")
                 sender = asyncio.create_task(self._send(ws), name="relayd-producer-sender")
                 try:
                     await asyncio.wait((reader, sender), return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    for task in (reader, sender):
-                        task.cancel()
-                    for task in (reader, sender):
-                        with contextlib.suppress(asyncio.CancelledError, Exception):
-                            await task
+                    reader.cancel()
+                    sender.cancel()
+                    await asyncio.wait((reader, sender))
                     with contextlib.suppress(Exception):
                         await ws.close()
                     self._ws = None
                 if self.closed:
                     return
+                if not opts.reconnect:
+                    raise ConnectionFailed(f"connection to {self.url} lost (code {ws.close_code}); reconnect is off")
                 log.info("relayd producer connection lost (code %s); reconnecting", ws.close_code)
                 for state in self.streams.values():
                     state.disconnected()
-                ws = await self._connect()
+                now = time.monotonic()
+                # A connection that drops soon after it opened (relayd refusing a message, a proxy
+                # cutting it) is an ongoing outage: back off, and give up at the same limit.
+                if now - connected_at >= max(opts.backoff_max_s, 1.0):
+                    outage_start, quick_drops = now, 0
+                else:
+                    outage_start = outage_start or connected_at
+                    quick_drops += 1
+                    await self._backoff(quick_drops, outage_start + opts.reconnect_timeout_s)
+                ws = await self._connect(outage_start, quick_drops)
                 for state in self.streams.values():
                     self._dirty[state] = None
                 self._wake.set()
