@@ -247,7 +247,7 @@ async def test_a_short_lived_token_is_refreshed_on_the_open_connection(
     page.on("websocket", on_websocket)
     async with await producer_for(relayd, stream) as producer:
         await append(producer, stream, 1, "before ")
-        await open_page(page, page_server, relayd.url, stream, ttl_s="2")
+        await open_page(page, page_server, relayd.url, stream, ttl_s="3")
         await wait_text(page, "before ")
         first_expiry = page_server.minted[0]["expires_at"]
         # Wait (on the page's clock) until the first token is well past its expiry.

@@ -17,6 +17,11 @@
  */
 
 const SUBPROTOCOL = "relayd.v1";
+/** relayd's base URL when this module was loaded from its /v1/client.js (a path prefix is kept). */
+const SERVED_AT = /\/v1\/client\.js(?:[?#].*)?$/;
+const MODULE_BASE = SERVED_AT.test(import.meta.url)
+  ? import.meta.url.replace(SERVED_AT, "")
+  : new URL(import.meta.url).origin;
 /** Error codes after which retrying cannot help: the iterator throws, `ended` rejects. */
 const FATAL = new Set(["stream_not_found", "forbidden", "unauthorized", "bad_frame", "invalid_stream_id",
   "too_many_streams", "unknown_op"]);
@@ -40,7 +45,7 @@ export class RelaydError extends Error {
 /**
  * @typedef {object} ConnectOptions
  * @property {string} streamId                 the stream to follow
- * @property {string} [url]                    relayd's base URL (http(s):// or ws(s)://); default: this module's origin
+ * @property {string} [url]                    relayd's base URL (http(s):// or ws(s)://); default: the relayd this module was loaded from
  * @property {string} [token]                  a consumer JWT
  * @property {() => (string|Promise<string>)} [fetchToken]  returns a fresh JWT: called when there is
  *   no token, when relayd refuses one (close 4001/4002) and shortly before the current one expires
@@ -78,14 +83,14 @@ export function connect(options) {
 export class Subscription {
   #opts; #wsUrl; #storageKey; #backoff;
   #ws = null; #status = "connecting"; #attempt = 0; #retryTimer = null; #refreshTimer = null;
-  #token; #received; #cursor; #queue = []; #wakers = []; #done = false;
+  #token; #received; #cursor; #queue = []; #wakers = []; #done = false; #lastLoss = null;
   #cancels = []; #settleEnd;
 
   /** @param {ConnectOptions} opts */
   constructor(opts) {
     if (!opts || !opts.streamId) throw new TypeError("connect: streamId is required");
     this.#opts = opts;
-    const base = new URL(opts.url || new URL(import.meta.url).origin);
+    const base = new URL(opts.url || MODULE_BASE);
     base.protocol = base.protocol.replace(/^http/, "ws");
     this.#wsUrl = base.origin + base.pathname.replace(/\/+$/, "") + "/v1/ws";
     this.#backoff = { initialMs: 250, maxMs: 5000, ...opts.backoff };
@@ -237,6 +242,9 @@ export class Subscription {
             { cursor: frame.cursor, next: frame.next })
           : new RelaydError("reset", `the stream was replaced (${frame.reason})`, { reason: frame.reason });
         if (!this.#opts.onLoss) return this.#fail(loss);
+        const key = JSON.stringify([frame.type, frame.cursor, frame.next]);
+        if (key === this.#lastLoss) break; // the same gap again after a reconnect: told once
+        this.#lastLoss = key;
         // Accepted loss: delivery goes on (a reset restarts at the new generation's first chunk,
         // whose cursors sort before the old ones).
         if (frame.type === "reset") this.#received = null;
@@ -299,10 +307,10 @@ export class Subscription {
     clearTimeout(this.#refreshTimer);
     const claims = this.#token && this.#opts.fetchToken ? jwtClaims(this.#token) : null;
     if (this.#done || !claims || typeof claims.exp !== "number") return;
-    const now = Date.now();
-    const lifetimeMs = (claims.exp - (claims.iat ?? now / 1000)) * 1000;
-    const marginMs = Math.min(30_000, Math.max(lifetimeMs / 3, 0));
-    const delay = Math.max(claims.exp * 1000 - now - marginMs, 0);
+    // A third of the remaining lifetime before `exp`, at most a minute before (as the Python SDK);
+    // never sooner than a second, so a skewed clock cannot make it spin.
+    const remainingMs = claims.exp * 1000 - Date.now();
+    const delay = Math.max(remainingMs - Math.min(60_000, remainingMs / 3), 1000);
     this.#refreshTimer = setTimeout(() => {
       this.#refreshToken(true).catch((err) => {
         console.warn("relayd: token refresh failed; retrying", err);
