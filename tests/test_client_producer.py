@@ -13,8 +13,9 @@ import contextlib
 import gc
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,8 +35,9 @@ from relayd.client import (
     text_encoder,
 )
 from relayd.config import Config
+from relayd.embedded import EmbeddedRedis, free_port
 from relayd.protocol import split_message
-from tests.helpers import API_KEY, Relayd, collect_chunks
+from tests.helpers import API_KEY, Relayd, collect_chunks, make_config
 
 ConfigFactory = Callable[..., Config]
 
@@ -324,6 +326,41 @@ async def test_gives_up_after_the_reconnect_timeout(config_factory: ConfigFactor
     assert failed.value.attempts >= 2
     with pytest.raises(ConnectionFailed):
         await p.close()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis-compatible server of this test's own, so the test may stop and restart it."""
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="always")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_store_unavailable_resynchronises_the_stream(
+    private_redis: EmbeddedRedis, tmp_path: Path, key_prefix: str
+) -> None:
+    """Appends refused during a Redis outage are resent after a re-open: in order, once each."""
+    config = make_config(private_redis.url, key_prefix, str(tmp_path), redis={"retry_ms": 200, "timeout_ms": 300})
+    async with Relayd(config) as relayd, IngestProxy(relayd.url) as proxy:
+        async with Producer(proxy.url, API_KEY, backoff_initial_s=0.05) as p:
+            w = p.writer("outage-1")
+            await w.send(0)
+            await w.flush()
+            await asyncio.to_thread(private_redis.stop)
+            for i in range(1, 6):
+                await w.send(i)
+
+            def reopened() -> bool:
+                return sum(1 for m in proxy.messages for f in m if f["op"] == "open") >= 2
+
+            await proxy.wait_for(reopened)  # refused: the SDK re-opens to resync
+            await asyncio.to_thread(private_redis.start)  # same data dir: the AOF brings the stream back
+            result = await w.end()
+        assert proxy.connections == 1 and result.chunks == 6
+        assert (await replay(relayd, "outage-1"))[0] == list(range(6))
 
 
 # --- flow control -------------------------------------------------------------------------------
