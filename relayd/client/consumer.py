@@ -55,6 +55,9 @@ SUBPROTOCOL = "relayd.v1"
 # relayd pings every server.heartbeat_s (20 s); any data resets this timer, so it only fires on a
 # connection that went silent (a vanished host), which a plain read would wait on forever.
 _HEARTBEAT_S = 30.0
+# Bounds the handshake only (aiohttp's default is 300 s in total, which would stall a reconnect to
+# a vanished host); once upgraded, the websocket has no read timeout, the heartbeat watches it.
+_HANDSHAKE_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=10.0)
 # Subscription errors after which subscribing again may succeed: reconnect with backoff.
 _TRANSIENT_ERRORS = frozenset({"store_unavailable", "internal", "shutting_down"})
 _AUTH_CLOSES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.TOKEN_EXPIRED})
@@ -331,7 +334,7 @@ class Consumer:
             if self._closed:  # aclose() from another task while this one waited
                 raise StopAsyncIteration
             if self._session is None:
-                self._session = aiohttp.ClientSession()
+                self._session = aiohttp.ClientSession(timeout=_HANDSHAKE_TIMEOUT)
             try:
                 ws = await self._session.ws_connect(
                     self._url(),
