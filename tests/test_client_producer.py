@@ -441,6 +441,32 @@ async def test_cancel_from_a_consumer_closes_the_upstream_and_ends_cancelled(rel
         assert [f["type"] for f in frames] == ["cancel_requested"] and end["reason"] == "cancelled"
 
 
+async def test_cancelling_the_streaming_task_ends_the_stream_cancelled(relayd: Relayd) -> None:
+    """If the task running stream() is cancelled, the upstream is closed and the stream ends `cancelled`."""
+    closed = asyncio.Event()
+    started = asyncio.Event()
+
+    async def answer() -> AsyncIterator[str]:
+        try:
+            yield "a"
+            started.set()
+            await asyncio.Event().wait()
+            yield "never"
+        finally:
+            closed.set()
+
+    async with Producer(relayd.url, API_KEY, content_type="text") as p:
+        task = asyncio.create_task(p.stream("task-cancel", answer()))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    # leaving the Producer waited for the queued end and the upstream's close
+    assert closed.is_set()
+    data, end = await replay(relayd, "task-cancel")
+    assert data == ["a"] and end["reason"] == "cancelled"
+
+
 async def _serve(handler: Callable[[web.Request], Any]) -> tuple[web.AppRunner, str]:
     app = web.Application()
     app.router.add_get("/chat", handler)
