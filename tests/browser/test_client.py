@@ -12,6 +12,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -407,3 +408,35 @@ async def test_a_replaced_stream_is_a_reset_error_unless_the_page_accepts_the_lo
     await wait_end(page)
     assert [loss["code"] for loss in await page.evaluate("window.relaydTest.losses")] == ["reset"]
     assert await page.evaluate("window.relaydTest.chunks") == ["new1", "new2"]
+
+
+def docs_example_html() -> str:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "clients.md").read_text()
+    browser_section = doc[doc.index("## Browser client") :]
+    html = browser_section[browser_section.index("```html\n") + 8 :]
+    return html[: html.index("```\n")]
+
+
+async def test_the_example_page_in_the_docs_works(page: Page, page_server: PageServer, relayd: Relayd) -> None:
+    """docs/clients.md's complete page, as written, with relayd's URL and the test token route."""
+    html = docs_example_html()
+    route = "/api/relayd-token?stream=${encodeURIComponent(streamId)}"
+    assert "http://127.0.0.1:8080/v1/client.js" in html and route in html
+    html = html.replace("http://127.0.0.1:8080", relayd.url)
+    html = html.replace(route, "/token?rights=read,cancel&streams=${encodeURIComponent(streamId)}")
+    url = page_server.serve("example.html", html)
+
+    stream = "docs-example"
+    async with await producer_for(relayd, stream) as producer:
+        await append(producer, stream, 1, *OPENAI_CHUNKS[:2])
+        await page.goto(f"{url}?stream={stream}")
+        await page.wait_for_function("document.getElementById('answer').textContent === 'Bonjour'")
+        await append(producer, stream, 3, OPENAI_CHUNKS[2])
+        await page.wait_for_function("document.getElementById('answer').textContent === 'Bonjour le monde'")
+        await page.click("#stop")
+        assert await producer.next() == {"type": "cancel", "stream": stream}
+        await producer.end(stream, "cancelled")
+    await page.wait_for_function("document.getElementById('state').textContent.startsWith('cancelled')")
+    await page.reload()  # resumes after the end: the saved text, nothing twice
+    await page.wait_for_function("document.getElementById('state').textContent.startsWith('cancelled')")
+    assert await page.text_content("#answer") == "Bonjour le monde"
