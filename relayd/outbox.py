@@ -118,10 +118,6 @@ class Outbox:
         self._room.set()
         return batch
 
-    def _written(self, oldest: float) -> None:
-        if self._on_written is not None:
-            self._on_written(monotonic() - oldest)
-
     def _flush(self) -> None:
         """End of the tick: write what was queued, synchronously if the socket keeps up."""
         self._scheduled = False
@@ -136,8 +132,8 @@ class Outbox:
                 self.close()  # the peer is gone; the reading side notices too
                 return
             self._empty.set()
-            if oldest:
-                self._written(oldest)
+            if oldest and self._on_written is not None:
+                self._on_written(monotonic() - oldest)
             return
         self._sending = True
         self._ready.set()
@@ -171,8 +167,8 @@ class Outbox:
                 raise
             finally:
                 self._watchdog.cancel()
-            if oldest:
-                self._written(oldest)
+            if oldest and self._on_written is not None:
+                self._on_written(monotonic() - oldest)
 
     def _check_progress(self) -> None:
         """A write has waited for the send timeout: give up unless the peer read meanwhile."""
