@@ -3,7 +3,8 @@
 Every line has ``ts``, ``level``, ``logger`` and ``msg``; event fields are passed with
 ``extra={...}`` and become fields of their own (``role=producer duration_s=12.5``). Secrets are
 never passed as fields, and as a second line of defence the formatters blank whatever follows
-``token=`` or ``Bearer `` (a query string or header that reached an exception message).
+``token=``, ``Bearer `` or ``bearer.`` (a query string, header or subprotocol that reached an
+exception message).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ _LOGFMT_BARE = re.compile(r"[^\s=\"\\]+")
 
 def redact(text: str) -> str:
     """Blank credentials in ``text`` (``token=…``, ``Bearer …``, ``bearer.<jwt>``)."""
-    if "oken=" in text or "earer" in text:  # a cheap test first: most lines have neither
+    lowered = text.lower()
+    if "token=" in lowered or "bearer" in lowered:  # a cheap test first: most lines have neither
         return _SECRET_RE.sub(r"\1[redacted]", text)
     return text
 
