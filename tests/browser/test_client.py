@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 import redis.asyncio as aioredis
 from playwright.async_api import Page, WebSocket
 
+from relayd.auth import TokenAuthority
 from relayd.config import Config
 from relayd.store.keys import Keys
 from tests.browser.conftest import PageServer
@@ -342,6 +343,16 @@ async def test_a_refused_token_is_replaced_through_fetch_token(
     assert (await wait_end(page))["reason"] == "completed"
     assert await page.evaluate("[window.relaydTest.text, window.relaydTest.tokens]") == ["ok", 1]
     assert len(sockets) == 2
+
+
+async def test_a_fetched_token_that_is_refused_too_ends_the_subscription(
+    page: Page, page_server: PageServer, relayd: Relayd
+) -> None:
+    """Asking the backend again cannot help when its fresh token is refused: no endless loop."""
+    page_server.tokens = TokenAuthority(secret="not-relayds-secret-0123456789abcdef", max_ttl_s=600)
+    await open_page(page, page_server, relayd.url, "wrong-secret")
+    assert await wait_failure(page) == ("unauthorized", "unauthorized")
+    assert await page.evaluate("window.relaydTest.tokens") == 1
 
 
 async def test_without_fetch_token_an_expired_token_ends_the_subscription(

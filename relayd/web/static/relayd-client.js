@@ -84,6 +84,7 @@ export class Subscription {
   #opts; #wsUrl; #storageKey; #backoff;
   #ws = null; #status = "connecting"; #attempt = 0; #retryTimer = null; #refreshTimer = null;
   #token; #received; #cursor; #queue = []; #wakers = []; #done = false; #lastLoss = null;
+  #freshToken = false; // fetched for this connection and not yet accepted by relayd
   #cancels = []; #settleEnd;
 
   /** @param {ConnectOptions} opts */
@@ -166,7 +167,10 @@ export class Subscription {
   async #open() {
     if (this.#done) return;
     try {
-      if (!this.#token && this.#opts.fetchToken) await this.#refreshToken(false);
+      if (!this.#token && this.#opts.fetchToken) {
+        await this.#refreshToken(false);
+        this.#freshToken = true;
+      }
     } catch (err) {
       console.warn("relayd: fetchToken failed", err);
       return this.#retry();
@@ -207,6 +211,7 @@ export class Subscription {
       case "subscribed":
         this.#status = "live";
         this.#attempt = 0;
+        this.#freshToken = false;
         for (let i = 0; i < this.#cancels.length; i++) this.#send({ op: "cancel", stream: id });
         break;
       case "chunk": {
@@ -246,7 +251,7 @@ export class Subscription {
         if (key === this.#lastLoss) break; // the same gap again after a reconnect: told once
         this.#lastLoss = key;
         // Accepted loss: delivery goes on (a reset restarts at the new generation's first chunk,
-        // whose cursors sort before the old ones).
+        // whose cursors need not sort after the old ones).
         if (frame.type === "reset") this.#received = null;
         this.#push({ loss });
         break;
@@ -277,7 +282,10 @@ export class Subscription {
     if (code === 4003) return this.#fail(new RelaydError("forbidden", reason || "forbidden"));
     if (code === 4001 || code === 4002) {
       const what = code === 4001 ? "unauthorized" : "token_expired";
-      if (!this.#opts.fetchToken) return this.#fail(new RelaydError(what, `relayd refused the token (${what})`));
+      // Without fetchToken, or when a token fetched just now is refused too, retrying cannot help.
+      if (!this.#opts.fetchToken || this.#freshToken) {
+        return this.#fail(new RelaydError(what, `relayd refused the token (${what})`));
+      }
       this.#token = null; // fetch a fresh one before reconnecting
     }
     this.#retry();
