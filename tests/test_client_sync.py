@@ -64,6 +64,36 @@ def test_sync_producer_is_shared_by_threads_and_ends_errors(relayd_url: str) -> 
     assert returned.reason == "error" and isinstance(returned.error, ValueError)
 
 
+async def test_sync_stream_stops_at_a_cancel_and_closes_the_iterator(relayd: Relayd) -> None:
+    """A consumer's cancel is seen between two items: the generator is closed, the stream ends `cancelled`."""
+    cancel_seen = threading.Event()
+    closed = threading.Event()
+
+    def answer() -> Iterator[str]:
+        try:
+            yield "a"
+            assert cancel_seen.wait(10)  # a blocking model call, still going when the cancel comes
+            yield "b"  # not sent: the cancel is checked first
+            yield "c"
+        finally:
+            closed.set()
+
+    def task(url: str) -> StreamResult:
+        with SyncProducer(url, API_KEY, content_type="text") as p:
+            return p.stream("sync-cancel", answer(), on_cancel=cancel_seen.set)
+
+    token = relayd.token(["sync-cancel"], ("read", "cancel"))
+    async with await relayd.consumer("sync-cancel", token=token) as consumer:
+        await consumer.expect("subscribed")
+        running = asyncio.create_task(asyncio.to_thread(task, relayd.url))
+        assert (await consumer.expect("chunk"))["data"] == "a"
+        await consumer.send({"op": "cancel", "stream": "sync-cancel"})
+        frames, end = await consumer.until("end")
+        result = await running
+    assert [f["type"] for f in frames] == ["cancel_requested"] and end["reason"] == "cancelled"
+    assert result.reason == "cancelled" and result.chunks == 1 and closed.is_set()
+
+
 @pytest.fixture
 def relayd_url(config_factory: Callable[..., Config]) -> Iterator[str]:
     """relayd in its own thread and loop, for tests that are plain (non-async) functions."""

@@ -127,10 +127,17 @@ class SyncProducer:
         """Open ``stream_id``; as :meth:`Producer.writer`. ``on_cancel`` runs in the loop thread."""
         producer = self.producer
 
-        async def make() -> Writer:
-            return producer.writer(stream_id, encoder=encoder, content_type=content_type, on_cancel=on_cancel)
+        cancelled = threading.Event()
 
-        return SyncWriter(self, self._call(make()))
+        async def make() -> Writer:
+            writer = producer.writer(stream_id, encoder=encoder, content_type=content_type)
+            # Set the event before on_cancel runs, so code woken by on_cancel sees it set.
+            writer.on_cancel(cancelled.set)
+            if on_cancel is not None:
+                writer.on_cancel(on_cancel)
+            return writer
+
+        return SyncWriter(self, self._call(make()), cancelled)
 
     def stream(
         self,
@@ -179,14 +186,11 @@ class SyncProducer:
 class SyncWriter:
     """A :class:`Writer` driven from another thread; ``with p.writer(id) as w:``."""
 
-    def __init__(self, owner: SyncProducer, writer: Writer) -> None:
+    def __init__(self, owner: SyncProducer, writer: Writer, cancelled: threading.Event) -> None:
         self._owner = owner
         self._writer = writer
         self.stream = writer.stream
-        self.cancelled = threading.Event()  # set when a consumer asked to cancel
-        loop = owner._loop
-        assert loop is not None
-        loop.call_soon_threadsafe(writer.on_cancel, self.cancelled.set)
+        self.cancelled = cancelled  # set when a consumer asked to cancel
 
     @property
     def cursor(self) -> str | None:
