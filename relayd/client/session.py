@@ -1,10 +1,8 @@
 """The producer connection: one websocket to ``/v1/ingest`` carrying every stream of a Producer.
 
-What this module owns (docs/protocol.md, "Producer websocket"):
+What this module owns (docs/protocol.md, "Producer websocket"); the per-stream side (epoch,
+unacknowledged chunks, what to write next) is :class:`~relayd.client.stream_state.StreamState`:
 
-- **State per stream** (:class:`StreamState`): its epoch, the chunks not yet acknowledged (each
-  already JSON-encoded, with its sequence number), what was written on the current connection,
-  the end asked for and the ``ended`` answer.
 - **Batching**: ops are not written when queued; the sender task wakes once per event-loop
   tick and writes everything queued meanwhile as one NDJSON message, one ``append`` (with
   ``chunks``) per stream. Several messages only when one would exceed ``max_message_bytes``.
