@@ -83,6 +83,16 @@ class Writer:
         """Chunks appended so far (acknowledged or not)."""
         return self._state.next_seq - 1
 
+    @property
+    def failure(self) -> ClientError | None:
+        """Why the stream takes no more chunks (a refusal, the connection giving up), else None."""
+        return self._state.failure
+
+    @property
+    def can_end(self) -> bool:
+        """False once no end can be written any more (ended, fenced, connection gone)."""
+        return not self._state.terminal
+
     def on_cancel(self, callback: OnCancel) -> None:
         """Call ``callback()`` (sync, or returning an awaitable) when a consumer asks to cancel."""
         self._state.cancel_callbacks.append(callback)
@@ -376,8 +386,8 @@ class Producer:
         if error is None:
             return await writer.end("completed")
         await close_upstream(source, iterator)
-        if isinstance(error, ClientError) and writer._state.failure is error:
-            if not writer._state.terminal:
+        if isinstance(error, ClientError) and writer.failure is error:
+            if writer.can_end:
                 with contextlib.suppress(ClientError):
                     await writer.end("error", str(error))
             raise error

@@ -163,7 +163,7 @@ class SyncProducer:
                 w.send(item)
         except ClientError as exc:
             _close(iterator, source)
-            if exc is w._writer._state.failure and not w._writer._state.terminal:
+            if exc is w._writer.failure and w._writer.can_end:
                 with contextlib.suppress(ClientError):
                     w.end("error", str(exc))
             raise
