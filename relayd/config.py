@@ -46,6 +46,7 @@ class RedisConfig:
     key_prefix: str = "relayd"
     timeout_ms: int = 5000
     retry_ms: int = 5000
+    max_connections: int = 64  # read connections (catch-ups, replays, admin); more requests wait
 
     def check(self) -> None:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
@@ -54,6 +55,7 @@ class RedisConfig:
             raise ConfigError("redis.key_prefix", "must be 1-64 characters of A-Z a-z 0-9 _ . : -")
         _positive("redis.timeout_ms", self.timeout_ms)
         _range("redis.retry_ms", self.retry_ms, 0, 600_000)
+        _range("redis.max_connections", self.max_connections, 1, 10_000)
 
 
 @dataclass(frozen=True, slots=True)

@@ -426,3 +426,23 @@ async def test_resuming_with_the_end_cursor_gets_the_end_again(relayd: Relayd) -
     await mux.send({"op": "subscribe", "stream": "fin", "cursor": end_cursor})
     await mux.expect("subscribed", stream="fin")
     assert await mux.next() == end
+
+
+async def test_a_burst_of_replays_beyond_the_read_pool_waits_for_a_connection(
+    config_factory: Callable[..., Config],
+) -> None:
+    """More concurrent catch-ups than redis.max_connections queue for a connection: none fails."""
+    async with Relayd(config_factory(redis={"max_connections": 1})) as server:
+        async with await server.producer() as producer:
+            await producer.open("burst")
+            for seq in range(1, 201, 50):
+                await producer.append("burst", seq, *range(seq, seq + 50))
+            await producer.end("burst")
+        consumers = await asyncio.gather(*(server.consumer("burst") for _ in range(40)))
+        try:
+            results = await asyncio.gather(*(collect_chunks(peer) for peer in consumers))
+        finally:
+            await asyncio.gather(*(peer.ws.close() for peer in consumers))
+        for chunks, end in results:
+            assert [frame["data"] for frame in chunks] == list(range(1, 201))
+            assert end["reason"] == "completed"

@@ -70,9 +70,17 @@ class Store:
         self.url = url
         self._timeout_s = redis_cfg.timeout_ms / 1000
         self._streams = streams_cfg
-        self._client: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=self._timeout_s, socket_connect_timeout=self._timeout_s
+        # A blocking pool: a burst of reads (thousands of consumers catching up after a restart)
+        # queues for a connection, up to redis.timeout_ms, instead of failing with "Too many
+        # connections" as the default pool does past its cap.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=redis_cfg.max_connections,
+            timeout=self._timeout_s,
+            socket_timeout=self._timeout_s,
+            socket_connect_timeout=self._timeout_s,
         )
+        self._client: aioredis.Redis = aioredis.Redis.from_pool(pool)  # owns and closes the pool
         self._writer: RespConnection | None = None
         self._sha: dict[str, bytes] = {}
         # Pre-encoded constant arguments: encoded once, spliced into every command.
