@@ -15,6 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed as WsConnectionClosed
 from websockets.typing import Subprotocol
+from yarl import URL
 
 from relayd.config import Config
 from tests.helpers import JWT_SECRET, Peer, Relayd, collect_chunks
@@ -446,3 +447,21 @@ async def test_a_burst_of_replays_beyond_the_read_pool_waits_for_a_connection(
         for chunks, end in results:
             assert [frame["data"] for frame in chunks] == list(range(1, 201))
             assert end["reason"] == "completed"
+
+
+@pytest.mark.parametrize("path_id", ["user-7/chat-3", "user-7%2Fchat-3"])
+async def test_ids_with_a_slash_are_reachable_in_the_path_plain_or_encoded(relayd: Relayd, path_id: str) -> None:
+    async with await relayd.producer() as producer:
+        await producer.open("user-7/chat-3")
+        await producer.append("user-7/chat-3", 1, "hi")
+        await producer.end("user-7/chat-3")
+    assert relayd.session is not None
+    token = relayd.token(["user-7/*"])
+    url = URL(f"{relayd.url}/v1/streams/{path_id}/ws", encoded=True).with_query(token=token)
+    async with Peer(await relayd.session.ws_connect(url)) as consumer:
+        chunks, end = await collect_chunks(consumer)
+    assert [frame["data"] for frame in chunks] == ["hi"] and end["stream"] == "user-7/chat-3"
+    url = URL(f"{relayd.url}/v1/streams/{path_id}/events", encoded=True).with_query(token=token)
+    async with relayd.session.get(url) as resp:
+        assert resp.status == 200
+        assert "event: end" in await resp.text()

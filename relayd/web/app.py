@@ -24,8 +24,10 @@ def build_app(runtime: Runtime) -> web.Application:
     app[RUNTIME] = runtime
     app.router.add_get("/v1/ingest", ingest)
     app.router.add_get("/v1/ws", consume_ws)
-    app.router.add_get("/v1/streams/{stream}/ws", consume_ws)
-    app.router.add_get("/v1/streams/{stream}/events", events)
+    # Stream ids may hold "/" ("user-7/chat-3"): the id is everything between /v1/streams/ and
+    # the last path segment, sent as is or percent-encoded (%2F).
+    app.router.add_get("/v1/streams/{stream:.+}/ws", consume_ws)
+    app.router.add_get("/v1/streams/{stream:.+}/events", events)
     app.router.add_get("/v1/client.js", client_js())
     app.router.add_post("/v1/tokens", mint_token)
     app.router.add_get("/healthz", ops.healthz)
