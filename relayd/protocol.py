@@ -16,6 +16,7 @@ import orjson
 from relayd.errors import ProtocolError
 
 STREAM_ID_RE = re.compile(r"[A-Za-z0-9_\-.:/@=]{1,200}")
+PRODUCER_ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 END_REASONS = frozenset({"completed", "error", "cancelled", "producer_lost"})
 PRODUCER_END_REASONS = frozenset({"completed", "error", "cancelled"})
 CONTENT_TYPES = frozenset({"json", "text"})
@@ -63,6 +64,9 @@ class OpenOp:
     stream: str
     epoch: int | None
     content_type: str
+    # The producer's own id for this stream: an open without an epoch from the producer that
+    # started the current epoch resumes it, so an open whose ``opened`` was lost can be repeated.
+    producer: str | None = None
 
 
 # Memory an admitted chunk holds besides its JSON, while it waits for Redis (its bytes object,
@@ -175,7 +179,12 @@ class ProducerDecoder:
                 content_type = obj.get("content_type", "json")
                 if content_type not in CONTENT_TYPES:
                     raise ProtocolError("bad_frame", "'content_type' must be 'json' or 'text'")
-                return OpenOp(stream, epoch, content_type)
+                producer = obj.get("producer")
+                if producer is not None and (
+                    not isinstance(producer, str) or PRODUCER_ID_RE.fullmatch(producer) is None
+                ):
+                    raise ProtocolError("bad_frame", "'producer' must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+                return OpenOp(stream, epoch, content_type, producer)
             if op == "end":
                 stream = check_stream_id(obj.get("stream"))
                 reason = obj.get("reason")

@@ -139,7 +139,7 @@ class Relay:
         if op.stream not in session.held and len(session.held) >= self.config.limits.max_streams_per_connection:
             session.send(error_frame("too_many_streams", "limits.max_streams_per_connection reached", op.stream))
             return
-        payload = self.store.cmd_open(op.stream, op.epoch, op.content_type, now_ms())
+        payload = self.store.cmd_open(op.stream, op.epoch, op.content_type, now_ms(), op.producer)
         session.opening.setdefault(op.stream, [])
         received = session.received_at
 
@@ -174,6 +174,7 @@ class Relay:
                 self._take(op.stream, session, held)
             else:
                 session.finish(op.stream, int(epoch))  # appends get stream_ended, not not_open
+            fields = {"producer": op.producer} if op.producer is not None else {}
             session.send(
                 frame(
                     type="opened",
@@ -183,6 +184,7 @@ class Relay:
                     cursor=format_cursor(gen_i, n_i) if n_i else None,
                     status=status,
                     content_type=content_type,
+                    **fields,
                 )
             )
 

@@ -230,6 +230,77 @@ async def test_a_producer_taking_over_fences_the_first(relayd: Relayd) -> None:
     assert end["reason"] == "completed"
 
 
+async def test_open_repeated_by_the_same_producer_resumes_instead_of_taking_over(relayd: Relayd) -> None:
+    """An open without epoch but with the producer id of the current epoch resumes that epoch.
+
+    It is what makes an open idempotent when its ``opened`` was lost with the connection: the
+    repeat gets the epoch and the last stored seq, so nothing is stored twice. Another producer
+    id (or none) still takes the stream over, and a takeover gives the epoch to the new id.
+    """
+    first, second, third = await relayd.producer(), await relayd.producer(), await relayd.producer()
+    async with first, second, third:
+        opened = await first.open("s", producer="writer-x")
+        assert opened["epoch"] == 1 and opened["seq"] == 0 and opened["producer"] == "writer-x", opened
+        assert (await first.append("s", 1, 1, 2, 3))["seq"] == 3
+        # a new connection of the same producer (the first one's close not noticed yet): resume
+        resumed = await second.open("s", producer="writer-x")
+        assert resumed["type"] == "opened" and resumed["epoch"] == 1 and resumed["seq"] == 3, resumed
+        assert resumed["status"] == "open" and resumed["cursor"] is not None, resumed
+        assert (await second.append("s", 3, 3, 4))["seq"] == 4  # overlapping resend: only 4 is new
+        assert (await second.append("s", 5, 5))["seq"] == 5
+        # another producer id takes over and fences epoch 1 on both connections of writer-x
+        taken = await third.open("s", producer="writer-y")
+        assert taken["epoch"] == 2 and taken["seq"] == 0 and taken["producer"] == "writer-y", taken
+        await first.send({"op": "append", "stream": "s", "seq": 4, "chunk": "stale"})
+        await expect_error(first, "fenced", stream="s", seq=4)
+        await second.send({"op": "append", "stream": "s", "seq": 6, "chunk": "stale"})
+        await expect_error(second, "fenced", stream="s", seq=6)
+        assert (await third.append("s", 1, "y1"))["seq"] == 1
+        # writer-x no longer owns the current epoch: its open is a takeover, not a resume
+        again = await second.open("s", producer="writer-x")
+        assert again["epoch"] == 3 and again["seq"] == 0, again
+        await third.send({"op": "append", "stream": "s", "seq": 2, "chunk": "stale"})
+        await expect_error(third, "fenced", stream="s", seq=2)
+        assert (await second.append("s", 1, "x3"))["seq"] == 1
+        assert (await second.end("s"))["type"] == "ended"
+        # an ended stream stays ended, whoever opens it
+        assert (await first.open("s", producer="writer-x"))["status"] == "completed"
+
+    consumer = await relayd.consumer("s")
+    await consumer.expect("subscribed", stream="s")
+    chunks, end = await collect_chunks(consumer, "s")
+    assert [c["data"] for c in chunks] == [1, 2, 3, 4, 5, "y1", "x3"]
+    assert end["reason"] == "completed"
+
+
+async def test_producer_id_follows_the_epoch(relayd: Relayd) -> None:
+    """Only the producer that started the current epoch resumes by id: an explicit new epoch records
+    its id, a takeover without an id forgets the old one."""
+    async with await relayd.producer() as producer:
+        assert (await producer.open("s", producer="a"))["epoch"] == 1
+        assert (await producer.open("s", epoch=5, producer="b"))["epoch"] == 5
+        assert (await producer.open("s", producer="a"))["epoch"] == 6  # "a" lost it at epoch 5
+        assert (await producer.open("s", producer="a"))["epoch"] == 6  # and owns epoch 6
+        assert (await producer.open("s", epoch=6))["epoch"] == 6  # an explicit epoch resumes as always
+        assert (await producer.open("s"))["epoch"] == 7  # no id: a takeover that forgets "a"
+        assert (await producer.open("s", producer="a"))["epoch"] == 8
+        assert (await producer.open("s", epoch=8, producer="z"))["epoch"] == 8  # resuming keeps "a"
+        assert (await producer.open("s", producer="a"))["epoch"] == 8
+        created = await producer.open("fresh", epoch=4, producer="c")
+        assert created["epoch"] == 4 and created["seq"] == 0, created
+        assert (await producer.open("fresh", producer="c"))["epoch"] == 4
+
+
+@pytest.mark.parametrize("value", ["", "p" * 65, "has space", "slash/no", 7, ["x"], True])
+async def test_invalid_producer_id_is_bad_frame(relayd: Relayd, value: Any) -> None:
+    """A producer id that is not 1-64 of A-Z a-z 0-9 _ . : - is refused with bad_frame naming the field."""
+    async with await relayd.producer() as producer:
+        await producer.send({"op": "open", "stream": "s", "producer": value})
+        error = await expect_error(producer, "bad_frame", stream="s")
+        assert "producer" in error["message"], error
+        await assert_still_works(producer)
+
+
 async def test_seq_gap_names_the_last_stored_seq(relayd: Relayd) -> None:
     """An append that skips sequence numbers is refused with seq_gap; the error's seq is the last stored one."""
     async with await relayd.producer() as producer:

@@ -81,6 +81,7 @@ def test_open_append_end_ping_decode() -> None:
     """Each producer op decodes into its typed op with defaults filled in."""
     assert DECODER.decode('{"op":"open","stream":"s"}') == OpenOp("s", None, "json")
     assert DECODER.decode('{"op":"open","stream":"s","epoch":3,"content_type":"text"}') == OpenOp("s", 3, "text")
+    assert DECODER.decode('{"op":"open","stream":"s","producer":"w-1.a:B_9"}') == OpenOp("s", None, "json", "w-1.a:B_9")
     op = DECODER.decode('{"op":"append","stream":"s","seq":4,"chunks":[{"d":"x"},"y",1]}')
     assert op == AppendOp("s", 4, [b'{"d":"x"}', b'"y"', b"1"], 13)
     assert DECODER.decode('{"op":"append","stream":"s","seq":1,"chunk":null}') == AppendOp("s", 1, [b"null"], 4)
@@ -99,6 +100,10 @@ def test_open_append_end_ping_decode() -> None:
         ('{"op":"open","stream":"s","epoch":0}', "bad_frame"),
         ('{"op":"open","stream":"s","epoch":true}', "bad_frame"),
         ('{"op":"open","stream":"s","content_type":"xml"}', "bad_frame"),
+        ('{"op":"open","stream":"s","producer":""}', "bad_frame"),
+        ('{"op":"open","stream":"s","producer":"' + "p" * 65 + '"}', "bad_frame"),
+        ('{"op":"open","stream":"s","producer":"a b"}', "bad_frame"),
+        ('{"op":"open","stream":"s","producer":7}', "bad_frame"),
         ('{"op":"append","stream":"s","chunk":1}', "bad_frame"),
         ('{"op":"append","stream":"s","seq":-1,"chunk":1}', "bad_frame"),
         ('{"op":"append","stream":"s","seq":1}', "bad_frame"),

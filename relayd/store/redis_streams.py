@@ -135,7 +135,9 @@ class Store:
             raise StoreUnavailable("store not started")
         return writer.execute(payload, count)
 
-    def cmd_open(self, stream: str, epoch: int | None, content_type: str, now: int) -> bytes:
+    def cmd_open(
+        self, stream: str, epoch: int | None, content_type: str, now: int, producer: str | None = None
+    ) -> bytes:
         keys = self.keys
         return encode_command(
             [
@@ -148,6 +150,7 @@ class Store:
                 str(now),
                 content_type,
                 self._open_ttl,
+                producer or b"",
             ]
         )
 

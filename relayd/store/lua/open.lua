@@ -1,15 +1,20 @@
 -- Open (take over, resume or create) a stream for a producer.
 -- KEYS[1] meta, KEYS[2] log
 -- ARGV[1] epoch ("" = take over with a new epoch), ARGV[2] now_ms, ARGV[3] content type,
--- ARGV[4] open_ttl_s
+-- ARGV[4] open_ttl_s, ARGV[5] producer id ("" = none)
 -- Returns {code, gen, epoch, seq, n, status, content_type}; code is created|opened|resumed|fenced|ended
-local m = redis.call('HMGET', KEYS[1], 'status', 'gen', 'epoch', 'seq', 'n', 'ct')
+-- The meta's 'pid' is the producer id that started the current epoch. An open without an epoch
+-- from that same producer resumes the epoch instead of taking it over: repeating an open whose
+-- answer was lost (the connection dropped) must not restart the sequence numbers.
+local m = redis.call('HMGET', KEYS[1], 'status', 'gen', 'epoch', 'seq', 'n', 'ct', 'pid')
 local now = ARGV[2]
+local pid = ARGV[5]
 if not m[1] then
   local epoch = 1
   if ARGV[1] ~= '' then epoch = tonumber(ARGV[1]) end
   redis.call('HSET', KEYS[1], 'status', 'open', 'gen', now, 'epoch', epoch, 'base', 0, 'seq', 0,
     'n', 0, 'ct', ARGV[3], 'created', now, 'updated', now)
+  if pid ~= '' then redis.call('HSET', KEYS[1], 'pid', pid) end
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   return {'created', now, epoch, 0, 0, 'open', ARGV[3]}
 end
@@ -18,6 +23,10 @@ if m[1] ~= 'open' then
   return {'ended', m[2], epoch, tonumber(m[4]), tonumber(m[5]), m[1], m[6]}
 end
 if ARGV[1] == '' then
+  if pid ~= '' and m[7] == pid then
+    redis.call('HSET', KEYS[1], 'updated', now)
+    return {'resumed', m[2], epoch, tonumber(m[4]), tonumber(m[5]), m[1], m[6]}
+  end
   epoch = epoch + 1
 elseif tonumber(ARGV[1]) < epoch then
   return {'fenced', m[2], epoch, tonumber(m[4]), tonumber(m[5]), m[1], m[6]}
@@ -29,4 +38,9 @@ else
 end
 -- a new epoch: its sequence numbers start again at 1, after the entries already stored
 redis.call('HSET', KEYS[1], 'epoch', epoch, 'base', m[5], 'seq', 0, 'updated', now)
+if pid ~= '' then
+  redis.call('HSET', KEYS[1], 'pid', pid)
+else
+  redis.call('HDEL', KEYS[1], 'pid')
+end
 return {'opened', m[2], epoch, 0, tonumber(m[5]), m[1], m[6]}
