@@ -46,7 +46,8 @@ ConfigFactory = Callable[..., Config]
 
 
 class IngestProxy:
-    """A websocket proxy for ``/v1/ingest``: records what the producer sends, can hold acks, can drop."""
+    """A websocket proxy for ``/v1/ingest``: records what the producer sends, can hold acks (or
+    every frame relayd sends: ``swallow``), can drop."""
 
     def __init__(self, target: str) -> None:
         self.target = target
@@ -54,6 +55,8 @@ class IngestProxy:
         self.connections = 0
         self.hold_acks = False
         self.held_ack_seq: dict[str, int] = {}
+        self.swallow = False  # withhold every frame relayd sends (they are recorded in ``swallowed``)
+        self.swallowed: list[dict[str, Any]] = []
         self.changed = asyncio.Event()
         self._client: web.WebSocketResponse | None = None
         self._runner: web.AppRunner | None = None
@@ -111,7 +114,9 @@ class IngestProxy:
                     frames: list[str] = []
                     for line in split_message(msg.data):
                         frame = orjson.loads(line)
-                        if self.hold_acks and frame["type"] == "ack":
+                        if self.swallow:
+                            self.swallowed.append(frame)
+                        elif self.hold_acks and frame["type"] == "ack":
                             self.held_ack_seq[frame["stream"]] = frame["seq"]
                         else:
                             frames.append(line if isinstance(line, str) else line.decode())
@@ -308,6 +313,40 @@ async def test_lost_acks_cause_no_duplicates(relayd: Relayd) -> None:
     reopen = next(f for m in proxy.messages[first_connection:] for f in m if f["op"] == "open")
     assert reopen["epoch"] == 1
     assert (await replay(relayd, "lost-1"))[0] == list(range(20))
+
+
+async def test_drop_before_the_first_opened_causes_no_duplicates(relayd: Relayd) -> None:
+    """The connection drops after relayd stored the first round trip but before ``opened`` came back.
+
+    The SDK has no epoch yet; it re-opens with the same producer id, which relayd resumes (epoch
+    1, the last stored seq) instead of taking over, so the stored chunks are not stored again.
+    """
+    async with IngestProxy(relayd.url) as proxy, Producer(proxy.url, API_KEY, backoff_initial_s=0.02) as p:
+        proxy.swallow = True
+        w = p.writer("first-trip-1")
+        for i in range(5):
+            await w.send(i)
+
+        def stored_all() -> bool:
+            return any(f["type"] == "ack" and f["seq"] == 5 for f in proxy.swallowed)
+
+        await proxy.wait_for(stored_all)  # open and appends stored; nothing came back
+        assert proxy.swallowed[0]["type"] == "opened" and p.unacked_bytes > 0
+        first_connection = len(proxy.messages)
+        await proxy.drop()
+        proxy.swallow = False
+        for i in range(5, 10):
+            await w.send(i)
+        result = await w.end()
+    assert proxy.connections == 2 and result.chunks == 10
+    assert (await replay(relayd, "first-trip-1"))[0] == list(range(10))
+    meta = await relayd.relay.stream_meta("first-trip-1")
+    assert meta is not None and meta.epoch == 1 and meta.status == "completed", meta
+    first_open = next(f for m in proxy.messages for f in m if f["op"] == "open")
+    reopen = next(f for m in proxy.messages[first_connection:] for f in m if f["op"] == "open")
+    assert "epoch" not in reopen and reopen["producer"] == first_open["producer"], (first_open, reopen)
+    resent = proxy.appends(proxy.messages[first_connection:])
+    assert resent and min(f["seq"] for f in resent) == 6  # resumed after what relayd had stored
 
 
 async def test_gives_up_after_the_reconnect_timeout(config_factory: ConfigFactory) -> None:

@@ -10,9 +10,11 @@ unacknowledged chunks, what to write next) is :class:`~relayd.client.stream_stat
   exceed ``max_unacked_bytes`` (one oversized chunk at a time excepted); :meth:`reserve` waits.
   The chunks are kept until acknowledged, so they can be resent: this bounds memory too.
 - **Reconnecting**: when the websocket drops, every live stream is re-opened with the epoch it
-  holds; its appends wait for ``opened``, whose ``seq`` says what relayd stored; everything
-  after it is resent. ``store_unavailable``/``seq_gap``/``not_open`` refusals resynchronise a
-  stream the same way on the open connection. Nothing is lost, nothing stored twice.
+  holds (or, before its first ``opened``, with no epoch and the same producer id, which relayd
+  resumes rather than takes over); its appends wait for ``opened``, whose ``seq`` says what
+  relayd stored; everything after it is resent. ``store_unavailable``/``seq_gap``/``not_open``
+  refusals resynchronise a stream the same way on the open connection. Nothing is lost,
+  nothing stored twice.
 
 The first open of a stream is pipelined: its appends follow the open without waiting for
 ``opened`` (relayd holds them until the open is answered). A re-open is not: its appends wait,

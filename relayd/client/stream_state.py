@@ -8,12 +8,18 @@ Sequence numbers are the protocol's: contiguous from 1 in an epoch. ``acked`` is
 relayd confirmed (an ``ack``, or the ``seq`` of an ``opened`` after a re-open); ``sent`` the
 last one written on the current connection; the chunks in ``unacked`` are kept until their
 ack, which is what makes a resend after a reconnect possible.
+
+Every open carries ``producer``, an id drawn at random for this stream state and kept across
+reconnects. A re-open that has no epoch yet (the connection dropped before the first
+``opened``) is then recognised by relayd as the same producer and resumes the epoch the lost
+open started, instead of taking the stream over and storing the first round trip's chunks twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +57,7 @@ class StreamState:
         self.stream = stream
         self.stream_json = orjson.dumps(stream)
         self.content_type = content_type
+        self.producer = secrets.token_hex(16)  # this writer's id, the same in every open
         self.epoch: int | None = None
         self.next_seq = 1
         self.unacked: deque[tuple[int, bytes]] = deque()  # (seq, chunk JSON), seq-contiguous
@@ -213,10 +220,17 @@ class StreamState:
         if self.open_pending:
             self.open_pending = False
             self.open_inflight = True
+            # Without an epoch (none received yet), the producer id makes the open idempotent: a
+            # repeat after a lost ``opened`` resumes the epoch the first one started.
+            producer = self.producer.encode()
             if self.epoch is None:
-                op = b'{"op":"open","stream":%s,"content_type":"%s"}' % (self.stream_json, self.content_type.encode())
+                op = b'{"op":"open","stream":%s,"content_type":"%s","producer":"%s"}' % (
+                    self.stream_json,
+                    self.content_type.encode(),
+                    producer,
+                )
             else:
-                op = b'{"op":"open","stream":%s,"epoch":%d}' % (self.stream_json, self.epoch)
+                op = b'{"op":"open","stream":%s,"epoch":%d,"producer":"%s"}' % (self.stream_json, self.epoch, producer)
             out.append(op)
         if self.resuming:
             return out
