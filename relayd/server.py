@@ -24,7 +24,7 @@ from relayd.logs import setup_logging
 from relayd.metrics import Metrics
 from relayd.relay import Relay
 from relayd.store.redis_streams import Store
-from relayd.web.app import build_app
+from relayd.web.app import build_app, drain_connections
 from relayd.web.keys import Runtime
 
 log = logging.getLogger("relayd.server")
@@ -128,7 +128,10 @@ class Server:
     async def stop(self) -> None:
         """Ordered drain: stop accepting, flush producers, tell clients to reconnect, release."""
         if self._runner is not None:
-            await self._runner.cleanup()  # closes listeners, runs on_shutdown (the drain)
+            # Drain while still listening: /readyz answers 503 draining and /metrics stays
+            # scrapeable for the whole drain; new websocket/SSE requests get 503 shutting_down.
+            await drain_connections(self._runner.app)
+            await self._runner.cleanup()  # closes the listener; on_shutdown finds the drain done
             self._runner = None
         if self.relay is not None:
             await self.relay.close()

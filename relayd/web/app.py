@@ -34,13 +34,19 @@ def build_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/readyz", ops.readyz)
     app.router.add_get("/metrics", ops.metrics)
     admin.setup(app)  # /v1/admin/...: relayd streams, relayd status (admin keys)
-    app.on_shutdown.append(_drain_connections)
+    app.on_shutdown.append(drain_connections)
     return app
 
 
-async def _drain_connections(app: web.Application) -> None:
-    """Producers first (everything they sent is acknowledged), then consumers; all told 1012."""
+async def drain_connections(app: web.Application) -> None:
+    """Producers first (everything they sent is acknowledged), then consumers; all told 1012.
+
+    Runs once: ``Server.stop`` calls it while the listener is still open, aiohttp's
+    ``on_shutdown`` again after the listener closed (a no-op then).
+    """
     rt = app[RUNTIME]
+    if rt.draining.is_set():
+        return
     rt.draining.set()
     producers, consumers = list(rt.producers), list(rt.consumers)
     log.info("draining: %d producer and %d consumer connections", len(producers), len(consumers))
