@@ -490,6 +490,26 @@ async def test_resent_and_overlapping_appends_are_stored_once(relayd: Relayd, ke
         await peer.ws.close()
 
 
+async def test_a_producer_id_resumes_only_the_epoch_it_started(relayd: Relayd, key_prefix: str, rds: Any) -> None:
+    """The recorded producer id is tied to its epoch: an epoch started without it (by a relayd that
+    does not know producer ids, during a rolling upgrade) is not resumed by that id but taken over."""
+    stream = "pid-epoch"
+    async with await relayd.producer() as producer:
+        assert (await producer.open(stream, producer="w1"))["epoch"] == 1
+        await pump(producer, appends_for(stream, 1, 3))
+        assert (await producer.open(stream, producer="w1"))["epoch"] == 1  # resumes, as its own
+        meta = await rds.hgetall(meta_key(key_prefix, stream))
+        assert meta[b"pid"] == b"w1" and meta[b"pidep"] == b"1", meta
+        # a takeover as the previous open.lua does it: the epoch moves on, pid is left behind
+        await rds.hset(meta_key(key_prefix, stream), mapping={"epoch": 2, "base": 3, "seq": 0})
+        taken = await producer.open(stream, producer="w1")
+        assert taken["epoch"] == 3 and taken["seq"] == 0, taken
+        meta = await rds.hgetall(meta_key(key_prefix, stream))
+        assert meta[b"pid"] == b"w1" and meta[b"pidep"] == b"3", meta
+        assert (await producer.open(stream))["epoch"] == 4  # a takeover without an id forgets it
+        assert b"pid" not in await rds.hgetall(meta_key(key_prefix, stream))
+
+
 async def test_resume_from_any_cursor_gets_exactly_the_rest(relayd: Relayd) -> None:
     """A consumer resuming from a cursor gets exactly the chunks after it, then the end."""
     stream = "dup-resume"

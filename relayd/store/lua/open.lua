@@ -3,10 +3,12 @@
 -- ARGV[1] epoch ("" = take over with a new epoch), ARGV[2] now_ms, ARGV[3] content type,
 -- ARGV[4] open_ttl_s, ARGV[5] producer id ("" = none)
 -- Returns {code, gen, epoch, seq, n, status, content_type}; code is created|opened|resumed|fenced|ended
--- The meta's 'pid' is the producer id that started the current epoch. An open without an epoch
--- from that same producer resumes the epoch instead of taking it over: repeating an open whose
--- answer was lost (the connection dropped) must not restart the sequence numbers.
-local m = redis.call('HMGET', KEYS[1], 'status', 'gen', 'epoch', 'seq', 'n', 'ct', 'pid')
+-- The meta's 'pid' is the producer id that started epoch 'pidep'. An open without an epoch from
+-- that producer, while 'pidep' is still the current epoch, resumes the epoch instead of taking it
+-- over: repeating an open whose answer was lost (the connection dropped) must not restart the
+-- sequence numbers. 'pidep' makes a stale 'pid' harmless (an epoch started by a relayd that does
+-- not know producer ids, during a rolling upgrade, leaves it behind).
+local m = redis.call('HMGET', KEYS[1], 'status', 'gen', 'epoch', 'seq', 'n', 'ct', 'pid', 'pidep')
 local now = ARGV[2]
 local pid = ARGV[5]
 if not m[1] then
@@ -14,7 +16,7 @@ if not m[1] then
   if ARGV[1] ~= '' then epoch = tonumber(ARGV[1]) end
   redis.call('HSET', KEYS[1], 'status', 'open', 'gen', now, 'epoch', epoch, 'base', 0, 'seq', 0,
     'n', 0, 'ct', ARGV[3], 'created', now, 'updated', now)
-  if pid ~= '' then redis.call('HSET', KEYS[1], 'pid', pid) end
+  if pid ~= '' then redis.call('HSET', KEYS[1], 'pid', pid, 'pidep', epoch) end
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   return {'created', now, epoch, 0, 0, 'open', ARGV[3]}
 end
@@ -23,7 +25,7 @@ if m[1] ~= 'open' then
   return {'ended', m[2], epoch, tonumber(m[4]), tonumber(m[5]), m[1], m[6]}
 end
 if ARGV[1] == '' then
-  if pid ~= '' and m[7] == pid then
+  if pid ~= '' and m[7] == pid and tonumber(m[8]) == epoch then
     redis.call('HSET', KEYS[1], 'updated', now)
     return {'resumed', m[2], epoch, tonumber(m[4]), tonumber(m[5]), m[1], m[6]}
   end
@@ -39,8 +41,8 @@ end
 -- a new epoch: its sequence numbers start again at 1, after the entries already stored
 redis.call('HSET', KEYS[1], 'epoch', epoch, 'base', m[5], 'seq', 0, 'updated', now)
 if pid ~= '' then
-  redis.call('HSET', KEYS[1], 'pid', pid)
+  redis.call('HSET', KEYS[1], 'pid', pid, 'pidep', epoch)
 else
-  redis.call('HDEL', KEYS[1], 'pid')
+  redis.call('HDEL', KEYS[1], 'pid', 'pidep')
 end
 return {'opened', m[2], epoch, 0, tonumber(m[5]), m[1], m[6]}
