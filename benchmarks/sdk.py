@@ -205,7 +205,12 @@ async def consumer_main(cfg: dict[str, Any], subs: list[tuple[int, str]], conn: 
     errors: Counter[str] = Counter()
     ends: Counter[str] = Counter()
     go = asyncio.get_running_loop().create_future()
-    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=30))
+    # limit=0: aiohttp's default connector holds at most 100 connections, websockets included, so
+    # the 101st consumer on a shared session would wait in ws_connect until another one closes.
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=30),
+    )
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
     async def read(i: int, stream: str, connected: asyncio.Future[None]) -> None:
