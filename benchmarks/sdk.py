@@ -219,7 +219,7 @@ async def consumer_main(cfg: dict[str, Any], subs: list[tuple[int, str]], conn: 
         ok = False
         try:
             async with gate:
-                c = consume(cfg["url"], stream, token=cfg["token"], wait_ms=120_000, session=session, max_retries=3)
+                c = consume(cfg["url"], stream, token=cfg["token"], wait_ms=600_000, session=session, max_retries=3)
                 await c.__aenter__()
             connected.set_result(None)
             async with c:
@@ -334,7 +334,9 @@ def produce_pass(
     models_cpu0 = model_cpu(pids["models"])
     cores0 = fleet.cpu_times()
     t0 = time.monotonic()
+    # generous: a saturated load generator (the OpenAI SDK alone is ~200 us/chunk) stretches the run
     deadline = t0 + args.ramp_s + args.ttft_ms / 1000 + args.tokens / args.tps * 3 + 60
+    deadline += args.answers * (args.tokens + 2) * args.consumers * 0.0005
     prod = [expect(w, "result", deadline)[1] for w in producers]
     cons = [expect(w, "result", deadline)[1] for w in consumers]
     elapsed = time.monotonic() - t0
@@ -585,6 +587,9 @@ def main() -> int:
     ap.add_argument("--relayd-ref", default=None, help="--spawn: run relayd/ as of this git commit")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
+    # Consumers subscribe before their stream exists; on a saturated generator an answer may open
+    # more than the default 30 s later, and relayd would answer stream_not_found.
+    args.relay_env.insert(0, "RELAYD_STREAMS_WAIT_TIMEOUT_MS=600000")
     if min(args.answers, args.producer_procs, args.consumer_procs, args.model_procs, args.tokens) < 1:
         ap.error("--answers, --tokens and the process counts must be >= 1")
 
