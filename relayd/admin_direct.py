@@ -2,9 +2,9 @@
 
 ``relayd streams ls|show|export --redis-url URL`` (or ``--direct`` with the config's
 ``redis.url``) read the same keys the admin API reads, through the same code
-(relayd/catalog.py), and answer the same JSON. Only these reads: ending and removing streams,
-tails and the status need the running relayd (its hub, its producers' connections). There are
-no consumers to count (``consumers`` is None).
+(relayd/store/catalog.py), and answer the same JSON. Only these reads: ending and removing
+streams, tails and the status need the running relayd (its hub, its producers' connections).
+There are no consumers to count (``consumers`` is None).
 
 Redis failures become the CLI's errors here: not reachable -> :class:`Unreachable` (exit 4).
 """
@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from relayd import catalog
+from relayd.store import catalog
 from relayd.admin_client import AdminError, NotFound, Unreachable
 from relayd.config import Config
 from relayd.errors import StoreError, StoreUnavailable

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from relayd import catalog
+from relayd.store import catalog
 from relayd.auth import parse_bearer
 from relayd.errors import AuthError, ClientError, ProtocolError, StoreError
 from relayd.protocol import (
@@ -98,7 +98,7 @@ async def tail(request: web.Request) -> web.StreamResponse:
 
 
 async def list_streams(request: web.Request) -> web.Response:
-    """``?status=open|ended|all&prefix=P&limit=N``: newest first (relayd/catalog.py)."""
+    """``?status=open|ended|all&prefix=P&limit=N``: newest first (relayd/store/catalog.py)."""
     rt = request.app[RUNTIME]
     query = request.query
     which = query.get("status", "all")
