@@ -170,6 +170,7 @@ async def producer_main(cfg: dict[str, Any], answers: list[tuple[int, str]], con
     await asyncio.gather(*(answer(i, s) for i, s in answers))
     cpu1 = time.process_time()
     end_ns = time.time_ns()
+    messages = producer.connection.messages_sent if producer is not None else 0
     if producer is not None:
         try:
             await producer.close()
@@ -183,6 +184,7 @@ async def producer_main(cfg: dict[str, Any], answers: list[tuple[int, str]], con
             {
                 "cpu_s": cpu1 - cpu0,
                 "chunks": chunks,
+                "messages": messages,
                 "reasons": dict(reasons),
                 "errors": dict(errors),
                 "end_ns": end_ns,
@@ -204,6 +206,7 @@ async def consumer_main(cfg: dict[str, Any], subs: list[tuple[int, str]], conn: 
     stats = {"chunks": 0, "duplicates": 0, "missing": 0, "out_of_order": 0, "completed": 0}
     errors: Counter[str] = Counter()
     ends: Counter[str] = Counter()
+    incomplete: list[dict[str, Any]] = []
     go = asyncio.get_running_loop().create_future()
     # limit=0: aiohttp's default connector holds at most 100 connections, websockets included, so
     # the 101st consumer on a shared session would wait in ws_connect until another one closes.
@@ -217,6 +220,7 @@ async def consumer_main(cfg: dict[str, Any], subs: list[tuple[int, str]], conn: 
         seen: set[int] = set()
         last = -1
         ok = False
+        c = None
         try:
             async with gate:
                 c = consume(cfg["url"], stream, token=cfg["token"], wait_ms=600_000, session=session, max_retries=3)
@@ -242,9 +246,12 @@ async def consumer_main(cfg: dict[str, Any], subs: list[tuple[int, str]], conn: 
             errors[f"{type(exc).__name__}: {str(exc)[:120]}"] += 1
             if not connected.done():
                 connected.set_result(None)
-        stats["chunks"] += len(seen)
-        stats["missing"] += len(set(range(expected)) - seen)
-        stats["completed"] += ok and len(seen) == expected
+        finally:
+            stats["chunks"] += len(seen)
+            stats["missing"] += len(set(range(expected)) - seen)
+            stats["completed"] += ok and len(seen) == expected
+            if not ok and len(incomplete) < 10:
+                incomplete.append({"stream": stream, "chunks": len(seen), "last_i": last, "end": str(c and c.end)})
 
     connected = [asyncio.get_running_loop().create_future() for _ in subs]
     tasks = [asyncio.create_task(read(i, s, f)) for (i, s), f in zip(subs, connected, strict=True)]
@@ -254,7 +261,13 @@ async def consumer_main(cfg: dict[str, Any], subs: list[tuple[int, str]], conn: 
     go.set_result(msg[1])
     await asyncio.sleep(max(0.0, (msg[1] - time.time_ns()) / 1e9))
     cpu0 = time.process_time()
-    await asyncio.gather(*tasks)
+    stop = asyncio.ensure_future(_recv(conn))  # the parent's deadline passed: report what we have
+    await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    while not stop.done() and not all(t.done() for t in tasks):
+        await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     cpu1 = time.process_time()
     await session.close()
     conn.send(
@@ -267,6 +280,8 @@ async def consumer_main(cfg: dict[str, Any], subs: list[tuple[int, str]], conn: 
                 "ttft": ttft.tobytes(),
                 "ends": dict(ends),
                 "errors": dict(errors),
+                "incomplete": incomplete,
+                "timed_out": stop.done(),
                 "end_ns": time.time_ns(),
             },
         )
@@ -338,7 +353,13 @@ def produce_pass(
     deadline = t0 + args.ramp_s + args.ttft_ms / 1000 + args.tokens / args.tps * 3 + 60
     deadline += args.answers * (args.tokens + 2) * args.consumers * 0.0005
     prod = [expect(w, "result", deadline)[1] for w in producers]
-    cons = [expect(w, "result", deadline)[1] for w in consumers]
+    cons = []
+    for w in consumers:
+        try:
+            cons.append(expect(w, "result", deadline)[1])
+        except TimeoutError:
+            w[1].send(("stop",))
+            cons.append(expect(w, "result", time.monotonic() + 30)[1])
     elapsed = time.monotonic() - t0
     cpu1 = {k: fleet.proc_cpu_s(pids[k]) for k in ("relay", "redis")}
     out = {
@@ -473,6 +494,8 @@ def summarise(args: argparse.Namespace, real: dict[str, Any], model_stats: list[
         "consumer_ends": dict(ends),
         "producer_errors": dict(sum((Counter(p["errors"]) for p in prod), Counter())),
         "consumer_errors": dict(sum((Counter(c["errors"]) for c in cons), Counter())),
+        "consumers_timed_out": any(c["timed_out"] for c in cons),
+        "incomplete_sample": [x for c in cons for x in c["incomplete"]][:10],
         "latency_p50_ms": ms(fleet.pct(lat_s, 0.5)),
         "latency_p99_ms": ms(fleet.pct(lat_s, 0.99)),
         "latency_max_ms": ms(float(lat_s[-1]) if lat_s else None),
@@ -481,6 +504,8 @@ def summarise(args: argparse.Namespace, real: dict[str, Any], model_stats: list[
         "relay_cpu_us_per_chunk": per(real["relay_cpu_s"], stored),
         "relay_cpu_pct": round(100 * real["relay_cpu_s"] / real["elapsed_s"], 1) if real["relay_cpu_s"] else None,
         "redis_cpu_pct": round(100 * real["redis_cpu_s"] / real["elapsed_s"], 1) if real["redis_cpu_s"] else None,
+        "producer_messages": sum(p["messages"] for p in prod),
+        "chunks_per_producer_message": round(stored / max(1, sum(p["messages"] for p in prod)), 1),
         "producer_us_per_chunk": per(prod_cpu, stored),
         "producer_cpu_pct": round(100 * prod_cpu / real["elapsed_s"], 1),
         "consumer_us_per_chunk": per(cons_cpu, delivered),
@@ -508,6 +533,7 @@ TABLE = [
     ("baseline_producer_us_per_chunk", "baseline (drain only) us/chunk"),
     ("sdk_overhead_us_per_chunk", "producer SDK overhead us/chunk"),
     ("consumer_us_per_chunk", "consumer process us/chunk"),
+    ("chunks_per_producer_message", "chunks per producer message"),
     ("model_us_per_chunk", "fake model us/chunk"),
     ("elapsed_s", "streaming time s"),
 ]
@@ -532,14 +558,15 @@ def print_summary(s: dict[str, Any]) -> None:
         f"CPU us/chunk: relay {s['relay_cpu_us_per_chunk']} ({s['relay_cpu_pct']}% of core), producer process "
         f"{s['producer_us_per_chunk']} ({s['producer_cpu_pct']}%), baseline {s.get('baseline_producer_us_per_chunk')}"
         f" -> SDK overhead {s.get('sdk_overhead_us_per_chunk')}; consumer {s['consumer_us_per_chunk']} "
-        f"({s['consumer_cpu_pct']}%), fake model {s['model_us_per_chunk']}; redis {s['redis_cpu_pct']}%"
+        f"({s['consumer_cpu_pct']}%), fake model {s['model_us_per_chunk']}; redis {s['redis_cpu_pct']}%; "
+        f"producer messages {s['producer_messages']} ({s['chunks_per_producer_message']} chunks each)"
     )
     print(
         "cores: "
         + ", ".join(f"{k} busy {v['busy_pct']}%" for k, v in s["cores"].items())
         + f"; loadavg before {s['loadavg_before']} after {s['loadavg_after']}; elapsed {s['elapsed_s']} s"
     )
-    for key in ("producer_errors", "consumer_errors", "baseline_errors"):
+    for key in ("producer_errors", "consumer_errors", "baseline_errors", "incomplete_sample"):
         if s.get(key):
             print(f"{key}: {s[key]}")
 
