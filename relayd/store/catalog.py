@@ -40,9 +40,11 @@ async def list_streams(store: Store, which: str, prefix: str, limit: int, consum
 
     Open streams come from the open index (ZSCAN), others from a SCAN over the meta keys. One
     listing examines a bounded number of keys and says ``truncated`` if it stopped before the end.
+    Every key found costs one pipelined HMGET (its creation time and status, to sort and filter);
+    only the ``limit`` newest get the full stats (HGETALL, XLEN, MEMORY USAGE, TTL).
     """
     scan = store.scan_open if which == "open" else store.scan_streams
-    found: list[StreamStats] = []
+    found: list[tuple[int, str]] = []  # (created_ms, id)
     cursor, steps = 0, 0
     seen: set[str] = set()
     while True:
@@ -52,15 +54,16 @@ async def list_streams(store: Store, which: str, prefix: str, limit: int, consum
         seen.update(ids)
         if ids:
             found.extend(
-                stats
-                for stats in await store.stream_stats(ids)
-                if stats is not None and (which == "all" or stats.meta.is_open == (which == "open"))
+                (head[0], stream)
+                for stream, head in zip(ids, await store.stream_heads(ids), strict=True)
+                if head is not None and (which == "all" or head[1] == (which == "open"))
             )
         if cursor == 0 or steps >= _SCAN_STEPS:
             break
-    found.sort(key=lambda s: (-s.meta.created_ms, s.meta.stream))
+    found.sort(key=lambda head: (-head[0], head[1]))
+    top = [stats for stats in await store.stream_stats([stream for _, stream in found[:limit]]) if stats is not None]
     now = now_ms()
-    streams = [summary(s, consumers(s.meta.stream), now) for s in found[:limit]]
+    streams = [summary(s, consumers(s.meta.stream), now) for s in top]
     return {"streams": streams, "truncated": len(found) > limit or cursor != 0}
 
 
@@ -93,9 +96,12 @@ async def describe(store: Store, stream: str, consumers: Consumers) -> dict[str,
 async def export(store: Store, meta: StreamMeta, page: int) -> AsyncIterator[bytes]:
     """The stream as stored at ``meta``'s read, as NDJSON consumer websocket frames, page by page.
 
-    A ``gap`` frame marks trimmed history. The last line is ``{"type": "exported", "chunks": N,
-    "cursor": …}``, or an ``error`` line if Redis failed midway: without the trailer the export
-    is incomplete. Memory: one page, whatever the stream's length.
+    A ``gap`` frame marks trimmed history; one whose ``next`` lies past the last entry the meta
+    counts marks a history that ends early (the log expired or was deleted while the meta
+    remained), so an export never passes for complete when it is not. The last line is
+    ``{"type": "exported", "chunks": N, "cursor": …}``, or an ``error`` line if Redis failed
+    midway: without the trailer the export is incomplete. Memory: one page, whatever the
+    stream's length.
     """
     stream, gen = meta.stream, meta.gen
     text = meta.content_type == "text"
@@ -112,6 +118,8 @@ async def export(store: Store, meta: StreamMeta, page: int) -> AsyncIterator[byt
             chunks += sum(1 for e in entries if not e.is_end)
             next_offset = entries[-1].offset + 1
             last_cursor = format_cursor(gen, entries[-1].offset)
+        if next_offset <= meta.n:  # the rest of the log is gone
+            yield WS_CODEC.gap(stream, gen, next_offset - 1, meta.n + 1) + b"\n"
     except StoreError as exc:
         yield error_frame("store_unavailable", str(exc), stream) + b"\n"
         return

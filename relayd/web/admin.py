@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from relayd.store import catalog
 from relayd.auth import parse_bearer
 from relayd.errors import AuthError, ClientError, ProtocolError, StoreError
 from relayd.protocol import (
@@ -25,6 +24,7 @@ from relayd.protocol import (
     format_cursor,
     is_valid_stream_id,
 )
+from relayd.store import catalog
 from relayd.store.redis_streams import StreamMeta
 from relayd.web.admin_status import setup_status, status
 from relayd.web.admin_tail import NDJSON, follow
