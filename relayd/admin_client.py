@@ -2,13 +2,9 @@
 
 Synchronous and standard library only (``urllib``): a command makes one request, or reads one
 streamed NDJSON response line by line, and a plain blocking client keeps the CLI free of an
-event loop. Every failure is translated here into an :class:`AdminError` whose ``exit_code``
-says what kind of failure it was (docs/operations.md, "Admin CLI"):
-
-    AdminError          1  refused or failed (a conflict, a bad request, Redis down)
-    ├── Unauthorized    3  no admin key, or a wrong one
-    ├── Unreachable     4  relayd does not answer (down, wrong URL, timeout, connection lost)
-    └── NotFound        5  no such stream
+event loop. Every failure is translated here into an :class:`~relayd.admin_errors.AdminError`
+whose ``exit_code`` says what kind of failure it was (the tree: relayd/admin_errors.py).
+Redirects are not followed: urllib would resend the admin key to wherever one points.
 """
 
 from __future__ import annotations
@@ -23,35 +19,14 @@ from typing import Any
 
 import orjson
 
-from relayd.errors import RelaydError
-
-EXIT_ERROR = 1
-EXIT_USAGE = 2  # click's own code for a usage error
-EXIT_UNAUTHORIZED = 3
-EXIT_UNREACHABLE = 4
-EXIT_NOT_FOUND = 5
+from relayd.admin_errors import AdminError, NotFound, Unauthorized, Unreachable
 
 
-class AdminError(RelaydError):
-    """A command failed; ``str()`` is the one line the CLI prints."""
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect answer becomes an error (HTTPError) instead of a second request with the key."""
 
-    exit_code = EXIT_ERROR
-
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class Unauthorized(AdminError):
-    exit_code = EXIT_UNAUTHORIZED
-
-
-class Unreachable(AdminError):
-    exit_code = EXIT_UNREACHABLE
-
-
-class NotFound(AdminError):
-    exit_code = EXIT_NOT_FOUND
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 def stream_path(stream: str, action: str = "") -> str:
@@ -65,6 +40,7 @@ class AdminClient:
         self.url = url.rstrip("/")
         self._key = admin_key
         self.timeout_s = timeout_s
+        self._opener = urllib.request.build_opener(_NoRedirects())
 
     def __repr__(self) -> str:
         return f"AdminClient({self.url!r})"
@@ -148,7 +124,7 @@ class AdminClient:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
-            response: http.client.HTTPResponse = urllib.request.urlopen(request, timeout=timeout_s)
+            response: http.client.HTTPResponse = self._opener.open(request, timeout=timeout_s)
         except urllib.error.HTTPError as exc:
             raise _http_error(exc) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
@@ -175,6 +151,13 @@ def _http_error(exc: urllib.error.HTTPError) -> AdminError:
         code, message = str(error["code"]), str(error["message"])
     except (orjson.JSONDecodeError, KeyError, TypeError):
         code, message = "http_error", f"HTTP {exc.code} {exc.reason}"
+    if 300 <= exc.code < 400:
+        where = exc.headers.get("Location") or "elsewhere"
+        return AdminError(
+            f"relayd answered HTTP {exc.code}, a redirect to {where}: not followed, so the admin key "
+            "goes nowhere else; pass relayd's own URL (--url)",
+            "redirect",
+        )
     if exc.code == 401:
         return Unauthorized(f"unauthorized: {message}", code)
     if exc.code == 404:

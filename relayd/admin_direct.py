@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 
 import orjson
 
-from relayd.store import catalog
-from relayd.admin_client import AdminError, NotFound, Unreachable
+from relayd.admin_errors import AdminError, NotFound, Unreachable
 from relayd.config import Config
 from relayd.errors import StoreError, StoreUnavailable
+from relayd.store import catalog
 from relayd.store.redis_streams import Store
 
 T = TypeVar("T")

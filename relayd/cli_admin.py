@@ -6,14 +6,14 @@ the development key in ``<embedded.data_dir>/dev-credentials``), makes one call 
 :class:`~relayd.admin_client.AdminClient`, and prints a human summary, or the API's JSON with
 ``--json``. ``ls``, ``show`` and ``export`` can also read Redis directly (``--redis-url``,
 ``--direct``: :class:`~relayd.admin_direct.DirectClient`) when relayd is down. A failure is one
-line on stderr and the exit code of its kind (admin_client.py).
+line on stderr and the exit code of its kind (relayd/admin_errors.py). How values print:
+relayd/cli_format.py.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeAlias, TypeVar
@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeAlias, TypeVar
 import click
 import orjson
 
-from relayd.admin_client import AdminClient, AdminError, Unauthorized
+from relayd.admin_client import AdminClient
+from relayd.admin_errors import AdminError, HistoryMissing, Unauthorized
+from relayd.cli_format import gap_line, human_bytes, human_duration, print_json, table, when, write_chunk
 from relayd.config import Config, load_config
 from relayd.errors import RelaydError
 
@@ -148,50 +150,6 @@ def _admin(client: Client) -> AdminClient:
     return client
 
 
-def _print_json(value: Any) -> None:
-    click.echo(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
-
-
-# -- formatting -----------------------------------------------------------------------------------
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def human_duration(seconds: float) -> str:
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _when(ms: int | None) -> str:
-    if not ms:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) + f".{ms % 1000:03d}"
-
-
-def _table(rows: list[list[str]], out: TextIO | None = None) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        cells = [
-            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        click.echo("  ".join(cells).rstrip(), file=out)
-
-
 # -- relayd status --------------------------------------------------------------------------------
 
 
@@ -201,7 +159,7 @@ def status(client: Client, as_json: bool) -> None:
     """A one-screen summary of a running relayd."""
     st = _admin(client).status()
     if as_json:
-        _print_json(st)
+        print_json(st)
         return
     conns, chunks, redis, streams = st["connections"], st["chunks"], st["redis"], st["streams"]
     state = "DRAINING" if st["draining"] else "serving"
@@ -234,7 +192,7 @@ def ls(which: str, prefix: str, limit: int, client: Client, as_json: bool) -> No
     """List streams, newest first: id, status, chunks, bytes, age, consumers (on this relayd)."""
     answer = client.list_streams(which, prefix, limit)
     if as_json:
-        _print_json(answer)
+        print_json(answer)
         return
     rows = [["ID", "STATUS", "CHUNKS", "BYTES", "AGE", "CONSUMERS"]]
     rows += [
@@ -244,7 +202,7 @@ def ls(which: str, prefix: str, limit: int, client: Client, as_json: bool) -> No
     if len(rows) == 1:
         click.echo("no streams", err=True)
     else:
-        _table(rows)
+        table(rows)
     if answer["truncated"]:
         click.echo("(more streams not shown: raise --limit or narrow --prefix)", err=True)
 
@@ -260,7 +218,7 @@ def show(stream: str, client: Client, as_json: bool) -> None:
     """One stream's metadata, cursors, size, TTL and consumers."""
     s = client.show(stream)
     if as_json:
-        _print_json(s)
+        print_json(s)
         return
     status_line = s["status"] if s["reason"] is None else f"ended: {s['reason']}"
     if s["message"]:
@@ -272,9 +230,9 @@ def show(stream: str, client: Client, as_json: bool) -> None:
         ("status", status_line),
         ("content type", s["content_type"]),
         ("epoch", f"{s['epoch']} (producer seq {s['seq']})"),
-        ("created", f"{_when(s['created_ms'])} ({human_duration(s['age_s'])} ago)"),
-        ("updated", _when(s["updated_ms"])),
-        ("ended", _when(s["ended_ms"])),
+        ("created", f"{when(s['created_ms'])} ({human_duration(s['age_s'])} ago)"),
+        ("updated", when(s["updated_ms"])),
+        ("ended", when(s["ended_ms"])),
         ("first cursor", s["first_cursor"] or "-"),
         ("last cursor", s["last_cursor"] or "-"),
         ("size", f"{s['chunks']} chunks, {human_bytes(s['bytes'])} in Redis"),
@@ -283,14 +241,6 @@ def show(stream: str, client: Client, as_json: bool) -> None:
     ]
     for name, value in fields:
         click.echo(f"{name + ':':<14}{value}")
-
-
-def _write_chunk(data: Any, out: TextIO) -> None:
-    """Text: strings as they are (a text stream reads as its text), anything else one JSON per line."""
-    if isinstance(data, str):
-        out.write(data)
-    else:
-        out.write(orjson.dumps(data).decode() + "\n")
 
 
 @streams.command()
@@ -311,7 +261,7 @@ def tail(stream: str, from_start: bool, client: Client, as_json: bool) -> None:
             out.flush()
         if kind == "chunk":
             if not as_json:
-                _write_chunk(f["data"], out)
+                write_chunk(f["data"], out)
                 out.flush()
         elif kind == "end":
             if not as_json:
@@ -320,6 +270,8 @@ def tail(stream: str, from_start: bool, client: Client, as_json: bool) -> None:
             return
         elif kind == "error":
             raise AdminError(f"{f.get('code')}: {f.get('message')}", str(f.get("code")))
+        elif kind == "gap" and not as_json:
+            click.echo("\n" + gap_line(f), err=True)
         elif not as_json:
             click.echo(f"\n-- {kind}: {orjson.dumps(f).decode()}", err=True)
     raise AdminError("relayd closed the tail before the stream ended")
@@ -334,31 +286,41 @@ def export(stream: str, fmt: str, client: Client) -> None:
 
     jsonl: one frame per line, chunks then the end (if ended), as a websocket consumer gets
     them; text: strings as they are, other chunks one JSON per line. A progress bar goes to
-    stderr when it is a terminal.
+    stderr when it is a terminal. Each gap (history trimmed or expired) is also a line on
+    stderr, and the exit code is then 6: everything stored was written, but not the whole
+    stream.
     """
     out = click.get_text_stream("stdout")
     if sys.stderr.isatty():
         total = client.show(stream)["chunks"]
         with click.progressbar(length=total, label=f"exporting {stream}", file=sys.stderr, update_min_steps=100) as bar:
-            _export(client.export(stream), fmt, out, bar.update)
+            gaps = _export(client.export(stream), fmt, out, bar.update)
     else:
-        _export(client.export(stream), fmt, out, lambda n: None)
+        gaps = _export(client.export(stream), fmt, out, lambda n: None)
+    if gaps:
+        raise HistoryMissing(f"exported {stream} with {gaps} gap{'s' if gaps > 1 else ''}: part of its history is gone")
 
 
-def _export(frames: Iterator[dict[str, Any]], fmt: str, out: TextIO, advance: Callable[[int], None]) -> None:
+def _export(frames: Iterator[dict[str, Any]], fmt: str, out: TextIO, advance: Callable[[int], None]) -> int:
+    """Write the frames out up to the ``exported`` trailer; the number of gaps met."""
+    gaps = 0
     for f in frames:
         kind = f.get("type")
         if kind == "exported":
             out.flush()
-            return
+            return gaps
         if kind == "error":
             raise AdminError(f"export incomplete: {f.get('code')}: {f.get('message')}", str(f.get("code")))
         if fmt == "jsonl":
             out.write(orjson.dumps(f).decode() + "\n")
         elif kind == "chunk":
-            _write_chunk(f["data"], out)
+            write_chunk(f["data"], out)
         if kind == "chunk":
             advance(1)
+        elif kind == "gap":
+            gaps += 1
+            out.flush()
+            click.echo(gap_line(f), err=True)
     raise AdminError("export incomplete: the response ended early")
 
 
@@ -371,7 +333,7 @@ def end(stream: str, reason: str, message: str, client: Client, as_json: bool) -
     """End an open stream as relayd would: consumers get the end, its producer is told."""
     answer = _admin(client).end(stream, reason, message)
     if as_json:
-        _print_json(answer)
+        print_json(answer)
     elif answer["result"] == "ended":
         click.echo(f"ended {stream}: {reason} at {answer['cursor']}")
     else:
@@ -394,7 +356,7 @@ def rm(stream: str, yes: bool, force: bool, client: Client, as_json: bool) -> No
             raise AdminError(f"{exc} (--force)", exc.code) from None
         raise
     if as_json:
-        _print_json(answer)
+        print_json(answer)
     else:
         note = " (ended cancelled first)" if answer["ended_first"] else ""
         click.echo(f"deleted {stream}{note}")

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from click.testing import CliRunner, Result
 
-from relayd.admin_client import EXIT_NOT_FOUND, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE
+from relayd.admin_errors import EXIT_NOT_FOUND, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE
 from relayd.auth import hash_api_key
 from relayd.cli import main
 from relayd.config import Config
