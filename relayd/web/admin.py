@@ -149,7 +149,7 @@ async def end_stream(request: web.Request) -> web.Response:
         raise ProtocolError("bad_frame", "body is not valid JSON") from None
     reason = body.get("reason") if isinstance(body, dict) else None
     message = body.get("message", "") if isinstance(body, dict) else ""
-    if reason not in PRODUCER_END_REASONS:
+    if not isinstance(reason, str) or reason not in PRODUCER_END_REASONS:  # a list is not hashable
         raise ProtocolError("bad_frame", "reason must be completed, error or cancelled")
     if not isinstance(message, str) or len(message) > MAX_END_MESSAGE:
         raise ProtocolError("bad_frame", f"message must be a string of at most {MAX_END_MESSAGE} characters")

@@ -10,16 +10,15 @@ and lets relayd notice a reader that went away.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from aiohttp import web
 
 from relayd.hub import Subscriber
-from relayd.outbox import Outbox, SlowConsumer
+from relayd.outbox import Outbox
 from relayd.protocol import WS_CODEC
 from relayd.store.redis_streams import StreamMeta
 from relayd.web.keys import RUNTIME
-from relayd.web.transport import backlog_of
+from relayd.web.transport import backlog_of, deliver
 
 NDJSON = "application/x-ndjson"
 
@@ -48,34 +47,17 @@ async def follow(request: web.Request, stream: str, meta: StreamMeta, *, from_st
     done = _Done()
     cursor = None if from_start else (meta.gen, meta.n)  # "now": after the last entry stored
     sub = Subscriber(rt.relay.hub, stream, outbox, WS_CODEC, cursor=cursor, wait_s=0, owner=done)
-    writer = asyncio.create_task(outbox.run(), name="relayd-admin-tail-writer")
-    keepalive = asyncio.create_task(_keepalive(outbox, cfg.consumer.sse_keepalive_s))
 
     async def drain_close() -> None:
         outbox.control(WS_CODEC.error(stream, "shutting_down", "relayd is restarting"))
         done.event.set()
 
+    async def stop() -> None:
+        rt.consumers.discard(drain_close)
+        await sub.stop()
+
     rt.consumers.add(drain_close)
     sub.start()
-    try:
-        waiter = asyncio.create_task(done.event.wait())
-        await asyncio.wait([waiter, writer], return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if not writer.done():
-            await outbox.flush(1.0)
-    finally:
-        rt.consumers.discard(drain_close)
-        keepalive.cancel()
-        await sub.stop()
-        outbox.close()
-        writer.cancel()
-        for task in (writer, keepalive):
-            with contextlib.suppress(asyncio.CancelledError, SlowConsumer, ConnectionError, RuntimeError):
-                await task
+    every_s = cfg.consumer.sse_keepalive_s
+    await deliver(outbox, done.event, stop, keepalive=b"", every_s=every_s, name="relayd-admin-tail-writer")
     return response
-
-
-async def _keepalive(outbox: Outbox, every_s: float) -> None:
-    while True:
-        await asyncio.sleep(every_s)  # a periodic job, not a synchronisation
-        outbox.control(b"")

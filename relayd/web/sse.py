@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -13,12 +12,12 @@ from relayd.auth import parse_bearer
 from relayd.errors import ClientError, StoreError
 from relayd.hub import Subscriber
 from relayd.logs import ConnectionLog, Pairs
-from relayd.outbox import Outbox, SlowConsumer
+from relayd.outbox import Outbox
 from relayd.protocol import SSE_CODEC, check_stream_id, parse_optional_cursor
 from relayd.web.cors import cors_headers
 from relayd.web.errors import client_error_response, error_response
 from relayd.web.keys import RUNTIME
-from relayd.web.transport import backlog_of
+from relayd.web.transport import backlog_of, deliver
 
 log = logging.getLogger("relayd.sse")
 
@@ -93,7 +92,6 @@ async def events(request: web.Request) -> web.StreamResponse:
     sub = Subscriber(rt.relay.hub, stream, outbox, SSE_CODEC, cursor=cursor, wait_s=wait_ms / 1000, owner=done)
     rt.metrics.connection_opened("consumer_sse")
     conn_log = ConnectionLog(log, "consumer_sse", request.remote, stream=stream)
-    writer = asyncio.create_task(outbox.run(), name="relayd-sse-writer")
     loop = asyncio.get_running_loop()
 
     def expired() -> None:
@@ -103,42 +101,35 @@ async def events(request: web.Request) -> web.StreamResponse:
         done.event.set()
 
     expiry = loop.call_later(max(principal.expires_at - time.time(), 0.0), expired)
-    keepalive = asyncio.create_task(_keepalive(outbox, cfg.consumer.sse_keepalive_s))
 
     async def drain_close() -> None:
         conn_log.closing("shutting_down")
         outbox.control(SSE_CODEC.error(stream, "shutting_down", "relayd is restarting; reconnect"))
         done.event.set()
 
-    rt.consumers.add(drain_close)
-    sub.start()
-    try:
-        waiter = asyncio.create_task(done.event.wait())
-        await asyncio.wait([waiter, writer], return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if done.event.is_set():
-            conn_log.closing("stream_done")  # the stream ended (or could not be followed): the response ends
-        if not writer.done():
-            await outbox.flush(1.0)
-    finally:
+    async def stop() -> None:
         rt.consumers.discard(drain_close)
         expiry.cancel()
-        keepalive.cancel()
+        if done.event.is_set():
+            conn_log.closing("stream_done")  # the stream ended (or could not be followed): the response ends
         await sub.stop()
-        outbox.close()
-        writer.cancel()
-        for task in (writer, keepalive):
-            with contextlib.suppress(asyncio.CancelledError, SlowConsumer, ConnectionError, RuntimeError):
-                await task
-        if writer.done() and not writer.cancelled() and isinstance(writer.exception(), SlowConsumer):
+
+    rt.consumers.add(drain_close)
+    sub.start()
+    slow = False
+    try:
+        slow = await deliver(
+            outbox,
+            done.event,
+            stop,
+            keepalive=b": keepalive\n\n",
+            every_s=cfg.consumer.sse_keepalive_s,
+            name="relayd-sse-writer",
+        )
+    finally:
+        if slow:
             rt.metrics.slow_consumer()
             conn_log.closing("slow_consumer")
         rt.metrics.connection_closed("consumer_sse")
         conn_log.closed(None, "client_closed", chunks_out=done.chunks, streams=1)
     return response
-
-
-async def _keepalive(outbox: Outbox, every_s: float) -> None:
-    while True:
-        await asyncio.sleep(every_s)  # a periodic job, not a synchronisation
-        outbox.control(b": keepalive\n\n")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+
+from relayd.outbox import Outbox, SlowConsumer
 
 
 def ws_text_writer(request: web.Request, ws: web.WebSocketResponse) -> Callable[[list[bytes]], None]:
@@ -54,3 +57,47 @@ async def close_stuck(ws: web.WebSocketResponse, code: int, reason: str) -> None
         transport = ws._req.transport if ws._req is not None else None
         if transport is not None:
             transport.abort()
+
+
+async def deliver(
+    outbox: Outbox,
+    done: asyncio.Event,
+    stop: Callable[[], Awaitable[None]],
+    *,
+    keepalive: bytes,
+    every_s: float,
+    name: str,
+) -> bool:
+    """Write ``outbox`` to a streamed response until ``done`` is set or the writer ends.
+
+    The one subscription's response of an SSE consumer and of an admin tail: a writer task drains
+    the outbox, a keepalive task queues ``keepalive`` every ``every_s``. When ``done`` is set
+    what is queued gets a second to go out. Then, however it ends (the handler cancelled too):
+    ``stop()`` (the caller unsubscribes), the outbox closes, and both tasks are cancelled and
+    awaited, so none outlives the response. True if the writer gave up on a slow reader.
+    """
+    writer = asyncio.create_task(outbox.run(), name=name)
+    pinger = asyncio.create_task(_keepalive(outbox, keepalive, every_s), name=f"{name}-keepalive")
+    waiter = asyncio.create_task(done.wait(), name=f"{name}-waiter")
+    try:
+        await asyncio.wait([waiter, writer], return_when=asyncio.FIRST_COMPLETED)
+        if not writer.done():
+            await outbox.flush(1.0)
+    finally:
+        waiter.cancel()
+        pinger.cancel()
+        try:
+            await stop()
+        finally:
+            outbox.close()
+            writer.cancel()
+            for task in (waiter, writer, pinger):
+                with contextlib.suppress(asyncio.CancelledError, SlowConsumer, ConnectionError, RuntimeError):
+                    await task
+    return not writer.cancelled() and isinstance(writer.exception(), SlowConsumer)
+
+
+async def _keepalive(outbox: Outbox, data: bytes, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)  # a periodic job, not a synchronisation
+        outbox.control(data)
