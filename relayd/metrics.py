@@ -238,6 +238,11 @@ class Metrics:
         hot.delivered[path] += chunks
         hot.delivered_bytes[path] += nbytes
 
+    def chunk_totals(self) -> tuple[int, int]:
+        """Chunks stored and delivered since start: the status sampler's two counters, read directly."""
+        hot = self._hot
+        return hot.chunks_in, sum(hot.delivered.values())
+
     def catchup(self) -> None:
         self._catchups.inc()
 

@@ -1,8 +1,9 @@
 """``GET /v1/admin/status``: a one-screen summary of this relayd, for ``relayd status``.
 
-Counts come from the process's own metrics registry (what ``/metrics`` exports), so the summary
-and the dashboards never disagree. Rates are taken over the last minute: a sampler records the
-chunk counters every few seconds; before a minute has passed they cover the time since start.
+Counts come from the process's own metrics (what ``/metrics`` exports), so the summary and the
+dashboards never disagree. Rates are taken over the last minute: a sampler records the two chunk
+counters every few seconds (read directly, not by collecting the registry and /proc); before a
+minute has passed they cover the time since start.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ class StatusState:
     started_at: float = field(default_factory=time.time)
     started_mono: float = field(default_factory=time.monotonic)
     # (monotonic time, chunks stored, chunks delivered); counters start at 0 with the process.
-    samples: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=_WINDOW_SAMPLES))
+    samples: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=_WINDOW_SAMPLES))
 
     def __post_init__(self) -> None:
-        self.samples.append((self.started_mono, 0.0, 0.0))
+        self.samples.append((self.started_mono, 0, 0))
 
 
 STATUS = web.AppKey("admin_status", StatusState)
@@ -55,19 +56,13 @@ def _samples(metrics: Metrics) -> Samples:
     }
 
 
-def _chunk_totals(samples: Samples) -> tuple[float, float]:
-    stored = samples.get(("relayd_chunks_in_total", ()), 0.0)
-    delivered = sum(v for (name, _), v in samples.items() if name == "relayd_chunks_delivered_total")
-    return stored, delivered
-
-
 async def _sampler(app: web.Application) -> AsyncIterator[None]:
     state, metrics = app[STATUS], app[RUNTIME].metrics
 
     async def sample_forever() -> None:
         while True:
             await asyncio.sleep(_SAMPLE_EVERY_S)  # a periodic job, not a synchronisation
-            state.samples.append((time.monotonic(), *_chunk_totals(_samples(metrics))))
+            state.samples.append((time.monotonic(), *metrics.chunk_totals()))  # not the whole registry
 
     task = asyncio.create_task(sample_forever(), name="relayd-admin-sampler")
     yield
@@ -80,7 +75,7 @@ async def status(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     state = request.app[STATUS]
     samples = _samples(rt.metrics)
-    stored, delivered = _chunk_totals(samples)
+    stored, delivered = rt.metrics.chunk_totals()
     now = time.monotonic()
     since, stored_then, delivered_then = state.samples[0]
     window = max(now - since, 1e-3)
