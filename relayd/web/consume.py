@@ -77,6 +77,7 @@ class ConsumerConnection:
         # for the close log line: frames read, subscriptions made, chunks of finished subscriptions
         self.frames_in = self.streams = self.chunks_out = 0
         self.log = ConnectionLog(log, "consumer_ws", request.remote, **log_fields)
+        self.debug = log.isEnabledFor(logging.DEBUG)  # decided once per connection, as ingest does
         self._expiry: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
         self.schedule_expiry()
@@ -115,7 +116,8 @@ class ConsumerConnection:
         wait_s = min(cap if wait_ms is None else wait_ms, cap) / 1000
         sub = Subscriber(self.rt.relay.hub, stream, self.outbox, WS_CODEC, cursor=cursor, wait_s=wait_s, owner=self)
         self.streams += 1
-        self.log.event(logging.DEBUG, "subscribe", stream=stream, cursor=cursor and format_cursor(*cursor))
+        if self.debug:  # format_cursor only when the line is written
+            self.log.event(logging.DEBUG, "subscribe", stream=stream, cursor=cursor and format_cursor(*cursor))
         self.subs[stream] = sub
         self.outbox.control(frame(type="subscribed", stream=stream))
         sub.start()
