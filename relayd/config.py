@@ -86,20 +86,8 @@ class AuthConfig:
     admin_keys: tuple[str, ...] = ()  # sha256:<hex> hashes of keys for /v1/admin (relayd streams, status)
 
     def check(self) -> None:
-        for i, key in enumerate(self.admin_keys):
-            if not _HASH_RE.match(key):
-                raise ConfigError(
-                    f"auth.admin_keys[{i}]",
-                    "must be a hash 'sha256:<64 hex>' (make one with `relayd hash-key`); "
-                    "put plain keys in RELAYD_ADMIN_KEYS",
-                )
-        for i, key in enumerate(self.api_keys):
-            if not _HASH_RE.match(key):
-                raise ConfigError(
-                    f"auth.api_keys[{i}]",
-                    "must be a hash 'sha256:<64 hex>' (make one with `relayd hash-key`); "
-                    "put plain keys in RELAYD_API_KEYS or auth.api_keys_file",
-                )
+        _check_hashes("auth.admin_keys", self.admin_keys, "RELAYD_ADMIN_KEYS")
+        _check_hashes("auth.api_keys", self.api_keys, "RELAYD_API_KEYS or auth.api_keys_file")
         if self.jwt_algorithm not in ("HS256", "HS384", "HS512", "RS256", "ES256"):
             raise ConfigError(
                 "auth.jwt_algorithm", f"must be HS256, HS384, HS512, RS256 or ES256, got {self.jwt_algorithm!r}"
@@ -238,12 +226,12 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         if not isinstance(section, dict):
             raise ConfigError(name, "must be a table")
         tables[name] = _build_table(name, cls, section, env)
-    secrets = _api_key_secrets(tables["auth"], env)
+    secrets = _key_secrets("auth.api_keys", "API", env, "RELAYD_API_KEYS", tables["auth"].api_keys_file)
     jwt_secret = _jwt_secret(tables["auth"], env)
     tables["auth"] = dataclasses.replace(tables["auth"], jwt_secret=jwt_secret)
     for table in tables.values():
         table.check()
-    admin_secrets = _admin_key_secrets(env)
+    admin_secrets = _key_secrets("auth.admin_keys", "admin", env, "RELAYD_ADMIN_KEYS")
     return Config(**tables, api_key_secrets=secrets, admin_key_secrets=admin_secrets)
 
 
@@ -306,23 +294,27 @@ def _from_env(key: str, env_name: str, text: str, hint: Any) -> Any:
     return text
 
 
-def _api_key_secrets(auth: AuthConfig, env: Mapping[str, str]) -> tuple[str, ...]:
-    keys = [k.strip() for k in env.get("RELAYD_API_KEYS", "").split(",") if k.strip()]
-    if auth.api_keys_file:
-        text = _read_secret_file("auth.api_keys_file", auth.api_keys_file)
+def _check_hashes(key: str, hashes: tuple[str, ...], plain_keys_go: str) -> None:
+    """Keys in the config file are hashes only: a plain key there would sit in a file as is."""
+    for i, value in enumerate(hashes):
+        if not _HASH_RE.match(value):
+            raise ConfigError(
+                f"{key}[{i}]",
+                "must be a hash 'sha256:<64 hex>' (make one with `relayd hash-key`); "
+                f"put plain keys in {plain_keys_go}",
+            )
+
+
+def _key_secrets(key: str, kind: str, env: Mapping[str, str], env_var: str, path: str = "") -> tuple[str, ...]:
+    """Plain keys (or hashes) from the env (comma-separated) and a file ``<key>_file`` (one a line)."""
+    keys = [k.strip() for k in env.get(env_var, "").split(",") if k.strip()]
+    if path:
+        text = _read_secret_file(f"{key}_file", path)
         keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    for key in keys:
-        if len(key) < 16 and not key.startswith("sha256:"):
-            raise ConfigError("auth.api_keys", "plain API keys must be at least 16 characters")
+    for value in keys:
+        if len(value) < 16 and not value.startswith("sha256:"):
+            raise ConfigError(key, f"plain {kind} keys must be at least 16 characters")
     return tuple(keys)
-
-
-def _admin_key_secrets(env: Mapping[str, str]) -> tuple[str, ...]:
-    keys = tuple(k.strip() for k in env.get("RELAYD_ADMIN_KEYS", "").split(",") if k.strip())
-    for key in keys:
-        if len(key) < 16 and not key.startswith("sha256:"):
-            raise ConfigError("auth.admin_keys", "plain admin keys must be at least 16 characters")
-    return keys
 
 
 def _jwt_secret(auth: AuthConfig, env: Mapping[str, str]) -> str:
