@@ -25,6 +25,7 @@ from aiohttp import web
 from openai.types.chat import ChatCompletionChunk
 
 from relayd.client import (
+    ChunkTooLarge,
     ConnectionFailed,
     Producer,
     ProducerFenced,
@@ -52,6 +53,7 @@ class IngestProxy:
     def __init__(self, target: str) -> None:
         self.target = target
         self.messages: list[list[dict[str, Any]]] = []  # producer -> relayd, one list of frames per message
+        self.sizes: list[int] = []  # bytes of each of those messages
         self.connections = 0
         self.hold_acks = False
         self.held_ack_seq: dict[str, int] = {}
@@ -106,6 +108,7 @@ class IngestProxy:
             async def to_relayd() -> None:
                 async for msg in client:
                     self.messages.append([orjson.loads(line) for line in split_message(msg.data)])
+                    self.sizes.append(len(msg.data.encode()))
                     self.changed.set()
                     await upstream.send_str(msg.data)
 
@@ -365,6 +368,57 @@ async def test_gives_up_after_the_reconnect_timeout(config_factory: ConfigFactor
     assert failed.value.attempts >= 2
     with pytest.raises(ConnectionFailed):
         await p.close()
+
+
+async def test_a_chunk_too_large_for_a_message_is_refused_by_that_send_only(relayd: Relayd) -> None:
+    """A chunk that cannot fit max_message_bytes raises ChunkTooLarge from its send; the stream,
+    the other streams and the connection go on, and batches are split below the limit."""
+    limit = 4096
+    async with IngestProxy(relayd.url) as proxy, Producer(proxy.url, API_KEY, max_message_bytes=limit) as p:
+        big, other = p.writer("too-big-1"), p.writer("too-big-2")
+        await big.send("before")
+        with pytest.raises(ChunkTooLarge) as refused:
+            await big.send("x" * limit)
+        assert isinstance(refused.value, ValueError) and refused.value.size > limit == refused.value.limit
+        for i in range(40):  # 40 x ~1 kB in one tick: more than one message's worth per stream
+            await big.send(f"{i:04d}" + "y" * 1000)
+            await other.send(i)
+        assert big.failure is None
+        results = [await big.end(), await other.end()]
+    assert [r.reason for r in results] == ["completed", "completed"] and results[0].chunks == 41
+    assert proxy.connections == 1
+    assert max(proxy.sizes) <= limit and len(proxy.messages) > 10
+    data, _ = await replay(relayd, "too-big-1")
+    assert data == ["before"] + [f"{i:04d}" + "y" * 1000 for i in range(40)]
+    assert (await replay(relayd, "too-big-2"))[0] == list(range(40))
+
+
+async def test_a_connection_dropped_after_every_resend_gives_up_at_the_reconnect_timeout(
+    config_factory: ConfigFactory,
+) -> None:
+    """relayd closes 1009 on each resend of a message over its max_frame_bytes: the reconnects back
+    off, and reconnect_timeout_s bounds the outage (a handshake is not progress) with ConnectionFailed."""
+    config = config_factory(limits={"max_frame_bytes": 64 * 1024, "max_chunk_bytes": 32 * 1024})
+    async with Relayd(config) as relayd, IngestProxy(relayd.url) as proxy:
+        p = Producer(proxy.url, API_KEY, backoff_initial_s=0.05, backoff_max_s=0.2, reconnect_timeout_s=1.0)
+        await p.connect()
+        good, bad = p.writer("quick-drop-1"), p.writer("quick-drop-2")
+        await good.send(0)
+        await good.flush()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await bad.send("z" * 100_000)  # fits the Producer's 512 kB messages, not relayd's 64 kB frames
+        async with asyncio.timeout(15):
+            with pytest.raises(ConnectionFailed):
+                await bad.flush()
+            with pytest.raises(ConnectionFailed):
+                await good.send(1)
+                await good.flush()
+        elapsed = loop.time() - started
+        assert 0.9 <= elapsed < 5, elapsed
+        assert 3 <= proxy.connections <= 30  # backed off, not a tight loop
+        with pytest.raises(ConnectionFailed):
+            await p.close()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from relayd.client.consumer import Consumer, End, consume
 from relayd.client.encoding import Encoder, json_encoder, text_encoder
 from relayd.client.errors import (
     AckTimeout,
+    ChunkTooLarge,
     ClientError,
     ConnectionFailed,
     Forbidden,
@@ -24,13 +25,15 @@ from relayd.client.errors import (
     StreamReset,
     Unauthorized,
 )
-from relayd.client.producer import Producer, StreamResult, Writer
+from relayd.client.producer import Producer
 from relayd.client.sync import SyncProducer, SyncWriter
 from relayd.client.tee import Tee
 from relayd.client.tokens import mint_token
+from relayd.client.writer import StreamResult, Writer
 
 __all__ = [
     "AckTimeout",
+    "ChunkTooLarge",
     "ClientError",
     "ConnectionFailed",
     "Consumer",

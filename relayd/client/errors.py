@@ -3,6 +3,7 @@
     ClientError                    anything the SDK raises on purpose
     ├── ConnectionFailed           relayd could not be reached (or reconnecting gave up)
     ├── ProducerClosed             the Producer/writer is closed; nothing more can be sent
+    ├── ChunkTooLarge              one chunk cannot fit a websocket message (also a ValueError)
     ├── AckTimeout                 acknowledgements did not arrive within the close timeout
     ├── Refused                    relayd refused a request; ``code`` is the wire error code
     │   ├── Unauthorized           API key or token refused (``unauthorized``, ``token_expired``)
@@ -19,17 +20,23 @@
 
 The root derives from :class:`relayd.errors.RelaydError`, so ``except RelaydError`` catches
 everything relayd's code raises on purpose, server or client. It is a different class from
-``relayd.errors.ClientError`` (the server's "a client sent something wrong").
+``relayd.errors.ClientError`` (the server's "a client sent something wrong"), which the SDK
+never raises: import this one as ``relayd.client.ClientError``.
+
+A failure that stays in force (a stream's refusal, the connection giving up) is raised again
+on every later call as a fresh copy (:func:`again`) chained to the original, so tracebacks do
+not pile up on one shared exception object.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from relayd.errors import RelaydError
 
 __all__ = [
     "AckTimeout",
+    "ChunkTooLarge",
     "ClientError",
     "ConnectionFailed",
     "Forbidden",
@@ -45,6 +52,7 @@ __all__ = [
     "StreamNotFound",
     "StreamReset",
     "Unauthorized",
+    "again",
     "refused_from_frame",
     "stream_failed",
 ]
@@ -70,12 +78,38 @@ class ProducerClosed(ClientError):
     """The Producer (or one of its writers) is closed; a send or open after that is a bug."""
 
 
+class ChunkTooLarge(ClientError, ValueError):
+    """One chunk, encoded and framed, exceeds the Producer's ``max_message_bytes``.
+
+    Raised by the ``send`` that tried it; the chunk is not sent, and the stream and the
+    connection go on as if it had never been offered.
+    """
+
+    def __init__(self, message: str, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
 class AckTimeout(ClientError):
     """Chunks were sent but not acknowledged within the close timeout: they may not be stored."""
 
     def __init__(self, message: str, unacked_chunks: int) -> None:
         super().__init__(message)
         self.unacked_chunks = unacked_chunks
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def again(error: E) -> E:
+    """A fresh copy of a stored ``error`` (same class, message and attributes), caused by it."""
+    copy = type(error).__new__(type(error))
+    copy.args = error.args
+    copy.__dict__.update(error.__dict__)
+    copy.__cause__ = error
+    copy.__suppress_context__ = True
+    return copy
 
 
 class Refused(ClientError):

@@ -1,9 +1,10 @@
-"""The asyncio producer: ``Producer`` (one connection), ``Writer`` (one stream), ``stream()``.
+"""The asyncio producer: ``Producer`` (one connection), ``stream()``, ``tee()``, closing.
 
 Every stream of a Producer shares one websocket (:mod:`relayd.client.session`), which batches
 per event-loop tick, bounds the ack window, and reconnects and resends without loss or
-duplicates. This module adds the stream-level API on top: encoding, how a stream ends (by the
-code, an exception or a consumer's cancel), and piping an iterator into a stream.
+duplicates. Each stream is written through a :class:`~relayd.client.writer.Writer`. This module
+adds the Producer-level API on top: opening writers, piping an iterator into a stream (ending
+it by how the iterator ended or a consumer's cancel), and closing within a bound.
 """
 
 from __future__ import annotations
@@ -12,17 +13,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
-
-import orjson
+from typing import TYPE_CHECKING, Any
 
 from relayd.client.encoding import Encoder, default_encoder
-from relayd.client.errors import AckTimeout, ClientError, ProducerClosed
+from relayd.client.errors import AckTimeout, ClientError, ProducerClosed, again
+from relayd.client.retry import Retry
 from relayd.client.session import Connection, Options
-from relayd.client.stream_state import StreamState
 from relayd.client.upstream import aiter_of, close_after, close_upstream, pump_into
+from relayd.client.writer import EndReason, OnCancel, StreamResult, Writer
 from relayd.errors import ProtocolError
 from relayd.protocol import CONTENT_TYPES, check_stream_id
 
@@ -32,152 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["EndReason", "Producer", "StreamResult", "Writer"]
 
 log = logging.getLogger("relayd.client")
-
-EndReason = Literal["completed", "error", "cancelled"]
-OnCancel = Callable[[], Any]  # sync, or returning an awaitable
-
-
-@dataclass(frozen=True, slots=True)
-class StreamResult:
-    """How a stream ended: ``reason`` and the end's ``cursor`` as relayd stored them.
-
-    ``chunks`` counts the chunks this producer appended (all acknowledged). ``error`` is the
-    upstream's exception when :meth:`Producer.stream` was told not to raise it.
-    """
-
-    stream: str
-    reason: str
-    cursor: str | None
-    chunks: int
-    error: BaseException | None = None
-
-
-class Writer:
-    """Appends to one stream; made by :meth:`Producer.writer`, used as ``async with``.
-
-    Leaving the block without :meth:`end` ends the stream ``completed``; with an exception,
-    ``error`` with ``str(exc)`` as the message (the exception propagates); after a consumer's
-    cancel request, ``cancelled``. If the task is cancelled, the end (``cancelled``) is queued,
-    not awaited; the Producer's exit waits for it.
-    """
-
-    def __init__(self, conn: Connection, stream: str, encoder: Encoder, content_type: str) -> None:
-        self._conn = conn
-        self._encoder = encoder
-        self._text = content_type == "text"
-        self._state: StreamState = conn.add_stream(stream, content_type)
-        self.stream = stream
-
-    @property
-    def cancelled(self) -> asyncio.Event:
-        """Set when a consumer asked to cancel the stream: stop and end it ``cancelled``."""
-        return self._state.cancelled
-
-    @property
-    def cursor(self) -> str | None:
-        """The cursor of the last acknowledged chunk (None before the first ack)."""
-        return self._state.cursor
-
-    @property
-    def chunks(self) -> int:
-        """Chunks appended so far (acknowledged or not)."""
-        return self._state.next_seq - 1
-
-    @property
-    def failure(self) -> ClientError | None:
-        """Why the stream takes no more chunks (a refusal, the connection giving up), else None."""
-        return self._state.failure
-
-    @property
-    def can_end(self) -> bool:
-        """False once no end can be written any more (ended, fenced, connection gone)."""
-        return not self._state.terminal
-
-    def on_cancel(self, callback: OnCancel) -> None:
-        """Call ``callback()`` (sync, or returning an awaitable) when a consumer asks to cancel."""
-        self._state.cancel_callbacks.append(callback)
-        if self._state.cancelled.is_set():
-            self._conn.run_callback(callback)
-
-    async def send(self, item: Any) -> bool:
-        """Encode ``item`` and append it; False if the encoder made nothing of it.
-
-        Returns once the chunk is queued inside the ack window: waits while the Producer's
-        unacknowledged bytes would exceed ``max_unacked_bytes``. Raises the stream's failure
-        (:class:`ProducerFenced`, :class:`StreamAlreadyEnded`, a :class:`Refused` chunk,
-        :class:`ConnectionFailed`), ``ProducerClosed`` after :meth:`end`, and ``TypeError`` for
-        a value that is not JSON (or not a string on a text stream).
-        """
-        state = self._state
-        self._check()
-        value = self._encoder(item)
-        if value is None or (isinstance(value, str) and not value):
-            return False
-        if self._text and not isinstance(value, str):
-            raise TypeError(f"a text stream takes strings; the encoder returned {type(value).__name__}")
-        data = orjson.dumps(value)
-        await self._conn.reserve(len(data))
-        try:
-            self._check()
-        except BaseException:
-            self._conn.release(len(data))
-            raise
-        state.enqueue(data)
-        return True
-
-    def _check(self) -> None:
-        state = self._state
-        if state.failure is not None:
-            raise state.failure
-        if state.end_request is not None or state.done:
-            raise ProducerClosed(f"stream {self.stream} has been ended")
-
-    async def flush(self) -> None:
-        """Wait until every chunk sent so far is acknowledged (stored in Redis)."""
-        state = self._state
-        while not state.idle.is_set():
-            await state.idle.wait()
-        if state.failure is not None:
-            raise state.failure
-
-    async def end(self, reason: EndReason = "completed", message: str | None = None) -> StreamResult:
-        """End the stream once every chunk is acknowledged; return how relayd stored the end.
-
-        ``message`` (at most 1000 characters are kept) says why, for ``error``. Idempotent: a
-        second call waits for the same end. If a chunk was refused (see :meth:`send`), ending
-        ``completed`` ends ``error`` instead and raises the refusal.
-        """
-        state = self._state
-        failure = state.failure
-        if failure is not None and not state.terminal and reason == "completed":
-            state.request_end("error", str(failure))
-        else:
-            state.request_end(reason, message or "")
-        ended = await state.ended
-        if failure is not None and reason == "completed":
-            raise failure
-        return StreamResult(self.stream, ended.reason, ended.cursor, self.chunks)
-
-    def end_nowait(self, reason: EndReason, message: str = "") -> None:
-        """Queue the end without waiting for it (the Producer's exit waits)."""
-        self._state.request_end(reason, message)
-
-    async def __aenter__(self) -> Writer:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        state = self._state
-        if state.done or state.terminal:
-            return
-        if exc is None:
-            await self.end("cancelled" if state.cancelled.is_set() else "completed")
-        elif not isinstance(exc, Exception):  # CancelledError, KeyboardInterrupt: do not await
-            self.end_nowait("cancelled", f"producer stopped: {type(exc).__name__}")
-        else:
-            with contextlib.suppress(ClientError):
-                await self.end("error", str(exc) or type(exc).__name__)
 
 
 class Producer:
@@ -217,6 +70,7 @@ class Producer:
         _check_content_type(content_type)
         if max_unacked_bytes <= 0 or max_message_bytes <= 0:
             raise ValueError("max_unacked_bytes and max_message_bytes must be positive")
+        Retry(backoff_initial_s, backoff_max_s, None, deadline_s=reconnect_timeout_s)  # ValueError if invalid
         self.url = url
         self._api_key = api_key
         self.encoder = encoder
@@ -257,6 +111,10 @@ class Producer:
     async def close(self, *, cancel_tees: bool = False) -> None:
         """Wait for tee tasks (or cancel them), then for acks and ends, then close.
 
+        Tee tasks still reading their upstream after ``close_timeout_s`` are cancelled: their
+        streams end ``cancelled`` (as when the task running :meth:`stream` is cancelled). The
+        acks and ends then get ``close_timeout_s`` more, so a close takes at most twice that.
+
         Raises :class:`AckTimeout` if chunks are still unacknowledged after ``close_timeout_s``,
         or the connection's failure (:class:`ConnectionFailed`, :class:`Unauthorized`) if it gave
         up. ``async with`` does not raise these over an exception of its body.
@@ -265,10 +123,7 @@ class Producer:
         if conn is None:
             return
         try:
-            if cancel_tees:
-                for task in self._tees:
-                    task.cancel()
-            await asyncio.gather(*self._tees, return_exceptions=True)
+            await self._finish_tees(cancel=cancel_tees)
             settled = await conn.settle(self.options.close_timeout_s)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.options.close_timeout_s):
@@ -279,9 +134,26 @@ class Producer:
             await conn.close()
             self._conn = None
         if failure is not None:
-            raise failure
+            raise again(failure)
         if not settled:
             raise AckTimeout(f"{unacked} chunks not acknowledged within {self.options.close_timeout_s}s", unacked)
+
+    async def _finish_tees(self, *, cancel: bool) -> None:
+        """Let the tee tasks finish within ``close_timeout_s`` (none if ``cancel``), then cancel them."""
+        tees = set(self._tees)
+        if not tees:
+            return
+        _, pending = await asyncio.wait(tees, timeout=0 if cancel else self.options.close_timeout_s)
+        if pending and not cancel:
+            log.warning(
+                "relayd producer closing: %d tee tasks still running after %ss; cancelling them",
+                len(pending),
+                self.options.close_timeout_s,
+            )
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
 
     async def flush(self) -> None:
         """Wait until every chunk sent so far, on every stream, is acknowledged."""
@@ -386,7 +258,8 @@ class Producer:
         if error is None:
             return await writer.end("completed")
         await close_upstream(source, iterator)
-        if isinstance(error, ClientError) and writer.failure is error:
+        failure = writer.failure
+        if isinstance(error, ClientError) and (failure is error or failure is error.__cause__):
             if writer.can_end:
                 with contextlib.suppress(ClientError):
                     await writer.end("error", str(error))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,11 +34,15 @@ from typing import Any
 import aiohttp
 import orjson
 
-from relayd.client.errors import ClientError, ConnectionFailed, ProducerClosed, Unauthorized
+from relayd.client.errors import ClientError, ConnectionFailed, ProducerClosed, Unauthorized, again
+from relayd.client.retry import Retry
 from relayd.client.stream_state import StreamState
+from relayd.client.urls import ws_base
 from relayd.protocol import split_message
 
 log = logging.getLogger("relayd.client")
+
+_MESSAGE_TOO_BIG = 1009  # websocket close code: a message exceeded relayd's limits.max_frame_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +61,7 @@ class Options:
 
 def ingest_url(base_url: str) -> str:
     """``http(s)://host:port[/prefix]`` (or ``ws(s)://``) -> the producer websocket URL."""
-    url = base_url.rstrip("/")
-    for scheme, ws_scheme in (("http://", "ws://"), ("https://", "wss://")):
-        if url.startswith(scheme):
-            url = ws_scheme + url[len(scheme) :]
-    if not url.startswith(("ws://", "wss://")):
-        raise ValueError(f"relayd URL must start with http://, https://, ws:// or wss://, got {base_url!r}")
-    return url + "/v1/ingest"
+    return ws_base(base_url) + "/v1/ingest"
 
 
 class Connection:
@@ -90,6 +87,10 @@ class Connection:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._runner: asyncio.Task[None] | None = None
         self._callbacks: set[asyncio.Task[Any]] = set()
+        # One run of failures = one outage; bounded by time, reset only by progress.
+        self._retry = Retry(
+            options.backoff_initial_s, options.backoff_max_s, None, deadline_s=options.reconnect_timeout_s
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -99,7 +100,7 @@ class Connection:
         # an unreachable host becomes a retry, not a five-minute hang.
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=10.0))
         try:
-            ws = await self._connect(time.monotonic())
+            ws = await self._connect()
         except BaseException:
             await self._http.close()
             raise
@@ -155,7 +156,7 @@ class Connection:
 
     def check(self) -> None:
         if self.failure is not None:
-            raise self.failure
+            raise again(self.failure)
         if self.closed:
             raise ProducerClosed("the Producer is closed")
 
@@ -208,13 +209,13 @@ class Connection:
 
     # -- the connection --------------------------------------------------------------------------
 
-    async def _connect(self, outage_start: float, attempts: int = 0) -> aiohttp.ClientWebSocketResponse:
-        """Connect, retrying with backoff until ``reconnect_timeout_s`` after ``outage_start``."""
+    async def _connect(self) -> aiohttp.ClientWebSocketResponse:
+        """Connect, with backoff, until the outage has lasted ``reconnect_timeout_s``."""
         assert self._http is not None
         opts = self.options
-        deadline = outage_start + opts.reconnect_timeout_s
         while True:
-            attempts += 1
+            await self._retry.wait(f"connecting to {self.url}")  # raises once the outage is too long
+            attempt = self._retry.failures + 1
             try:
                 return await self._http.ws_connect(
                     self.url, headers=self._headers, heartbeat=opts.heartbeat_s, autoping=True
@@ -223,25 +224,17 @@ class Connection:
                 if exc.status == 401:
                     raise Unauthorized("relayd refused the API key", code="unauthorized") from exc
                 if exc.status < 500 and exc.status != 429:
-                    raise ConnectionFailed(f"relayd refused the connection: HTTP {exc.status}", attempts) from exc
+                    raise ConnectionFailed(f"relayd refused the connection: HTTP {exc.status}", attempt) from exc
                 error: Exception = exc
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 error = exc
-            if not opts.reconnect or time.monotonic() >= deadline:
-                raise ConnectionFailed(f"cannot connect to {self.url}: {error}", attempts) from error
-            log.info("relayd producer: connect attempt %d failed (%s)", attempts, error)
-            await self._backoff(attempts, deadline)
-
-    async def _backoff(self, attempts: int, deadline: float) -> None:
-        opts = self.options
-        delay = min(opts.backoff_max_s, opts.backoff_initial_s * 2 ** min(attempts - 1, 30))
-        delay *= 0.5 + random.random() / 2  # jitter: a restarted relayd is not hit by all at once
-        await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))  # backoff, not a sync
+            if not opts.reconnect:
+                raise ConnectionFailed(f"cannot connect to {self.url}: {error}", attempt) from error
+            self._retry.failed(error)
+            log.info("relayd producer: connect attempt %d failed (%s)", attempt, error)
 
     async def _run(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         opts = self.options
-        outage_start = 0.0
-        quick_drops = 0
         try:
             while True:
                 connected_at = time.monotonic()
@@ -259,26 +252,34 @@ class Connection:
                     self._ws = None
                 if self.closed:
                     return
+                code = ws.close_code
                 if not opts.reconnect:
-                    raise ConnectionFailed(f"connection to {self.url} lost (code {ws.close_code}); reconnect is off")
-                log.info("relayd producer connection lost (code %s); reconnecting", ws.close_code)
+                    raise ConnectionFailed(f"connection to {self.url} lost (code {code}); reconnect is off")
+                if code == _MESSAGE_TOO_BIG:
+                    log.error(
+                        "relayd closed the producer connection 1009: a message exceeded its limits.max_frame_bytes;"
+                        " set the Producer's max_message_bytes below it"
+                    )
+                log.info("relayd producer connection lost (code %s); reconnecting", code)
+                # The outage is ended by progress (an ack or an ``ended``, see _dispatch), not by a
+                # handshake: a connection relayd drops right after each resend is one outage, which
+                # gives up after reconnect_timeout_s. Only a drop of a connection that had nothing
+                # to deliver and lived a while starts a new one.
+                if not self._outstanding() and time.monotonic() - connected_at >= max(opts.backoff_max_s, 1.0):
+                    self._retry.succeeded()
+                self._retry.failed(ConnectionFailed(f"connection to {self.url} lost (code {code})"))
                 for state in self.streams.values():
                     state.disconnected()
-                now = time.monotonic()
-                # A connection that drops soon after it opened (relayd refusing a message, a proxy
-                # cutting it) is an ongoing outage: back off, and give up at the same limit.
-                if now - connected_at >= max(opts.backoff_max_s, 1.0):
-                    outage_start, quick_drops = now, 0
-                else:
-                    outage_start = outage_start or connected_at
-                    quick_drops += 1
-                    await self._backoff(quick_drops, outage_start + opts.reconnect_timeout_s)
-                ws = await self._connect(outage_start, quick_drops)
+                ws = await self._connect()
                 for state in self.streams.values():
                     self._dirty[state] = None
                 self._wake.set()
         except ClientError as exc:
             self._fail_all(exc)
+
+    def _outstanding(self) -> bool:
+        """Whether anything written awaits relayd's answer: a chunk's ack, an end."""
+        return self.unacked_bytes > 0 or any(s.end_request is not None for s in self.streams.values())
 
     def _fail_all(self, error: ClientError) -> None:
         if self.failure is None and not isinstance(error, ProducerClosed):
@@ -326,10 +327,12 @@ class Connection:
                 log.warning("relayd refused a producer op: %s", frame)
             return
         if kind == "ack":
+            self._retry.succeeded()  # progress: the outage, if any, is over
             state.ack(int(frame["seq"]), frame.get("cursor"))
         elif kind == "opened":
             state.on_opened(frame)
         elif kind == "ended":
+            self._retry.succeeded()
             state.on_ended(frame)
         elif kind == "cancel":
             state.on_cancel()

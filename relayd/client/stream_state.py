@@ -56,6 +56,9 @@ class StreamState:
         self.conn = conn
         self.stream = stream
         self.stream_json = orjson.dumps(stream)
+        self.append_head = b'{"op":"append","stream":%s,"seq":' % self.stream_json
+        # The bytes an append frame adds around its chunks: head, seq (<= 20 digits), brackets.
+        self.append_overhead = len(self.append_head) + 32
         self.content_type = content_type
         self.producer = secrets.token_hex(16)  # this writer's id, the same in every open
         self.epoch: int | None = None
@@ -249,7 +252,7 @@ class StreamState:
         """``append`` frames for the chunks after ``sent``, each frame at most ``limit`` bytes."""
         start = self.sent + 1 - self.unacked[0][0]
         frames: list[bytes] = []
-        head = b'{"op":"append","stream":%s,"seq":' % self.stream_json
+        head = self.append_head
         batch: list[bytes] = []
         first = size = 0
         for i in range(start, len(self.unacked)):
@@ -258,7 +261,7 @@ class StreamState:
                 frames.append(b'%s%d,"chunks":[%s]}' % (head, first, b",".join(batch)))
                 batch = []
             if not batch:
-                first, size = seq, len(head) + 32
+                first, size = seq, self.append_overhead
             batch.append(data)
             size += len(data) + 1
         if batch:

@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 
 from relayd.client.encoding import Encoder
 from relayd.client.errors import ClientError
-from relayd.client.producer import EndReason, Producer, StreamResult, Writer
+from relayd.client.producer import Producer
+from relayd.client.writer import EndReason, StreamResult, Writer
 
 __all__ = ["SyncProducer", "SyncWriter"]
 

@@ -19,8 +19,11 @@ from collections.abc import AsyncIterable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from relayd.client.errors import ProducerClosed
+
 if TYPE_CHECKING:
-    from relayd.client.producer import Producer, StreamResult, Writer
+    from relayd.client.producer import Producer
+    from relayd.client.writer import StreamResult, Writer
 
 __all__ = ["Tee"]
 
@@ -128,6 +131,11 @@ async def _relay(
 ) -> None:
     try:
         result = await producer.pipe(writer, upstream, tap=buffer.put, raise_on_error=False)
+    except asyncio.CancelledError:
+        # The Producer cancelled the relay side (closing): the HTTP side did not cause that
+        # cancellation, so it must not see a CancelledError of its own task's making.
+        buffer.finish(ProducerClosed(f"the Producer closed while stream {writer.stream} was being relayed"))
+        raise
     except BaseException as exc:
         buffer.finish(exc)
         if not isinstance(exc, Exception):

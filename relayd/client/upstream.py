@@ -13,7 +13,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from relayd.client.producer import Writer
+    from relayd.client.writer import Writer
 
 __all__ = ["aiter_of", "close_after", "close_upstream", "pump_into"]
 
