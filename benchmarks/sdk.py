@@ -32,14 +32,18 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
+import atexit
 import contextlib
 import json
 import multiprocessing as mp
 import os
 import secrets
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from multiprocessing.connection import Connection
@@ -583,6 +587,21 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return med
 
 
+def pin_sdk(ref: str) -> None:
+    """Import relayd (the client SDK included) in the workers from a snapshot of ``ref``, not the
+    work tree, which other sessions may be editing while we measure."""
+    snap = Path(tempfile.mkdtemp(prefix="relayd-sdk-bench-"))
+    atexit.register(shutil.rmtree, snap, True)
+    archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", ref, "relayd"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(snap)], input=archive.stdout, check=True)
+    sys.path.insert(0, str(snap))
+    for name in [m for m in sys.modules if m == "relayd" or m.startswith("relayd.")]:
+        del sys.modules[name]
+    import relayd
+
+    assert Path(relayd.__file__).is_relative_to(snap), relayd.__file__
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--answers", type=int, default=200, help="concurrent chat answers (streams)")
@@ -611,7 +630,9 @@ def main() -> int:
     ap.add_argument("--valkey-aof", choices=("no", "everysec"), default="no")
     ap.add_argument("--relay-log-level", default="warning")
     ap.add_argument("--relay-env", action="append", default=[], help="extra NAME=VALUE for relayd (--spawn)")
-    ap.add_argument("--relayd-ref", default=None, help="--spawn: run relayd/ as of this git commit")
+    ap.add_argument(
+        "--relayd-ref", default=None, help="run relayd/ (server and client SDK) as of this git commit (git archive)"
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
     # Consumers subscribe before their stream exists; on a saturated generator an answer may open
@@ -626,6 +647,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.relayd_ref:
+        pin_sdk(args.relayd_ref)
     if args.gen_cpu and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {int(c) for c in args.gen_cpu.split(",")})  # inherited by the workers
     runs = []
