@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from relayd.embedded import EmbeddedRedis, free_port
+from relayd.embedded import EmbeddedRedis
 from tests.helpers import Relayd, collect_chunks, make_config
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    """A Redis-compatible server of this test's own, so the test may stop and restart it."""
-    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="always")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_appends_during_a_short_outage_are_acked_once_redis_is_back(

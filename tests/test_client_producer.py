@@ -13,7 +13,7 @@ import contextlib
 import gc
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from relayd.client import (
     text_encoder,
 )
 from relayd.config import Config
-from relayd.embedded import EmbeddedRedis, free_port
+from relayd.embedded import EmbeddedRedis
 from relayd.protocol import split_message
 from tests.helpers import API_KEY, Relayd, collect_chunks, make_config
 
@@ -419,17 +419,6 @@ async def test_a_connection_dropped_after_every_resend_gives_up_at_the_reconnect
         assert 3 <= proxy.connections <= 30  # backed off, not a tight loop
         with pytest.raises(ConnectionFailed):
             await p.close()
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    """A Redis-compatible server of this test's own, so the test may stop and restart it."""
-    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="always")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_store_unavailable_resynchronises_the_stream(

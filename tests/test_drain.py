@@ -5,28 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
-from relayd.embedded import EmbeddedRedis, free_port
+from relayd.embedded import EmbeddedRedis
 from relayd.server import Server
 from tests.helpers import API_KEY, Peer, make_config
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    """A server of this test's own: the test freezes it (SIGSTOP) to hold the drain open."""
-    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="no")
-    server.start()
-    try:
-        yield server
-    finally:
-        if server.pid is not None:
-            os.kill(server.pid, signal.SIGCONT)
-        server.stop()
 
 
 async def test_readyz_and_metrics_answer_during_the_drain(
