@@ -23,7 +23,7 @@ from relayd.auth import TokenAuthority
 from relayd.config import Config
 from relayd.store.keys import Keys
 from tests.browser.conftest import PageServer
-from tests.helpers import Peer, Relayd
+from tests.helpers import JWT_SECRET, Peer, Relayd
 
 
 async def open_page(page: Page, page_server: PageServer, relayd_url: str, stream: str, **params: str) -> None:
@@ -122,13 +122,16 @@ async def test_a_reload_mid_stream_resumes_from_the_stored_cursor(
 
 
 class DropProxy:
-    """A TCP proxy in front of relayd whose connections can be cut without a close frame."""
+    """A TCP proxy (in front of relayd, or of Redis) whose connections can be cut without a close
+    frame, blackholed, or refused."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
+        self.muted: set[asyncio.StreamWriter] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.refusing = False  # new connections are closed at once (the target is down)
 
     @property
     def url(self) -> str:
@@ -154,7 +157,16 @@ class DropProxy:
             writer.transport.abort()
         self.writers.clear()
 
+    def blackhole(self) -> None:
+        """What a half-open connection does (a sleeping laptop, an expired NAT entry, a host gone):
+        the open connections stay open at both ends but carry nothing more, either way. New
+        connections go through."""
+        self.muted.update(self.writers)
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self.writers.update((writer, up_writer))
         for src, dst in ((reader, up_writer), (up_reader, writer)):
@@ -162,13 +174,15 @@ class DropProxy:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await src.read(65536):
+                if dst in self.muted:
+                    continue  # lost on the way
                 dst.write(data)
                 await dst.drain()
-        dst.transport.abort()
+        if dst not in self.muted:  # a blackholed peer never hears of the other end closing
+            dst.transport.abort()
 
 
 async def test_after_a_network_drop_and_a_server_side_close_the_page_resumes_without_duplicates(
@@ -200,6 +214,65 @@ async def test_after_a_network_drop_and_a_server_side_close_the_page_resumes_wit
         await wait_end(page)
     assert await page.evaluate("window.relaydTest.text") == "1,2,3,4,5,6,7,8"
     assert len(await page.evaluate("window.relaydTest.chunks")) == 8
+
+
+async def test_a_silently_dead_connection_is_detected_by_the_heartbeat_and_resumed(
+    page: Page, page_server: PageServer, relayd: Relayd
+) -> None:
+    """A half-open connection delivers nothing and never closes: the page's pings go unanswered,
+    so after twice heartbeatMs of silence it reconnects by itself and resumes from its cursor."""
+    stream = "blackhole"
+    sent: list[str] = []
+
+    def on_websocket(ws: WebSocket) -> None:
+        ws.on("framesent", lambda payload: sent.append(str(payload)))
+
+    page.on("websocket", on_websocket)
+    async with DropProxy(relayd.server.port) as proxy, await producer_for(relayd, stream) as producer:
+        await open_page(page, page_server, proxy.url, stream, heartbeat_ms="1000")
+        await append(producer, stream, 1, "1,", "2,")
+        await wait_text(page, "1,2,")
+        # Live and answered: pings go out, pongs keep the connection (one socket so far).
+        await page.wait_for_function("window.relaydTest.sockets.length === 1 && window.sub.status === 'live'")
+
+        async with page.expect_websocket(timeout=20_000) as reconnected:
+            proxy.blackhole()
+            await append(producer, stream, 3, "3,", "4,")  # relayd sends them into the void
+        await reconnected.value
+        await wait_text(page, "1,2,3,4,")
+        await append(producer, stream, 5, "5")
+        await producer.end(stream, "completed")
+        await wait_end(page)
+    assert await page.evaluate("window.relaydTest.chunks") == ["1,", "2,", "3,", "4,", "5"]
+    assert await page.evaluate("window.relaydTest.sockets.length") == 2
+    assert any(json.loads(op) == {"op": "ping"} for op in sent)
+
+
+async def test_during_a_redis_outage_the_reconnects_back_off_then_resume(
+    page: Page, page_server: PageServer, config_factory: Callable[..., Config], redis_server: str
+) -> None:
+    """relayd answers `subscribed` before its catch-up read, which fails while Redis is down: that
+    `subscribed` must not reset the backoff, or the page would retry every 25-50 ms throughout."""
+    stream = "outage"
+    redis_port = int(redis_server.rsplit(":", 1)[1].split("/")[0])
+    async with DropProxy(redis_port) as redis_proxy:
+        redis = {"url": f"redis://127.0.0.1:{redis_proxy.url.rsplit(':', 1)[1]}", "timeout_ms": 500, "retry_ms": 100}
+        async with Relayd(config_factory(redis=redis)) as server:
+            async with await producer_for(server, stream) as producer:
+                await append(producer, stream, 1, "a", "b")
+                await producer.end(stream, "completed")
+            redis_proxy.refusing = True
+            redis_proxy.drop()
+            await open_page(page, page_server, server.url, stream)  # backoff 50 ms .. 1 s
+            await page.wait_for_function("window.relaydTest.sockets.length >= 6", timeout=20_000)
+            opened = await page.evaluate("window.relaydTest.sockets")
+            assert await page.evaluate("window.relaydTest.chunks") == []
+            # The 6th connect waits for the 5th delay: drawn between half and all of 50 ms * 2^4.
+            assert opened[5] - opened[4] >= 400, opened
+
+            redis_proxy.refusing = False
+            await wait_end(page)
+    assert await page.evaluate("window.relaydTest.chunks") == ["a", "b"]
 
 
 async def test_stop_sends_cancel_to_the_producer_and_the_page_shows_cancelled(
@@ -249,12 +322,14 @@ async def test_a_short_lived_token_is_refreshed_on_the_open_connection(
     page.on("websocket", on_websocket)
     async with await producer_for(relayd, stream) as producer:
         await append(producer, stream, 1, "before ")
-        await open_page(page, page_server, relayd.url, stream, ttl_s="3")
+        # The refresh is due a third of the lifetime before `exp`: 7 s leaves over 2 s for the fetch
+        # and the `auth` op even on a loaded machine, for each of the two refreshes waited for below.
+        await open_page(page, page_server, relayd.url, stream, ttl_s="7")
         await wait_text(page, "before ")
         first_expiry = page_server.minted[0]["expires_at"]
         # Wait (on the page's clock) until the first token is well past its expiry.
         await page.wait_for_function(
-            "exp => Date.now() / 1000 > exp + 0.5 && window.relaydTest.tokens >= 3", arg=first_expiry, timeout=10_000
+            "exp => Date.now() / 1000 > exp + 0.5 && window.relaydTest.tokens >= 3", arg=first_expiry, timeout=25_000
         )
         assert time.time() > first_expiry
         await append(producer, stream, 2, "after")
@@ -363,6 +438,40 @@ async def test_without_fetch_token_an_expired_token_ends_the_subscription(
         await open_page(page, page_server, relayd.url, "expiring", token="static", ttl_s="1")
         assert await wait_failure(page) == ("token_expired", "token_expired")
         assert await page.evaluate("window.relaydTest.text") in ("", "a")
+
+
+async def test_a_failing_fetch_token_is_retried_with_a_growing_backoff_up_to_max_retries(
+    page: Page, page_server: PageServer, relayd: Relayd
+) -> None:
+    await open_page(page, page_server, relayd.url, "no-token", token="failing", max_retries="3")
+    thrown, rejected = await wait_failure(page)
+    assert (thrown, rejected) == ("retries_exhausted", "retries_exhausted")
+    assert "the token backend is down" in await page.evaluate("window.relaydTest.error.message")
+    assert await page.evaluate("[window.relaydTest.tokens, window.relaydTest.sockets.length]") == [4, 0]
+
+    # Without maxRetries it keeps trying, each wait drawn between half and all of a doubling delay.
+    query = urlencode({"relayd": relayd.url, "stream": "no-token", "token": "failing"})
+    await page.goto(f"{page_server.url}/client.html?{query}")
+    await page.wait_for_function("window.relaydTest?.tokens >= 6", timeout=20_000)
+    times = await page.evaluate("window.relaydTest.tokenTimes")
+    assert times[5] - times[4] >= 400, times  # 50 ms * 2^4 / 2
+    assert await page.evaluate("window.sub.status") == "reconnecting"
+
+
+async def test_a_token_valid_for_longer_than_the_timer_range_is_not_refreshed_at_once(
+    page: Page, page_server: PageServer, relayd: Relayd
+) -> None:
+    """A refresh due in more than 2^31-1 ms (~24.8 days) must not overflow setTimeout and fire at once."""
+    page_server.tokens = TokenAuthority(secret=JWT_SECRET, max_ttl_s=40 * 86_400)
+    async with await producer_for(relayd, "long-token") as producer:
+        await append(producer, "long-token", 1, "a")
+        await open_page(page, page_server, relayd.url, "long-token", ttl_s=str(30 * 86_400))
+        await wait_text(page, "a")
+        await append(producer, "long-token", 2, "b")
+        await wait_text(page, "ab")
+        await producer.end("long-token", "completed")
+    await wait_end(page)
+    assert await page.evaluate("window.relaydTest.tokens") == 1
 
 
 async def test_a_stream_that_never_appears_ends_with_stream_not_found(

@@ -25,6 +25,8 @@ const MODULE_BASE = SERVED_AT.test(import.meta.url)
 /** Error codes after which retrying cannot help: the iterator throws, `ended` rejects. */
 const FATAL = new Set(["stream_not_found", "forbidden", "unauthorized", "bad_frame", "invalid_stream_id",
   "too_many_streams", "unknown_op"]);
+/** setTimeout fires at once for delays above 2^31-1 ms (~24.8 days): longer waits are capped. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 /** Error codes that answer a refused `cancel` (the subscription goes on). */
 const CANCEL_REFUSALS = new Set(["forbidden", "stream_ended"]);
 
@@ -58,6 +60,11 @@ export class RelaydError extends Error {
  *   with a "gap" (trimmed/expired chunks) or "reset" (stream replaced) error. Without it, a loss
  *   ends the subscription: the iterator throws it and `ended` rejects with it.
  * @property {{initialMs?: number, maxMs?: number}} [backoff]  reconnect delays (default 250 ms .. 5 s)
+ * @property {number} [heartbeatMs]            send a `ping` op this often (default 20 s; 0: never) and
+ *   reconnect when nothing at all arrived for twice that: browsers answer relayd's websocket pings
+ *   without telling the page, so only this notices a connection that died silently
+ * @property {number} [maxRetries]             give up after this many reconnects in a row that
+ *   delivered nothing (default: Infinity): the iterator throws, `ended` rejects, code "retries_exhausted"
  */
 
 /**
@@ -81,8 +88,10 @@ export function connect(options) {
  * `cursor`, `status`, `ended`, `cancel()` and `close()`.
  */
 export class Subscription {
-  #opts; #wsUrl; #storageKey; #backoff;
+  #opts; #wsUrl; #storageKey; #backoff; #heartbeatMs; #maxRetries;
   #ws = null; #status = "connecting"; #attempt = 0; #retryTimer = null; #refreshTimer = null;
+  #beatTimer = null; #refreshFailures = 0; #lastFrameAt = 0; #heard = false; // heartbeat: time of the last frame, any frame since the last ping
+  #lastCause = null; // the error frame that made us drop the connection, for retries_exhausted
   #token; #received; #cursor; #queue = []; #wakers = []; #done = false; #lastLoss = null;
   #freshToken = false; // fetched for this connection and not yet accepted by relayd
   #cancels = []; #settleEnd;
@@ -95,6 +104,8 @@ export class Subscription {
     base.protocol = base.protocol.replace(/^http/, "ws");
     this.#wsUrl = base.origin + base.pathname.replace(/\/+$/, "") + "/v1/ws";
     this.#backoff = { initialMs: 250, maxMs: 5000, ...opts.backoff };
+    this.#heartbeatMs = Math.min(opts.heartbeatMs ?? 20_000, MAX_TIMER_MS);
+    this.#maxRetries = opts.maxRetries ?? Infinity;
     this.#storageKey = opts.persist === "session" ? `relayd:cursor:${opts.streamId}` : null;
     const stored = this.#storageKey ? sessionStorage.getItem(this.#storageKey) : null;
     // Cursors of one stream sort in append order: start after the later of the two.
@@ -173,7 +184,7 @@ export class Subscription {
       }
     } catch (err) {
       console.warn("relayd: fetchToken failed", err);
-      return this.#retry();
+      return this.#retry(err);
     }
     if (this.#done) return;
     const protocols = this.#token ? [SUBPROTOCOL, `bearer.${this.#token}`] : [SUBPROTOCOL];
@@ -184,6 +195,7 @@ export class Subscription {
       return this.#fail(err); // a malformed URL or token: retrying cannot help
     }
     this.#ws = ws;
+    this.#startHeartbeat(ws);
     ws.onopen = () => {
       const op = { op: "subscribe", stream: this.#opts.streamId };
       if (this.#received) op.cursor = this.#received;
@@ -192,12 +204,41 @@ export class Subscription {
     };
     ws.onmessage = (event) => {
       if (ws !== this.#ws) return;
+      this.#lastFrameAt = Date.now();
+      this.#heard = true;
       // One message holds one or more NDJSON frames; handle each in order.
       for (const line of String(event.data).split("\n")) {
         if (line.trim() && ws === this.#ws) this.#onFrame(JSON.parse(line));
       }
     };
     ws.onclose = (event) => { if (ws === this.#ws) this.#onClose(event.code, event.reason); };
+  }
+
+  /**
+   * Every heartbeatMs: send a `ping` op; if nothing at all (chunk, pong, anything) arrived for
+   * twice that, the connection is dead (half-open TCP: a sleeping laptop, a NAT entry dropped, a
+   * host gone) though the browser still calls it open. Drop it without waiting for a close
+   * handshake that will never complete, and resume from the cursor on a new one. The handshake
+   * itself is covered too: a socket that never opens is given up the same way. `#heard` keeps
+   * throttled timers (background tabs tick once a minute) from counting their own delay as silence.
+   */
+  #startHeartbeat(ws) {
+    clearInterval(this.#beatTimer);
+    this.#lastFrameAt = Date.now();
+    this.#heard = false;
+    if (!(this.#heartbeatMs > 0)) return;
+    this.#beatTimer = setInterval(() => {
+      if (ws !== this.#ws) return clearInterval(this.#beatTimer);
+      if (!this.#heard && Date.now() - this.#lastFrameAt >= 2 * this.#heartbeatMs) {
+        console.warn(`relayd: nothing received for ${Date.now() - this.#lastFrameAt} ms; reconnecting`);
+        clearInterval(this.#beatTimer);
+        this.#ws = null;
+        ws.close(); // its close event is ignored: this socket is no longer this.#ws
+        return this.#retry(new RelaydError("timeout", "nothing received from relayd"));
+      }
+      this.#heard = false;
+      this.#send({ op: "ping" });
+    }, this.#heartbeatMs);
   }
 
   #send(op) {
@@ -209,12 +250,14 @@ export class Subscription {
     if (frame.stream !== undefined && frame.stream !== id) return;
     switch (frame.type) {
       case "subscribed":
+        // Not a reset of the backoff: relayd answers `subscribed` before its catch-up read, which
+        // may still fail (store_unavailable while Redis is down). The first delivery resets it.
         this.#status = "live";
-        this.#attempt = 0;
         this.#freshToken = false;
         for (let i = 0; i < this.#cancels.length; i++) this.#send({ op: "cancel", stream: id });
         break;
       case "chunk": {
+        this.#attempt = 0; // relayd and its store work: the backoff starts over
         // Resuming never repeats a chunk; this check keeps that true whatever happens.
         if (this.#received && frame.cursor <= this.#received) return;
         this.#received = frame.cursor;
@@ -228,6 +271,7 @@ export class Subscription {
         break;
       }
       case "end": {
+        this.#attempt = 0;
         const end = { reason: frame.reason, cursor: frame.cursor };
         if (frame.message != null) end.message = frame.message;
         this.#status = "ended";
@@ -247,6 +291,7 @@ export class Subscription {
             { cursor: frame.cursor, next: frame.next })
           : new RelaydError("reset", `the stream was replaced (${frame.reason})`, { reason: frame.reason });
         if (!this.#opts.onLoss) return this.#fail(loss);
+        this.#attempt = 0;
         const key = JSON.stringify([frame.type, frame.cursor, frame.next]);
         if (key === this.#lastLoss) break; // the same gap again after a reconnect: told once
         this.#lastLoss = key;
@@ -272,6 +317,7 @@ export class Subscription {
     } else if (FATAL.has(frame.code)) {
       this.#fail(err);
     } else {
+      this.#lastCause = err;
       this.#ws?.close(); // store_unavailable, internal, ...: resubscribe after a backoff
     }
   }
@@ -288,15 +334,27 @@ export class Subscription {
       }
       this.#token = null; // fetch a fresh one before reconnecting
     }
-    this.#retry();
+    const cause = this.#lastCause || new RelaydError("closed", `the connection closed (${code} ${reason})`.trim());
+    this.#lastCause = null;
+    this.#retry(cause);
   }
 
-  /** Reconnect after an exponential, jittered delay, resuming after the last chunk received. */
-  #retry() {
+  /**
+   * Reconnect after an exponential, jittered delay, resuming after the last chunk received.
+   * `#attempt` counts the reconnects since one last delivered something; past maxRetries the
+   * subscription fails (with the error that caused the last one, if any) instead.
+   */
+  #retry(cause) {
     if (this.#done) return;
+    clearInterval(this.#beatTimer);
+    if (this.#attempt >= this.#maxRetries) {
+      const why = cause ? `: ${cause.message || cause}` : "";
+      return this.#fail(new RelaydError("retries_exhausted",
+        `gave up after ${this.#attempt} reconnects in a row without a delivery${why}`, { cause }));
+    }
     this.#status = "reconnecting";
     const { initialMs, maxMs } = this.#backoff;
-    const ceiling = Math.min(maxMs, initialMs * 2 ** this.#attempt++);
+    const ceiling = Math.min(maxMs, initialMs * 2 ** Math.min(this.#attempt++, 30), MAX_TIMER_MS);
     this.#retryTimer = setTimeout(() => this.#open(), ceiling / 2 + Math.random() * (ceiling / 2));
   }
 
@@ -318,11 +376,13 @@ export class Subscription {
     // A third of the remaining lifetime before `exp`, at most a minute before (as the Python SDK);
     // never sooner than a second, so a skewed clock cannot make it spin.
     const remainingMs = claims.exp * 1000 - Date.now();
-    const delay = Math.max(remainingMs - Math.min(60_000, remainingMs / 3), 1000);
+    const delay = Math.min(Math.max(remainingMs - Math.min(60_000, remainingMs / 3), 1000), MAX_TIMER_MS);
     this.#refreshTimer = setTimeout(() => {
-      this.#refreshToken(true).catch((err) => {
+      this.#refreshToken(true).then(() => { this.#refreshFailures = 0; }, (err) => {
         console.warn("relayd: token refresh failed; retrying", err);
-        this.#refreshTimer = setTimeout(() => this.#scheduleRefresh(), this.#backoff.initialMs);
+        const { initialMs, maxMs } = this.#backoff;
+        const wait = Math.min(maxMs, initialMs * 2 ** Math.min(this.#refreshFailures++, 30), MAX_TIMER_MS);
+        this.#refreshTimer = setTimeout(() => this.#scheduleRefresh(), wait);
       });
     }, delay);
   }
@@ -346,6 +406,7 @@ export class Subscription {
     this.#done = true;
     clearTimeout(this.#retryTimer);
     clearTimeout(this.#refreshTimer);
+    clearInterval(this.#beatTimer);
     const ws = this.#ws;
     this.#ws = null;
     if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);
