@@ -300,7 +300,11 @@ async def test_stream_ids_with_slashes_and_a_prefix_token(relayd: Relayd) -> Non
 
 
 async def test_token_is_refreshed_on_the_open_connection_before_it_expires(relayd: Relayd) -> None:
-    """fetch_token supplies short tokens; each is replaced before its exp with no 4002 and no reconnect."""
+    """fetch_token supplies short tokens; each is replaced before its exp with no 4002 and no reconnect.
+
+    ttl 6 s (exp is whole seconds: 5-6 s left) puts the refresh ~2 s before the exp, ample on a
+    loaded machine; the test waits for a fetch made after the first token's exp, about 7 s in.
+    """
     stream = "refresh-1"
     calls: list[float] = []
     first_exp: list[float] = []
@@ -310,7 +314,7 @@ async def test_token_is_refreshed_on_the_open_connection_before_it_expires(relay
         calls.append(time.time())
         if first_exp and time.time() > first_exp[0] + 0.2:
             past_first_expiry.set()
-        token, expires_at = relayd.tokens.mint([stream], ["read"], ttl_s=2)
+        token, expires_at = relayd.tokens.mint([stream], ["read"], ttl_s=6)
         first_exp.append(expires_at)
         return token
 
@@ -319,7 +323,7 @@ async def test_token_is_refreshed_on_the_open_connection_before_it_expires(relay
         await producer.open(stream)
         await append(producer, stream, 1, 3)
         got = await take(c, 3)
-        await asyncio.wait_for(past_first_expiry.wait(), 15)  # the first token has expired by now
+        await asyncio.wait_for(past_first_expiry.wait(), 30)  # the first token has expired by now
         await append(producer, stream, 4, 6)
         await producer.end(stream)
         got += await rest(c)
@@ -327,6 +331,37 @@ async def test_token_is_refreshed_on_the_open_connection_before_it_expires(relay
     assert len(calls) >= 3
     assert await metric(relayd, "relayd_auth_failures_total", reason="token_expired") == 0
     assert await metric(relayd, "relayd_connections_opened_total", role="consumer_ws") == 1
+
+
+async def test_a_cached_token_is_not_refetched_in_a_loop_before_its_exp(relayd: Relayd) -> None:
+    """fetch_token returns its cached token until it has expired: the refresh gets nothing newer
+    and stops (no fetch loop); relayd closes 4002 at the exp and the reconnect fetches a new one."""
+    stream = "refresh-cached"
+    fetches = 0
+    cached: list[tuple[str, float]] = []
+    renewed = asyncio.Event()
+
+    def fetch_token() -> str:
+        nonlocal fetches
+        fetches += 1
+        if not cached or time.time() >= cached[-1][1]:
+            if cached:
+                renewed.set()
+            cached.append(relayd.tokens.mint([stream], ["read"], ttl_s=3))
+        return cached[-1][0]
+
+    async with await relayd.producer() as producer, consume(relayd.url, stream, fetch_token=fetch_token, **FAST) as c:
+        await producer.open(stream)
+        await append(producer, stream, 1, 2)
+        got = await take(c, 2)
+        reader = asyncio.create_task(rest(c))  # reading, so the 4002 at the exp is seen
+        await asyncio.wait_for(renewed.wait(), 15)
+        await append(producer, stream, 3, 4)
+        await producer.end(stream)
+        got += await reader
+    assert ids(got) == [1, 2, 3, 4]
+    assert len(cached) == 2 and fetches <= 4, fetches  # connect, one refresh, the reconnect (+1 slack)
+    assert await metric(relayd, "relayd_auth_failures_total", reason="token_expired") >= 1
 
 
 async def test_token_refused_with_4002_is_replaced_through_fetch_token(relayd: Relayd) -> None:

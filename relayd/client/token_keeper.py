@@ -30,6 +30,8 @@ TokenSource = Callable[[], str | Awaitable[str]]
 # the auth op arrives before relayd closes with 4002, late enough not to fetch in a loop.
 _REFRESH_SHARE = 1 / 3
 _REFRESH_LEAD_MAX_S = 60.0
+# At least this long between two fetches by the refresh timer, however close the exp is.
+_REFRESH_MIN_INTERVAL_S = 1.0
 
 
 def token_claims(token: str) -> dict[str, Any] | None:
@@ -78,9 +80,15 @@ class TokenKeeper:
 
     ``fetch_token`` (sync or async, returns a JWT) is called when there is no token (at the
     first connect, after :meth:`forget`), and by the refresh timer :meth:`watch` sets at a third
-    of the token's remaining life before its ``exp`` (at most a minute before). The refreshed
-    token is handed to ``send`` (the consumer writes it as an ``auth`` op on the open connection)
-    and kept for the next connect, so the stream is never interrupted by its token's expiry.
+    of the token's remaining life before its ``exp`` (at most a minute before), and never
+    sooner than a second after its last fetch. The refreshed token is handed to ``send`` (the
+    consumer writes it as an ``auth`` op on the open connection) and kept for the next connect,
+    so the stream is never interrupted by its token's expiry.
+
+    A ``fetch_token`` that hands back a token expiring no later than the current one (a cache,
+    a static token) ends the proactive refreshing for this connection: refreshing again would
+    only fetch the same token in a loop. relayd then closes with 4002 at the exp, and the
+    reconnect fetches once more (raising :class:`Unauthorized` if that token is refused too).
     """
 
     def __init__(self, token: str | None, fetch_token: TokenSource | None, label: str) -> None:
@@ -90,6 +98,7 @@ class TokenKeeper:
         self._send: AuthSender | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        self._last_refresh = -math.inf  # time.monotonic() of the refresh timer's last fetch
 
     @property
     def can_fetch(self) -> bool:
@@ -124,6 +133,7 @@ class TokenKeeper:
             return
         remaining = expires_at - time.time()
         delay = max(0.0, remaining - min(_REFRESH_LEAD_MAX_S, remaining * _REFRESH_SHARE))
+        delay = max(delay, self._last_refresh + _REFRESH_MIN_INTERVAL_S - time.monotonic())
         self._timer = asyncio.get_running_loop().call_later(delay, self._due)
 
     def stop(self) -> None:
@@ -142,12 +152,20 @@ class TokenKeeper:
 
     async def _refresh(self) -> None:
         send = self._send
+        old_expiry = None if self.token is None else token_expiry(self.token)
+        self._last_refresh = time.monotonic()
         try:
             token = await self.fetch()
         except Exception:
             # Not fatal yet: the old token holds until its exp, and the reconnect after relayd's
             # 4002 calls fetch_token again, raising to the caller if it still fails.
             log.warning("%s: fetch_token failed; relayd will close at expiry", self._label, exc_info=True)
+            return
+        new_expiry = token_expiry(token)
+        if old_expiry is not None and (new_expiry is None or new_expiry <= old_expiry):
+            # Nothing gained (a cached or static token): stop here rather than fetch in a loop.
+            log.info("%s: fetch_token returned no later exp; relayd will close at expiry", self._label)
+            self._task = None
             return
         self.token = token
         if send is not None and send is self._send and await send(token):
