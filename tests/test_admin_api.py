@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -9,9 +10,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from relayd.auth import hash_api_key
 from relayd.config import Config
+from relayd.store.keys import Keys
 from tests.helpers import Peer, Relayd, collect_chunks
 
 ADMIN_KEY = "rk_admin_test_key_0123456789abcdef"
@@ -22,6 +25,16 @@ async def admin(config_factory: Callable[..., Config]) -> AsyncIterator[Relayd]:
     """relayd with one admin key configured (as a hash, like auth.api_keys)."""
     async with Relayd(config_factory(auth={"admin_keys": [hash_api_key(ADMIN_KEY)]})) as server:
         yield server
+
+
+@pytest.fixture
+async def rds(redis_server: str) -> AsyncIterator[aioredis.Redis]:
+    """A redis-py client on the session's server: the test reads (or breaks) relayd's keys with it."""
+    client = aioredis.Redis.from_url(redis_server)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 async def call(
@@ -161,6 +174,29 @@ async def test_ls_filters_by_status_and_prefix_newest_first(admin: Relayd) -> No
         await consumer.ws.close()
 
 
+async def command_calls(rds: aioredis.Redis, name: str) -> int:
+    """Calls of a command (``memory`` counts ``MEMORY USAGE``) the server has run so far."""
+    stats = await rds.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k.removeprefix("cmdstat_").split("|")[0] == name)
+
+
+async def test_ls_reads_full_stats_only_for_the_streams_it_shows(admin: Relayd, rds: aioredis.Redis) -> None:
+    """ls sorts every stream it finds on one HMGET each; XLEN and MEMORY USAGE run only for the ``limit`` shown."""
+    async with await admin.producer() as producer:  # connected throughout: no end or sweep meanwhile
+        for i in range(12):
+            await produce(producer, f"many-{i:02d}", [], end="completed" if i % 2 else None)
+        everything = [s["id"] for s in (await call(admin, "GET", "/v1/admin/streams"))[1]["streams"]]
+        assert sorted(everything) == [f"many-{i:02d}" for i in range(12)]
+        ended = [i for i in everything if int(i[-2:]) % 2]
+        for which, expected in (("all", everything), ("ended", ended)):
+            before = [await command_calls(rds, name) for name in ("hmget", "xlen", "memory")]
+            status, body = await call(admin, "GET", "/v1/admin/streams", params={"limit": "3", "status": which})
+            assert status == 200 and [s["id"] for s in body["streams"]] == expected[:3] and body["truncated"] is True
+            after = [await command_calls(rds, name) for name in ("hmget", "xlen", "memory")]
+            # one HMGET per stream found, open or ended; XLEN and two MEMORY USAGE for each one shown
+            assert [b - a for a, b in zip(before, after, strict=True)] == [12, 3, 6]
+
+
 async def test_show_an_open_and_an_ended_stream(admin: Relayd) -> None:
     """show: status, end reason and message, content type, epoch, times, first/last cursor, size, TTL."""
     async with await admin.producer() as producer:
@@ -213,6 +249,46 @@ async def test_tail_from_start_replays_then_ends(admin: Relayd) -> None:
     assert [f["type"] for f in frames] == ["end"]
 
 
+def handler_running(function: Callable[..., Any]) -> asyncio.Task[Any]:
+    """The task whose chain of awaits is inside ``function`` now (the aiohttp handler serving a request)."""
+    for task in asyncio.all_tasks():
+        coro: Any = task.get_coro()
+        while coro is not None:
+            if getattr(coro, "cr_code", None) is function.__code__:
+                return task
+            coro = getattr(coro, "cr_await", None)
+    raise AssertionError(f"no task in {function.__qualname__}")
+
+
+@pytest.mark.parametrize("route", ["tail", "sse"])
+async def test_a_cancelled_response_leaves_no_task_and_no_subscription(admin: Relayd, route: str) -> None:
+    """A handler cancelled while it streams (shutdown, aiohttp's handler_cancellation) reaps every task it made."""
+    from relayd.web.transport import deliver
+
+    assert admin.session is not None
+    async with await admin.producer() as producer:
+        await produce(producer, "cx-1", ["a"])
+        if route == "tail":
+            url, params = f"{admin.url}/v1/admin/streams/cx-1/tail", {"from": "start"}
+            headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+            name = "relayd-admin-tail-writer"
+        else:
+            url, params, headers = f"{admin.url}/v1/streams/cx-1/events", {"token": admin.token()}, {}
+            name = "relayd-sse-writer"
+        async with admin.session.get(url, params=params, headers=headers) as resp:
+            assert resp.status == 200
+            while b'"a"' not in await resp.content.readline():  # the subscription delivers
+                pass
+            hub = admin.relay.hub
+            assert hub.subscriber_count("cx-1") == 1
+            assert any(t.get_name().startswith(name) for t in asyncio.all_tasks())
+            handler = handler_running(deliver)
+            handler.cancel()
+            await asyncio.wait([handler])
+        assert hub.subscriber_count("cx-1") == 0
+        assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith(name)] == []
+
+
 async def test_export_is_complete_and_in_order_across_pages(
     config_factory: Callable[..., Config],
 ) -> None:
@@ -228,6 +304,37 @@ async def test_export_is_complete_and_in_order_across_pages(
         assert frames[-1] == {"type": "exported", "stream": "e-1", "chunks": 50, "cursor": frames[-2]["cursor"]}
         frames = await ndjson(server, "/v1/admin/streams/e-open/export")  # an open stream: what is stored now
         assert [f["type"] for f in frames] == ["chunk", "exported"] and frames[1]["chunks"] == 1
+
+
+async def test_export_says_when_the_log_is_gone_but_the_meta_remains(
+    admin: Relayd, rds: aioredis.Redis, key_prefix: str
+) -> None:
+    """History missing anywhere (log deleted or expired under its meta, entries removed): a gap says so."""
+    async with await admin.producer() as producer:
+        await produce(producer, "lost-1", ["a", "b", "c"], end="completed")
+        await produce(producer, "lost-2", ["a", "b", "c", "d"])
+        await produce(producer, "lost-3", ["a", "b", "c", "d", "e"], end="completed")
+    keys = Keys(key_prefix)
+    gen = (await call(admin, "GET", "/v1/admin/streams/lost-1"))[1]["first_cursor"].split("-")[0]
+    assert await rds.delete(keys.log("lost-1")) == 1
+    frames = await ndjson(admin, "/v1/admin/streams/lost-1/export")
+    assert frames == [
+        {"type": "gap", "stream": "lost-1", "cursor": f"{gen}-0000000000", "next": f"{gen}-0000000005"},
+        {"type": "exported", "stream": "lost-1", "chunks": 0, "cursor": None},
+    ]
+    # The tail of the log gone (entries 3 and 4 of an open stream): what is there, then the gap.
+    gen = (await call(admin, "GET", "/v1/admin/streams/lost-2"))[1]["first_cursor"].split("-")[0]
+    assert await rds.xdel(keys.log("lost-2"), f"{gen}-3", f"{gen}-4") == 2
+    frames = await ndjson(admin, "/v1/admin/streams/lost-2/export")
+    assert [f["type"] for f in frames] == ["chunk", "chunk", "gap", "exported"]
+    assert frames[2] == {"type": "gap", "stream": "lost-2", "cursor": f"{gen}-0000000002", "next": f"{gen}-0000000005"}
+    assert frames[3]["chunks"] == 2 and frames[3]["cursor"] == f"{gen}-0000000002"
+    # Entries gone from the middle of a page: a gap between the chunks around them.
+    gen = (await call(admin, "GET", "/v1/admin/streams/lost-3"))[1]["first_cursor"].split("-")[0]
+    assert await rds.xdel(keys.log("lost-3"), f"{gen}-2", f"{gen}-3") == 2
+    frames = await ndjson(admin, "/v1/admin/streams/lost-3/export")
+    assert [f.get("data") or f["type"] for f in frames] == ["a", "gap", "d", "e", "end", "exported"]
+    assert (frames[1]["cursor"], frames[1]["next"]) == (f"{gen}-0000000001", f"{gen}-0000000004")
 
 
 async def test_end_reaches_live_consumers_and_tells_the_producer(admin: Relayd) -> None:
@@ -260,6 +367,16 @@ async def test_end_reaches_live_consumers_and_tells_the_producer(admin: Relayd) 
         assert status == 409 and body["error"]["code"] == "stream_ended"
         status, body = await call(admin, "POST", "/v1/admin/streams/x-1/end", json={"reason": "producer_lost"})
         assert status == 400
+        bodies: list[Any] = [
+            {"reason": []},
+            {"reason": {"a": 1}},
+            {"reason": 1},
+            {"reason": "error", "message": []},
+            [],
+        ]
+        for bad in bodies:  # a reason or message of the wrong type, a body not an object
+            status, body = await call(admin, "POST", "/v1/admin/streams/x-1/end", json=bad)
+            assert status == 400 and body["error"]["code"] == "bad_frame", (bad, body)
         await consumer.ws.close()
 
 

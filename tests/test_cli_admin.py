@@ -15,13 +15,16 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
 from click.testing import CliRunner, Result
 
-from relayd.admin_errors import EXIT_NOT_FOUND, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE
+from relayd.admin_errors import EXIT_HISTORY_MISSING, EXIT_NOT_FOUND, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE
 from relayd.auth import hash_api_key
 from relayd.cli import main
 from relayd.config import Config
 from relayd.embedded import free_port
+from relayd.store.keys import Keys
 from tests.helpers import Peer, Relayd, collect_chunks
 
 ADMIN_KEY = "rk_admin_cli_key_0123456789abcdef"
@@ -166,6 +169,59 @@ async def test_export_jsonl_and_text_complete_and_in_order(config_factory: Calla
         assert result.exit_code == 0 and result.stdout == "".join(words)
         result = await cli(server, "streams", "export", "ex-2", "--format", "text")
         assert result.stdout == '{"a":1}\ns[2]\n'
+
+
+async def test_export_reports_each_gap_on_stderr_and_exits_6(admin: Relayd, redis_server: str, key_prefix: str) -> None:
+    """History gone from the log (trimmed, expired): both formats write what is stored, name each gap, exit 6."""
+    async with await admin.producer() as producer:
+        await produce(producer, "gap-1", ["a", "b", "c", "d", "e"], end="completed", content_type="text")
+    gen = orjson.loads((await cli(admin, "streams", "show", "gap-1", "--json")).stdout)["first_cursor"][:-11]
+    rds = aioredis.Redis.from_url(redis_server)
+    try:
+        assert (
+            await rds.xtrim(Keys(key_prefix).log("gap-1"), minid=f"{gen}-3", approximate=False) == 2
+        )  # as the cap trims
+    finally:
+        await rds.aclose()
+    gap = f"-- gap: the history between {gen}-0000000000 and {gen}-0000000003 is gone (trimmed or expired)"
+    exit_line = "relayd: exported gap-1 with 1 gap: part of its history is gone"
+
+    result = await cli(admin, "streams", "export", "gap-1", "--format", "text")
+    assert result.exit_code == EXIT_HISTORY_MISSING
+    assert result.stdout == "cde" and result.stderr.splitlines() == [gap, exit_line]
+    result = await cli(admin, "streams", "export", "gap-1")
+    assert result.exit_code == EXIT_HISTORY_MISSING and result.stderr.splitlines() == [gap, exit_line]
+    frames = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert [f["type"] for f in frames] == ["gap", "chunk", "chunk", "chunk", "end"]
+
+
+async def test_a_redirect_is_an_error_and_the_key_goes_nowhere_else(admin: Relayd) -> None:
+    """A URL that redirects (to relayd itself here): not followed, so the admin key is sent only where it was aimed."""
+    seen: list[str | None] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        raise web.HTTPTemporaryRedirect(admin.url + request.path)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", redirect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        result = await asyncio.to_thread(
+            CliRunner().invoke, main, ["status", "--url", f"http://127.0.0.1:{port}", "--admin-key", ADMIN_KEY]
+        )
+    finally:
+        await runner.cleanup()
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == (
+        f"relayd: relayd answered HTTP 307, a redirect to {admin.url}/v1/admin/status: not followed, "
+        "so the admin key goes nowhere else; pass relayd's own URL (--url)\n"
+    )
+    assert seen == [f"Bearer {ADMIN_KEY}"]
 
 
 async def test_end_reaches_a_live_consumer(admin: Relayd) -> None:

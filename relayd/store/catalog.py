@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from relayd.errors import StoreError
-from relayd.protocol import WS_CODEC, error_frame, format_cursor, frame
+from relayd.protocol import WS_CODEC, Entry, error_frame, format_cursor, frame
 from relayd.store.redis_streams import Store, StreamMeta, StreamStats, now_ms
 
 Consumers = Callable[[str], int | None]
@@ -111,10 +111,7 @@ async def export(store: Store, meta: StreamMeta, page: int) -> AsyncIterator[byt
             entries = [e for e in await store.read_entries(stream, gen, next_offset, page) if e.offset <= meta.n]
             if not entries:
                 break
-            out = b""
-            if entries[0].offset > next_offset:
-                out = WS_CODEC.gap(stream, gen, next_offset - 1, entries[0].offset) + b"\n"
-            yield out + WS_CODEC.entries(stream, gen, entries, text) + b"\n"
+            yield _page(stream, gen, next_offset, entries, text)
             chunks += sum(1 for e in entries if not e.is_end)
             next_offset = entries[-1].offset + 1
             last_cursor = format_cursor(gen, entries[-1].offset)
@@ -124,3 +121,18 @@ async def export(store: Store, meta: StreamMeta, page: int) -> AsyncIterator[byt
         yield error_frame("store_unavailable", str(exc), stream) + b"\n"
         return
     yield frame(type="exported", stream=stream, chunks=chunks, cursor=last_cursor) + b"\n"
+
+
+def _page(stream: str, gen: int, expected: int, entries: list[Entry], text: bool) -> bytes:
+    """A page's frames, with a ``gap`` wherever an offset is missing (before or between entries)."""
+    out: list[bytes] = []
+    run = 0  # where the current run of consecutive offsets starts
+    for i, entry in enumerate(entries):
+        if entry.offset > expected:
+            if i > run:
+                out.append(WS_CODEC.entries(stream, gen, entries[run:i], text))
+            out.append(WS_CODEC.gap(stream, gen, expected - 1, entry.offset))
+            run = i
+        expected = entry.offset + 1
+    out.append(WS_CODEC.entries(stream, gen, entries[run:], text))
+    return b"\n".join(out) + b"\n"
