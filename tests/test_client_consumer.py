@@ -35,9 +35,9 @@ from relayd.client.errors import (
 from relayd.client.retry import Retry
 from relayd.client.token_keeper import token_allows, token_expiry
 from relayd.config import Config
-from relayd.embedded import free_port
+from relayd.embedded import EmbeddedRedis, free_port
 from relayd.store.keys import Keys
-from tests.helpers import JWT_SECRET, Peer, Relayd
+from tests.helpers import JWT_SECRET, Peer, Relayd, make_config
 
 ConfigFactory = Callable[..., Config]
 FAST: dict[str, Any] = {"backoff_initial_s": 0.02, "backoff_max_s": 0.2}
@@ -284,6 +284,28 @@ async def test_gives_up_after_max_retries_with_connection_failed() -> None:
     assert caught.value.attempts == 3
     assert isinstance(caught.value.__cause__, OSError)
     await consumer.aclose()
+
+
+async def test_a_redis_outage_backs_off_and_gives_up_after_max_retries(tmp_path: Path, key_prefix: str) -> None:
+    """relayd answers ``subscribed``, then store_unavailable, while Redis is down: that is no
+    success, so the retries back off and stop at max_retries (they used to go on for ever)."""
+    redis = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="no")
+    redis.start()
+    try:
+        config = make_config(redis.url, key_prefix, str(tmp_path), redis={"retry_ms": 100, "timeout_ms": 300})
+        async with Relayd(config) as relayd:
+            async with await relayd.producer() as producer:
+                await producer.open("outage-c")
+                await append(producer, "outage-c", 1, 2)
+            await asyncio.to_thread(redis.stop)
+            consumer = consume(relayd.url, "outage-c", token=relayd.token(["outage-c"]), max_retries=3, **FAST)
+            with pytest.raises(ConnectionFailed) as caught:
+                async with asyncio.timeout(30):
+                    await rest(consumer)
+            assert caught.value.attempts == 4
+            await consumer.aclose()
+    finally:
+        redis.stop()
 
 
 async def test_stream_ids_with_slashes_and_a_prefix_token(relayd: Relayd) -> None:

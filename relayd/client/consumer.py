@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ _HANDSHAKE_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_r
 _TRANSIENT_ERRORS = frozenset({"store_unavailable", "internal", "shutting_down"})
 _AUTH_CLOSES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.TOKEN_EXPIRED})
 _RETRY_HTTP_STATUSES = frozenset({408, 429})
+# A connection open this long without a chunk (a quiet live stream) was healthy: its drop starts
+# a new run of failures rather than continuing the last one.
+_HEALTHY_AFTER_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +168,7 @@ class Consumer:
         self._cancel_wanted = False  # cancel() called, relayd has not confirmed it yet
         self._cancels_unanswered = 0  # cancel ops sent on this connection, not answered yet
         self._send_lock = asyncio.Lock()
+        self._connected_at = 0.0  # time.monotonic() of the last successful connect
 
     # -- public ------------------------------------------------------------------------------
 
@@ -204,6 +209,10 @@ class Consumer:
                     raise StopAsyncIteration
                 frame = await self._next_frame()
                 kind = frame.get("type")
+                if kind == "chunk" or kind == "end":
+                    # Delivery, not the ``subscribed`` before it, ends a run of failures: relayd
+                    # subscribes before its catch-up read, which fails while Redis is down.
+                    self._retry.succeeded()
                 if kind == "chunk":
                     cursor = frame.get("cursor")
                     if not isinstance(cursor, str) or (self._cursor is not None and cursor <= self._cursor):
@@ -283,8 +292,7 @@ class Consumer:
     async def _control(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         if kind == "subscribed":
-            self._retry.succeeded()
-            self._auth_refusals = 0
+            self._auth_refusals = 0  # the token was accepted
         elif kind == "gap":
             seen = (frame.get("cursor"), frame.get("next"))
             if seen != self._gap_seen:  # the same gap again after a reconnect was already raised
@@ -317,7 +325,7 @@ class Consumer:
             raise refused_from_frame(frame)
         if code in _TRANSIENT_ERRORS and self._reconnect:
             log.info("stream %s: %s; subscribing again", self.stream, code)
-            self._retry.failed(refused_from_frame(frame))
+            self._lost(refused_from_frame(frame))
             await self._discard()
             return
         raise refused_from_frame(frame)
@@ -354,6 +362,7 @@ class Consumer:
                 await ws.close()
                 raise StopAsyncIteration
             self._ws = ws
+            self._connected_at = time.monotonic()
             self._frames.clear()
             self._cancels_unanswered = 0
             if self._cancel_wanted:  # not confirmed on the last connection: ask again
@@ -366,6 +375,12 @@ class Consumer:
             raise ConnectionFailed(f"cannot reach relayd at {self._base}: {exc}") from exc
         self._retry.failed(exc)
         log.info("stream %s: connection attempt %d failed: %s", self.stream, self._retry.failures, exc)
+
+    def _lost(self, error: BaseException) -> None:
+        """An open connection failed: one more failure, unless it had been healthy a while."""
+        if time.monotonic() - self._connected_at >= _HEALTHY_AFTER_S:
+            self._retry.succeeded()  # a long-lived connection that drops starts a new run
+        self._retry.failed(error)
 
     async def _dropped(self, ws: aiohttp.ClientWebSocketResponse, code: int | None, reason: str) -> None:
         """The connection closed: raise what it means, or count a failure and reconnect."""
@@ -383,7 +398,7 @@ class Consumer:
             if not self._tokens.can_fetch or self._auth_refusals > 1:
                 raise refused
             self._tokens.forget()  # fetch a fresh one for the reconnect
-            self._retry.failed(refused)
+            self._lost(refused)
             log.info("stream %s: token refused (%s); fetching a new one", self.stream, wire)
             return
         if code == CloseCode.FORBIDDEN:
@@ -391,7 +406,7 @@ class Consumer:
         error = ConnectionFailed(f"connection closed (code {code} {reason})".strip())
         if not self._reconnect:
             raise error
-        self._retry.failed(error)
+        self._lost(error)
         log.info(
             "stream %s: relayd closed the connection (code %s %s); resuming after cursor %s",
             self.stream,
