@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from relayd.auth import TokenAuthority
-from relayd.client import StreamResult, SyncProducer, mint_token
+from relayd.client import ProducerClosed, StreamResult, SyncProducer, mint_token
 from relayd.config import Config
 from tests.helpers import API_KEY, JWT_SECRET, Relayd, collect_chunks
 
@@ -92,6 +92,90 @@ async def test_sync_stream_stops_at_a_cancel_and_closes_the_iterator(relayd: Rel
         result = await running
     assert [f["type"] for f in frames] == ["cancel_requested"] and end["reason"] == "cancelled"
     assert result.reason == "cancelled" and result.chunks == 1 and closed.is_set()
+
+
+def test_a_second_concurrent_start_returns_once_connected(relayd_url: str) -> None:
+    """Two threads start the same SyncProducer: both return with the Producer connected."""
+    p = SyncProducer(relayd_url, API_KEY)
+    barrier = threading.Barrier(2)
+    seen: list[object] = []
+
+    def starter() -> None:
+        barrier.wait()
+        p.start()
+        seen.append(p.producer)  # raised "not started" when the second start returned early
+
+    threads = [threading.Thread(target=starter) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert len(seen) == 2 and seen[0] is seen[1]
+    finally:
+        p.close()
+
+
+def test_calls_racing_close_raise_producer_closed_and_never_hang(relayd_url: str) -> None:
+    """Threads still sending while another closes get ProducerClosed (or finish), never a hang."""
+    p = SyncProducer(relayd_url, API_KEY)
+    p.start()
+    writers = [p.writer(f"race-{n}") for n in range(4)]
+    outcomes: list[BaseException | None] = [None] * 4
+    sending = [threading.Event() for _ in range(4)]
+
+    def sender(n: int) -> None:
+        try:
+            for i in range(100_000):
+                writers[n].send(i)
+                if i == 5:
+                    sending[n].set()
+        except BaseException as exc:
+            outcomes[n] = exc
+        finally:
+            sending[n].set()
+
+    threads = [threading.Thread(target=sender, args=(n,), daemon=True) for n in range(4)]
+    for t in threads:
+        t.start()
+    for event in sending:
+        assert event.wait(30)
+    p.close(error=True)
+    for t in threads:
+        t.join(15)
+    assert not any(t.is_alive() for t in threads)
+    assert all(isinstance(o, ProducerClosed) for o in outcomes), outcomes
+    with pytest.raises(ProducerClosed):
+        writers[0].send("late")
+
+
+async def test_close_cancels_and_awaits_a_running_on_cancel_callback(relayd: Relayd) -> None:
+    """An async on_cancel still running at close is cancelled and awaited before the loop closes."""
+    started, finished = threading.Event(), threading.Event()
+
+    async def slow_cleanup() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # a cleanup that would outlive the Producer
+        finally:
+            finished.set()
+
+    def task(url: str) -> None:
+        with SyncProducer(url, API_KEY) as p:
+            w = p.writer("sync-callback", on_cancel=slow_cleanup)
+            w.send(1)
+            w.flush()
+            assert started.wait(10)
+            w.end("cancelled")
+
+    token = relayd.token(["sync-callback"], ("read", "cancel"))
+    async with await relayd.consumer("sync-callback", token=token) as consumer:
+        await consumer.expect("subscribed")
+        running = asyncio.create_task(asyncio.to_thread(task, relayd.url))
+        await consumer.expect("chunk")
+        await consumer.send({"op": "cancel", "stream": "sync-callback"})
+        await running
+    assert finished.is_set()  # the callback's task ran its cancellation, not dropped with the loop
 
 
 @pytest.fixture

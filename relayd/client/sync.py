@@ -12,6 +12,7 @@ iterator (a sync OpenAI stream) blocks only its caller.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
 from collections.abc import Callable, Coroutine, Iterable
@@ -19,7 +20,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from relayd.client.encoding import Encoder
-from relayd.client.errors import ClientError
+from relayd.client.errors import ClientError, ProducerClosed
 from relayd.client.producer import Producer
 from relayd.client.writer import EndReason, StreamResult, Writer
 
@@ -27,9 +28,19 @@ __all__ = ["SyncProducer", "SyncWriter"]
 
 T = TypeVar("T")
 
+# How long stopping the loop waits for the tasks it cancels (callbacks that ignore a cancel).
+_DRAIN_TIMEOUT_S = 5.0
+
 
 class SyncProducer:
-    """``with SyncProducer(url, api_key, **options) as p:``; options as :class:`Producer`."""
+    """``with SyncProducer(url, api_key, **options) as p:``; options as :class:`Producer`.
+
+    Thread safety: ``_lock`` guards the loop, the Producer and ``_closing``, and every call is
+    scheduled on the loop while holding it, so a call either runs before the loop stops (and
+    gets its answer) or raises :class:`ProducerClosed`; it never waits on a stopped loop.
+    ``_lifecycle`` serialises :meth:`start` and :meth:`close`: a second ``start`` returns only
+    once the first has connected.
+    """
 
     def __init__(self, url: str, api_key: str, **options: Any) -> None:
         self._args = (url, api_key)
@@ -37,67 +48,104 @@ class SyncProducer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._producer: Producer | None = None
+        self._closing = False
         self._lock = threading.Lock()
+        self._lifecycle = threading.Lock()
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        loop = self._loop
-        if loop is None:
-            coro.close()
-            raise ClientError("the SyncProducer is not started: use `with SyncProducer(...) as p`")
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError("SyncProducer methods block; do not call them from its own loop thread")
-        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+        """Run ``coro`` on the loop and wait for it; ProducerClosed once closing has begun."""
+        return self._submit(coro, closing_ok=False)
+
+    def _submit(self, coro: Coroutine[Any, Any, T], *, closing_ok: bool) -> T:
+        with self._lock:
+            loop = self._loop
+            if loop is None or (self._closing and not closing_ok):
+                coro.close()
+                if self._closing:
+                    raise ProducerClosed("the SyncProducer is closed")
+                raise ProducerClosed("the SyncProducer is not started: use `with SyncProducer(...) as p`")
+            if threading.current_thread() is self._thread:
+                coro.close()
+                raise RuntimeError("SyncProducer methods block; do not call them from its own loop thread")
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise ProducerClosed("the SyncProducer was closed while the call was running") from None
+
+    def _schedule(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback`` on the loop without waiting; dropped once closing has begun."""
+        with self._lock:
+            if self._loop is not None and not self._closing:
+                self._loop.call_soon_threadsafe(callback)
 
     @property
     def producer(self) -> Producer:
-        if self._producer is None:
-            raise ClientError("the SyncProducer is not started: use `with SyncProducer(...) as p`")
-        return self._producer
+        producer = self._producer
+        if producer is None:
+            raise ProducerClosed("the SyncProducer is not started: use `with SyncProducer(...) as p`")
+        return producer
 
     @property
     def unacked_bytes(self) -> int:
-        return self._producer.unacked_bytes if self._producer is not None else 0
+        producer = self._producer
+        return producer.unacked_bytes if producer is not None else 0
 
     def start(self) -> None:
         """Start the loop thread and connect (``with`` does this)."""
-        with self._lock:
-            if self._loop is not None:
-                return
-            loop = asyncio.new_event_loop()
-            thread = threading.Thread(target=loop.run_forever, name="relayd-sync-producer", daemon=True)
-            thread.start()
-            self._loop, self._thread = loop, thread
+        with self._lifecycle:
+            with self._lock:
+                if self._loop is not None:
+                    return
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="relayd-sync-producer", daemon=True)
+                thread.start()
+                self._loop, self._thread = loop, thread
 
-        async def connect() -> Producer:
-            producer = Producer(*self._args, **self._options)
-            await producer.connect()
-            return producer
+            async def connect() -> Producer:
+                producer = Producer(*self._args, **self._options)
+                await producer.connect()
+                return producer
 
-        try:
-            self._producer = self._call(connect())
-        except BaseException:
-            self._stop_loop()
-            raise
+            try:
+                producer = self._submit(connect(), closing_ok=False)
+            except BaseException:
+                self._stop_loop()
+                raise
+            with self._lock:
+                self._producer = producer
 
     def close(self, *, error: bool = False) -> None:
-        """Flush, close the connection and stop the loop thread (``with`` does this)."""
-        if self._loop is None:
-            return
-        try:
-            if self._producer is not None:
-                self._call(self._producer.close(cancel_tees=error))
-        finally:
-            self._producer = None
-            self._stop_loop()
+        """Flush, close the connection and stop the loop thread (``with`` does this).
+
+        Calls from other threads made after this began raise :class:`ProducerClosed`; calls
+        still running when the loop stops are cancelled and raise it too.
+        """
+        with self._lifecycle:
+            with self._lock:
+                if self._loop is None:
+                    return
+                self._closing = True
+                producer, self._producer = self._producer, None
+            try:
+                if producer is not None:
+                    self._submit(producer.close(cancel_tees=error), closing_ok=True)
+            finally:
+                self._stop_loop()
 
     def _stop_loop(self) -> None:
-        loop, thread = self._loop, self._thread
-        self._loop = self._thread = None
+        """Cancel what still runs on the loop (on_cancel callbacks, stray calls), then stop it."""
+        with self._lock:
+            loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_cancel_remaining(), loop).result(timeout=_DRAIN_TIMEOUT_S)
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
+        with self._lock:
+            self._loop = self._thread = None
+            self._closing = False
         loop.close()
 
     def __enter__(self) -> SyncProducer:
@@ -164,7 +212,8 @@ class SyncProducer:
                 w.send(item)
         except ClientError as exc:
             _close(iterator, source)
-            if exc is w._writer.failure and w._writer.can_end:
+            failure = w._writer.failure
+            if failure is not None and (exc is failure or exc.__cause__ is failure) and w._writer.can_end:
                 with contextlib.suppress(ClientError):
                     w.end("error", str(exc))
             raise
@@ -212,9 +261,8 @@ class SyncWriter:
         return self._owner._call(self._writer.end(reason, message))
 
     def _call_nowait_end(self, message: str) -> None:
-        loop = self._owner._loop
-        if loop is not None:
-            loop.call_soon_threadsafe(self._writer.end_nowait, "cancelled", message)
+        writer = self._writer
+        self._owner._schedule(lambda: writer.end_nowait("cancelled", message))
 
     def __enter__(self) -> SyncWriter:
         return self
@@ -226,6 +274,13 @@ class SyncWriter:
             self._call_nowait_end(f"producer stopped: {type(exc).__name__}")
             return
         self._owner._call(self._writer.__aexit__(exc_type, exc, tb))
+
+
+async def _cancel_remaining() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _close(iterator: object, source: object) -> None:
