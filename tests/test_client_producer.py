@@ -28,6 +28,7 @@ from relayd.client import (
     ChunkTooLarge,
     ConnectionFailed,
     Producer,
+    ProducerClosed,
     ProducerFenced,
     Refused,
     StreamAlreadyEnded,
@@ -249,6 +250,13 @@ async def test_refusals_surface_as_exceptions(relayd: Relayd, config_factory: Co
             with pytest.raises(ProducerFenced):
                 await w1.send(3)
                 await w1.flush()
+            raised = []
+            for _ in range(2):  # each raise is a fresh copy caused by the stored failure
+                with pytest.raises(ProducerFenced) as fenced:
+                    await w1.send(4)
+                raised.append(fenced.value)
+            assert raised[0] is not raised[1] and raised[0].__cause__ is raised[1].__cause__ is w1.failure
+            assert str(raised[0]) == str(w1.failure) and raised[0].code == "fenced"
         with pytest.raises(StreamAlreadyEnded):
             async with p1.writer("fence-1") as again:
                 await again.send(4)
@@ -617,6 +625,31 @@ async def test_tee_yields_every_item_to_a_reader_that_stays(relayd: Relayd) -> N
         await tee.task
     assert items == [{"i": i} for i in range(20)]
     assert tee.result is not None and tee.result.reason == "completed" and tee.result.chunks == 20
+
+
+async def test_close_cancels_a_tee_still_running_after_close_timeout(relayd: Relayd) -> None:
+    """A tee whose upstream never ends does not hold close() for ever: after close_timeout_s the
+    relay side is cancelled, its stream ends cancelled, and the HTTP side gets ProducerClosed."""
+    hung = asyncio.Event()
+
+    async def upstream() -> AsyncIterator[str]:
+        yield "first"
+        hung.set()
+        await asyncio.Event().wait()  # a model stream that stalls for good
+        yield "never"
+
+    p = Producer(relayd.url, API_KEY, close_timeout_s=0.5)
+    await p.connect()
+    tee = p.tee("tee-hung", upstream())
+    assert await anext(tee) == "first"
+    await hung.wait()
+    reading = asyncio.create_task(anext(tee))
+    async with asyncio.timeout(10):
+        await p.close()
+    with pytest.raises(ProducerClosed):
+        await reading
+    data, end = await replay(relayd, "tee-hung")
+    assert data == ["first"] and end["reason"] == "cancelled"
 
 
 async def test_consumer_peer_sees_live_chunks(relayd: Relayd) -> None:
