@@ -121,11 +121,14 @@ async def model_main(cfg: dict[str, Any], conn: Connection) -> None:
 
 async def producer_main(cfg: dict[str, Any], answers: list[tuple[int, str]], conn: Connection) -> None:
     """Run ``answers`` (index, stream id): one AsyncOpenAI stream each, into one Producer."""
-    from openai import AsyncOpenAI
+    from openai import AsyncOpenAI, Timeout
 
     from relayd.client import Producer
 
-    models = [AsyncOpenAI(base_url=url, api_key="x", max_retries=0) for url in cfg["model_urls"]]
+    # connect=120 s, not the SDK's 5 s: a saturated fake model accepts late, and a request that
+    # fails before its stream opens leaves that stream's consumers waiting (not what we measure).
+    timeout = Timeout(600.0, connect=120.0)
+    models = [AsyncOpenAI(base_url=url, api_key="x", max_retries=0, timeout=timeout) for url in cfg["model_urls"]]
     producer = None if cfg["baseline"] else Producer(cfg["url"], cfg["api_key"], reconnect=False)
     if producer is not None:
         await producer.connect()
@@ -266,12 +269,11 @@ async def consumer_main(cfg: dict[str, Any], subs: list[tuple[int, str]], conn: 
     await asyncio.sleep(max(0.0, (msg[1] - time.time_ns()) / 1e9))
     cpu0 = time.process_time()
     stop = asyncio.ensure_future(_recv(conn))  # the parent's deadline passed: report what we have
-    await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    while not stop.done() and not all(t.done() for t in tasks):
-        await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    readers = asyncio.gather(*tasks)
+    await asyncio.wait([stop, readers], return_when=asyncio.FIRST_COMPLETED)
     for t in tasks:
         t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.wait([readers])
     cpu1 = time.process_time()
     await session.close()
     conn.send(
