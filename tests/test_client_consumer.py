@@ -614,6 +614,21 @@ async def test_retry_backs_off_exponentially_with_jitter_and_gives_up() -> None:
         Retry(0.0, 1.0, None)
 
 
+async def test_retry_with_a_deadline_gives_up_once_the_run_of_failures_is_that_old() -> None:
+    """The producer's bound: time since the run's first failure, never a zero-length sleep."""
+    retry = Retry(0.01, 0.02, None, deadline_s=60.0)
+    retry.failed(OSError("dropped"))
+    assert 59 < retry.remaining() <= 60
+    await retry.wait("ingest")  # within the deadline: a backoff sleep
+    retry.first_failure_at -= 61  # the outage began over a minute ago
+    with pytest.raises(ConnectionFailed) as caught:
+        await retry.wait("ingest")
+    assert caught.value.attempts == 1 and isinstance(caught.value.__cause__, OSError)
+    retry.succeeded()  # progress ends the outage
+    assert retry.remaining() == float("inf")
+    await retry.wait("ingest")
+
+
 def test_token_claims_are_read_without_verifying() -> None:
     """exp and the cancel right come from the payload; an unreadable token gives None, not an error."""
     token, _ = TokenAuthority(secret=JWT_SECRET).mint(["user-7/*"], ["read"], ttl_s=60)
