@@ -44,10 +44,13 @@ class Producer:
       streams together); ``send`` waits when it is full. Memory held is bounded by it.
     - ``reconnect``, ``backoff_initial_s``, ``backoff_max_s``: reconnect after a drop, waiting
       ``backoff_initial_s * 2**n`` (capped, with jitter) between attempts;
-      ``reconnect_timeout_s``: give up (:class:`ConnectionFailed`) after trying that long.
-    - ``close_timeout_s``: how long leaving the ``async with`` waits for acks and ends.
+      ``reconnect_timeout_s``: give up (:class:`ConnectionFailed`) once an outage has lasted
+      that long; an outage runs from the first failure until relayd acknowledges something.
+    - ``close_timeout_s``: how long leaving the ``async with`` waits for tee tasks (then
+      cancelled), and then for acks and ends.
     - ``max_message_bytes``: the largest websocket message written (relayd's
-      ``limits.max_frame_bytes`` must be larger).
+      ``limits.max_frame_bytes`` must be larger); a chunk that cannot fit one is refused by
+      its ``send`` with :class:`ChunkTooLarge`.
     - ``heartbeat_s``: websocket ping interval, to notice a dead connection.
     """
 
@@ -285,9 +288,11 @@ class Producer:
         durable copy: if the handler stops iterating or is cancelled (the client went away),
         the background task still reads ``upstream`` to its end and ends the stream
         ``completed`` (``error`` if it raises). A consumer's cancel stops it as in
-        :meth:`stream`. The Producer's exit waits for the task. ``buffer`` bounds the items
-        held for a slow HTTP side; while it is full, reading ``upstream`` waits for the HTTP
-        side (which stops waiting once the iterator is closed or garbage-collected).
+        :meth:`stream`. The Producer's exit waits for the task, at most ``close_timeout_s``, then
+        cancels it (the stream ends ``cancelled``; the HTTP side gets :class:`ProducerClosed`).
+        ``buffer`` bounds the items held for a slow HTTP side; while it is full, reading
+        ``upstream`` waits for the HTTP side (which stops waiting once the iterator is closed or
+        garbage-collected).
         """
         from relayd.client.tee import Tee
 

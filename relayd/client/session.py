@@ -14,7 +14,9 @@ unacknowledged chunks, what to write next) is :class:`~relayd.client.stream_stat
   resumes rather than takes over); its appends wait for ``opened``, whose ``seq`` says what
   relayd stored; everything after it is resent. ``store_unavailable``/``seq_gap``/``not_open``
   refusals resynchronise a stream the same way on the open connection. Nothing is lost,
-  nothing stored twice.
+  nothing stored twice. Reconnects back off (:class:`~relayd.client.retry.Retry`), and
+  ``reconnect_timeout_s`` bounds an outage, which only progress (an ``ack``, an ``ended``)
+  ends: a connection relayd drops right after every resend is one outage, not many.
 
 The first open of a stream is pipelined: its appends follow the open without waiting for
 ``opened`` (relayd holds them until the open is answered). A re-open is not: its appends wait,
