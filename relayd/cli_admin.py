@@ -253,7 +253,7 @@ def tail(stream: str, from_start: bool, client: Client, as_json: bool) -> None:
     Strings are printed as they are, other chunks one JSON per line; gaps and the end go to
     stderr. With --json, every frame (chunk, gap, reset, end) is one JSON line on stdout.
     """
-    out = click.get_text_stream("stdout")
+    out = sys.stdout  # click.get_text_stream is deprecated (Click 8.5) and warns
     for f in _admin(client).tail(stream, from_start):
         kind = f.get("type")
         if as_json and kind != "error":
@@ -290,7 +290,7 @@ def export(stream: str, fmt: str, client: Client) -> None:
     stderr, and the exit code is then 6: everything stored was written, but not the whole
     stream.
     """
-    out = click.get_text_stream("stdout")
+    out = sys.stdout  # click.get_text_stream is deprecated (Click 8.5) and warns
     if sys.stderr.isatty():
         total = client.show(stream)["chunks"]
         with click.progressbar(length=total, label=f"exporting {stream}", file=sys.stderr, update_min_steps=100) as bar:
