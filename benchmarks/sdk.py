@@ -119,6 +119,33 @@ async def model_main(cfg: dict[str, Any], conn: Connection) -> None:
             return
 
 
+async def synthetic_answer(cfg: dict[str, Any]) -> Any:
+    """``--source synthetic``: the same chunks as OpenAI SDK objects, built ahead and paced here,
+    so the producer process runs little but the relayd SDK (no HTTP, no OpenAI parsing)."""
+    from openai.types.chat import ChatCompletionChunk
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    head = {"id": "chatcmpl-synthetic", "object": "chat.completion.chunk", "created": int(time.time())}
+    head |= {"model": "fake-gpt", "system_fingerprint": "fp_relayd_fake"}
+    deltas = [{"role": "assistant", "content": "", "refusal": None}]
+    deltas += [{"content": f" word{k}"} for k in range(cfg["tokens"])]
+    deltas.append({})
+    chunks = [
+        ChatCompletionChunk.model_validate(
+            {**head, "choices": [{"index": 0, "delta": d, "finish_reason": "stop" if k == len(deltas) - 1 else None}]}
+        )
+        for k, d in enumerate(deltas)
+    ]
+    for index, chunk in enumerate(chunks):
+        due = started + cfg["ttft_s"] + max(0, index - 1) / cfg["tps"]
+        if due > loop.time():
+            await asyncio.sleep(due - loop.time())
+        chunk.i = index  # type: ignore[attr-defined]  # extra fields, as the fake model's
+        chunk.t = time.time_ns()  # type: ignore[attr-defined]
+        yield chunk
+
+
 async def producer_main(cfg: dict[str, Any], answers: list[tuple[int, str]], conn: Connection) -> None:
     """Run ``answers`` (index, stream id): one AsyncOpenAI stream each, into one Producer."""
     from openai import AsyncOpenAI, Timeout
@@ -132,7 +159,9 @@ async def producer_main(cfg: dict[str, Any], answers: list[tuple[int, str]], con
     producer = None if cfg["baseline"] else Producer(cfg["url"], cfg["api_key"], reconnect=False)
     if producer is not None:
         await producer.connect()
-    for client in models:  # warm up: lazy imports, the connection pool, pydantic's first validations
+    for client in (
+        models if cfg["source"] == "openai" else ()
+    ):  # warm up: lazy imports, the connection pool, pydantic's first validations
         warm = await client.chat.completions.create(
             model="fake-gpt",
             messages=[{"role": "user", "content": "warm up"}],
@@ -154,13 +183,16 @@ async def producer_main(cfg: dict[str, Any], answers: list[tuple[int, str]], con
         nonlocal chunks
         await asyncio.sleep(max(0.0, (start_ns + i * ramp_ns / n - time.time_ns()) / 1e9))  # the schedule
         try:
-            client = models[i % len(models)]
-            response = await client.chat.completions.create(
-                model="fake-gpt",
-                messages=[{"role": "user", "content": f"question {i}"}],
-                stream=True,
-                extra_body={"fake": fake},
-            )
+            if cfg["source"] == "synthetic":
+                response: Any = synthetic_answer(cfg)
+            else:
+                client = models[i % len(models)]
+                response = await client.chat.completions.create(
+                    model="fake-gpt",
+                    messages=[{"role": "user", "content": f"question {i}"}],
+                    stream=True,
+                    extra_body={"fake": fake},
+                )
             if producer is None:
                 async for _ in response:
                     chunks += 1
@@ -403,6 +435,7 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
             "tps": args.tps,
             "ttft_s": args.ttft_ms / 1000,
             "ramp_s": args.ramp_s,
+            "source": args.source,
         }
         models = [workers.start(f"sdk-model-{k}", model_main, cfg) for k in range(args.model_procs)]
         cfg["model_urls"] = [expect(w, "ready", time.monotonic() + 30)[1] for w in models]
@@ -613,6 +646,12 @@ def main() -> int:
     ap.add_argument("--ttft-ms", type=float, default=200.0, help="the fake model's time to first token")
     ap.add_argument("--ramp-s", type=float, default=1.0, help="answer i starts at i/N of this")
     ap.add_argument("--runs", type=int, default=1, help="runs (fresh servers each); medians are printed")
+    ap.add_argument(
+        "--source",
+        choices=("openai", "synthetic"),
+        default="openai",
+        help="openai: AsyncOpenAI streams from the fake model; synthetic: prebuilt chunk objects (SDK cost alone)",
+    )
     ap.add_argument("--baseline", action="store_true", help="also a drain-only pass per run: SDK overhead")
     ap.add_argument("--producer-procs", type=int, default=2, help="producer processes (one Producer each)")
     ap.add_argument("--consumer-procs", type=int, default=1, help="consumer processes")
