@@ -60,6 +60,7 @@ class IngestProxy:
         self.held_ack_seq: dict[str, int] = {}
         self.swallow = False  # withhold every frame relayd sends (they are recorded in ``swallowed``)
         self.swallowed: list[dict[str, Any]] = []
+        self.drop_appends = False  # close the producer's connection on any message with an append
         self.changed = asyncio.Event()
         self._client: web.WebSocketResponse | None = None
         self._runner: web.AppRunner | None = None
@@ -111,6 +112,9 @@ class IngestProxy:
                     self.messages.append([orjson.loads(line) for line in split_message(msg.data)])
                     self.sizes.append(len(msg.data.encode()))
                     self.changed.set()
+                    if self.drop_appends and any(f["op"] == "append" for f in self.messages[-1]):
+                        await client.close(code=1011)
+                        return
                     await upstream.send_str(msg.data)
 
             async def to_producer() -> None:
@@ -133,7 +137,9 @@ class IngestProxy:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        await client.close()
+            code = upstream.close_code
+        # Pass relayd's close code on (1009, 1012 ...); 1005/1006 cannot be sent in a close frame.
+        await client.close(code=code if code is not None and code not in (1005, 1006) else 1000)
         self.changed.set()
         return client
 
@@ -401,32 +407,53 @@ async def test_a_chunk_too_large_for_a_message_is_refused_by_that_send_only(rela
     assert (await replay(relayd, "too-big-2"))[0] == list(range(40))
 
 
-async def test_a_connection_dropped_after_every_resend_gives_up_at_the_reconnect_timeout(
-    config_factory: ConfigFactory,
-) -> None:
-    """relayd closes 1009 on each resend of a message over its max_frame_bytes: the reconnects back
-    off, and reconnect_timeout_s bounds the outage (a handshake is not progress) with ConnectionFailed."""
-    config = config_factory(limits={"max_frame_bytes": 64 * 1024, "max_chunk_bytes": 32 * 1024})
-    async with Relayd(config) as relayd, IngestProxy(relayd.url) as proxy:
+async def test_a_connection_dropped_after_every_resend_gives_up_at_the_reconnect_timeout(relayd: Relayd) -> None:
+    """A connection that drops right after each resend is one outage (a handshake is not progress):
+    the reconnects back off, and reconnect_timeout_s after the first drop ConnectionFailed."""
+    async with IngestProxy(relayd.url) as proxy:
         p = Producer(proxy.url, API_KEY, backoff_initial_s=0.05, backoff_max_s=0.2, reconnect_timeout_s=1.0)
         await p.connect()
-        good, bad = p.writer("quick-drop-1"), p.writer("quick-drop-2")
-        await good.send(0)
-        await good.flush()
+        w = p.writer("quick-drop-1")
+        await w.send(0)
+        await w.flush()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await bad.send("z" * 100_000)  # fits the Producer's 512 kB messages, not relayd's 64 kB frames
+        proxy.drop_appends = True
+        await w.send(1)
         async with asyncio.timeout(15):
             with pytest.raises(ConnectionFailed):
-                await bad.flush()
-            with pytest.raises(ConnectionFailed):
-                await good.send(1)
-                await good.flush()
+                await w.flush()
         elapsed = loop.time() - started
         assert 0.9 <= elapsed < 5, elapsed
         assert 3 <= proxy.connections <= 30  # backed off, not a tight loop
         with pytest.raises(ConnectionFailed):
             await p.close()
+
+
+async def test_relayd_closing_1009_lowers_the_message_size_and_fails_only_the_oversized_stream(
+    config_factory: ConfigFactory,
+) -> None:
+    """max_message_bytes above relayd's max_frame_bytes: on 1009 the Producer halves its messages;
+    the stream whose chunk cannot fit fails with ChunkTooLarge, the other streams go on."""
+    config = config_factory(limits={"max_frame_bytes": 64 * 1024, "max_chunk_bytes": 32 * 1024})
+    async with Relayd(config) as relayd, IngestProxy(relayd.url) as proxy:
+        async with Producer(proxy.url, API_KEY, backoff_initial_s=0.05, backoff_max_s=0.2) as p:
+            good, bad = p.writer("frame-1"), p.writer("frame-2")
+            await good.send(0)
+            await good.flush()
+            await bad.send("z" * 100_000)  # fits the Producer's 512 kB messages, not relayd's 64 kB frames
+            for _ in range(39):
+                await good.send("g" * 2000)
+            async with asyncio.timeout(15):
+                with pytest.raises(ChunkTooLarge):
+                    await bad.flush()
+                result = await good.end()
+            with pytest.raises(ChunkTooLarge):
+                await bad.end()  # ends `error`, raising why
+        assert result.reason == "completed" and result.chunks == 40
+        assert proxy.connections <= 6  # 512 kB -> 256 -> 128 -> 64 -> 32: a few 1009s, no more
+        assert len((await replay(relayd, "frame-1"))[0]) == 40
+        assert (await replay(relayd, "frame-2"))[1]["reason"] == "error"
 
 
 async def test_store_unavailable_resynchronises_the_stream(

@@ -45,6 +45,7 @@ from relayd.protocol import split_message
 log = logging.getLogger("relayd.client")
 
 _MESSAGE_TOO_BIG = 1009  # websocket close code: a message exceeded relayd's limits.max_frame_bytes
+_MIN_MESSAGE_BYTES = 4096  # how far a 1009 may lower the message size
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,7 @@ class Connection:
         self.failure: ClientError | None = None
         self.closed = False
         self.messages_sent = 0  # websocket messages written, over all connections
+        self.message_limit = options.max_message_bytes  # lowered if relayd closes 1009
         self._dirty: dict[StreamState, None] = {}
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -258,10 +260,7 @@ class Connection:
                 if not opts.reconnect:
                     raise ConnectionFailed(f"connection to {self.url} lost (code {code}); reconnect is off")
                 if code == _MESSAGE_TOO_BIG:
-                    log.error(
-                        "relayd closed the producer connection 1009: a message exceeded its limits.max_frame_bytes;"
-                        " set the Producer's max_message_bytes below it"
-                    )
+                    self._shrink_messages()
                 log.info("relayd producer connection lost (code %s); reconnecting", code)
                 # The outage is ended by progress (an ack or an ``ended``, see _dispatch), not by a
                 # handshake: a connection relayd drops right after each resend is one outage, which
@@ -279,6 +278,20 @@ class Connection:
         except ClientError as exc:
             self._fail_all(exc)
 
+    def _shrink_messages(self) -> None:
+        """relayd closed 1009: a message exceeded its ``limits.max_frame_bytes``, which is below
+        ``max_message_bytes``. Halve the message size until messages fit; a stream holding a
+        chunk that no longer fits one fails with :class:`ChunkTooLarge` (as its ``send`` would
+        have), so the resend cannot be refused the same way again."""
+        self.message_limit = max(self.message_limit // 2, _MIN_MESSAGE_BYTES)
+        log.error(
+            "relayd closed the producer connection 1009 (a message over its limits.max_frame_bytes): writing"
+            " messages of at most %d bytes from now on; set the Producer's max_message_bytes below that limit",
+            self.message_limit,
+        )
+        for state in list(self.streams.values()):
+            state.drop_oversized(self.message_limit)
+
     def _outstanding(self) -> bool:
         """Whether anything written awaits relayd's answer: a chunk's ack, an end."""
         return self.unacked_bytes > 0 or any(s.end_request is not None for s in self.streams.values())
@@ -293,7 +306,7 @@ class Connection:
         self._settled.set()
 
     async def _send(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        limit = self.options.max_message_bytes
+        limit = self.message_limit
         while True:
             await self._wake.wait()
             self._wake.clear()

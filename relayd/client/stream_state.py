@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from relayd.client.errors import ClientError, StreamAlreadyEnded, refused_from_frame
+from relayd.client.errors import ChunkTooLarge, ClientError, StreamAlreadyEnded, refused_from_frame
 from relayd.protocol import MAX_END_MESSAGE
 
 if TYPE_CHECKING:
@@ -190,6 +190,22 @@ class StreamState:
         self.unacked.clear()
         self.conn.release(freed)
         self.idle.set()
+
+    def drop_oversized(self, limit: int) -> None:
+        """Fail the stream if an unacknowledged chunk cannot fit a message of ``limit`` bytes."""
+        if self.terminal or self.failure is not None:
+            return
+        size = max((len(data) for _, data in self.unacked), default=0)
+        if size and size + self.append_overhead > limit:
+            self.fail(
+                ChunkTooLarge(
+                    f"stream {self.stream}: a chunk of {size} bytes does not fit the {limit}-byte messages"
+                    " relayd accepts (it closed the connection 1009)",
+                    size,
+                    limit,
+                ),
+                terminal=False,
+            )
 
     def fail(self, error: ClientError, *, terminal: bool) -> None:
         """The stream takes no more chunks; if ``terminal``, not even an end."""

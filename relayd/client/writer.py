@@ -109,11 +109,11 @@ class Writer:
         if self._text and not isinstance(value, str):
             raise TypeError(f"a text stream takes strings; the encoder returned {type(value).__name__}")
         data = orjson.dumps(value)
-        limit = self._conn.options.max_message_bytes
+        limit = self._conn.message_limit
         if len(data) + state.append_overhead > limit:
             raise ChunkTooLarge(
-                f"stream {self.stream}: a chunk of {len(data)} bytes does not fit a message of"
-                f" max_message_bytes={limit} (with {state.append_overhead} bytes of framing)",
+                f"stream {self.stream}: a chunk of {len(data)} bytes does not fit a message of {limit} bytes"
+                f" (max_message_bytes, or less after a 1009 from relayd; {state.append_overhead} bytes of framing)",
                 len(data),
                 limit,
             )
