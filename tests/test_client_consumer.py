@@ -286,26 +286,23 @@ async def test_gives_up_after_max_retries_with_connection_failed() -> None:
     await consumer.aclose()
 
 
-async def test_a_redis_outage_backs_off_and_gives_up_after_max_retries(tmp_path: Path, key_prefix: str) -> None:
+async def test_a_redis_outage_backs_off_and_gives_up_after_max_retries(
+    private_redis: EmbeddedRedis, tmp_path: Path, key_prefix: str
+) -> None:
     """relayd answers ``subscribed``, then store_unavailable, while Redis is down: that is no
     success, so the retries back off and stop at max_retries (they used to go on for ever)."""
-    redis = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="no")
-    redis.start()
-    try:
-        config = make_config(redis.url, key_prefix, str(tmp_path), redis={"retry_ms": 100, "timeout_ms": 300})
-        async with Relayd(config) as relayd:
-            async with await relayd.producer() as producer:
-                await producer.open("outage-c")
-                await append(producer, "outage-c", 1, 2)
-            await asyncio.to_thread(redis.stop)
-            consumer = consume(relayd.url, "outage-c", token=relayd.token(["outage-c"]), max_retries=3, **FAST)
-            with pytest.raises(ConnectionFailed) as caught:
-                async with asyncio.timeout(30):
-                    await rest(consumer)
-            assert caught.value.attempts == 4
-            await consumer.aclose()
-    finally:
-        redis.stop()
+    config = make_config(private_redis.url, key_prefix, str(tmp_path), redis={"retry_ms": 100, "timeout_ms": 300})
+    async with Relayd(config) as relayd:
+        async with await relayd.producer() as producer:
+            await producer.open("outage-c")
+            await append(producer, "outage-c", 1, 2)
+        await asyncio.to_thread(private_redis.stop)
+        consumer = consume(relayd.url, "outage-c", token=relayd.token(["outage-c"]), max_retries=3, **FAST)
+        with pytest.raises(ConnectionFailed) as caught:
+            async with asyncio.timeout(30):
+                await rest(consumer)
+        assert caught.value.attempts == 4
+        await consumer.aclose()
 
 
 async def test_stream_ids_with_slashes_and_a_prefix_token(relayd: Relayd) -> None:
