@@ -242,6 +242,7 @@ async def consumer_main(cfg: dict[str, Any], subs: list[tuple[int, str]], conn: 
     n, ramp_ns = cfg["answers"], cfg["ramp_s"] * 1e9
     lat: array.array[int] = array.array("q")
     ttft: array.array[int] = array.array("q")
+    first: array.array[int] = array.array("q")  # the first token's model -> consumer latency
     stats = {"chunks": 0, "duplicates": 0, "missing": 0, "out_of_order": 0, "completed": 0}
     errors: Counter[str] = Counter()
     ends: Counter[str] = Counter()
@@ -279,6 +280,7 @@ async def consumer_main(cfg: dict[str, Any], subs: list[tuple[int, str]], conn: 
                     lat.append(now - data["t"])
                     if index == 1:  # the first content token (0 is the role chunk)
                         ttft.append(now - int(go.result() + i * ramp_ns / n))
+                        first.append(now - data["t"])
             ends[c.end.reason if c.end else "none"] += 1
             ok = c.end is not None and c.end.reason == "completed"
         except Exception as exc:
@@ -316,6 +318,7 @@ async def consumer_main(cfg: dict[str, Any], subs: list[tuple[int, str]], conn: 
                 "cpu_s": cpu1 - cpu0,
                 "lat": lat.tobytes(),
                 "ttft": ttft.tobytes(),
+                "first": first.tobytes(),
                 "ends": dict(ends),
                 "errors": dict(errors),
                 "incomplete": incomplete,
@@ -495,10 +498,12 @@ def summarise(args: argparse.Namespace, real: dict[str, Any], model_stats: list[
     prod, cons = real["producers"], real["consumers"]
     lat: array.array[int] = array.array("q")
     ttft: array.array[int] = array.array("q")
+    first: array.array[int] = array.array("q")
     for c in cons:
         lat.frombytes(c["lat"])
         ttft.frombytes(c["ttft"])
-    lat_s, ttft_s = sorted(lat), sorted(ttft)
+        first.frombytes(c["first"])
+    lat_s, ttft_s, first_s = sorted(lat), sorted(ttft), sorted(first)
     stored = sum(p["chunks"] for p in prod)
     delivered = sum(c["chunks"] for c in cons)
     prod_cpu = sum(p["cpu_s"] for p in prod)
@@ -540,6 +545,8 @@ def summarise(args: argparse.Namespace, real: dict[str, Any], model_stats: list[
         "latency_max_ms": ms(float(lat_s[-1]) if lat_s else None),
         "ttft_p50_ms": ms(fleet.pct(ttft_s, 0.5)),
         "ttft_p99_ms": ms(fleet.pct(ttft_s, 0.99)),
+        "first_token_latency_p50_ms": ms(fleet.pct(first_s, 0.5)),
+        "first_token_latency_p99_ms": ms(fleet.pct(first_s, 0.99)),
         "relay_cpu_us_per_chunk": per(real["relay_cpu_s"], stored),
         "relay_cpu_pct": round(100 * real["relay_cpu_s"] / real["elapsed_s"], 1) if real["relay_cpu_s"] else None,
         "redis_cpu_pct": round(100 * real["redis_cpu_s"] / real["elapsed_s"], 1) if real["redis_cpu_s"] else None,
@@ -566,6 +573,8 @@ TABLE = [
     ("latency_p99_ms", "model -> consumer p99 ms"),
     ("ttft_p50_ms", "TTFT at consumer p50 ms"),
     ("ttft_p99_ms", "TTFT at consumer p99 ms"),
+    ("first_token_latency_p50_ms", "first token model -> consumer p50"),
+    ("first_token_latency_p99_ms", "first token model -> consumer p99"),
     ("relay_cpu_us_per_chunk", "relay CPU us/chunk"),
     ("relay_cpu_pct", "relay CPU % of a core"),
     ("producer_us_per_chunk", "producer process us/chunk"),
@@ -591,7 +600,8 @@ def print_summary(s: dict[str, Any]) -> None:
     print(
         f"latency model -> consumer p50 {s['latency_p50_ms']} ms, p99 {s['latency_p99_ms']}, max "
         f"{s['latency_max_ms']}; TTFT at the consumer p50 {s['ttft_p50_ms']} ms, p99 {s['ttft_p99_ms']} "
-        f"(model ttft {s['ttft_ms_model']} ms)"
+        f"(model ttft {s['ttft_ms_model']} ms); first token model -> consumer p50 "
+        f"{s['first_token_latency_p50_ms']} ms, p99 {s['first_token_latency_p99_ms']}"
     )
     print(
         f"CPU us/chunk: relay {s['relay_cpu_us_per_chunk']} ({s['relay_cpu_pct']}% of core), producer process "
