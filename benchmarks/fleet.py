@@ -45,6 +45,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -1264,6 +1265,51 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return med
 
 
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT raise KeyboardInterrupt, so a series stops its children and exits 130."""
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+
+
+def run_series(
+    count: int,
+    run_one: Callable[[int], dict[str, Any]],
+    show: Callable[[dict[str, Any]], None],
+    summarise: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    report: Callable[[dict[str, Any]], None],
+    results: Path,
+) -> int:
+    """``count`` runs (numbered from 1); each summary and then the medians are printed and
+    appended to ``results`` as JSON lines. Returns the exit status (130 when interrupted)."""
+
+    def record(summary: dict[str, Any]) -> None:
+        line = json.dumps(summary, sort_keys=True)
+        print(line, flush=True)
+        with results.open("a") as fh:
+            fh.write(line + "\n")
+
+    runs = []
+    try:
+        for n in range(1, count + 1):
+            summary = run_one(n)
+            summary["kind"] = "run"
+            show(summary)
+            record(summary)
+            runs.append(summary)
+    except KeyboardInterrupt:
+        print("\ninterrupted: children stopped", file=sys.stderr)
+        return 130
+    if len(runs) > 1:
+        med = summarise(runs)
+        report(med)
+        record(med)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", "-S", type=int, default=200)
@@ -1312,40 +1358,23 @@ def main() -> int:
     if args.procs < 1 or args.producers < args.procs or args.streams < args.producers:
         ap.error("need streams >= producers >= procs >= 1")
 
-    def on_term(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+    stop_on_signals()
     args.out.mkdir(parents=True, exist_ok=True)
     gen_cpu = args.gen_cpu or (args.aux_cpu if args.spawn else None)
     if gen_cpu and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {int(c) for c in gen_cpu.split(",")})
-    runs = []
-    try:
-        for n in range(args.runs):
-            summary = run_once(args, n + 1, args.out)
-            summary["kind"] = "run"
-            summary["valkey_appendonly"] = args.valkey_aof if args.spawn else None
-            print_summary(summary)
-            line = json.dumps(summary, sort_keys=True)
-            print(line, flush=True)
-            with (args.out / "fleet-results.jsonl").open("a") as fh:
-                fh.write(line + "\n")
-            runs.append(summary)
-    except KeyboardInterrupt:
-        print("\ninterrupted: children stopped", file=sys.stderr)
-        return 130
-    if len(runs) > 1:
-        med = medians(runs)
-        print(f"\n== medians of {len(runs)} runs, S={args.streams} ==")
+
+    def one_run(n: int) -> dict[str, Any]:
+        summary = run_once(args, n, args.out)
+        summary["valkey_appendonly"] = args.valkey_aof if args.spawn else None
+        return summary
+
+    def report(med: dict[str, Any]) -> None:
+        print(f"\n== medians of {args.runs} runs, S={args.streams} ==")
         for key, label in TABLE_KEYS:
             print(f"  {label:32s} {med.get(key)}")
-        line = json.dumps(med, sort_keys=True)
-        print(line, flush=True)
-        with (args.out / "fleet-results.jsonl").open("a") as fh:
-            fh.write(line + "\n")
-    return 0
+
+    return run_series(args.runs, one_run, print_summary, medians, report, args.out / "fleet-results.jsonl")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import array
 import asyncio
 import atexit
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import secrets
@@ -692,41 +691,27 @@ def main() -> int:
     if min(args.answers, args.producer_procs, args.consumer_procs, args.model_procs, args.tokens) < 1:
         ap.error("--answers, --tokens and the process counts must be >= 1")
 
-    def on_term(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    fleet.stop_on_signals()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.relayd_ref:
         pin_sdk(args.relayd_ref)
     if args.gen_cpu and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {int(c) for c in args.gen_cpu.split(",")})  # inherited by the workers
-    runs = []
-    try:
-        for n in range(args.runs):
-            summary = run_once(args, n + 1, args.out)
-            summary["kind"] = "run"
-            print_summary(summary)
-            line = json.dumps(summary, sort_keys=True)
-            print(line, flush=True)
-            with (args.out / "sdk-results.jsonl").open("a") as fh:
-                fh.write(line + "\n")
-            runs.append(summary)
-    except KeyboardInterrupt:
-        print("\ninterrupted: children stopped", file=sys.stderr)
-        return 130
-    if len(runs) > 1:
-        med = medians(runs)
-        print(f"\n== medians of {len(runs)} runs, {args.answers} answers ==")
+
+    def report(med: dict[str, Any]) -> None:
+        print(f"\n== medians of {args.runs} runs, {args.answers} answers ==")
         for key, label in TABLE:
             print(f"  {label:34s} {med.get(key)}")
         print(f"  {'duplicates / missing (all runs)':34s} {med['duplicates_total']} / {med['missing_total']}")
-        line = json.dumps(med, sort_keys=True)
-        print(line, flush=True)
-        with (args.out / "sdk-results.jsonl").open("a") as fh:
-            fh.write(line + "\n")
-    return 0
+
+    return fleet.run_series(
+        args.runs,
+        lambda n: run_once(args, n, args.out),
+        print_summary,
+        medians,
+        report,
+        args.out / "sdk-results.jsonl",
+    )
 
 
 if __name__ == "__main__":
