@@ -2,7 +2,7 @@
 
 ``relayd streams ls|show|export --redis-url URL`` (or ``--direct`` with the config's
 ``redis.url``) read the same keys the admin API reads, through the same code
-(relayd/store/catalog.py), and answer the same JSON. Only these reads: ending and removing
+(relayd/catalog.py), and answer the same JSON. Only these reads: ending and removing
 streams, tails and the status need the running relayd (its hub, its producers' connections).
 There are no consumers to count (``consumers`` is None).
 
@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 
 import orjson
 
+from relayd import catalog
 from relayd.admin_errors import AdminError, NotFound, Unreachable
 from relayd.config import Config
 from relayd.errors import StoreError, StoreUnavailable
-from relayd.store import catalog
-from relayd.store.redis_streams import Store
+from relayd.store.redis_streams import RedisStore
 
 T = TypeVar("T")
 
@@ -41,15 +41,15 @@ class DirectClient:
     def __repr__(self) -> str:
         return f"DirectClient({self.url!r})"
 
-    def _store(self) -> Store:
-        return Store(self._config.redis, self._config.streams, self._redis_url)
+    def _store(self) -> RedisStore:
+        return RedisStore(self._config, self._redis_url)
 
     def _fail(self, exc: StoreError) -> AdminError:
         if isinstance(exc, StoreUnavailable):
             return Unreachable(f"cannot reach Redis at {self.url}: {exc}")
         return AdminError(str(exc))
 
-    def _run(self, call: Callable[[Store], Awaitable[T]]) -> T:
+    def _run(self, call: Callable[[RedisStore], Awaitable[T]]) -> T:
         async def with_store() -> T:
             store = self._store()
             try:

@@ -1,46 +1,48 @@
-"""In-memory fan-out: publications, per-connection outboxes, and subscribers.
+"""In-memory fan-out: publications and the local subscriptions of each stream.
 
-The publish path is synchronous: the relay calls :meth:`Hub.publish` once Redis accepted a
-batch; each subscriber hands the publication's pre-encoded bytes (encoded once per encoding, for
-all subscribers) to its connection's :class:`Outbox` without awaiting. One writer task per
-connection drains the outbox and writes everything it found in one websocket message or one SSE
-write.
-
-The handoff between history and live data (the classic bug, see docs/design.md) works like
-this: a subscriber registers with the hub *before* it reads Redis; publications arriving while it
-reads are buffered (bounded); after a short page it replays the buffer, skipping offsets it
-already sent, and goes live. Every delivery is keyed by offset, so a publication is delivered at
-most once, and any hole (a lost buffer, a full outbox, a missed publication) sends the subscriber
-back to Redis: never silent loss, never a duplicate.
+The publish path is synchronous: the relay calls :meth:`Hub.publish` once Redis accepted a batch
+(or the broker brings another instance's write); each subscriber hands the publication's
+pre-encoded bytes (encoded once per codec, for all subscribers) to its connection's queue without
+awaiting. The hub also tells its listener (the broker) when a stream gains its first local
+subscriber and loses its last, so that an instance follows only the streams it serves.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-from enum import Enum
-from typing import Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from relayd.errors import StoreError
 from relayd.metrics import Metrics
-from relayd.outbox import Outbox
-from relayd.protocol import Entry, FrameCodec
-from relayd.store.redis_streams import Store, StreamMeta
+from relayd.model import Entry
+from relayd.ports import History
+from relayd.protocol import FrameCodec
 
-log = logging.getLogger("relayd.hub")
-
-_BUFFER_CAP = 64  # publications buffered per subscriber while it reads Redis
-_ENTRY_OVERHEAD = 100  # framing bytes per replayed entry, for sizing catch-up pieces
+if TYPE_CHECKING:
+    from relayd.subscription import Subscriber
 
 
 class Publication:
-    """Entries of one stream made durable by one batch, encoded lazily once per codec."""
+    """Entries of one stream made durable by one write, encoded lazily once per codec."""
 
-    __slots__ = ("_encoded", "chunks", "end", "entries", "first", "gen", "last", "received", "stream", "text")
+    __slots__ = (
+        "_encoded",
+        "chunks",
+        "end",
+        "entries",
+        "first",
+        "gen",
+        "last",
+        "nbytes",
+        "received",
+        "stream",
+        "text",
+    )
 
-    def __init__(self, stream: str, gen: int, entries: list[Entry], text: bool, received: float = 0.0) -> None:
-        """``received``: when (monotonic) the append was read; 0 when unknown (ends, pokes)."""
+    def __init__(
+        self, stream: str, gen: int, entries: list[Entry], text: bool, received: float = 0.0, nbytes: int = 0
+    ) -> None:
+        """``received``: when (monotonic) the append was read; 0 when unknown (ends, other instances').
+        ``nbytes``: the chunks' bytes (what a buffered publication holds)."""
         self.stream = stream
         self.received = received
         self.gen = gen
@@ -50,6 +52,7 @@ class Publication:
         self.end = entries[-1].is_end
         self.text = text
         self.chunks = len(entries) - 1 if self.end else len(entries)
+        self.nbytes = nbytes
         self._encoded: dict[str, bytes] = {}
 
     def encoded(self, codec: FrameCodec) -> bytes:
@@ -64,266 +67,30 @@ class Publication:
         return codec.entries(self.stream, self.gen, rest, self.text)
 
 
-class State(Enum):
-    WAITING = "waiting"
-    CATCHUP = "catchup"
-    LIVE = "live"
-    DONE = "done"
+Interest = Callable[[str, bool], None]
+"""``(stream, followed)``: the first local subscriber of ``stream`` arrived (True) or the last left."""
 
 
-class SubscriptionOwner(Protocol):
-    def subscription_done(self, sub: Subscriber) -> None: ...
-
-
-class Subscriber:
-    """One stream followed by one connection: history from Redis, then the live tail."""
-
-    def __init__(
-        self,
-        hub: Hub,
-        stream: str,
-        outbox: Outbox,
-        codec: FrameCodec,
-        *,
-        cursor: tuple[int, int] | None,
-        wait_s: float,
-        owner: SubscriptionOwner,
-    ) -> None:
-        self.hub = hub
-        self.stream = stream
-        self.outbox = outbox
-        self.codec = codec
-        self.cursor = cursor
-        self.wait_s = wait_s
-        self.owner = owner
-        self.state = State.WAITING
-        self.gen = 0
-        self.next = 1  # offset of the next entry this subscriber needs
-        self.chunks = 0  # chunks handed to the connection, live and replayed (for its close log line)
-        self.text = False
-        self._buffer: list[Publication] = []
-        self._overflow = False
-        self._new_gen: int | None = None  # the stream was lost and created again meanwhile
-        self._wake = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name=f"relayd-sub-{self.stream}")
-
-    async def stop(self) -> None:
-        self.state = State.DONE
-        self._wake.set()  # a task whose cancellation gets lost (redis-py can swallow one) still ends
-        if self.task is not None and self.task is not asyncio.current_task():
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-
-    # called by the hub, synchronously -----------------------------------------------------------
-
-    def on_publication(self, pub: Publication) -> None:
-        state = self.state
-        if pub.gen != self.gen and state is not State.WAITING:
-            if pub.gen > self.gen and state is not State.DONE:
-                self._new_gen = pub.gen  # a newer generation: reset, then deliver it from Redis
-                self._fall_behind()
-            return  # (an older generation's late publication: nothing for this subscriber)
-        if state is State.LIVE:
-            if pub.last < self.next:
-                return  # already delivered (from Redis)
-            if pub.first > self.next:
-                self._fall_behind()  # a hole: a publication this subscriber never saw
-                return
-            data = pub.encoded(self.codec) if pub.first == self.next else pub.encoded_from(self.codec, self.next)
-            outbox = self.outbox
-            if not outbox.offer(data):
-                self._fall_behind()
-                return
-            if not outbox.oldest:  # publications come in the order they were read: the first is the oldest
-                outbox.oldest = pub.received
-            self.hub.metrics.delivered("live", pub.chunks, len(data))
-            self.chunks += pub.chunks
-            self.next = pub.last + 1
-            if pub.end:
-                self._finish()
-        elif state is State.CATCHUP:
-            if len(self._buffer) < _BUFFER_CAP:
-                self._buffer.append(pub)
-            else:
-                self._overflow = True
-        elif state is State.WAITING:
-            self._wake.set()
-
-    def on_poke(self, gen: int, last: int) -> None:
-        if self.state is State.LIVE and gen == self.gen and self.next <= last:
-            self._fall_behind()
-        elif self.state is State.CATCHUP:
-            self._overflow = True  # the read in progress may predate them: read again
-
-    def on_created(self) -> None:
-        if self.state is State.WAITING:
-            self._wake.set()
-
-    # the subscriber's task ---------------------------------------------------------------------
-
-    def _fall_behind(self) -> None:
-        self.hub.metrics.catchup()
-        self.state = State.CATCHUP
-        self._buffer.clear()
-        self._overflow = False
-        self._wake.set()
-
-    def _finish(self) -> None:
-        self.state = State.DONE
-        self._wake.set()
-
-    async def _run(self) -> None:
-        self.hub.add(self)
-        try:
-            meta = await self._resolve_start()
-            if meta is None or self.state is State.DONE:  # DONE: stopped meanwhile
-                return
-            self.state = State.CATCHUP
-            while self.state is not State.DONE:
-                await self._catch_up()
-                if self.state is State.LIVE:
-                    self._wake.clear()
-                    await self._wake.wait()
-        except StoreError as exc:
-            self.outbox.control(self.codec.error(self.stream, "store_unavailable", str(exc)))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("subscriber for %s failed", self.stream)
-            self.outbox.control(self.codec.error(self.stream, "internal", "internal error"))
-        finally:
-            self.state = State.DONE
-            self.hub.remove(self)
-            self.owner.subscription_done(self)
-
-    async def _resolve_start(self) -> StreamMeta | None:
-        store = self.hub.store
-        meta = await store.read_meta(self.stream)
-        if meta is None:
-            # Not created yet (or expired): wait, bounded, for a producer to open it.
-            self._wake.clear()
-            meta = await store.read_meta(self.stream)  # re-check after registering for wake-ups
-            if meta is None and self.wait_s > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.wait_s):
-                        while meta is None and self.state is not State.DONE:
-                            await self._wake.wait()
-                            self._wake.clear()
-                            meta = await store.read_meta(self.stream)
-            if meta is None:
-                if self.state is not State.DONE:
-                    self.outbox.control(
-                        self.codec.error(self.stream, "stream_not_found", f"stream {self.stream} does not exist")
-                    )
-                return None
-        self.gen = meta.gen
-        self.text = meta.content_type == "text"
-        cursor = self.cursor
-        if cursor is not None:
-            if cursor[0] == meta.gen:
-                self.next = cursor[1] + 1
-                if cursor[1] >= meta.n and not meta.is_open:
-                    self.next = meta.n  # at (or past) the end: say again how it ended
-            else:
-                self.hub.metrics.reset()
-                self.outbox.control(self.codec.reset(self.stream, "stream_replaced"))
-        return meta
-
-    async def _catch_up(self) -> None:
-        store = self.hub.store
-        page = count = self.hub.catchup_page
-        limit = self.outbox.max_bytes
-        self.state = State.CATCHUP
-        while True:
-            if self._new_gen is not None:
-                await self._reset_to_new_generation()
-            self._buffer.clear()
-            self._overflow = False
-            entries = await store.read_entries(self.stream, self.gen, self.next, count)
-            if self.state is State.DONE:  # stopped meanwhile
-                return
-            exhausted = len(entries) < count
-            if entries and entries[0].offset > self.next:
-                self.hub.metrics.gap()
-                self.outbox.control(self.codec.gap(self.stream, self.gen, self.next - 1, entries[0].offset))
-            if entries:
-                # Hand the page over in pieces that fit the bounded queue; read about a queue's worth next.
-                nbytes = sum(len(e.data or b"") + _ENTRY_OVERHEAD for e in entries)
-                count = page if nbytes <= limit else max(1, len(entries) * limit // nbytes)
-                piece: list[Entry] = []
-                size = 0
-                for entry in entries:
-                    esize = len(entry.data or b"") + _ENTRY_OVERHEAD
-                    if piece and size + esize > limit:
-                        await self._put_replay(piece)
-                        piece, size = [], 0
-                    piece.append(entry)
-                    size += esize
-                await self._put_replay(piece)
-                if entries[-1].is_end:
-                    self.state = State.DONE
-                    return
-            if exhausted and not self._overflow and self._new_gen is None and self._replay_buffer():
-                if self.state is State.CATCHUP:
-                    self.state = State.LIVE
-                return
-
-    async def _put_replay(self, entries: list[Entry]) -> None:
-        data = self.codec.entries(self.stream, self.gen, entries, self.text)
-        await self.outbox.put(data)
-        chunks = len(entries) - (1 if entries[-1].is_end else 0)
-        self.hub.metrics.delivered("replay", chunks, len(data))
-        self.chunks += chunks
-        self.next = entries[-1].offset + 1
-
-    async def _reset_to_new_generation(self) -> None:
-        """The stream was lost (expired, flushed) and created again: say so, restart at its start."""
-        gen, self._new_gen = self._new_gen, None
-        assert gen is not None
-        self.gen, self.next = gen, 1  # before any await: its publications are now this subscriber's
-        self.hub.metrics.reset()
-        self.outbox.control(self.codec.reset(self.stream, "stream_replaced"))
-        meta = await self.hub.store.read_meta(self.stream)
-        if meta is not None and meta.gen == gen:
-            self.text = meta.content_type == "text"
-
-    def _replay_buffer(self) -> bool:
-        """Deliver buffered publications in order; False if a hole needs another read."""
-        for pub in self._buffer:
-            if pub.last < self.next:
-                continue
-            if pub.first > self.next:
-                return False
-            data = pub.encoded(self.codec) if pub.first == self.next else pub.encoded_from(self.codec, self.next)
-            if not self.outbox.offer(data):
-                return False
-            if not self.outbox.oldest:
-                self.outbox.oldest = pub.received
-            self.hub.metrics.delivered("live", pub.chunks, len(data))
-            self.chunks += pub.chunks
-            self.next = pub.last + 1
-            if pub.end:
-                self.state = State.DONE
-                return True
-        self._buffer.clear()
-        return True
+def _no_interest(stream: str, followed: bool) -> None:
+    return None
 
 
 class Hub:
-    """Local subscriptions by stream id."""
+    """Local subscriptions by stream id; reads go through ``history``."""
 
-    def __init__(self, store: Store, metrics: Metrics, catchup_page: int) -> None:
-        self.store = store
+    def __init__(self, history: History, metrics: Metrics, catchup_page: int) -> None:
+        self.history = history
         self.metrics = metrics
         self.catchup_page = catchup_page
+        self.on_interest: Interest = _no_interest
         self._subs: dict[str, list[Subscriber]] = {}
 
     def add(self, sub: Subscriber) -> None:
-        self._subs.setdefault(sub.stream, []).append(sub)
+        subs = self._subs.get(sub.stream)
+        if subs is None:
+            subs = self._subs[sub.stream] = []
+            self.on_interest(sub.stream, True)  # before the subscriber's first read: nothing slips by
+        subs.append(sub)
         self.metrics.subscriptions(1)
 
     def remove(self, sub: Subscriber) -> None:
@@ -333,6 +100,7 @@ class Hub:
             self.metrics.subscriptions(-1)
             if not subs:
                 del self._subs[sub.stream]
+                self.on_interest(sub.stream, False)
 
     def publish(self, pub: Publication) -> None:
         subs = self._subs.get(pub.stream)
@@ -345,9 +113,18 @@ class Hub:
         for sub in tuple(self._subs.get(stream, ())):
             sub.on_poke(gen, last)
 
+    def resync(self, stream: str) -> None:
+        """Anything may have been missed (the broker reconnected): every subscriber reads Redis again."""
+        for sub in tuple(self._subs.get(stream, ())):
+            sub.on_resync()
+
     def created(self, stream: str) -> None:
         for sub in tuple(self._subs.get(stream, ())):
             sub.on_created()
+
+    def followed(self) -> list[str]:
+        """Streams with at least one local subscriber."""
+        return list(self._subs)
 
     def subscriber_count(self, stream: str) -> int:
         return len(self._subs.get(stream, ()))

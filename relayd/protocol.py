@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from relayd.errors import ProtocolError
+from relayd.model import Entry
 
 STREAM_ID_RE = re.compile(r"[A-Za-z0-9_\-.:/@=]{1,200}")
 PRODUCER_ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
@@ -301,20 +302,6 @@ def error_frame(code: str, message: str, stream: str | None = None, seq: int | N
     return orjson.dumps(fields)
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One stored entry of a stream: a chunk (``data`` is its JSON) or the end."""
-
-    offset: int
-    data: bytes | None = None
-    reason: str | None = None
-    message: str = ""
-
-    @property
-    def is_end(self) -> bool:
-        return self.reason is not None
-
-
 def ws_chunk_prefix(stream: str) -> bytes:
     """The bytes every chunk frame of ``stream`` starts with; computed once per stream."""
     return b'{"type":"chunk","stream":' + orjson.dumps(stream) + b',"cursor":"'
@@ -428,3 +415,73 @@ class SseCodec(FrameCodec):
 
 WS_CODEC = WsCodec()
 SSE_CODEC = SseCodec()
+
+
+# -- producer frames: the one definition, used by relayd (web/ingest.py) and the SDK -------------
+# Producer -> relayd ops (what relayd.client writes) and relayd -> producer frames (what
+# web/ingest.py writes). Hot ones (append, ack) are formatted from pre-encoded parts.
+
+
+def open_op(stream_json: bytes, *, content_type: str, epoch: int | None, producer: str) -> bytes:
+    """An ``open`` op; ``stream_json`` is ``orjson.dumps(stream)``. Without an epoch the
+    ``content_type`` is sent (the stream may be created); with one, the open resumes that epoch."""
+    if epoch is None:
+        return b'{"op":"open","stream":%s,"content_type":%s,"producer":%s}' % (
+            stream_json,
+            orjson.dumps(content_type),
+            orjson.dumps(producer),
+        )
+    return b'{"op":"open","stream":%s,"epoch":%d,"producer":%s}' % (stream_json, epoch, orjson.dumps(producer))
+
+
+def append_op_head(stream_json: bytes) -> bytes:
+    """What every ``append`` op of a stream starts with; :func:`append_op` completes it."""
+    return b'{"op":"append","stream":%s,"seq":' % stream_json
+
+
+APPEND_OP_OVERHEAD = 32  # bytes an append op adds after its head besides the chunks' commas: seq, brackets
+
+
+def append_op(head: bytes, seq: int, chunks: list[bytes]) -> bytes:
+    """An ``append`` op from :func:`append_op_head`; ``chunks`` are JSON texts."""
+    return b'%s%d,"chunks":[%s]}' % (head, seq, b",".join(chunks))
+
+
+def end_op(stream: str, reason: str, message: str = "") -> bytes:
+    fields: dict[str, Any] = {"op": "end", "stream": stream, "reason": reason}
+    if message:
+        fields["message"] = message
+    return orjson.dumps(fields)
+
+
+def opened_frame(
+    stream: str, *, epoch: int, seq: int, cursor: str | None, status: str, content_type: str, producer: str | None
+) -> bytes:
+    fields = {"producer": producer} if producer is not None else {}
+    return frame(
+        type="opened",
+        stream=stream,
+        epoch=epoch,
+        seq=seq,
+        cursor=cursor,
+        status=status,
+        content_type=content_type,
+        **fields,
+    )
+
+
+def ack_frame(stream: str, seq: int, cursor: str) -> bytes:
+    return b'{"type":"ack","stream":%s,"seq":%d,"cursor":"%s"}' % (orjson.dumps(stream), seq, cursor.encode())
+
+
+def ended_frame(stream: str, reason: str, cursor: str, message: str = "") -> bytes:
+    fields = {"message": message} if message else {}
+    return frame(type="ended", stream=stream, reason=reason, cursor=cursor, **fields)
+
+
+def cancel_frame(stream: str) -> bytes:
+    return frame(type="cancel", stream=stream)
+
+
+def pong_frame(ping_id: Any) -> bytes:
+    return frame(type="pong", id=ping_id) if ping_id is not None else b'{"type":"pong"}'

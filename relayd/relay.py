@@ -1,9 +1,10 @@
-"""The composition root of the engine: the one place that orders store -> hub.
+"""The relay: the engine's facade and the one place that orders store -> hub.
 
-Producer ops become writes for the batcher; when Redis answers, the relay publishes what became
-durable to the hub (durable first: no consumer sees a chunk Redis does not have) and answers the
-producer. It also keeps the streams each producer connection holds (for cancel requests and
-liveness) and runs the producer-lost sweep.
+Producer ops become typed store writes; when the store answers, the relay publishes what became
+durable to the hub (durable first: no consumer sees a chunk Redis does not have) and tells the
+producer's :class:`~relayd.producer.ProducerPeer` the outcome. It keeps the streams each producer
+connection holds (for cancel requests and liveness), runs the producer-lost sweep, and is what
+web/ calls for everything else: subscriptions, metadata, cancel, the admin reads.
 """
 
 from __future__ import annotations
@@ -11,113 +12,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from time import monotonic
 from typing import Any
 
-import hiredis
-import orjson
-
-from relayd.batcher import Batcher, Write
+from relayd import catalog
+from relayd.broker import Broker, LocalBroker
 from relayd.config import Config
 from relayd.errors import StoreError
 from relayd.hub import Hub, Publication
 from relayd.metrics import Metrics
-from relayd.protocol import AppendOp, EndOp, Entry, OpenOp, error_frame, format_cursor, frame
-from relayd.store.redis_streams import Store, StreamMeta, now_ms
+from relayd.model import Appended, AppendOutcome, Ended, EndOutcome, Entry, Opened, OpenOutcome, StreamMeta, now_ms
+from relayd.ports import Store
+from relayd.producer import Held, ProducerSession
+from relayd.protocol import AppendOp, EndOp, FrameCodec, OpenOp
+from relayd.subscription import Sink, Subscriber, SubscriptionOwner
 
 log = logging.getLogger("relayd.relay")
 
-_ENDED_MEMORY = 1000  # ended streams a producer connection remembers, to answer stream_ended
-
-
-@dataclass(slots=True)
-class Held:
-    """A stream a producer connection has opened."""
-
-    epoch: int
-    gen: int
-    text: bool
-    append_head: bytes  # the stream's append command up to the epoch, encoded once
-    stream_json: bytes  # the stream id as JSON, for acks
-    first_chunk_due: float = 0.0  # created by this open: when (monotonic) the open was read; 0 after its first chunk
-
-
-class ProducerSession:
-    """Transport-agnostic state of one producer connection."""
-
-    def __init__(self, send: Callable[[bytes], None], max_unacked_bytes: int) -> None:
-        self.send = send
-        self.held: dict[str, Held] = {}
-        self.text_streams: set[str] = set()
-        self.unacked_bytes = 0
-        self.max_unacked_bytes = max_unacked_bytes
-        self.room = asyncio.Event()
-        self.room.set()
-        self.closed = False
-        # When (monotonic) the message being handled was read: the start of ack and delivery latency.
-        self.received_at = 0.0
-        # Streams this connection held (or found ended on open) that have ended -> their epoch.
-        self.ended: dict[str, int] = {}
-        # Ops that arrived while their stream's open was on its way to Redis (pipelined producers),
-        # with when they were read.
-        self.opening: dict[str, list[tuple[AppendOp | EndOp, float]]] = {}
-
-    def charge(self, nbytes: int) -> None:
-        self.unacked_bytes += nbytes
-        if self.unacked_bytes >= self.max_unacked_bytes:
-            self.room.clear()
-
-    def credit(self, nbytes: int) -> None:
-        self.unacked_bytes -= nbytes
-        if self.unacked_bytes < self.max_unacked_bytes:
-            self.room.set()
-
-    def hold(self, stream: str, held: Held) -> None:
-        self.ended.pop(stream, None)
-        self.held[stream] = held
-        if held.text:
-            self.text_streams.add(stream)
-        else:
-            self.text_streams.discard(stream)
-
-    def drop(self, stream: str) -> None:
-        self.held.pop(stream, None)
-        self.text_streams.discard(stream)
-
-    def finish(self, stream: str, epoch: int | None = None) -> None:
-        """``stream`` ended: drop it but remember it (bounded), so later ops get ``stream_ended``."""
-        held = self.held.pop(stream, None)
-        self.text_streams.discard(stream)
-        if held is not None:
-            epoch = held.epoch
-        if epoch is None:
-            epoch = self.ended.get(stream)
-        if epoch is not None:
-            self.ended.pop(stream, None)
-            self.ended[stream] = epoch
-            if len(self.ended) > _ENDED_MEMORY:
-                del self.ended[next(iter(self.ended))]
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+_SWEEP_PAGE = 500  # stale streams read per round trip; the sweep reads pages until none are left
 
 
 class Relay:
-    def __init__(self, config: Config, store: Store, metrics: Metrics) -> None:
+    """Composition root of the engine: store, hub, broker, and the producers' streams."""
+
+    def __init__(self, config: Config, store: Store, metrics: Metrics, broker: Broker | None = None) -> None:
         self.config = config
-        self.store = store
+        self._store = store
         self.metrics = metrics
-        self.hub = Hub(store, metrics, config.consumer.catchup_page)
-        self.batcher = Batcher(store, config.batch, config.redis.retry_ms, config.redis.timeout_ms, metrics)
+        self._broker: Broker = broker or LocalBroker()
+        self._hub = Hub(store, metrics, config.consumer.catchup_page)
         self._holders: dict[str, ProducerSession] = {}
         self._cancel_timers: dict[str, asyncio.TimerHandle] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        await self._broker.start(self._hub, self._on_remote_cancel)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="relayd-sweeper")
+
+    async def drain(self) -> None:
+        """Wait until every write submitted so far is answered: what producers sent is acknowledged."""
+        await self._store.drain()
 
     async def close(self) -> None:
         """Flush what producers sent; stop background work. The store is closed by its owner."""
@@ -130,83 +65,49 @@ class Relay:
         self._cancel_timers.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.server.drain_timeout_s):
-                await self.batcher.drain()
-        await self.batcher.close()
+                await self._store.drain()
+        await self._broker.close()
 
     # producer ops -----------------------------------------------------------------------------
 
     def open(self, session: ProducerSession, op: OpenOp) -> None:
         if op.stream not in session.held and len(session.held) >= self.config.limits.max_streams_per_connection:
-            session.send(error_frame("too_many_streams", "limits.max_streams_per_connection reached", op.stream))
+            session.peer.refused(op.stream, "too_many_streams", "limits.max_streams_per_connection reached")
             return
-        payload = self.store.cmd_open(op.stream, op.epoch, op.content_type, now_ms(), op.producer)
-        session.opening.setdefault(op.stream, [])
+        session.start_opening(op.stream)
         received = session.received_at
 
-        def done(reply: Any, exc: BaseException | None) -> None:
+        def done(outcome: OpenOutcome) -> None:
             try:
-                opened(reply, exc)
+                self._opened(session, op, outcome, received)
             finally:
-                self._replay_deferred(session, op.stream)
+                for deferred, at in session.take_deferred(op.stream):
+                    if type(deferred) is AppendOp:
+                        self.append(session, deferred, at)
+                    elif type(deferred) is EndOp:
+                        self.end(session, deferred)
 
-        def opened(reply: Any, exc: BaseException | None) -> None:
-            if exc is not None or isinstance(reply, hiredis.ReplyError):
-                session.send(error_frame("store_unavailable", f"open failed: {exc or reply}", op.stream))
-                return
-            code, gen, epoch, seq, n, status, content_type = (_s(v) for v in reply)
-            gen_i, n_i = int(gen), int(n)
-            if code == "fenced":
-                session.send(error_frame("fenced", f"stream is held by a newer producer (epoch {epoch})", op.stream))
-                return
-            if code == "created":
-                self.metrics.stream_started()
-                self.hub.created(op.stream)
-            if code != "ended":
-                epoch_i = int(epoch)
-                held = Held(
-                    epoch_i,
-                    gen_i,
-                    content_type == "text",
-                    self.store.append_head(op.stream, epoch_i),
-                    orjson.dumps(op.stream),
-                    received if code == "created" else 0.0,
-                )
-                self._take(op.stream, session, held)
-            else:
-                session.finish(op.stream, int(epoch))  # appends get stream_ended, not not_open
-            fields = {"producer": op.producer} if op.producer is not None else {}
-            session.send(
-                frame(
-                    type="opened",
-                    stream=op.stream,
-                    epoch=int(epoch),
-                    seq=int(seq),
-                    cursor=format_cursor(gen_i, n_i) if n_i else None,
-                    status=status,
-                    content_type=content_type,
-                    **fields,
-                )
+        self._store.open(op.stream, op.epoch, op.content_type, op.producer, done)
+
+    def _opened(self, session: ProducerSession, op: OpenOp, outcome: OpenOutcome, received: float) -> None:
+        if not isinstance(outcome, Opened):
+            session.peer.refused(op.stream, outcome.code, outcome.message)
+            return
+        if outcome.code == "created":
+            self.metrics.stream_started()
+            self._hub.created(op.stream)
+        if outcome.code == "ended":
+            session.finish(op.stream, outcome.epoch)  # appends get stream_ended, not not_open
+        else:
+            held = Held(
+                outcome.epoch,
+                outcome.gen,
+                outcome.content_type == "text",
+                self._store.append_handle(op.stream, outcome.epoch),
+                received if outcome.code == "created" else 0.0,
             )
-
-        self.batcher.submit(Write(payload, done))
-
-    def _replay_deferred(self, session: ProducerSession, stream: str) -> None:
-        for deferred, received in session.opening.pop(stream, ()):
-            if type(deferred) is AppendOp:
-                session.credit(deferred.cost)
-                self.append(session, deferred, received)
-            elif type(deferred) is EndOp:
-                self.end(session, deferred)
-
-    def _defer(self, session: ProducerSession, op: AppendOp | EndOp) -> bool:
-        """Hold ``op`` until its stream's open is answered; False if no open is pending."""
-        pending = session.opening.get(op.stream)
-        if pending is None:
-            return False
-        if type(op) is AppendOp:
-            session.charge(op.cost)
-        pending.append((op, session.received_at))
-        return True
+            self._take(op.stream, session, held)
+        session.peer.opened(op.stream, outcome, op.producer)
 
     def append(self, session: ProducerSession, op: AppendOp, received: float | None = None) -> None:
         """``received``: when the append was read, if not the message being handled now."""
@@ -214,134 +115,181 @@ class Relay:
             received = session.received_at
         held = session.held.get(op.stream)
         if held is None:
-            if self._defer(session, op):
+            if session.defer(op):
                 return
             if op.stream in session.ended:
-                session.send(error_frame("stream_ended", "the stream has ended", op.stream, op.seq))
+                session.peer.refused(op.stream, "stream_ended", "the stream has ended", op.seq)
             else:
-                session.send(error_frame("not_open", "open the stream on this connection first", op.stream, op.seq))
+                session.peer.refused(op.stream, "not_open", "open the stream on this connection first", op.seq)
             return
         session.charge(op.cost)
-        payload = self.store.cmd_append(held.append_head, op.seq, op.chunks, now_ms())
 
-        def done(reply: Any, exc: BaseException | None) -> None:
+        def done(outcome: AppendOutcome) -> None:
             session.credit(op.cost)
-            if exc is not None or isinstance(reply, hiredis.ReplyError):
-                session.send(error_frame("store_unavailable", f"append not stored: {exc or reply}", op.stream, op.seq))
-                return
-            code = _s(reply[0])
-            if code == "ok":
-                gen, first, last, last_seq = int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4])
-                if first <= last:
-                    new = op.chunks[len(op.chunks) - (last - first + 1) :]
-                    entries = [Entry(first + i, chunk) for i, chunk in enumerate(new)]
-                    self.metrics.chunks_stored(len(new), sum(len(c) for c in new))
-                    if held.first_chunk_due:
-                        self.metrics.first_chunk(monotonic() - held.first_chunk_due)
-                        held.first_chunk_due = 0.0
-                    self.hub.publish(Publication(op.stream, gen, entries, held.text, received))
-                else:
-                    # All stored already: a resend, or a retry after a lost reply whose chunks were
-                    # never published here. Live subscribers short of them read them from Redis.
-                    self.hub.poke(op.stream, gen, last)
-                session.send(
-                    b'{"type":"ack","stream":%s,"seq":%d,"cursor":"%s"}'
-                    % (held.stream_json, last_seq, format_cursor(gen, last).encode())
-                )
-                if received:
-                    self.metrics.ack_latency(monotonic() - received)
-            elif code == "seq_gap":
-                session.send(error_frame("seq_gap", f"expected seq {int(reply[1]) + 1}", op.stream, int(reply[1])))
-            elif code == "fenced":
-                self._release(op.stream, session)
-                session.send(error_frame("fenced", "a newer producer took the stream over", op.stream, op.seq))
-            elif code == "ended":
-                self._release(op.stream, session, ended=True)
-                session.send(error_frame("stream_ended", f"stream ended ({_s(reply[1])})", op.stream, op.seq))
+            if type(outcome) is Appended:
+                self._appended(session, op, held, outcome, received)
             else:
-                self._release(op.stream, session)
-                session.send(error_frame("stream_ended", "stream expired or was removed", op.stream, op.seq))
+                self._append_refused(session, op, outcome)
 
-        self.batcher.submit(Write(payload, done))
+        self._store.append(held.handle, op.seq, op.chunks, done)
+
+    def _appended(self, session: ProducerSession, op: AppendOp, held: Held, outcome: Appended, received: float) -> None:
+        gen, first, last = outcome.gen, outcome.first, outcome.last
+        if first <= last:
+            new = op.chunks[len(op.chunks) - (last - first + 1) :]
+            entries = [Entry(first + i, chunk) for i, chunk in enumerate(new)]
+            nbytes = sum(len(c) for c in new)
+            self.metrics.chunks_stored(len(new), nbytes)
+            if held.first_chunk_due:
+                self.metrics.first_chunk(monotonic() - held.first_chunk_due)
+                held.first_chunk_due = 0.0
+            self._hub.publish(Publication(op.stream, gen, entries, held.text, received, nbytes))
+        else:
+            # All stored already: a resend, or a retry after a lost reply whose chunks were
+            # never published here. Live subscribers short of them read them from Redis.
+            self._hub.poke(op.stream, gen, last)
+        session.peer.acked(op.stream, outcome.last_seq, gen, last)
+        if received:
+            self.metrics.ack_latency(monotonic() - received)
+
+    def _append_refused(self, session: ProducerSession, op: AppendOp, outcome: Any) -> None:
+        code = outcome.code
+        if code == "seq_gap":
+            session.peer.refused(op.stream, "seq_gap", outcome.message, outcome.value)
+            return
+        if code == "store_unavailable":
+            session.peer.refused(op.stream, code, outcome.message, op.seq)
+            return
+        self._release(op.stream, session, ended=code == "ended")
+        session.peer.refused(op.stream, "fenced" if code == "fenced" else "stream_ended", outcome.message, op.seq)
 
     def end(self, session: ProducerSession, op: EndOp) -> None:
         held = session.held.get(op.stream)
-        if held is None and self._defer(session, op):
+        if held is None and session.defer(op):
             return
         epoch = held.epoch if held is not None else session.ended.get(op.stream)
         if epoch is None:
-            session.send(error_frame("not_open", "open the stream on this connection first", op.stream))
+            session.peer.refused(op.stream, "not_open", "open the stream on this connection first")
             return
 
-        def done(result: str, gen: int, offset: int, status: str) -> None:
-            if result in ("ok", "already") and (result == "ok" or status == op.reason):
-                session.send(frame(type="ended", stream=op.stream, reason=op.reason, cursor=format_cursor(gen, offset)))
-            elif result == "already":
-                session.send(error_frame("stream_ended", f"stream already ended ({status})", op.stream))
-            elif result == "fenced":
-                session.send(error_frame("fenced", "a newer producer took the stream over", op.stream))
+        def done(outcome: EndOutcome) -> None:
+            peer = session.peer
+            if isinstance(outcome, Ended):
+                if outcome.result == "ok" or outcome.status == op.reason:
+                    peer.ended(op.stream, op.reason, outcome.gen, outcome.offset)
+                else:
+                    peer.refused(op.stream, "stream_ended", f"stream already ended ({outcome.status})")
+            elif outcome.code == "fenced":
+                peer.refused(op.stream, "fenced", "a newer producer took the stream over")
             else:
-                session.send(
-                    error_frame(
-                        "store_unavailable" if result == "error" else "stream_ended", f"end failed: {result}", op.stream
-                    )
-                )
-            self._release(op.stream, session, ended=result in ("ok", "already"))
+                code = "store_unavailable" if outcome.code == "store_unavailable" else "stream_ended"
+                peer.refused(op.stream, code, outcome.message)
+            self._release(op.stream, session, ended=isinstance(outcome, Ended))
 
         self._end(op.stream, op.reason, op.message, epoch=epoch, then=done)
 
     def release_session(self, session: ProducerSession) -> None:
-        """The connection is gone. Its streams stay open until the producer timeout."""
+        """The connection is gone. Its streams stay open until the producer timeout, which counts
+        from now: the store records the disconnect as their last activity."""
         session.closed = True
-        for stream in list(session.held):
+        streams = list(session.held)
+        for stream in streams:
             self._release(stream, session)
+        self._store.touch(streams)
 
     # consumer requests ------------------------------------------------------------------------
 
+    def subscribe(
+        self,
+        stream: str,
+        sink: Sink,
+        codec: FrameCodec,
+        *,
+        cursor: tuple[int, int] | None,
+        wait_s: float,
+        owner: SubscriptionOwner,
+    ) -> Subscriber:
+        """A subscription (not started): history from ``cursor`` (None: the start), then live."""
+        return Subscriber(self._hub, stream, sink, codec, cursor=cursor, wait_s=wait_s, owner=owner)
+
     async def cancel(self, stream: str) -> bool:
         """Deliver a cancel request; end the stream ``cancelled`` if nobody does within the grace."""
-        meta = await self.store.read_meta(stream)
+        meta = await self._store.read_meta(stream)
         if meta is None or not meta.is_open:
             return False
         holder = self._holders.get(stream)
-        grace = self.config.streams.cancel_grace_ms / 1000
         if holder is not None:
-            holder.send(frame(type="cancel", stream=stream))
-            if stream not in self._cancel_timers:
-                loop = asyncio.get_running_loop()
-                self._cancel_timers[stream] = loop.call_later(grace, self._force_cancel, stream)
+            holder.peer.cancel(stream)
+        elif self._broker.remote:
+            self._broker.request_cancel(stream)  # the holder may be on another instance
         else:
             self._force_cancel(stream)
+            return True
+        if stream not in self._cancel_timers:
+            grace = self.config.streams.cancel_grace_ms / 1000
+            self._cancel_timers[stream] = asyncio.get_running_loop().call_later(grace, self._force_cancel, stream)
         return True
+
+    def _on_remote_cancel(self, stream: str) -> None:
+        """Another instance's consumer asked to cancel: tell the producer if it is connected here.
+        (The grace timer runs on the asking instance.)"""
+        holder = self._holders.get(stream)
+        if holder is not None and not holder.closed:
+            holder.peer.cancel(stream)
 
     def _force_cancel(self, stream: str) -> None:
         self._cancel_timers.pop(stream, None)
         self._end(stream, "cancelled", "cancelled by a consumer", epoch=None, then=None)
 
+    async def read_meta(self, stream: str) -> StreamMeta | None:
+        return await self._store.read_meta(stream)
+
+    async def ping(self) -> None:
+        """Raises :class:`StoreError` when the store does not answer."""
+        await self._store.ping()
+
+    @property
+    def broker_up(self) -> bool:
+        return self._broker.up
+
     # operator requests (the admin API) ------------------------------------------------------------
 
-    async def end_stream(self, stream: str, reason: str, message: str) -> tuple[str, int, int, str]:
+    async def end_stream(self, stream: str, reason: str, message: str) -> EndOutcome:
         """End ``stream`` as an operator: like a producer's end, without an epoch.
 
         Consumers get the end through the hub as from any producer. A producer holding the stream
-        here is released and sent an unsolicited ``ended`` frame (its later appends get
-        ``stream_ended``); one on another instance learns it from its next append. Returns
-        ``(result, gen, offset, status)`` as ``end.lua`` answers (``ok``, ``already``,
-        ``not_found``, ``error``).
+        here is released and told ``ended`` (unsolicited; its later appends get ``stream_ended``);
+        one on another instance learns it from its next append.
         """
-        future: asyncio.Future[tuple[str, int, int, str]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[EndOutcome] = asyncio.get_running_loop().create_future()
         holder = self._holders.get(stream)
 
-        def then(result: str, gen: int, offset: int, status: str) -> None:
-            if result == "ok" and holder is not None and not holder.closed:
-                fields = {"message": message} if message else {}
-                cursor = format_cursor(gen, offset)
-                holder.send(frame(type="ended", stream=stream, reason=reason, cursor=cursor, **fields))
+        def then(outcome: EndOutcome) -> None:
+            if isinstance(outcome, Ended) and outcome.result == "ok" and holder is not None and not holder.closed:
+                holder.peer.ended(stream, reason, outcome.gen, outcome.offset, message)
             if not future.done():
-                future.set_result((result, gen, offset, status))
+                future.set_result(outcome)
 
         self._end(stream, reason, message, epoch=None, then=then)
         return await future
+
+    async def list_streams(self, which: str, prefix: str, limit: int) -> dict[str, Any]:
+        return await catalog.list_streams(self._store, which, prefix, limit, self._hub.subscriber_count)
+
+    async def describe(self, stream: str) -> dict[str, Any] | None:
+        return await catalog.describe(self._store, stream, self._hub.subscriber_count)
+
+    def export(self, meta: StreamMeta) -> AsyncIterator[bytes]:
+        return catalog.export(self._store, meta, self.config.consumer.catchup_page)
+
+    async def delete_stream(self, stream: str) -> bool:
+        return await self._store.delete_stream(stream)
+
+    async def open_count(self) -> int:
+        return await self._store.open_count()
+
+    def subscriber_count(self, stream: str) -> int:
+        return self._hub.subscriber_count(stream)
 
     # shared -----------------------------------------------------------------------------------
 
@@ -353,7 +301,7 @@ class Relay:
             self.metrics.streams_held(1)
         self._holders[stream] = session
         session.hold(stream, held)
-        self.batcher.submit(Write(self.store.cmd_index([(stream, now_ms())]), _ignore))
+        self._store.index([stream])
 
     def _release(self, stream: str, session: ProducerSession, *, ended: bool = False) -> None:
         if ended:
@@ -371,37 +319,29 @@ class Relay:
         message: str,
         *,
         epoch: int | None,
-        then: Callable[[str, int, int, str], None] | None,
+        then: Any,
         stale_before: int | None = None,
     ) -> None:
-        payload = self.store.cmd_end(stream, reason, message, now_ms(), epoch=epoch, stale_before=stale_before)
-
-        def done(reply: Any, exc: BaseException | None) -> None:
-            if exc is not None or isinstance(reply, hiredis.ReplyError):
-                if then is not None:
-                    then("error", 0, 0, "")
-                return
-            result = _s(reply[0])
-            gen = int(reply[1]) if len(reply) > 1 and result in ("ok", "already") else 0
-            offset = int(reply[2]) if result in ("ok", "already") else 0
-            status = _s(reply[3]) if result == "already" else reason
-            if result == "ok":
-                self.metrics.stream_ended(reason, (now_ms() - gen) / 1000)  # gen: the creation time, ms
-                self.hub.publish(Publication(stream, gen, [Entry(offset, None, reason, message)], False))
-                timer = self._cancel_timers.pop(stream, None)
-                if timer is not None:
-                    timer.cancel()
-                holder = self._holders.get(stream)
-                if holder is not None:
-                    self._release(stream, holder, ended=True)
-            elif result == "already":
-                self.hub.poke(stream, gen, offset)  # the end may be the reply a failover lost
-            if result in ("ok", "already", "not_found"):
-                self.batcher.submit(Write(self.store.cmd_unindex([stream]), _ignore))
+        def done(outcome: EndOutcome) -> None:
+            if isinstance(outcome, Ended):
+                if outcome.result == "ok":
+                    self.metrics.stream_ended(reason, (now_ms() - outcome.gen) / 1000)  # gen: creation time, ms
+                    end = Entry(outcome.offset, None, reason, message)
+                    self._hub.publish(Publication(stream, outcome.gen, [end], False))
+                    timer = self._cancel_timers.pop(stream, None)
+                    if timer is not None:
+                        timer.cancel()
+                    holder = self._holders.get(stream)
+                    if holder is not None:
+                        self._release(stream, holder, ended=True)
+                else:
+                    self._hub.poke(stream, outcome.gen, outcome.offset)  # the end may be the reply a failover lost
+            if isinstance(outcome, Ended) or outcome.code == "not_found":
+                self._store.unindex([stream])
             if then is not None:
-                then(result, gen, offset, status)
+                then(outcome)
 
-        self.batcher.submit(Write(payload, done))
+        self._store.end(stream, reason, message, done, epoch=epoch, stale_before=stale_before)
 
     async def _sweep_forever(self) -> None:
         timeout_ms = self.config.streams.producer_timeout_ms
@@ -417,22 +357,21 @@ class Relay:
                 self.metrics.redis_health(True)
 
     async def sweep(self, timeout_ms: int) -> None:
-        """Keep streams held here alive; end streams whose producer is gone ``producer_lost``."""
-        now = now_ms()
-        held = list(self._holders)
-        if held:
-            for stream in held:
-                self.batcher.submit(Write(self.store.cmd_touch(stream, now), _ignore))
-            self.batcher.submit(Write(self.store.cmd_index([(s, now) for s in held]), _ignore))
-        stale_before = now - timeout_ms
-        for stream in await self.store.stale_open_streams(stale_before):
-            if stream not in self._holders:
-                self._end(stream, "producer_lost", "", epoch=None, then=None, stale_before=stale_before)
+        """Keep streams held here alive; end streams whose producer is gone ``producer_lost``.
 
-    async def stream_meta(self, stream: str) -> StreamMeta | None:
-        return await self.store.read_meta(stream)
-
-
-def _ignore(reply: Any, exc: BaseException | None) -> None:
-    if exc is not None:
-        log.debug("background write failed: %s", exc)
+        Every instance sweeps; ``end.lua`` ends a stream only if its last producer activity (on any
+        instance) is older than the timeout, atomically, so exactly one end is written.
+        """
+        self._store.touch(list(self._holders))
+        stale_before = now_ms() - timeout_ms
+        seen: set[str] = set()
+        while True:
+            stale = await self._store.stale_open_streams(stale_before, _SWEEP_PAGE)
+            fresh = [s for s in stale if s not in seen]
+            for stream in fresh:
+                if stream not in self._holders:
+                    self._end(stream, "producer_lost", "", epoch=None, then=None, stale_before=stale_before)
+            seen.update(fresh)
+            if len(stale) < _SWEEP_PAGE or not fresh:
+                return
+            await self._store.drain()  # let this page's ends leave the index before reading the next

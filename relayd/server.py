@@ -23,7 +23,7 @@ from relayd.errors import RelaydError
 from relayd.logs import setup_logging
 from relayd.metrics import Metrics
 from relayd.relay import Relay
-from relayd.store.redis_streams import Store
+from relayd.store.redis_streams import RedisStore
 from relayd.web.app import build_app, drain_connections
 from relayd.web.keys import Runtime
 
@@ -34,7 +34,7 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.embedded: EmbeddedRedis | None = None
-        self.store: Store | None = None
+        self.store: RedisStore | None = None
         self.relay: Relay | None = None
         self.runtime: Runtime | None = None
         self._runner: web.AppRunner | None = None
@@ -59,7 +59,7 @@ class Server:
             redis_url = await asyncio.to_thread(self.embedded.start)
             log.info("embedded Redis-compatible server started data_dir=%s", cfg.embedded.data_dir)
         metrics = Metrics()
-        self.store = Store(cfg.redis, cfg.streams, redis_url)
+        self.store = RedisStore(cfg, redis_url, metrics)
         await self.store.start()
         self.relay = Relay(cfg, self.store, metrics)
         await self.relay.start()

@@ -279,7 +279,7 @@ async def test_a_cancelled_response_leaves_no_task_and_no_subscription(admin: Re
             assert resp.status == 200
             while b'"a"' not in await resp.content.readline():  # the subscription delivers
                 pass
-            hub = admin.relay.hub
+            hub = admin.relay._hub
             assert hub.subscriber_count("cx-1") == 1
             assert any(t.get_name().startswith(name) for t in asyncio.all_tasks())
             handler = handler_running(deliver)

@@ -357,7 +357,7 @@ async def test_drop_before_the_first_opened_causes_no_duplicates(relayd: Relayd)
         result = await w.end()
     assert proxy.connections == 2 and result.chunks == 10
     assert (await replay(relayd, "first-trip-1"))[0] == list(range(10))
-    meta = await relayd.relay.stream_meta("first-trip-1")
+    meta = await relayd.relay.read_meta("first-trip-1")
     assert meta is not None and meta.epoch == 1 and meta.status == "completed", meta
     first_open = next(f for m in proxy.messages for f in m if f["op"] == "open")
     reopen = next(f for m in proxy.messages[first_connection:] for f in m if f["op"] == "open")
@@ -695,5 +695,5 @@ def test_the_sdk_imports_only_relayd_core_modules() -> None:
     code = "import sys, relayd.client; print(' '.join(sorted(sys.modules)))"
     modules = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
     relayd_modules = {m for m in modules if m.startswith("relayd.") and not m.startswith("relayd.client")}
-    assert relayd_modules <= {"relayd.auth", "relayd.errors", "relayd.protocol"}, relayd_modules
+    assert relayd_modules <= {"relayd.auth", "relayd.errors", "relayd.model", "relayd.protocol"}, relayd_modules
     assert "redis" not in modules

@@ -213,7 +213,7 @@ async def test_cancel_without_the_right_is_an_error_frame_forbidden(relayd: Rela
         assert await pong(consumer) == []
         await producer.append("c", 1, "still going")
         await consumer.expect("chunk", stream="c", data="still going")
-        meta = await relayd.relay.store.read_meta("c")
+        meta = await relayd.relay._store.read_meta("c")
         assert meta is not None and meta.status == "open"
 
 

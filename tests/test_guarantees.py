@@ -294,7 +294,7 @@ class RawWs:
 def watch_outbox(server: Relayd, stream: str) -> list[dict[str, int]]:
     """Record the peak queued bytes of each outbox subscribed to ``stream`` (a read-only spy)."""
     peaks: list[dict[str, int]] = []
-    for sub in server.relay.hub._subs[stream]:
+    for sub in server.relay._hub._subs[stream]:
         outbox = sub.outbox
         seen = {"peak": 0, "cap": outbox._max_bytes}
         for name in ("offer", "control"):
@@ -781,7 +781,7 @@ async def test_consumer_that_never_reads_is_closed_4008_and_others_get_everythin
         await stack.enter_async_context(stuck)
         good = await server.consumer(stream)
         await good.expect("subscribed")
-        hub = server.relay.hub
+        hub = server.relay._hub
 
         async def both_registered() -> bool:
             return hub.subscriber_count(stream) == 2
@@ -830,7 +830,7 @@ async def test_slow_reader_catches_up_from_redis_without_gap_or_duplicate(config
         slow = await RawWs.connect(server, f"/v1/streams/{stream}/ws?token={server.token()}")
         await stack.enter_async_context(slow)
         slow.gate = asyncio.Queue()
-        hub = server.relay.hub
+        hub = server.relay._hub
 
         async def registered() -> bool:
             return hub.subscriber_count(stream) == 1
@@ -972,7 +972,7 @@ async def test_slow_but_steady_reader_is_not_closed_as_slow_consumer(config_fact
                 gate.put_nowait(2048)
                 await asyncio.sleep(0.02)
 
-        hub = server.relay.hub
+        hub = server.relay._hub
 
         async def registered() -> bool:
             return hub.subscriber_count(stream) == 1

@@ -479,7 +479,7 @@ async def test_producer_that_disconnects_leaves_the_stream_producer_lost(
         chunks, end = await collect_chunks(consumer, "lost")
         assert [c["data"] for c in chunks] == ["before"]
         assert end["reason"] == "producer_lost", end
-        meta = await relayd.relay.store.read_meta("lost")
+        meta = await relayd.relay._store.read_meta("lost")
         assert meta is not None and meta.status == "producer_lost"
 
 
@@ -492,14 +492,14 @@ async def test_connected_silent_producer_keeps_its_stream_open(config_factory: C
         assert opened["type"] == "opened"
         consumer = await relayd.consumer("quiet")
         await consumer.expect("subscribed", stream="quiet")
-        started = await relayd.relay.store.read_meta("quiet")
+        started = await relayd.relay._store.read_meta("quiet")
         assert started is not None
         t0 = started.updated_ms
         # Wait (by polling the stream's meta in Redis) until relayd has recorded activity three
         # timeouts after the open: the sweep ran many times while the producer said nothing.
         async with asyncio.timeout(20):
             while True:
-                meta = await relayd.relay.store.read_meta("quiet")
+                meta = await relayd.relay._store.read_meta("quiet")
                 assert meta is not None and meta.status == "open", meta
                 if meta.updated_ms - t0 >= 3 * timeout_ms:
                     break

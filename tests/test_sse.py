@@ -292,7 +292,7 @@ async def test_token_expiry_while_streaming_sends_error_then_closes(relayd: Rela
         assert time.time() >= exp - 0.05
         assert [e.event for e in events] == ["error"], events
         assert events[0].json()["code"] == "token_expired" and events[0].id is None
-        meta = await relayd.relay.store.read_meta("open")
+        meta = await relayd.relay._store.read_meta("open")
         assert meta is not None and meta.status == "open"  # only the consumer went away
 
 

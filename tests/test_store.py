@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from relayd.config import RedisConfig, StreamsConfig
+from relayd.config import Config, RedisConfig, StreamsConfig
 from relayd.store.keys import Keys
-from relayd.store.redis_streams import Store
+from relayd.store.redis_streams import RedisStore
 from relayd.store.resp import encode_command
 
 
 def test_cached_append_command_equals_the_generic_encoding() -> None:
     """An append built from the per-stream cached head is byte-for-byte the plain RESP command."""
-    store = Store(RedisConfig(key_prefix="p"), StreamsConfig(max_chunks=50, open_ttl_s=60), "redis://127.0.0.1:1")
+    config = Config(redis=RedisConfig(key_prefix="p"), streams=StreamsConfig(max_chunks=50, open_ttl_s=60))
+    store = RedisStore(config, "redis://127.0.0.1:1")
     store._sha = {"append": b"a" * 40}
-    head = store.append_head("chat-1", 3)
+    head = store.append_handle("chat-1", 3)
     for chunks in ([b'{"x":1}'], [b'"y"', b"1", b"[" + b"9" * 300 + b"]"]):
         expected = encode_command(
             ["EVALSHA", b"a" * 40, "2", "p:{chat-1}:meta", "p:{chat-1}:log", "3", "17", "123", "50", "60", *chunks]
         )
-        assert store.cmd_append(head, 17, chunks, 123) == expected
+        assert store.encode_append(head, 17, chunks, 123) == expected
 
 
 def test_every_key_of_a_stream_shares_one_cluster_hash_tag() -> None:

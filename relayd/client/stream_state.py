@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from relayd.client.errors import ChunkTooLarge, ClientError, StreamAlreadyEnded, refused_from_frame
-from relayd.protocol import MAX_END_MESSAGE
+from relayd.protocol import APPEND_OP_OVERHEAD, MAX_END_MESSAGE, append_op, append_op_head, end_op, open_op
 
 if TYPE_CHECKING:
     from relayd.client.session import Connection
@@ -56,9 +56,9 @@ class StreamState:
         self.conn = conn
         self.stream = stream
         self.stream_json = orjson.dumps(stream)
-        self.append_head = b'{"op":"append","stream":%s,"seq":' % self.stream_json
+        self.append_head = append_op_head(self.stream_json)
         # The bytes an append frame adds around its chunks: head, seq (<= 20 digits), brackets.
-        self.append_overhead = len(self.append_head) + 32
+        self.append_overhead = len(self.append_head) + APPEND_OP_OVERHEAD
         self.content_type = content_type
         self.producer = secrets.token_hex(16)  # this writer's id, the same in every open
         self.epoch: int | None = None
@@ -241,26 +241,16 @@ class StreamState:
             self.open_inflight = True
             # Without an epoch (none received yet), the producer id makes the open idempotent: a
             # repeat after a lost ``opened`` resumes the epoch the first one started.
-            producer = self.producer.encode()
-            if self.epoch is None:
-                op = b'{"op":"open","stream":%s,"content_type":"%s","producer":"%s"}' % (
-                    self.stream_json,
-                    self.content_type.encode(),
-                    producer,
-                )
-            else:
-                op = b'{"op":"open","stream":%s,"epoch":%d,"producer":"%s"}' % (self.stream_json, self.epoch, producer)
-            out.append(op)
+            out.append(
+                open_op(self.stream_json, content_type=self.content_type, epoch=self.epoch, producer=self.producer)
+            )
         if self.resuming:
             return out
         if self.failure is None and self.unacked and self.unacked[-1][0] > self.sent:
             out.extend(self._appends(limit))
         if self.end_request is not None and not self.end_sent and not self.unacked and not self.open_inflight:
             reason, message = self.end_request
-            fields: dict[str, Any] = {"op": "end", "stream": self.stream, "reason": reason}
-            if message:
-                fields["message"] = message
-            out.append(orjson.dumps(fields))
+            out.append(end_op(self.stream, reason, message))
             self.end_sent = True
         return out
 
@@ -274,14 +264,14 @@ class StreamState:
         for i in range(start, len(self.unacked)):
             seq, data = self.unacked[i]
             if batch and size + len(data) + 1 > limit:
-                frames.append(b'%s%d,"chunks":[%s]}' % (head, first, b",".join(batch)))
+                frames.append(append_op(head, first, batch))
                 batch = []
             if not batch:
                 first, size = seq, self.append_overhead
             batch.append(data)
             size += len(data) + 1
         if batch:
-            frames.append(b'%s%d,"chunks":[%s]}' % (head, first, b",".join(batch)))
+            frames.append(append_op(head, first, batch))
         self.sent = self.unacked[-1][0]
         return frames
 

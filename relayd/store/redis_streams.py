@@ -1,73 +1,57 @@
-"""Redis Streams storage: encodes the per-stream script calls for the batcher, and reads.
+"""Redis Streams storage: the typed write path (through the group-commit pipeline) and reads.
 
-The write path goes through :class:`~relayd.store.resp.RespConnection` (one buffer per batch);
-reads, script loading and health checks use redis-py. redis-py exceptions are translated into
+Writes are per-stream Lua scripts (relayd/store/lua/), encoded here, queued on the
+:class:`~relayd.store.pipeline.Pipeline` and sent on a :class:`~relayd.store.resp.RespConnection`
+(one buffer per batch). Their positional replies are parsed here, and only here, into the typed
+outcomes of :mod:`relayd.model`; callbacks run in submission order. Reads, script loading and
+health checks use redis-py. redis-py and hiredis exceptions are translated into
 :class:`StoreUnavailable` / :class:`StoreError` here and nowhere else.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import asyncio
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from relayd.config import RedisConfig, StreamsConfig
+from relayd.config import Config
 from relayd.errors import StoreError, StoreUnavailable
-from relayd.protocol import Entry
+from relayd.metrics import Metrics
+from relayd.model import (
+    Appended,
+    AppendOutcome,
+    Ended,
+    EndOutcome,
+    Entry,
+    Opened,
+    OpenOutcome,
+    Refused,
+    StreamMeta,
+    StreamStats,
+    now_ms,
+)
 from relayd.store.keys import Keys
+from relayd.store.pipeline import Pipeline, Write
 from relayd.store.resp import RespConnection, encode_command
 
 SCRIPTS = ("open", "append", "end", "touch")
 _MAX_SEQ = 2**64 - 1  # the largest sequence part of a Redis stream entry id
 
 
-@dataclass(frozen=True, slots=True)
-class StreamMeta:
-    stream: str
-    status: str  # open | completed | error | cancelled | producer_lost
-    gen: int
-    epoch: int
-    seq: int
-    n: int  # offset of the last entry (0: empty)
-    content_type: str
-    created_ms: int
-    updated_ms: int
-    ended_ms: int | None
-    message: str
+class RedisStore:
+    """Owns the Redis connections of one relayd process: the write pipeline and the read pool."""
 
-    @property
-    def is_open(self) -> bool:
-        return self.status == "open"
-
-
-@dataclass(frozen=True, slots=True)
-class StreamStats:
-    """What the admin API shows of a stream besides its meta."""
-
-    meta: StreamMeta
-    entries: int  # entries stored in the log (chunks, and the end once ended)
-    memory_bytes: int | None  # Redis's estimate for the log and meta keys (MEMORY USAGE)
-    ttl_s: int  # seconds until the stream expires; -1: no expiry set
-
-    @property
-    def chunks(self) -> int:
-        return max(self.entries - (0 if self.meta.is_open else 1), 0)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-class Store:
-    """Owns the Redis connections of one relayd process."""
-
-    def __init__(self, redis_cfg: RedisConfig, streams_cfg: StreamsConfig, url: str) -> None:
+    def __init__(self, config: Config, url: str, metrics: Metrics | None = None) -> None:
+        redis_cfg, streams_cfg = config.redis, config.streams
         self.keys = Keys(redis_cfg.key_prefix)
         self.url = url
+        self._config = config
+        self._metrics = metrics
         self._timeout_s = redis_cfg.timeout_ms / 1000
         self._streams = streams_cfg
         # A blocking pool: a burst of reads (thousands of consumers catching up after a restart)
@@ -82,6 +66,7 @@ class Store:
         )
         self._client: aioredis.Redis = aioredis.Redis.from_pool(pool)  # owns and closes the pool
         self._writer: RespConnection | None = None
+        self._pipeline: Pipeline | None = None
         self._sha: dict[str, bytes] = {}
         # Pre-encoded constant arguments: encoded once, spliced into every command.
         self._max_chunks = str(streams_cfg.max_chunks).encode()
@@ -92,10 +77,20 @@ class Store:
     # lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Load the scripts and open the write connection; a store for reads only needs neither."""
         await self.load_scripts()
         await self.reconnect()
+        cfg = self._config
+        self._pipeline = Pipeline(self, cfg.batch, cfg.redis.retry_ms, cfg.redis.timeout_ms, self._metrics or Metrics())
+
+    async def drain(self) -> None:
+        """Wait until every write queued so far has been answered (or failed)."""
+        if self._pipeline is not None:
+            await self._pipeline.drain()
 
     async def close(self) -> None:
+        if self._pipeline is not None:
+            await self._pipeline.close()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -116,7 +111,7 @@ class Store:
         self._writer = await RespConnection.connect(self.url, self._timeout_s)
 
     def abort_writer(self) -> None:
-        """Drop the write connection: every batch on it fails and the batcher reconnects."""
+        """Drop the write connection: every batch on it fails and the pipeline reconnects."""
         if self._writer is not None:
             self._writer.close()
 
@@ -126,20 +121,33 @@ class Store:
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc
 
-    # write path (used by the batcher) --------------------------------------------------------
-
-    def send(self, payload: bytes, count: int) -> Any:
-        """Send ``count`` pre-encoded commands in one write; a future of their replies."""
+    def send(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
+        """Send ``count`` pre-encoded commands in one write; a future of their replies (the pipeline's)."""
         writer = self._writer
         if writer is None:
             raise StoreUnavailable("store not started")
         return writer.execute(payload, count)
 
-    def cmd_open(
-        self, stream: str, epoch: int | None, content_type: str, now: int, producer: str | None = None
-    ) -> bytes:
+    def _submit(self, payload: bytes, done: Callable[[Any, BaseException | None], None]) -> None:
+        pipeline = self._pipeline
+        if pipeline is None:
+            done(None, StoreUnavailable("store not started"))
+            return
+        pipeline.submit(Write(payload, done))
+
+    # typed writes ----------------------------------------------------------------------------
+
+    def open(
+        self,
+        stream: str,
+        epoch: int | None,
+        content_type: str,
+        producer: str | None,
+        done: Callable[[OpenOutcome], None],
+    ) -> None:
+        """Take over, resume or create ``stream`` for a producer (open.lua)."""
         keys = self.keys
-        return encode_command(
+        payload = encode_command(
             [
                 "EVALSHA",
                 self._sha["open"],
@@ -147,49 +155,56 @@ class Store:
                 keys.meta(stream),
                 keys.log(stream),
                 b"" if epoch is None else str(epoch),
-                str(now),
+                str(now_ms()),
                 content_type,
                 self._open_ttl,
                 producer or b"",
             ]
         )
+        self._submit(payload, lambda reply, exc: done(_open_outcome(reply, exc)))
 
-    def append_head(self, stream: str, epoch: int) -> bytes:
-        """The fixed part of every append command for ``stream`` in ``epoch``, encoded once.
+    def append_handle(self, stream: str, epoch: int) -> bytes:
+        """What :meth:`append` needs to know of ``stream`` in ``epoch``: the command's fixed part.
 
-        A micro-optimisation: ``cmd_append`` is on the hot path and only its sequence number,
-        clock and chunks change from one append to the next.
+        A micro-optimisation: appends are the hot path and only their sequence number, clock and
+        chunks change from one append to the next, so the rest is encoded once per open.
         """
         keys = self.keys
         return encode_command(["EVALSHA", self._sha["append"], "2", keys.meta(stream), keys.log(stream), str(epoch)])[
             4:  # without the "*6\r\n" array header: the real argument count is set per append
         ]
 
-    def cmd_append(self, head: bytes, seq: int, chunks: list[bytes], now: int) -> bytes:
-        """``head`` from :meth:`append_head`, then the per-append arguments."""
+    def append(self, handle: bytes, seq: int, chunks: list[bytes], done: Callable[[AppendOutcome], None]) -> None:
+        """Append ``chunks`` (seq ``seq`` on) with ``handle`` from :meth:`append_handle` (append.lua)."""
+        self._submit(
+            self.encode_append(handle, seq, chunks, now_ms()), lambda reply, exc: done(_append_outcome(reply, exc))
+        )
+
+    def encode_append(self, handle: bytes, seq: int, chunks: list[bytes], now: int) -> bytes:
         seq_b = b"%d" % seq
         now_b = b"%d" % now
         parts = [
             b"*%d\r\n" % (10 + len(chunks)),
-            head,
+            handle,
             b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(seq_b), seq_b, len(now_b), now_b),
             self._append_tail,
         ]
         parts.extend([b"$%d\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks])
         return b"".join(parts)
 
-    def cmd_end(
+    def end(
         self,
         stream: str,
         reason: str,
         message: str,
-        now: int,
+        done: Callable[[EndOutcome], None],
         *,
         epoch: int | None = None,
         stale_before: int | None = None,
-    ) -> bytes:
+    ) -> None:
+        """Write the end (end.lua); ``epoch`` None: not a producer; ``stale_before``: the sweep's test."""
         keys = self.keys
-        return encode_command(
+        payload = encode_command(
             [
                 "EVALSHA",
                 self._sha["end"],
@@ -198,28 +213,38 @@ class Store:
                 keys.log(stream),
                 reason,
                 message,
-                str(now),
+                str(now_ms()),
                 self._end_ttl,
                 b"" if epoch is None else str(epoch),
                 b"" if stale_before is None else str(stale_before),
             ]
         )
+        self._submit(payload, lambda reply, exc: done(_end_outcome(reply, exc, reason)))
 
-    def cmd_touch(self, stream: str, now: int) -> bytes:
-        keys = self.keys
-        return encode_command(
-            ["EVALSHA", self._sha["touch"], "2", keys.meta(stream), keys.log(stream), str(now), self._open_ttl]
-        )
+    def touch(self, streams: list[str]) -> None:
+        """Record producer activity on open streams (touch.lua) and in the open index."""
+        if not streams:
+            return
+        keys, now = self.keys, now_ms()
+        for stream in streams:
+            self._submit(
+                encode_command(
+                    ["EVALSHA", self._sha["touch"], "2", keys.meta(stream), keys.log(stream), str(now), self._open_ttl]
+                ),
+                _ignore,
+            )
+        self.index(streams, now)
 
-    def cmd_index(self, scored: list[tuple[str, int]]) -> bytes:
+    def index(self, streams: list[str], now: int | None = None) -> None:
         """ZADD the open-stream index (score: last activity, ms)."""
+        score = str(now_ms() if now is None else now)
         args: list[bytes | str] = ["ZADD", self.keys.open_index]
-        for stream, score in scored:
-            args += [str(score), stream]
-        return encode_command(args)
+        for stream in streams:
+            args += [score, stream]
+        self._submit(encode_command(args), _ignore)
 
-    def cmd_unindex(self, streams: list[str]) -> bytes:
-        return encode_command(["ZREM", self.keys.open_index, *streams])
+    def unindex(self, streams: list[str]) -> None:
+        self._submit(encode_command(["ZREM", self.keys.open_index, *streams]), _ignore)
 
     # read path --------------------------------------------------------------------------------
 
@@ -393,3 +418,64 @@ def _translate(exc: redis.exceptions.RedisError) -> StoreError:
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return StoreUnavailable(f"Redis unavailable: {exc}")
     return StoreError(f"Redis error: {exc}")
+
+
+# Lua replies -> outcomes ---------------------------------------------------------------------------
+# The scripts answer positional arrays (documented at the top of each .lua file); this is the one
+# place that knows their layout.
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _failed(reply: Any, exc: BaseException | None, what: str) -> Refused | None:
+    if exc is not None:
+        return Refused("store_unavailable", f"{what}: {exc}")
+    if isinstance(reply, hiredis.ReplyError):
+        return Refused("store_unavailable", f"{what}: {reply}")
+    return None
+
+
+def _open_outcome(reply: Any, exc: BaseException | None) -> OpenOutcome:
+    failed = _failed(reply, exc, "open failed")
+    if failed is not None:
+        return failed
+    code, gen, epoch, seq, n, status, content_type = (_s(v) for v in reply)
+    if code == "fenced":
+        return Refused("fenced", f"stream is held by a newer producer (epoch {epoch})", int(epoch))
+    return Opened(code, int(gen), int(epoch), int(seq), int(n), status, content_type)  # type: ignore[arg-type]
+
+
+def _append_outcome(reply: Any, exc: BaseException | None) -> AppendOutcome:
+    failed = _failed(reply, exc, "append not stored")
+    if failed is not None:
+        return failed
+    code = _s(reply[0])
+    if code == "ok":
+        return Appended(int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]))
+    if code == "seq_gap":
+        return Refused("seq_gap", f"expected seq {int(reply[1]) + 1}", int(reply[1]))
+    if code == "fenced":
+        return Refused("fenced", "a newer producer took the stream over", int(reply[1]))
+    if code == "ended":
+        return Refused("ended", f"stream ended ({_s(reply[1])})", status=_s(reply[1]))
+    return Refused("not_found", "stream expired or was removed")
+
+
+def _end_outcome(reply: Any, exc: BaseException | None, reason: str) -> EndOutcome:
+    failed = _failed(reply, exc, "end failed")
+    if failed is not None:
+        return failed
+    result = _s(reply[0])
+    if result == "ok":
+        return Ended("ok", int(reply[1]), int(reply[2]), reason)
+    if result == "already":
+        return Ended("already", int(reply[1]), int(reply[2]), _s(reply[3]))
+    if result == "fenced":
+        return Refused("fenced", "a newer producer took the stream over", int(reply[1]))
+    return Refused(result, f"end failed: {result}")  # not_found | alive
+
+
+def _ignore(reply: Any, exc: BaseException | None) -> None:
+    """Background writes (touch, index): a failure shows in the pipeline's metrics and log."""

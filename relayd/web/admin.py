@@ -15,8 +15,10 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
+from relayd import catalog
 from relayd.auth import parse_bearer
 from relayd.errors import AuthError, ClientError, ProtocolError, StoreError
+from relayd.model import Ended, StreamMeta
 from relayd.protocol import (
     MAX_END_MESSAGE,
     PRODUCER_END_REASONS,
@@ -24,8 +26,6 @@ from relayd.protocol import (
     format_cursor,
     is_valid_stream_id,
 )
-from relayd.store import catalog
-from relayd.store.redis_streams import StreamMeta
 from relayd.web.admin_status import setup_status, status
 from relayd.web.admin_tail import NDJSON, follow
 from relayd.web.errors import client_error_response, error_response
@@ -80,7 +80,7 @@ def admin_only(handler: Handler) -> Handler:
 async def existing_stream(request: web.Request) -> tuple[str, StreamMeta]:
     """The stream named in the path and its meta; ``stream_not_found`` (404) if it does not exist."""
     stream = check_stream_id(request.match_info["stream"])
-    meta = await request.app[RUNTIME].relay.store.read_meta(stream)
+    meta = await request.app[RUNTIME].relay.read_meta(stream)
     if meta is None:
         raise ClientError("stream_not_found", f"stream {stream} does not exist")
     return stream, meta
@@ -98,7 +98,7 @@ async def tail(request: web.Request) -> web.StreamResponse:
 
 
 async def list_streams(request: web.Request) -> web.Response:
-    """``?status=open|ended|all&prefix=P&limit=N``: newest first (relayd/store/catalog.py)."""
+    """``?status=open|ended|all&prefix=P&limit=N``: newest first (relayd/catalog.py)."""
     rt = request.app[RUNTIME]
     query = request.query
     which = query.get("status", "all")
@@ -110,15 +110,14 @@ async def list_streams(request: web.Request) -> web.Response:
     limit = query.get("limit", "100")
     if not limit.isdigit() or not 1 <= int(limit) <= catalog.MAX_LIMIT:
         raise ProtocolError("bad_frame", f"limit must be an integer from 1 to {catalog.MAX_LIMIT}")
-    hub = rt.relay.hub
-    listing = await catalog.list_streams(rt.relay.store, which, prefix, int(limit), hub.subscriber_count)
+    listing = await rt.relay.list_streams(which, prefix, int(limit))
     return web.json_response(listing)
 
 
 async def show_stream(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     stream = check_stream_id(request.match_info["stream"])
-    body = await catalog.describe(rt.relay.store, stream, rt.relay.hub.subscriber_count)
+    body = await rt.relay.describe(stream)
     if body is None:
         raise ClientError("stream_not_found", f"stream {stream} does not exist")
     return web.json_response(body)
@@ -130,7 +129,7 @@ async def export_stream(request: web.Request) -> web.StreamResponse:
     _, meta = await existing_stream(request)
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
     await response.prepare(request)
-    async for lines in catalog.export(rt.relay.store, meta, rt.config.consumer.catchup_page):
+    async for lines in rt.relay.export(meta):
         await response.write(lines)
     await response.write_eof()
     return response
@@ -153,19 +152,19 @@ async def end_stream(request: web.Request) -> web.Response:
         raise ProtocolError("bad_frame", "reason must be completed, error or cancelled")
     if not isinstance(message, str) or len(message) > MAX_END_MESSAGE:
         raise ProtocolError("bad_frame", f"message must be a string of at most {MAX_END_MESSAGE} characters")
-    result, gen, offset, status = await rt.relay.end_stream(stream, reason, message)
-    if result == "not_found":
+    outcome = await rt.relay.end_stream(stream, reason, message)
+    if not isinstance(outcome, Ended):
+        if outcome.code == "store_unavailable":
+            return error_response(503, "store_unavailable", "the end was not stored: Redis did not answer")
         raise ClientError("stream_not_found", f"stream {stream} does not exist")
-    if result == "error":
-        return error_response(503, "store_unavailable", "the end was not stored: Redis did not answer")
-    if result == "already" and status != reason:
-        return error_response(409, "stream_ended", f"stream {stream} already ended ({status})")
+    if outcome.result == "already" and outcome.status != reason:
+        return error_response(409, "stream_ended", f"stream {stream} already ended ({outcome.status})")
     return web.json_response(
         {
             "stream": stream,
-            "result": "ended" if result == "ok" else "already_ended",
+            "result": "ended" if outcome.result == "ok" else "already_ended",
             "reason": reason,
-            "cursor": format_cursor(gen, offset),
+            "cursor": format_cursor(outcome.gen, outcome.offset),
         }
     )
 
@@ -179,9 +178,9 @@ async def remove_stream(request: web.Request) -> web.Response:
     if meta.is_open:
         if request.query.get("force") not in ("1", "true"):
             return error_response(409, "stream_open", f"stream {stream} is open: end it first, or force its removal")
-        result, *_ = await rt.relay.end_stream(stream, "cancelled", "removed by an operator")
-        if result == "error":
+        outcome = await rt.relay.end_stream(stream, "cancelled", "removed by an operator")
+        if not isinstance(outcome, Ended) and outcome.code == "store_unavailable":
             return error_response(503, "store_unavailable", "the end was not stored: Redis did not answer")
-        ended_first = result == "ok"
-    deleted = await rt.relay.store.delete_stream(stream)
+        ended_first = isinstance(outcome, Ended) and outcome.result == "ok"
+    deleted = await rt.relay.delete_stream(stream)
     return web.json_response({"stream": stream, "deleted": deleted, "ended_first": ended_first})

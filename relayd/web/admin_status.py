@@ -80,14 +80,13 @@ async def status(request: web.Request) -> web.Response:
     since, stored_then, delivered_then = state.samples[0]
     window = max(now - since, 1e-3)
 
-    store = rt.relay.store
     redis: dict[str, object] = {"mode": "external" if rt.config.redis.url else "embedded"}
     open_streams: int | None = None
     started = time.perf_counter()
     try:
-        await store.ping()
+        await rt.relay.ping()
         redis["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
-        open_streams = await store.open_count()
+        open_streams = await rt.relay.open_count()
         redis["ok"] = True
     except StoreError as exc:
         redis.update(ok=False, latency_ms=None, error=str(exc))

@@ -1,6 +1,6 @@
 """``GET /v1/admin/streams/{stream}/tail``: follow a stream as NDJSON, for ``relayd streams tail``.
 
-A hub subscription exactly like a consumer's (the same :class:`~relayd.hub.Subscriber` and
+A hub subscription exactly like a consumer's (the same :class:`~relayd.subscription.Subscriber` and
 :class:`~relayd.outbox.Outbox`, so the history->live handoff, slow-reader catch-up and the end
 behave the same), framed as the consumer websocket's frames, one per line, on a streamed HTTP
 response. A blank line every ``consumer.sse_keepalive_s`` keeps proxies from closing an idle one
@@ -13,10 +13,10 @@ import asyncio
 
 from aiohttp import web
 
-from relayd.hub import Subscriber
+from relayd.model import StreamMeta
 from relayd.outbox import Outbox
 from relayd.protocol import WS_CODEC
-from relayd.store.redis_streams import StreamMeta
+from relayd.subscription import Subscriber
 from relayd.web.keys import RUNTIME
 from relayd.web.transport import backlog_of, deliver
 
@@ -46,7 +46,7 @@ async def follow(request: web.Request, stream: str, meta: StreamMeta, *, from_st
     outbox = Outbox(send, cfg.consumer.max_queue_bytes, cfg.consumer.send_timeout_ms / 1000, backlog_of(request))
     done = _Done()
     cursor = None if from_start else (meta.gen, meta.n)  # "now": after the last entry stored
-    sub = Subscriber(rt.relay.hub, stream, outbox, WS_CODEC, cursor=cursor, wait_s=0, owner=done)
+    sub = rt.relay.subscribe(stream, outbox, WS_CODEC, cursor=cursor, wait_s=0, owner=done)
 
     async def drain_close() -> None:
         outbox.control(WS_CODEC.error(stream, "shutting_down", "relayd is restarting"))

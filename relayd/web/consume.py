@@ -12,7 +12,6 @@ from aiohttp import WSMsgType, web
 
 from relayd.auth import Principal, parse_bearer
 from relayd.errors import AuthError, ClientError, CloseCode
-from relayd.hub import Subscriber
 from relayd.logs import ConnectionLog, Pairs
 from relayd.outbox import Outbox, SlowConsumer
 from relayd.protocol import (
@@ -31,6 +30,7 @@ from relayd.protocol import (
     parse_optional_cursor,
     split_message,
 )
+from relayd.subscription import Subscriber
 from relayd.web.keys import RUNTIME, Runtime
 from relayd.web.transport import backlog_of, close_stuck, ws_text_writer
 
@@ -114,7 +114,7 @@ class ConsumerConnection:
             raise ClientError("too_many_streams", "limits.max_streams_per_connection reached")
         cap = self.rt.config.streams.wait_timeout_ms
         wait_s = min(cap if wait_ms is None else wait_ms, cap) / 1000
-        sub = Subscriber(self.rt.relay.hub, stream, self.outbox, WS_CODEC, cursor=cursor, wait_s=wait_s, owner=self)
+        sub = self.rt.relay.subscribe(stream, self.outbox, WS_CODEC, cursor=cursor, wait_s=wait_s, owner=self)
         self.streams += 1
         if self.debug:  # format_cursor only when the line is written
             self.log.event(logging.DEBUG, "subscribe", stream=stream, cursor=cursor and format_cursor(*cursor))

@@ -12,7 +12,9 @@ from aiohttp import WSMsgType, web
 from relayd.auth import parse_bearer
 from relayd.errors import AuthError, CloseCode
 from relayd.logs import ConnectionLog, Pairs
+from relayd.model import Opened
 from relayd.outbox import Outbox, SlowConsumer
+from relayd.producer import ProducerSession
 from relayd.protocol import (
     AppendOp,
     EndOp,
@@ -20,16 +22,55 @@ from relayd.protocol import (
     OpenOp,
     PingOp,
     ProducerDecoder,
+    ack_frame,
+    cancel_frame,
+    ended_frame,
     error_frame,
-    frame,
+    format_cursor,
+    opened_frame,
+    pong_frame,
     split_message,
 )
-from relayd.relay import ProducerSession
 from relayd.web.errors import client_error_response
 from relayd.web.keys import RUNTIME
 from relayd.web.transport import backlog_of, close_stuck, ws_text_writer
 
 log = logging.getLogger("relayd.ingest")
+
+
+class FramePeer:
+    """The relay's producer outcomes as wire frames on this connection's outbox."""
+
+    __slots__ = ("_control",)
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._control = outbox.control
+
+    def opened(self, stream: str, outcome: Opened, producer: str | None) -> None:
+        cursor = format_cursor(outcome.gen, outcome.n) if outcome.n else None
+        self._control(
+            opened_frame(
+                stream,
+                epoch=outcome.epoch,
+                seq=outcome.seq,
+                cursor=cursor,
+                status=outcome.status,
+                content_type=outcome.content_type,
+                producer=producer,
+            )
+        )
+
+    def acked(self, stream: str, seq: int, gen: int, offset: int) -> None:
+        self._control(ack_frame(stream, seq, format_cursor(gen, offset)))
+
+    def ended(self, stream: str, reason: str, gen: int, offset: int, message: str = "") -> None:
+        self._control(ended_frame(stream, reason, format_cursor(gen, offset), message))
+
+    def refused(self, stream: str | None, code: str, message: str, seq: int | None = None) -> None:
+        self._control(error_frame(code, message, stream, seq))
+
+    def cancel(self, stream: str) -> None:
+        self._control(cancel_frame(stream))
 
 
 async def ingest(request: web.Request) -> web.StreamResponse:
@@ -62,7 +103,11 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         backlog_of(request),
         ws_text_writer(request, ws),
     )
-    session = ProducerSession(outbox.control, cfg.limits.max_unacked_bytes)
+    room = asyncio.Event()
+    room.set()
+    session = ProducerSession(
+        FramePeer(outbox), cfg.limits.max_unacked_bytes, lambda has_room: room.set() if has_room else room.clear()
+    )
     writer = asyncio.create_task(_write(outbox, ws, conn_log), name="relayd-producer-writer")
     decoder = ProducerDecoder(cfg.limits.max_chunk_bytes)
     relay = rt.relay
@@ -73,15 +118,15 @@ async def ingest(request: web.Request) -> web.StreamResponse:
     async def drain_close() -> None:
         # Drain: everything this producer sent is acknowledged before it is told to go.
         conn_log.closing("shutting_down")
-        await relay.batcher.drain()
+        await relay.drain()
         await outbox.flush(cfg.server.drain_timeout_s)
         await close_stuck(ws, CloseCode.SERVICE_RESTART, "shutting_down")
 
     rt.producers.add(drain_close)
     try:
         while True:
-            if not session.room.is_set():
-                await session.room.wait()  # flow control: stop reading until Redis acknowledged
+            if not room.is_set():
+                await room.wait()  # flow control: stop reading until Redis acknowledged
             msg = await ws.receive()
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
                 session.received_at = monotonic()  # once per message: the start of ack and delivery latency
@@ -99,13 +144,13 @@ async def ingest(request: web.Request) -> web.StreamResponse:
                     elif type(op) is EndOp:
                         relay.end(session, op)
                     elif type(op) is PingOp:
-                        session.send(frame(type="pong", id=op.id) if op.id is not None else b'{"type":"pong"}')
+                        outbox.control(pong_frame(op.id))
                     elif isinstance(op, FrameError):
                         rt.metrics.bad_frame(op.error.code)
                         if not refused:  # the first one per connection; the close line counts them all
                             conn_log.event(logging.INFO, "refused frame", code=op.error.code, error=op.error.message)
                         refused += 1
-                        session.send(error_frame(op.error.code, op.error.message, op.stream, op.seq))
+                        session.peer.refused(op.stream, op.error.code, op.error.message, op.seq)
             elif msg.type is WSMsgType.ERROR:
                 ended_by = "message_too_big" if ws.close_code == CloseCode.MESSAGE_TOO_BIG else "error"
                 conn_log.event(logging.INFO, "connection error", error=str(ws.exception()))

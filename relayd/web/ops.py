@@ -20,7 +20,7 @@ async def readyz(request: web.Request) -> web.Response:
     if rt.draining.is_set():
         return web.json_response({"status": "draining"}, status=503)
     try:
-        await rt.relay.store.ping()
+        await rt.relay.ping()
     except StoreError as exc:
         rt.metrics.redis_health(False)
         return web.json_response({"status": "redis_unavailable", "message": str(exc)}, status=503)

@@ -10,10 +10,10 @@ from aiohttp import web
 
 from relayd.auth import parse_bearer
 from relayd.errors import ClientError, StoreError
-from relayd.hub import Subscriber
 from relayd.logs import ConnectionLog, Pairs
 from relayd.outbox import Outbox
 from relayd.protocol import SSE_CODEC, check_stream_id, parse_optional_cursor
+from relayd.subscription import Subscriber
 from relayd.web.cors import cors_headers
 from relayd.web.errors import client_error_response, error_response
 from relayd.web.keys import RUNTIME
@@ -61,7 +61,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     if cursor is not None:
         # A reconnect after the end: 204 tells EventSource to stop reconnecting.
         try:
-            meta = await rt.relay.store.read_meta(stream)
+            meta = await rt.relay.read_meta(stream)
         except StoreError as exc:
             return error_response(503, "store_unavailable", str(exc))
         if meta is not None and not meta.is_open and cursor == (meta.gen, meta.n):
@@ -89,7 +89,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         on_written=rt.metrics.delivery_latency,
     )
     done = _Done()
-    sub = Subscriber(rt.relay.hub, stream, outbox, SSE_CODEC, cursor=cursor, wait_s=wait_ms / 1000, owner=done)
+    sub = rt.relay.subscribe(stream, outbox, SSE_CODEC, cursor=cursor, wait_s=wait_ms / 1000, owner=done)
     rt.metrics.connection_opened("consumer_sse")
     conn_log = ConnectionLog(log, "consumer_sse", request.remote, stream=stream)
     loop = asyncio.get_running_loop()

@@ -1,6 +1,8 @@
 """Group commit for the write path: writes from every connection, one pipeline per batch.
 
-A write is one pre-encoded Redis command plus a callback. The first write of a quiet period is
+Private to the store: the engine calls :class:`~relayd.store.redis.RedisStore`'s typed write
+methods, which queue a :class:`Write` here. A write is one pre-encoded Redis command plus the
+callback that turns its reply into an outcome. The first write of a quiet period is
 flushed at the end of the current event-loop tick (or after ``batch.linger_ms``); while
 ``batch.max_inflight`` batches are on the wire, new writes accumulate and leave together when a
 reply comes back. Low load gets the lowest latency, high load gets large batches.
@@ -20,21 +22,23 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import hiredis
 
 from relayd.config import BatchConfig
 from relayd.errors import StoreError, StoreUnavailable
 from relayd.metrics import Metrics
-from relayd.store.redis_streams import Store
 
-log = logging.getLogger("relayd.batcher")
+log = logging.getLogger("relayd.store.pipeline")
 
 WriteCallback = Callable[[Any, BaseException | None], None]
 
 
 class Write:
+    """One command and what to do with its reply (or the exception that replaced it)."""
+
     __slots__ = ("done", "payload")
 
     def __init__(self, payload: bytes, done: WriteCallback) -> None:
@@ -42,8 +46,19 @@ class Write:
         self.done = done
 
 
-class Batcher:
-    def __init__(self, store: Store, cfg: BatchConfig, retry_ms: int, timeout_ms: int, metrics: Metrics) -> None:
+class Wire(Protocol):
+    """The connection side of the store that the pipeline drives."""
+
+    def send(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]: ...
+    async def reconnect(self) -> None: ...
+    async def load_scripts(self) -> None: ...
+    def abort_writer(self) -> None: ...
+
+
+class Pipeline:
+    """Batches writes from every connection into pipelined round trips, in submission order."""
+
+    def __init__(self, store: Wire, cfg: BatchConfig, retry_ms: int, timeout_ms: int, metrics: Metrics) -> None:
         self._store = store
         self._max_ops = cfg.max_ops
         self._max_bytes = cfg.max_bytes
@@ -124,7 +139,7 @@ class Batcher:
             # A Redis that accepts the connection but never answers (paused, overloaded) must not
             # hold writes forever: past redis.timeout_ms the connection is dropped and recovery runs.
             timer = self._loop.call_later(self._timeout_s, self._store.abort_writer)
-            future.add_done_callback(lambda f, b=batch, t=started, h=timer: self._on_reply(b, t, h, f))
+            future.add_done_callback(partial(self._on_reply, batch, started, timer))
 
     def _on_reply(
         self, batch: list[Write], started: float, timer: asyncio.TimerHandle, future: asyncio.Future[list[Any]]
@@ -159,7 +174,7 @@ class Batcher:
         self._failed.append(batch)
         if self._recovery is None:
             log.warning("redis write failed, retrying: %s", exc)
-            self._recovery = asyncio.create_task(self._recover(), name="relayd-batch-recovery")
+            self._recovery = asyncio.create_task(self._recover(), name="relayd-write-recovery")
 
     async def _recover(self) -> None:
         deadline = time.monotonic() + self._retry_s

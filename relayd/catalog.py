@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from relayd.errors import StoreError
-from relayd.protocol import WS_CODEC, Entry, error_frame, format_cursor, frame
-from relayd.store.redis_streams import Store, StreamMeta, StreamStats, now_ms
+from relayd.model import Entry, StreamMeta, StreamStats, now_ms
+from relayd.ports import Catalog, History
+from relayd.protocol import WS_CODEC, error_frame, format_cursor, frame
 
 Consumers = Callable[[str], int | None]
 
@@ -35,7 +36,7 @@ def summary(stats: StreamStats, consumers: int | None, now: int) -> dict[str, An
     }
 
 
-async def list_streams(store: Store, which: str, prefix: str, limit: int, consumers: Consumers) -> dict[str, Any]:
+async def list_streams(store: Catalog, which: str, prefix: str, limit: int, consumers: Consumers) -> dict[str, Any]:
     """Streams newest first, at most ``limit``; ``truncated`` if there are more (or may be).
 
     Open streams come from the open index (ZSCAN), others from a SCAN over the meta keys. One
@@ -67,7 +68,7 @@ async def list_streams(store: Store, which: str, prefix: str, limit: int, consum
     return {"streams": streams, "truncated": len(found) > limit or cursor != 0}
 
 
-async def describe(store: Store, stream: str, consumers: Consumers) -> dict[str, Any] | None:
+async def describe(store: Catalog, stream: str, consumers: Consumers) -> dict[str, Any] | None:
     """Everything ``relayd streams show`` prints; None if the stream does not exist."""
     (stats,) = await store.stream_stats([stream])
     if stats is None:
@@ -93,7 +94,7 @@ async def describe(store: Store, stream: str, consumers: Consumers) -> dict[str,
     return body
 
 
-async def export(store: Store, meta: StreamMeta, page: int) -> AsyncIterator[bytes]:
+async def export(store: History, meta: StreamMeta, page: int) -> AsyncIterator[bytes]:
     """The stream as stored at ``meta``'s read, as NDJSON consumer websocket frames, page by page.
 
     A ``gap`` frame marks trimmed history; one whose ``next`` lies past the last entry the meta

@@ -1,0 +1,129 @@
+"""What the store knows and what it answers: entries, stream metadata and typed write outcomes.
+
+Pure data, no I/O. The store (relayd/store/) turns Redis replies into these; the engine
+(relay, subscription) decides on them; only web/ turns them into wire frames. An outcome is
+either the success type of its operation or :class:`Refused` with a code:
+
+==============  =========================================  ==========================================
+operation       success                                     refusal codes
+==============  =========================================  ==========================================
+open            :class:`Opened` (created, opened, resumed,   ``fenced``, ``store_unavailable``
+                or ``ended``: the stream had already ended)
+append          :class:`Appended`                            ``seq_gap``, ``fenced``, ``ended``,
+                                                            ``not_found``, ``store_unavailable``
+end             :class:`Ended` (``ok`` or ``already``)       ``fenced``, ``not_found``, ``alive``,
+                                                            ``store_unavailable``
+==============  =========================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stored entry of a stream: a chunk (``data`` is its JSON) or the end."""
+
+    offset: int
+    data: bytes | None = None
+    reason: str | None = None
+    message: str = ""
+
+    @property
+    def is_end(self) -> bool:
+        return self.reason is not None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamMeta:
+    stream: str
+    status: str  # open | completed | error | cancelled | producer_lost
+    gen: int
+    epoch: int
+    seq: int
+    n: int  # offset of the last entry (0: empty)
+    content_type: str
+    created_ms: int
+    updated_ms: int
+    ended_ms: int | None
+    message: str
+
+    @property
+    def is_open(self) -> bool:
+        return self.status == "open"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStats:
+    """What the admin API shows of a stream besides its meta."""
+
+    meta: StreamMeta
+    entries: int  # entries stored in the log (chunks, and the end once ended)
+    memory_bytes: int | None  # Redis's estimate for the log and meta keys (MEMORY USAGE)
+    ttl_s: int  # seconds until the stream expires; -1: no expiry set
+
+    @property
+    def chunks(self) -> int:
+        return max(self.entries - (0 if self.meta.is_open else 1), 0)
+
+
+# -- write outcomes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A write the store did not make. ``value``: the current epoch (``fenced``) or the last stored
+    seq (``seq_gap``); ``status``: how the stream ended (``ended``); ``message``: for humans."""
+
+    code: str
+    message: str = ""
+    value: int = 0
+    status: str = ""
+
+
+OpenCode = Literal["created", "opened", "resumed", "ended"]
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """The stream as an open found it. ``code`` ``ended``: it had ended; the producer holds nothing."""
+
+    code: OpenCode
+    gen: int
+    epoch: int
+    seq: int  # the last seq stored in this epoch
+    n: int  # offset of the last entry
+    status: str
+    content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """Chunks ``first..last`` are durable (``first > last``: all were stored before: a resend)."""
+
+    gen: int
+    first: int
+    last: int
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """``result`` ``ok``: this call wrote the end at ``offset``; ``already``: it had ended ``status``."""
+
+    result: Literal["ok", "already"]
+    gen: int
+    offset: int
+    status: str
+
+
+OpenOutcome = Opened | Refused
+AppendOutcome = Appended | Refused
+EndOutcome = Ended | Refused

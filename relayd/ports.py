@@ -1,0 +1,86 @@
+"""The engine's seams: what the relay needs of a store, as typed Protocols. No I/O here.
+
+Implementations: :class:`relayd.store.redis_streams.RedisStore` (Redis or Valkey) and
+:class:`relayd.store.memory.MemoryStore` (the same contract in memory, for unit tests). The
+contract is one test suite run against both (tests/test_store_contract.py).
+
+Writes are callback style, not awaitable: the websocket hot path must not pay a future per
+operation. Callbacks run in submission order (the relay relies on it to publish in append order),
+on the event loop, never synchronously inside the call that queued the write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from relayd.model import AppendOutcome, EndOutcome, Entry, OpenOutcome, StreamMeta, StreamStats
+
+
+class History(Protocol):
+    """What a subscription reads: a stream's meta and its entries."""
+
+    async def read_meta(self, stream: str) -> StreamMeta | None: ...
+
+    async def read_entries(self, stream: str, gen: int, first: int, count: int) -> list[Entry]:
+        """Up to ``count`` entries of generation ``gen`` from offset ``first`` on, in order."""
+        ...
+
+
+class Catalog(Protocol):
+    """The admin reads (relayd/catalog.py): listing, describing and removing streams."""
+
+    async def scan_streams(self, cursor: int, id_prefix: str, count: int) -> tuple[int, list[str]]: ...
+    async def scan_open(self, cursor: int, id_prefix: str, count: int) -> tuple[int, list[str]]: ...
+    async def open_count(self) -> int: ...
+    async def stream_heads(self, streams: list[str]) -> list[tuple[int, bool] | None]: ...
+    async def stream_stats(self, streams: list[str]) -> list[StreamStats | None]: ...
+    async def log_edges(self, stream: str) -> tuple[int, int] | None: ...
+    async def delete_stream(self, stream: str) -> bool: ...
+
+
+class Store(History, Catalog, Protocol):
+    """Durable streams: typed writes with outcome callbacks, reads, lifecycle."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def drain(self) -> None:
+        """Wait until every write queued so far has been answered (or failed)."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    def open(
+        self,
+        stream: str,
+        epoch: int | None,
+        content_type: str,
+        producer: str | None,
+        done: Callable[[OpenOutcome], None],
+    ) -> None: ...
+
+    def append_handle(self, stream: str, epoch: int) -> Any:
+        """An opaque value :meth:`append` takes for ``stream`` in ``epoch`` (computed once per open)."""
+        ...
+
+    def append(self, handle: Any, seq: int, chunks: list[bytes], done: Callable[[AppendOutcome], None]) -> None: ...
+
+    def end(
+        self,
+        stream: str,
+        reason: str,
+        message: str,
+        done: Callable[[EndOutcome], None],
+        *,
+        epoch: int | None = None,
+        stale_before: int | None = None,
+    ) -> None: ...
+
+    def touch(self, streams: list[str]) -> None:
+        """Producer activity on open streams held here: keeps them alive and in the open index."""
+        ...
+
+    def index(self, streams: list[str], now: int | None = None) -> None: ...
+    def unindex(self, streams: list[str]) -> None: ...
+    async def stale_open_streams(self, before_ms: int, limit: int = 500) -> list[str]: ...
+    async def ttl_s(self, stream: str) -> int: ...

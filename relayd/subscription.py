@@ -1,0 +1,310 @@
+"""One stream followed by one connection: the history -> live handoff.
+
+A subscriber reads through a :class:`~relayd.ports.History` (the store) and writes encoded frames
+into a :class:`Sink` (the connection's bounded outbox); live publications reach it synchronously
+from the :class:`~relayd.hub.Hub`. It never touches a socket or Redis itself, so the state
+machine is unit-tested against the in-memory store (tests/test_subscription.py).
+
+The handoff between history and live data (the classic bug, see docs/design.md) works like
+this: a subscriber registers with the hub *before* it reads Redis; publications arriving while it
+reads are buffered (bounded); after a short page it replays the buffer, skipping offsets it
+already sent, and goes live. Every delivery is keyed by offset, so a publication is delivered at
+most once, and any hole (a lost buffer, a full outbox, a missed publication) sends the subscriber
+back to Redis: never silent loss, never a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from enum import Enum
+from typing import Protocol
+
+from relayd.errors import StoreError
+from relayd.hub import Hub, Publication
+from relayd.model import Entry, StreamMeta
+from relayd.protocol import FrameCodec
+
+log = logging.getLogger("relayd.subscription")
+
+_ENTRY_OVERHEAD = 100  # framing bytes per replayed entry, for sizing catch-up pieces
+
+
+class State(Enum):
+    WAITING = "waiting"
+    CATCHUP = "catchup"
+    LIVE = "live"
+    DONE = "done"
+
+
+class SubscriptionOwner(Protocol):
+    def subscription_done(self, sub: Subscriber) -> None: ...
+
+
+class Sink(Protocol):
+    """Where a subscriber's frames go: a connection's bounded queue (relayd.outbox.Outbox)."""
+
+    oldest: float  # when (monotonic) the oldest live data queued was read; set by whoever queues it
+
+    @property
+    def max_bytes(self) -> int: ...
+
+    def offer(self, data: bytes) -> bool:
+        """Queue without waiting; False when full (the subscriber then catches up from history)."""
+        ...
+
+    def control(self, data: bytes) -> None:
+        """Queue a small control frame (error, gap, reset) regardless of the limit."""
+        ...
+
+    async def put(self, data: bytes) -> None:
+        """Queue, waiting for room: the catch-up path, paced by the peer."""
+        ...
+
+
+class Subscriber:
+    """One stream followed by one connection: history from Redis, then the live tail."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        stream: str,
+        outbox: Sink,
+        codec: FrameCodec,
+        *,
+        cursor: tuple[int, int] | None,
+        wait_s: float,
+        owner: SubscriptionOwner,
+    ) -> None:
+        self.hub = hub
+        self.stream = stream
+        self.outbox = outbox
+        self.codec = codec
+        self.cursor = cursor
+        self.wait_s = wait_s
+        self.owner = owner
+        self.state = State.WAITING
+        self.gen = 0
+        self.next = 1  # offset of the next entry this subscriber needs
+        self.chunks = 0  # chunks handed to the connection, live and replayed (for its close log line)
+        self.text = False
+        self._buffer: list[Publication] = []
+        self._buffered = 0  # bytes of the chunks in _buffer
+        self._overflow = False
+        self._new_gen: int | None = None  # the stream was lost and created again meanwhile
+        self._wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"relayd-sub-{self.stream}")
+
+    async def stop(self) -> None:
+        self.state = State.DONE
+        self._wake.set()  # a task whose cancellation gets lost (redis-py can swallow one) still ends
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+    # called by the hub, synchronously -----------------------------------------------------------
+
+    def on_publication(self, pub: Publication) -> None:
+        state = self.state
+        if pub.gen != self.gen and state is not State.WAITING:
+            if pub.gen > self.gen and state is not State.DONE:
+                self._new_gen = pub.gen  # a newer generation: reset, then deliver it from Redis
+                self._fall_behind()
+            return  # (an older generation's late publication: nothing for this subscriber)
+        if state is State.LIVE:
+            if not self._deliver(pub):
+                self._fall_behind()  # a hole, or a full queue: read Redis again
+        elif state is State.CATCHUP:
+            # Bounded in bytes, not publications: one publication can be a whole producer batch.
+            if self._buffered + pub.nbytes <= self.outbox.max_bytes:
+                self._buffer.append(pub)
+                self._buffered += pub.nbytes
+            else:
+                self._overflow = True
+        elif state is State.WAITING:
+            self._wake.set()
+
+    def _deliver(self, pub: Publication) -> bool:
+        """Hand ``pub`` (or the part this subscriber lacks) to the sink; False on a hole or a full sink."""
+        if pub.last < self.next:
+            return True  # already delivered (from Redis, or by the other path)
+        if pub.first > self.next:
+            return False  # a hole: a publication this subscriber never saw
+        data = pub.encoded(self.codec) if pub.first == self.next else pub.encoded_from(self.codec, self.next)
+        outbox = self.outbox
+        if not outbox.offer(data):
+            return False
+        if not outbox.oldest:  # publications come in the order they were read: the first is the oldest
+            outbox.oldest = pub.received
+        self.hub.metrics.delivered("live", pub.chunks, len(data))
+        self.chunks += pub.chunks
+        self.next = pub.last + 1
+        if pub.end:
+            self._finish()
+        return True
+
+    def on_poke(self, gen: int, last: int) -> None:
+        if self.state is State.LIVE and gen == self.gen and self.next <= last:
+            self._fall_behind()
+        elif self.state is State.CATCHUP:
+            self._overflow = True  # the read in progress may predate them: read again
+
+    def on_resync(self) -> None:
+        """Publications may have been lost (another instance's, through a broker that reconnected)."""
+        if self.state is State.LIVE:
+            self._fall_behind()
+        elif self.state is State.CATCHUP:
+            self._overflow = True
+        elif self.state is State.WAITING:
+            self._wake.set()  # the stream may have been created meanwhile
+
+    def on_created(self) -> None:
+        if self.state is State.WAITING:
+            self._wake.set()
+
+    # the subscriber's task ---------------------------------------------------------------------
+
+    def _fall_behind(self) -> None:
+        self.hub.metrics.catchup()
+        self.state = State.CATCHUP
+        self._clear_buffer()
+        self._overflow = False
+        self._wake.set()
+
+    def _finish(self) -> None:
+        self.state = State.DONE
+        self._wake.set()
+
+    async def _run(self) -> None:
+        self.hub.add(self)
+        try:
+            meta = await self._resolve_start()
+            if meta is None or self.state is State.DONE:  # DONE: stopped meanwhile
+                return
+            self.state = State.CATCHUP
+            while self.state is not State.DONE:
+                await self._catch_up()
+                if self.state is State.LIVE:
+                    self._wake.clear()
+                    await self._wake.wait()
+        except StoreError as exc:
+            self.outbox.control(self.codec.error(self.stream, "store_unavailable", str(exc)))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("subscriber for %s failed", self.stream)
+            self.outbox.control(self.codec.error(self.stream, "internal", "internal error"))
+        finally:
+            self.state = State.DONE
+            self.hub.remove(self)
+            self.owner.subscription_done(self)
+
+    async def _resolve_start(self) -> StreamMeta | None:
+        store = self.hub.history
+        meta = await store.read_meta(self.stream)
+        if meta is None:
+            # Not created yet (or expired): wait, bounded, for a producer to open it.
+            self._wake.clear()
+            meta = await store.read_meta(self.stream)  # re-check after registering for wake-ups
+            if meta is None and self.wait_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.wait_s):
+                        while meta is None and self.state is not State.DONE:
+                            await self._wake.wait()
+                            self._wake.clear()
+                            meta = await store.read_meta(self.stream)
+            if meta is None:
+                if self.state is not State.DONE:
+                    self.outbox.control(
+                        self.codec.error(self.stream, "stream_not_found", f"stream {self.stream} does not exist")
+                    )
+                return None
+        self.gen = meta.gen
+        self.text = meta.content_type == "text"
+        cursor = self.cursor
+        if cursor is not None:
+            if cursor[0] == meta.gen:
+                self.next = cursor[1] + 1
+                if cursor[1] >= meta.n and not meta.is_open:
+                    self.next = meta.n  # at (or past) the end: say again how it ended
+            else:
+                self.hub.metrics.reset()
+                self.outbox.control(self.codec.reset(self.stream, "stream_replaced"))
+        return meta
+
+    async def _catch_up(self) -> None:
+        store = self.hub.history
+        page = count = self.hub.catchup_page
+        limit = self.outbox.max_bytes
+        self.state = State.CATCHUP
+        while True:
+            if self._new_gen is not None:
+                await self._reset_to_new_generation()
+            self._clear_buffer()
+            self._overflow = False
+            entries = await store.read_entries(self.stream, self.gen, self.next, count)
+            if self.state is State.DONE:  # stopped meanwhile
+                return
+            exhausted = len(entries) < count
+            if entries and entries[0].offset > self.next:
+                self.hub.metrics.gap()
+                self.outbox.control(self.codec.gap(self.stream, self.gen, self.next - 1, entries[0].offset))
+            if entries:
+                # Hand the page over in pieces that fit the bounded queue; read about a queue's worth next.
+                nbytes = sum(len(e.data or b"") + _ENTRY_OVERHEAD for e in entries)
+                count = page if nbytes <= limit else max(1, len(entries) * limit // nbytes)
+                piece: list[Entry] = []
+                size = 0
+                for entry in entries:
+                    esize = len(entry.data or b"") + _ENTRY_OVERHEAD
+                    if piece and size + esize > limit:
+                        await self._put_replay(piece)
+                        piece, size = [], 0
+                    piece.append(entry)
+                    size += esize
+                await self._put_replay(piece)
+                if entries[-1].is_end:
+                    self.state = State.DONE
+                    return
+            if exhausted and not self._overflow and self._new_gen is None and self._replay_buffer():
+                if self.state is State.CATCHUP:
+                    self.state = State.LIVE
+                return
+
+    async def _put_replay(self, entries: list[Entry]) -> None:
+        data = self.codec.entries(self.stream, self.gen, entries, self.text)
+        await self.outbox.put(data)
+        chunks = len(entries) - (1 if entries[-1].is_end else 0)
+        self.hub.metrics.delivered("replay", chunks, len(data))
+        self.chunks += chunks
+        self.next = entries[-1].offset + 1
+
+    async def _reset_to_new_generation(self) -> None:
+        """The stream was lost (expired, flushed) and created again: say so, restart at its start."""
+        gen, self._new_gen = self._new_gen, None
+        assert gen is not None
+        self.gen, self.next = gen, 1  # before any await: its publications are now this subscriber's
+        self.hub.metrics.reset()
+        self.outbox.control(self.codec.reset(self.stream, "stream_replaced"))
+        meta = await self.hub.history.read_meta(self.stream)
+        if meta is not None and meta.gen == gen:
+            self.text = meta.content_type == "text"
+
+    def _replay_buffer(self) -> bool:
+        """Deliver buffered publications in order; False if a hole needs another read."""
+        for pub in self._buffer:
+            if not self._deliver(pub):
+                return False
+            if self.state is State.DONE:
+                return True
+        self._clear_buffer()
+        return True
+
+    def _clear_buffer(self) -> None:
+        self._buffer.clear()
+        self._buffered = 0
