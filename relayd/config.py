@@ -47,6 +47,9 @@ class RedisConfig:
     timeout_ms: int = 5000
     retry_ms: int = 5000
     max_connections: int = 64  # read connections (catch-ups, replays, admin); more requests wait
+    # Publish every write on the stream's pub/sub channel so other relayd instances on this Redis
+    # deliver it live. Off only when exactly one relayd process ever uses this Redis.
+    notify: bool = True
 
     def check(self) -> None:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):

@@ -184,6 +184,25 @@ class Metrics:
         self._slow = Counter("relayd_slow_consumer_disconnects", "Consumers closed as slow", registry=r)
         self._subs = Gauge("relayd_subscriptions", "Active consumer subscriptions", registry=r)
 
+        # the broker (scale-out): other instances' writes and requests through Redis pub/sub
+        self._broker_up = Gauge("relayd_broker_up", "1 while the broker's pub/sub connections are up", registry=r)
+        self._broker_up.set(1)
+        self._broker_in = Counter(
+            "relayd_broker_notifications_received", "Notifications of other instances' writes and requests", registry=r
+        )
+        self._broker_out = Counter(
+            "relayd_broker_requests_sent", "Requests sent to other instances (cancel)", registry=r
+        )
+        self._broker_resubscribes = Counter(
+            "relayd_broker_resubscribes", "Pub/sub reconnects after which every followed stream was re-read", registry=r
+        )
+        self._broker_lag = Histogram(
+            "relayd_broker_lag_seconds",
+            "Another instance's write -> its notification here (clock skew between hosts included)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
     # connections ------------------------------------------------------------------------------
     def connection_opened(self, role: str) -> None:
         self._opened[role].inc()
@@ -257,6 +276,22 @@ class Metrics:
 
     def subscriptions(self, delta: int) -> None:
         self._subs.inc(delta)
+
+    # broker -------------------------------------------------------------------------------------
+    def broker_up(self, up: bool) -> None:
+        self._broker_up.set(1 if up else 0)
+
+    def broker_received(self) -> None:
+        self._broker_in.inc()
+
+    def broker_sent(self) -> None:
+        self._broker_out.inc()
+
+    def broker_resubscribed(self) -> None:
+        self._broker_resubscribes.inc()
+
+    def broker_lag(self, seconds: float) -> None:
+        self._broker_lag.observe(max(seconds, 0.0))
 
     # refusals ---------------------------------------------------------------------------------
     def auth_failure(self, reason: str) -> None:

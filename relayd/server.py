@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -17,12 +18,14 @@ from pathlib import Path
 from aiohttp import web
 
 from relayd.auth import ApiKeys, TokenAuthority, generate_api_key
+from relayd.broker import Broker, LocalBroker
 from relayd.config import Config
 from relayd.embedded import EmbeddedRedis
 from relayd.errors import RelaydError
 from relayd.logs import setup_logging
 from relayd.metrics import Metrics
 from relayd.relay import Relay
+from relayd.store.broker import RedisBroker
 from relayd.store.redis_streams import RedisStore
 from relayd.web.app import build_app, drain_connections
 from relayd.web.keys import Runtime
@@ -59,9 +62,15 @@ class Server:
             redis_url = await asyncio.to_thread(self.embedded.start)
             log.info("embedded Redis-compatible server started data_dir=%s", cfg.embedded.data_dir)
         metrics = Metrics()
-        self.store = RedisStore(cfg, redis_url, metrics)
+        instance = secrets.token_hex(6)  # this process in the notifications its writes publish
+        self.store = RedisStore(cfg, redis_url, metrics, instance=instance)
         await self.store.start()
-        self.relay = Relay(cfg, self.store, metrics)
+        broker: Broker = LocalBroker()
+        if cfg.redis.notify:
+            broker = RedisBroker(
+                self.store.keys, redis_url, instance, self.store.publish, metrics, timeout_s=cfg.redis.timeout_ms / 1000
+            )
+        self.relay = Relay(cfg, self.store, metrics, broker)
         await self.relay.start()
         api_keys, tokens = self._credentials()
         self.runtime = Runtime(

@@ -7,7 +7,10 @@ NDJSON splitting and waiting for a frame of a given type.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -188,3 +191,16 @@ async def collect_chunks(
                 chunks.append(frame)
             elif frame["type"] == "end":
                 return chunks, frame
+
+
+async def poll_until(check: Callable[[], Awaitable[bool] | bool], what: str, timeout: float = 10.0) -> None:
+    """Poll a condition that has no event to wait on (server-side state, a close), with a deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)

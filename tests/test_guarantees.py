@@ -25,7 +25,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from relayd.config import Config
-from tests.helpers import ConnectionClosed, Peer, Relayd
+from tests.helpers import ConnectionClosed, Peer, Relayd, poll_until
 
 ConfigFactory = Callable[..., Config]
 
@@ -137,14 +137,6 @@ async def background(*coros: Awaitable[Any]) -> AsyncIterator[list[asyncio.Task[
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def poll_until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0) -> None:
-    """Poll a condition that has no event to wait on, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def follow(peer: Peer, stream: str, timeout: float = 15.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:

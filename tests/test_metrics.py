@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from subprocess import PIPE
 from typing import Any
 
@@ -18,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relayd.config import Config
 from relayd.errors import ERROR_CODES
 from relayd.metrics import AUTH_REASONS, END_REASONS, OTHER, PATHS, ROLES, Metrics
-from tests.helpers import Peer, Relayd, collect_chunks
+from tests.helpers import Peer, Relayd, collect_chunks, poll_until
 
 ConfigFactory = Callable[..., Config]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -86,14 +85,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def names(samples: Samples) -> set[str]:
     return {name for name, _ in samples}
-
-
-async def poll_until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0) -> None:
-    """Poll a condition that has no event to wait on (a server-side close), with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def sse_until_end(session: aiohttp.ClientSession, url: str) -> list[str]:

@@ -11,12 +11,27 @@ from relayd.store.resp import encode_command
 def test_cached_append_command_equals_the_generic_encoding() -> None:
     """An append built from the per-stream cached head is byte-for-byte the plain RESP command."""
     config = Config(redis=RedisConfig(key_prefix="p"), streams=StreamsConfig(max_chunks=50, open_ttl_s=60))
-    store = RedisStore(config, "redis://127.0.0.1:1")
+    store = RedisStore(config, "redis://127.0.0.1:1", instance="i1")
     store._sha = {"append": b"a" * 40}
     head = store.append_handle("chat-1", 3)
     for chunks in ([b'{"x":1}'], [b'"y"', b"1", b"[" + b"9" * 300 + b"]"]):
         expected = encode_command(
-            ["EVALSHA", b"a" * 40, "2", "p:{chat-1}:meta", "p:{chat-1}:log", "3", "17", "123", "50", "60", *chunks]
+            [
+                "EVALSHA",
+                b"a" * 40,
+                "3",
+                "p:{chat-1}:meta",
+                "p:{chat-1}:log",
+                "p:{chat-1}:live",
+                "3",
+                "17",
+                "123",
+                "50",
+                "60",
+                "PUBLISH",
+                "i1",
+                *chunks,
+            ]
         )
         assert store.encode_append(head, 17, chunks, 123) == expected
 

@@ -13,6 +13,12 @@ producer-lost sweeper:
 
     <prefix>:open
 
+and two pub/sub channels (relayd/store/broker.py): per stream, in the stream's hash slot, the
+notifications its scripts publish; for the deployment, control requests between instances:
+
+    <prefix>:{<stream id>}:live   (SPUBLISH on a cluster, PUBLISH otherwise)
+    <prefix>:ctl
+
 Stream ids cannot contain braces (protocol rule), so the hash tag is always the whole id.
 """
 
@@ -20,17 +26,25 @@ from __future__ import annotations
 
 
 class Keys:
-    __slots__ = ("open_index", "prefix")
+    __slots__ = ("control", "open_index", "prefix")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.open_index = f"{prefix}:open"
+        self.control = f"{prefix}:ctl"
 
     def log(self, stream: str) -> str:
         return f"{self.prefix}:{{{stream}}}:log"
 
     def meta(self, stream: str) -> str:
         return f"{self.prefix}:{{{stream}}}:meta"
+
+    def channel(self, stream: str) -> str:
+        return f"{self.prefix}:{{{stream}}}:live"
+
+    def stream_of_channel(self, channel: bytes) -> str:
+        """The stream id of a notification channel."""
+        return channel.decode()[len(self.prefix) + 2 : -len("}:live")]
 
     def stream_pattern(self, id_prefix: str = "") -> str:
         """SCAN pattern matching the meta key of every stream whose id starts with ``id_prefix``.

@@ -37,7 +37,7 @@ from relayd.model import (
 )
 from relayd.store.keys import Keys
 from relayd.store.pipeline import Pipeline, Write
-from relayd.store.resp import RespConnection, encode_command
+from relayd.store.resp import RespArg, RespConnection, encode_command
 
 SCRIPTS = ("open", "append", "end", "touch")
 _MAX_SEQ = 2**64 - 1  # the largest sequence part of a Redis stream entry id
@@ -46,7 +46,8 @@ _MAX_SEQ = 2**64 - 1  # the largest sequence part of a Redis stream entry id
 class RedisStore:
     """Owns the Redis connections of one relayd process: the write pipeline and the read pool."""
 
-    def __init__(self, config: Config, url: str, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, url: str, metrics: Metrics | None = None, *, instance: str = "") -> None:
+        """``instance``: this process's id in the notifications its writes publish (see broker.py)."""
         redis_cfg, streams_cfg = config.redis, config.streams
         self.keys = Keys(redis_cfg.key_prefix)
         self.url = url
@@ -72,7 +73,11 @@ class RedisStore:
         self._max_chunks = str(streams_cfg.max_chunks).encode()
         self._open_ttl = str(streams_cfg.open_ttl_s).encode()
         self._end_ttl = str(streams_cfg.ttl_after_end_s).encode()
-        self._append_tail = encode_command([self._max_chunks, self._open_ttl])[4:]
+        # Notifications for other instances: published by the scripts, in the stream's slot.
+        self.instance = instance
+        self._publish = b"PUBLISH" if redis_cfg.notify else b""
+        self._notify_args = [self._publish, instance.encode()]
+        self._append_tail = encode_command([self._max_chunks, self._open_ttl, *self._notify_args])[4:]
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -151,14 +156,16 @@ class RedisStore:
             [
                 "EVALSHA",
                 self._sha["open"],
-                "2",
+                "3",
                 keys.meta(stream),
                 keys.log(stream),
+                keys.channel(stream),
                 b"" if epoch is None else str(epoch),
                 str(now_ms()),
                 content_type,
                 self._open_ttl,
                 producer or b"",
+                *self._notify_args,
             ]
         )
         self._submit(payload, lambda reply, exc: done(_open_outcome(reply, exc)))
@@ -170,8 +177,9 @@ class RedisStore:
         chunks change from one append to the next, so the rest is encoded once per open.
         """
         keys = self.keys
-        return encode_command(["EVALSHA", self._sha["append"], "2", keys.meta(stream), keys.log(stream), str(epoch)])[
-            4:  # without the "*6\r\n" array header: the real argument count is set per append
+        args: list[RespArg] = ["EVALSHA", self._sha["append"], "3", keys.meta(stream), keys.log(stream)]
+        return encode_command([*args, keys.channel(stream), str(epoch)])[
+            4:  # without the "*7\r\n" array header: the real argument count is set per append
         ]
 
     def append(self, handle: bytes, seq: int, chunks: list[bytes], done: Callable[[AppendOutcome], None]) -> None:
@@ -184,7 +192,7 @@ class RedisStore:
         seq_b = b"%d" % seq
         now_b = b"%d" % now
         parts = [
-            b"*%d\r\n" % (10 + len(chunks)),
+            b"*%d\r\n" % (13 + len(chunks)),
             handle,
             b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(seq_b), seq_b, len(now_b), now_b),
             self._append_tail,
@@ -208,15 +216,17 @@ class RedisStore:
             [
                 "EVALSHA",
                 self._sha["end"],
-                "2",
+                "3",
                 keys.meta(stream),
                 keys.log(stream),
+                keys.channel(stream),
                 reason,
                 message,
                 str(now_ms()),
                 self._end_ttl,
                 b"" if epoch is None else str(epoch),
                 b"" if stale_before is None else str(stale_before),
+                *self._notify_args,
             ]
         )
         self._submit(payload, lambda reply, exc: done(_end_outcome(reply, exc, reason)))
@@ -245,6 +255,10 @@ class RedisStore:
 
     def unindex(self, streams: list[str]) -> None:
         self._submit(encode_command(["ZREM", self.keys.open_index, *streams]), _ignore)
+
+    def publish(self, channel: str, message: bytes) -> None:
+        """PUBLISH through the write pipeline (control requests between instances; not per chunk)."""
+        self._submit(encode_command(["PUBLISH", channel, message]), _ignore)
 
     # read path --------------------------------------------------------------------------------
 

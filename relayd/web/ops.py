@@ -15,7 +15,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready for traffic: not draining and Redis answers."""
+    """Ready for traffic: not draining, Redis answers, and the broker's pub/sub is connected."""
     rt = request.app[RUNTIME]
     if rt.draining.is_set():
         return web.json_response({"status": "draining"}, status=503)
@@ -25,6 +25,9 @@ async def readyz(request: web.Request) -> web.Response:
         rt.metrics.redis_health(False)
         return web.json_response({"status": "redis_unavailable", "message": str(exc)}, status=503)
     rt.metrics.redis_health(True)
+    if not rt.relay.broker_up:
+        # Live tails from other instances would stall: send consumers elsewhere until it is back.
+        return web.json_response({"status": "broker_unavailable"}, status=503)
     return web.json_response({"status": "ready"})
 
 

@@ -1,10 +1,12 @@
--- End a stream: append the end entry, record the reason, start the retention TTL.
--- KEYS[1] meta, KEYS[2] log
+-- End a stream: append the end entry, record the reason, start the retention TTL; tell other instances.
+-- KEYS[1] meta, KEYS[2] log, KEYS[3] the stream's notification channel
 -- ARGV[1] reason, ARGV[2] message, ARGV[3] now_ms, ARGV[4] ttl_after_end_s,
 -- ARGV[5] epoch ("" = not a producer: relayd or an admin), ARGV[6] stale_before_ms ("" = always;
--- otherwise only if the stream's last producer activity is older: the producer-lost sweep)
+-- otherwise only if the stream's last producer activity is older: the producer-lost sweep),
+-- ARGV[7] publish command ('PUBLISH', 'SPUBLISH', '' = none), ARGV[8] the writing instance's id
 -- Returns {'ok', gen, offset} | {'already', gen, offset, status} | {'not_found'} |
 --         {'fenced', epoch} | {'alive'}
+-- Notification: e|<instance>|<gen>|<offset>|<reason>|<message>
 local m = redis.call('HMGET', KEYS[1], 'status', 'gen', 'epoch', 'n', 'updated')
 if not m[1] then return {'not_found'} end
 if m[1] ~= 'open' then return {'already', m[2], tonumber(m[4]), m[1]} end
@@ -16,4 +18,7 @@ redis.call('HSET', KEYS[1], 'status', ARGV[1], 'n', n, 'ended', ARGV[3], 'update
   'message', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+if ARGV[7] ~= '' then
+  redis.call(ARGV[7], KEYS[3], table.concat({'e', ARGV[8], m[2], n, ARGV[1], ARGV[2]}, '|'))
+end
 return {'ok', m[2], n}

@@ -1,8 +1,10 @@
 -- Open (take over, resume or create) a stream for a producer.
--- KEYS[1] meta, KEYS[2] log
+-- KEYS[1] meta, KEYS[2] log, KEYS[3] the stream's notification channel
 -- ARGV[1] epoch ("" = take over with a new epoch), ARGV[2] now_ms, ARGV[3] content type,
--- ARGV[4] open_ttl_s, ARGV[5] producer id ("" = none)
+-- ARGV[4] open_ttl_s, ARGV[5] producer id ("" = none),
+-- ARGV[6] publish command ('PUBLISH', 'SPUBLISH', '' = none), ARGV[7] the writing instance's id
 -- Returns {code, gen, epoch, seq, n, status, content_type}; code is created|opened|resumed|fenced|ended
+-- Notification when created (consumers waiting on other instances): c|<instance>|<gen>
 -- The meta's 'pid' is the producer id that started epoch 'pidep'. An open without an epoch from
 -- that producer, while 'pidep' is still the current epoch, resumes the epoch instead of taking it
 -- over: repeating an open whose answer was lost (the connection dropped) must not restart the
@@ -18,6 +20,7 @@ if not m[1] then
     'n', 0, 'ct', ARGV[3], 'created', now, 'updated', now)
   if pid ~= '' then redis.call('HSET', KEYS[1], 'pid', pid, 'pidep', epoch) end
   redis.call('EXPIRE', KEYS[1], ARGV[4])
+  if ARGV[6] ~= '' then redis.call(ARGV[6], KEYS[3], 'c|' .. ARGV[7] .. '|' .. now) end
   return {'created', now, epoch, 0, 0, 'open', ARGV[3]}
 end
 local epoch = tonumber(m[3])

@@ -1,0 +1,178 @@
+"""Several relayd instances on one Redis: any instance serves any stream, live, with the end.
+
+Each test runs two or three in-process relayd servers on the session Valkey with one key prefix
+(one deployment); producers and consumers sit on different instances. Everything is real: the
+Lua scripts publish, each instance's broker subscribes through its own pub/sub connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from relayd.config import Config
+from tests.helpers import Relayd, collect_chunks, poll_until
+
+
+@asynccontextmanager
+async def instances(config: Config, count: int) -> AsyncIterator[list[Relayd]]:
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(Relayd(config)) for _ in range(count)]
+
+
+async def sse_events(server: Relayd, stream: str, **params: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """(event, data) pairs of an SSE response until the stream's end event."""
+    assert server.session is not None
+    query = {"token": server.token(), **params}
+    async with server.session.get(f"{server.url}/v1/streams/{stream}/events", params=query) as resp:
+        assert resp.status == 200
+        event, data = "", b""
+        async for line in resp.content:
+            line = line.rstrip(b"\r\n")
+            if line.startswith(b"event: "):
+                event = line[7:].decode()
+            elif line.startswith(b"data: "):
+                data = line[6:]
+            elif not line and event:
+                yield event, orjson.loads(data)
+                if event == "end":
+                    return
+                event, data = "", b""
+
+
+async def test_a_consumer_on_another_instance_gets_the_live_tail_and_the_end(
+    config_factory: Callable[..., Config],
+) -> None:
+    """Producer on A; a websocket consumer on B and an SSE consumer on C, both subscribed before
+    the first chunk: every chunk once, in order, then the end (before: B got nothing live)."""
+    async with instances(config_factory(), 3) as (a, b, c):
+        producer = await a.producer()
+        assert (await producer.open("x1"))["type"] == "opened"
+        ws = await b.consumer("x1")
+        await ws.expect("subscribed")
+
+        async def read_sse() -> list[tuple[str, dict[str, Any]]]:
+            return [item async for item in sse_events(c, "x1")]
+
+        sse = asyncio.create_task(read_sse())
+        await poll_until(
+            lambda: c.relay.subscriber_count("x1") == 1 and b.relay.subscriber_count("x1") == 1, "the state"
+        )
+        for seq in range(1, 51):
+            assert (await producer.append("x1", seq, {"n": seq}))["type"] == "ack"
+        await producer.end("x1")
+        chunks, end = await collect_chunks(ws, "x1")
+        assert [f["data"]["n"] for f in chunks] == list(range(1, 51))
+        assert end["reason"] == "completed"
+        events = await asyncio.wait_for(sse, 10)
+        assert [data["n"] for event, data in events if event == "chunk"] == list(range(1, 51))
+        assert events[-1][0] == "end"
+
+
+async def test_a_consumer_waiting_on_b_is_woken_when_a_creates_the_stream(
+    config_factory: Callable[..., Config],
+) -> None:
+    """Waiting for a stream that does not exist yet works across instances (before: stream_not_found)."""
+    async with instances(config_factory(), 2) as (a, b):
+        consumer = await b.consumer("later", wait_ms="10000")
+        await consumer.expect("subscribed")
+        await poll_until(lambda: b.relay.subscriber_count("later") == 1, "registered")
+        producer = await a.producer()
+        await producer.open("later")
+        await producer.append("later", 1, "first")
+        await producer.end("later")
+        chunks, end = await collect_chunks(consumer, "later")
+        assert [f["data"] for f in chunks] == ["first"] and end["reason"] == "completed"
+
+
+async def test_a_late_joiner_on_another_instance_gets_history_then_live(
+    config_factory: Callable[..., Config],
+) -> None:
+    async with instances(config_factory(), 2) as (a, b):
+        producer = await a.producer()
+        await producer.open("late")
+        for seq in range(1, 11):
+            await producer.append("late", seq, seq)
+        consumer = await b.consumer("late")
+        await consumer.expect("subscribed")
+        history = [(await consumer.expect("chunk"))["data"] for _ in range(10)]
+        for seq in range(11, 21):
+            await producer.append("late", seq, seq)
+        await producer.end("late")
+        chunks, _ = await collect_chunks(consumer, "late")
+        assert history + [f["data"] for f in chunks] == list(range(1, 21))
+
+
+async def test_cancel_from_another_instance_reaches_the_producer(config_factory: Callable[..., Config]) -> None:
+    """A consumer on B cancels; the producer on A gets a ``cancel`` frame, ends the stream, and
+    every consumer sees ``cancelled`` (before: B ended it at once, the producer never knew)."""
+    config = config_factory(streams={"cancel_grace_ms": 30_000})
+    async with instances(config, 2) as (a, b):
+        producer = await a.producer()
+        await producer.open("stop-me")
+        await producer.append("stop-me", 1, "a")
+        assert b.session is not None
+        token = b.token(["stop-me"], rights=("read", "cancel"))
+        consumer = await b.consumer("stop-me", token=token)
+        await consumer.expect("subscribed")
+        await consumer.send({"op": "cancel", "stream": "stop-me"})
+        request = await producer.next()
+        assert request == {"type": "cancel", "stream": "stop-me"}
+        assert (await producer.end("stop-me", "cancelled"))["type"] == "ended"
+        chunks, end = await collect_chunks(consumer, "stop-me")
+        assert [f["data"] for f in chunks] == ["a"] and end["reason"] == "cancelled"
+
+
+async def test_a_dropped_pubsub_connection_loses_nothing(
+    config_factory: Callable[..., Config], redis_server: str
+) -> None:
+    """CLIENT KILL TYPE pubsub mid-stream: B resubscribes and re-reads; its consumer gets every
+    chunk once, in order, and the end."""
+    async with instances(config_factory(), 2) as (a, b):
+        producer = await a.producer()
+        await producer.open("cut")
+        consumer = await b.consumer("cut")
+        await consumer.expect("subscribed")
+        await poll_until(lambda: b.relay.subscriber_count("cut") == 1, "registered")
+        for seq in range(1, 21):
+            await producer.append("cut", seq, seq)
+        resubscribes = b.relay.metrics._broker_resubscribes._value.get()
+        admin = aioredis.Redis.from_url(redis_server)
+        try:
+            await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            # writes while B's pub/sub is down are only in Redis: the re-read after resubscribing finds them
+            for seq in range(21, 41):
+                await producer.append("cut", seq, seq)
+            await poll_until(lambda: b.relay.metrics._broker_resubscribes._value.get() > resubscribes, "resubscribed")
+        finally:
+            await admin.aclose()
+        for seq in range(41, 61):
+            await producer.append("cut", seq, seq)
+        await producer.end("cut")
+        chunks, end = await collect_chunks(consumer, "cut")
+        assert [f["data"] for f in chunks] == list(range(1, 61)) and end["reason"] == "completed"
+
+
+async def test_metrics_and_readyz_show_the_broker(config_factory: Callable[..., Config]) -> None:
+    async with instances(config_factory(), 2) as (a, b):
+        producer = await a.producer()
+        await producer.open("m")
+        consumer = await b.consumer("m")
+        await consumer.expect("subscribed")
+        await poll_until(lambda: b.relay.subscriber_count("m") == 1, "registered")
+        await producer.append("m", 1, "x")
+        await consumer.expect("chunk")
+        assert b.session is not None
+        async with b.session.get(f"{b.url}/readyz") as resp:
+            assert resp.status == 200
+        async with b.session.get(f"{b.url}/metrics") as resp:
+            text = await resp.text()
+        assert "relayd_broker_up 1.0" in text
+        received = [line for line in text.splitlines() if line.startswith("relayd_broker_notifications_received_total")]
+        assert received and float(received[0].split()[-1]) >= 1
+        assert "relayd_broker_lag_seconds_count" in text
