@@ -30,6 +30,8 @@ from relayd.subscription import Sink, Subscriber, SubscriptionOwner
 
 log = logging.getLogger("relayd.relay")
 
+Subscription = Subscriber  # what web/ holds of a subscription: start(), stop(), stream, chunks
+
 _SWEEP_PAGE = 500  # stale streams read per round trip; the sweep reads pages until none are left
 
 

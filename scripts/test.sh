@@ -24,4 +24,5 @@ if ((${#need[@]})); then
 fi
 
 pip install -q -e '.[dev]'
+scripts/lint.sh  # ruff, mypy --strict and the import-layer contracts gate the suite
 exec pytest "$@"

@@ -1,6 +1,6 @@
 """``GET /v1/admin/streams/{stream}/tail``: follow a stream as NDJSON, for ``relayd streams tail``.
 
-A hub subscription exactly like a consumer's (the same :class:`~relayd.subscription.Subscriber` and
+A hub subscription exactly like a consumer's (the same :class:`~relayd.subscription.Subscription` and
 :class:`~relayd.outbox.Outbox`, so the history->live handoff, slow-reader catch-up and the end
 behave the same), framed as the consumer websocket's frames, one per line, on a streamed HTTP
 response. A blank line every ``consumer.sse_keepalive_s`` keeps proxies from closing an idle one
@@ -16,7 +16,7 @@ from aiohttp import web
 from relayd.model import StreamMeta
 from relayd.outbox import Outbox
 from relayd.protocol import WS_CODEC
-from relayd.subscription import Subscriber
+from relayd.relay import Subscription
 from relayd.web.keys import RUNTIME
 from relayd.web.transport import backlog_of, deliver
 
@@ -29,7 +29,7 @@ class _Done:
     def __init__(self) -> None:
         self.event = asyncio.Event()
 
-    def subscription_done(self, sub: Subscriber) -> None:
+    def subscription_done(self, sub: Subscription) -> None:
         self.event.set()
 
 

@@ -30,7 +30,7 @@ from relayd.protocol import (
     parse_optional_cursor,
     split_message,
 )
-from relayd.subscription import Subscriber
+from relayd.relay import Subscription
 from relayd.web.keys import RUNTIME, Runtime
 from relayd.web.transport import backlog_of, close_stuck, ws_text_writer
 
@@ -71,7 +71,7 @@ class ConsumerConnection:
             ws_text_writer(request, ws),
             rt.metrics.delivery_latency,
         )
-        self.subs: dict[str, Subscriber] = {}
+        self.subs: dict[str, Subscription] = {}
         self.close_code: int | None = None
         self.refused = 0  # frames answered with an error
         # for the close log line: frames read, subscriptions made, chunks of finished subscriptions
@@ -101,7 +101,7 @@ class ConsumerConnection:
             self.close_code = code
             self._closing = asyncio.create_task(close_stuck(self.ws, code, reason))
 
-    def subscription_done(self, sub: Subscriber) -> None:
+    def subscription_done(self, sub: Subscription) -> None:
         self.chunks_out += sub.chunks
         if self.subs.get(sub.stream) is sub:
             del self.subs[sub.stream]

@@ -13,7 +13,7 @@ from relayd.errors import ClientError, StoreError
 from relayd.logs import ConnectionLog, Pairs
 from relayd.outbox import Outbox
 from relayd.protocol import SSE_CODEC, check_stream_id, parse_optional_cursor
-from relayd.subscription import Subscriber
+from relayd.relay import Subscription
 from relayd.web.cors import cors_headers
 from relayd.web.errors import client_error_response, error_response
 from relayd.web.keys import RUNTIME
@@ -29,7 +29,7 @@ class _Done:
         self.event = asyncio.Event()
         self.chunks = 0
 
-    def subscription_done(self, sub: Subscriber) -> None:
+    def subscription_done(self, sub: Subscription) -> None:
         self.chunks = sub.chunks
         self.event.set()
 
