@@ -45,9 +45,16 @@ main.add_command(status)
 @CONFIG_OPTION
 @click.option("--host", default=None, help="Listen address (overrides server.host).")
 @click.option("--port", type=int, default=None, help="Listen port (overrides server.port).")
-def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Processes sharing the port (overrides server.workers).",
+)
+def serve(config_path: Path | None, host: str | None, port: int | None, workers: int | None) -> None:
     """Run relayd (with an embedded Redis-compatible server unless redis.url is set)."""
     from relayd.server import run
+    from relayd.supervisor import run_workers, worker_identity
 
     config = _load(config_path)
     server_cfg = config.server
@@ -55,8 +62,14 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
         server_cfg = replace(server_cfg, host=host)
     if port is not None:
         server_cfg = replace(server_cfg, port=port)
+    if workers is not None:
+        server_cfg = replace(server_cfg, workers=workers)
+    config = config.replace(server=server_cfg)
     try:
-        code = run(config.replace(server=server_cfg))
+        if server_cfg.workers > 1 and worker_identity() is None:
+            code = run_workers(config, config_path, server_cfg.workers)
+        else:
+            code = run(config)
     except RelaydError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)

@@ -33,9 +33,11 @@ class ServerConfig:
     heartbeat_s: float = 20.0
     drain_timeout_s: float = 10.0
     allowed_origins: tuple[str, ...] = ("*",)
+    workers: int = 1  # relayd processes sharing the port (`serve --workers N`); 1: this process serves
 
     def check(self) -> None:
         _range("server.port", self.port, 0, 65535)
+        _range("server.workers", self.workers, 1, 256)
         _positive("server.heartbeat_s", self.heartbeat_s)
         _positive("server.drain_timeout_s", self.drain_timeout_s)
 

@@ -302,3 +302,30 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merge_workers(expositions: list[tuple[int, bytes]]) -> bytes:
+    """The text expositions of several workers as one, each sample labelled ``worker="<i>"``.
+
+    Prometheus wants all samples of a family together under one HELP/TYPE: families keep the
+    order of their first appearance, and each worker's samples follow in worker order.
+    """
+    families: dict[str, tuple[list[bytes], list[bytes]]] = {}  # name -> (HELP/TYPE lines, samples)
+    for worker, text in expositions:
+        label = b'worker="%d"' % worker
+        current: list[bytes] | None = None
+        for line in text.splitlines():
+            if line.startswith(b"# "):
+                name = line.split(b" ", 3)[2].decode()
+                head, current = families.setdefault(name, ([], []))
+                if line not in head:
+                    head.append(line)
+            elif line and current is not None:
+                name_end = line.find(b"{")
+                space = line.find(b" ")
+                if name_end != -1 and name_end < space:
+                    current.append(line[: name_end + 1] + label + b"," + line[name_end + 1 :])
+                else:
+                    current.append(line[:space] + b"{" + label + b"}" + line[space:])
+    out = [line for head, samples in families.values() for line in (*head, *samples)]
+    return b"\n".join(out) + b"\n"

@@ -27,6 +27,7 @@ from relayd.metrics import Metrics
 from relayd.relay import Relay
 from relayd.store.broker import RedisBroker
 from relayd.store.redis_streams import RedisStore
+from relayd.supervisor import metrics_socket, worker_identity
 from relayd.web.app import build_app, drain_connections
 from relayd.web.keys import Runtime
 
@@ -44,6 +45,7 @@ class Server:
         self.port = 0
         self.dev_api_key: str | None = None
         self.dev_admin_key: str | None = None
+        self._metrics_runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
@@ -81,12 +83,19 @@ class Server:
             tokens=tokens,
             admin_keys=self._admin_keys(),
         )
+        worker = worker_identity()
+        if worker is not None:
+            self.runtime.worker = worker
+            await self._serve_own_metrics(metrics, metrics_socket(worker[2], worker[0]))
         app = build_app(self.runtime)
         self._runner = web.AppRunner(
             app, handle_signals=False, access_log=None, shutdown_timeout=cfg.server.drain_timeout_s
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.server.host, cfg.server.port, reuse_address=True)
+        # A worker of `serve --workers N` shares the port with its siblings (the kernel spreads connections).
+        site = web.TCPSite(
+            self._runner, cfg.server.host, cfg.server.port, reuse_address=True, reuse_port=worker is not None
+        )
         try:
             await site.start()
         except OSError as exc:
@@ -94,6 +103,24 @@ class Server:
         server = site._server
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("relayd listening on %s", self.url)
+
+    async def _serve_own_metrics(self, metrics: Metrics, path: Path) -> None:
+        """A worker's own samples, on a private unix socket: its siblings merge them into /metrics."""
+
+        async def own(request: web.Request) -> web.Response:
+            return web.Response(body=metrics.render())
+
+        app = web.Application()
+        app.router.add_get("/metrics", own)
+        self._metrics_runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._metrics_runner.setup()
+        await asyncio.to_thread(path.unlink, missing_ok=True)  # left by a previous run of this worker index
+        await web.UnixSite(self._metrics_runner, str(path)).start()
+
+    def prepare_credentials(self) -> None:
+        """Make the development credentials now if relayd would use them (``serve --workers``)."""
+        self._credentials()
+        self._admin_keys()
 
     def _credentials(self) -> tuple[ApiKeys, TokenAuthority]:
         cfg = self.config.auth
@@ -142,6 +169,9 @@ class Server:
             await drain_connections(self._runner.app)
             await self._runner.cleanup()  # closes the listener; on_shutdown finds the drain done
             self._runner = None
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         if self.relay is not None:
             await self.relay.close()
             self.relay = None

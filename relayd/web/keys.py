@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
@@ -30,6 +31,8 @@ class Runtime:
     # Open connections, as the coroutine that closes each for a drain (code 1012).
     producers: set[Closer] = field(default_factory=set)
     consumers: set[Closer] = field(default_factory=set)
+    # In a worker of `serve --workers N`: (index, count, run dir), for /metrics of all workers.
+    worker: tuple[int, int, Path] | None = None
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
