@@ -118,6 +118,11 @@ class Hub:
         for sub in tuple(self._subs.get(stream, ())):
             sub.on_resync()
 
+    def resync_all(self) -> None:
+        """The store's connection was lost and made again: every subscriber reads Redis again."""
+        for stream in list(self._subs):
+            self.resync(stream)
+
     def created(self, stream: str) -> None:
         for sub in tuple(self._subs.get(stream, ())):
             sub.on_created()

@@ -42,6 +42,10 @@ class Catalog(Protocol):
 class Store(History, Catalog, Protocol):
     """Durable streams: typed writes with outcome callbacks, reads, lifecycle."""
 
+    on_reconnect: Callable[[], None]
+    """Set by the relay: called when writes flow again after a lost connection. Redis may have
+    restarted or failed over and lost entries, so every subscriber checks what it delivered."""
+
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     async def drain(self) -> None:

@@ -44,6 +44,7 @@ class Relay:
         self.metrics = metrics
         self._broker: Broker = broker or LocalBroker()
         self._hub = Hub(store, metrics, config.consumer.catchup_page)
+        store.on_reconnect = self._hub.resync_all
         self._holders: dict[str, ProducerSession] = {}
         self._cancel_timers: dict[str, asyncio.TimerHandle] = {}
         self._sweeper: asyncio.Task[None] | None = None

@@ -93,6 +93,10 @@ class Subscriber:
         self._buffered = 0  # bytes of the chunks in _buffer
         self._overflow = False
         self._new_gen: int | None = None  # the stream was lost and created again meanwhile
+        # The last entry handed over, to check after a reconnect that Redis still has it: a failover
+        # to a replica that lacked it, or an older AOF, makes offsets go backwards (history lost).
+        self._last: Entry | None = None
+        self._verify = False
         self._wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -144,6 +148,7 @@ class Subscriber:
         self.hub.metrics.delivered("live", pub.chunks, len(data))
         self.chunks += pub.chunks
         self.next = pub.last + 1
+        self._last = pub.entries[-1]
         if pub.end:
             self._finish()
         return True
@@ -155,7 +160,9 @@ class Subscriber:
             self._overflow = True  # the read in progress may predate them: read again
 
     def on_resync(self) -> None:
-        """Publications may have been lost (another instance's, through a broker that reconnected)."""
+        """Publications may have been lost (a broker or store connection was lost and made again):
+        read Redis again, and check first that it still holds what this subscriber delivered."""
+        self._verify = True
         if self.state is State.LIVE:
             self._fall_behind()
         elif self.state is State.CATCHUP:
@@ -228,10 +235,12 @@ class Subscriber:
         self.text = meta.content_type == "text"
         cursor = self.cursor
         if cursor is not None:
-            if cursor[0] == meta.gen:
+            if cursor[0] == meta.gen and cursor[1] > meta.n:
+                self._history_lost()  # the consumer saw entries Redis no longer has
+            elif cursor[0] == meta.gen:
                 self.next = cursor[1] + 1
-                if cursor[1] >= meta.n and not meta.is_open:
-                    self.next = meta.n  # at (or past) the end: say again how it ended
+                if cursor[1] == meta.n and not meta.is_open:
+                    self.next = meta.n  # at the end: say again how it ended
             else:
                 self.hub.metrics.reset()
                 self.outbox.control(self.codec.reset(self.stream, "stream_replaced"))
@@ -245,6 +254,9 @@ class Subscriber:
         while True:
             if self._new_gen is not None:
                 await self._reset_to_new_generation()
+            if self._verify:
+                self._verify = False
+                await self._check_history()
             self._clear_buffer()
             self._overflow = False
             entries = await store.read_entries(self.stream, self.gen, self.next, count)
@@ -283,6 +295,25 @@ class Subscriber:
         self.hub.metrics.delivered("replay", chunks, len(data))
         self.chunks += chunks
         self.next = entries[-1].offset + 1
+        self._last = entries[-1]
+
+    async def _check_history(self) -> None:
+        """Redis must still hold the last entry delivered, as delivered; else history was lost."""
+        last = self._last
+        if last is None or self.next <= 1:
+            return
+        found = await self.hub.history.read_entries(self.stream, self.gen, last.offset, 1)
+        if not found or found[0].offset != last.offset or found[0].data != last.data:
+            self._history_lost()
+
+    def _history_lost(self) -> None:
+        """Entries this consumer had are gone and later ones may sit at their offsets: say so
+        (``reset``, reason ``history_lost``) and deliver the stream again from what Redis holds."""
+        log.warning("history lost on %s: Redis no longer holds offset %d as delivered", self.stream, self.next - 1)
+        self.hub.metrics.reset()
+        self.outbox.control(self.codec.reset(self.stream, "history_lost"))
+        self.next = 1
+        self._last = None
 
     async def _reset_to_new_generation(self) -> None:
         """The stream was lost (expired, flushed) and created again: say so, restart at its start."""

@@ -53,6 +53,9 @@ class Wire(Protocol):
     async def reconnect(self) -> None: ...
     async def load_scripts(self) -> None: ...
     def abort_writer(self) -> None: ...
+    def recovered(self) -> None:
+        """Writes flow again after a lost connection (Redis may have restarted or failed over)."""
+        ...
 
 
 class Pipeline:
@@ -200,6 +203,7 @@ class Pipeline:
                         _resolve(batch, replies)
                     self._metrics.redis_health(True)
                     log.info("redis writes recovered")
+                    self._store.recovered()
                     return
                 except (StoreUnavailable, StoreError) as exc:
                     if time.monotonic() >= deadline:

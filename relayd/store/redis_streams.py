@@ -68,6 +68,7 @@ class RedisStore:
         self._client: aioredis.Redis = aioredis.Redis.from_pool(pool)  # owns and closes the pool
         self._writer: RespConnection | None = None
         self._pipeline: Pipeline | None = None
+        self.on_reconnect: Callable[[], None] = _nothing
         self._sha: dict[str, bytes] = {}
         # Pre-encoded constant arguments: encoded once, spliced into every command.
         self._max_chunks = str(streams_cfg.max_chunks).encode()
@@ -114,6 +115,9 @@ class RedisStore:
         if self._writer is not None and not self._writer.closed:
             return
         self._writer = await RespConnection.connect(self.url, self._timeout_s)
+
+    def recovered(self) -> None:
+        self.on_reconnect()
 
     def abort_writer(self) -> None:
         """Drop the write connection: every batch on it fails and the pipeline reconnects."""
@@ -489,6 +493,10 @@ def _end_outcome(reply: Any, exc: BaseException | None, reason: str) -> EndOutco
     if result == "fenced":
         return Refused("fenced", "a newer producer took the stream over", int(reply[1]))
     return Refused(result, f"end failed: {result}")  # not_found | alive
+
+
+def _nothing() -> None:
+    return None
 
 
 def _ignore(reply: Any, exc: BaseException | None) -> None:
