@@ -260,4 +260,3 @@ def _start_retrying(base: Path, masters: int, replicas: int, attempts: int = 3) 
             if attempt == attempts:
                 raise
     raise AssertionError("unreachable")
-
