@@ -51,7 +51,7 @@ from urllib.parse import unquote, urlparse
 import hiredis
 
 from relayd.errors import StoreUnavailable
-from relayd.store.resp import RespArg, encode_command
+from relayd.store.resp import NOT_ENOUGH_DATA, RespArg, encode_command
 from relayd.store.slots import key_slot
 from relayd.store.topology import Addr, ClusterUrl, SlotMap, fetch_slot_map, parse_cluster_url
 
@@ -101,7 +101,7 @@ class _Conn(asyncio.Protocol):
         self.pings: list[asyncio.Future[None]] = []
         self.ready = False  # subscriptions made and confirmed after connecting
         self.transport: asyncio.Transport | None = None
-        self.reader = hiredis.Reader(notEnoughData=None)
+        self.reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA)
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -114,7 +114,7 @@ class _Conn(asyncio.Protocol):
         self.reader.feed(data)
         while True:
             reply = self.reader.gets()
-            if reply is None:
+            if reply is NOT_ENOUGH_DATA:
                 return
             if not self._handle(reply):
                 return
