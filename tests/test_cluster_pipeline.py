@@ -104,9 +104,16 @@ async def test_moved_and_ask_during_a_slot_migration(
     for node in redis_cluster.masters():
         node.command("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
     redis_cluster.wait_ok()
-    # the source now answers MOVED: the writer re-reads the map and follows
-    assert await writer.send([append(key_prefix, 0, seq) for seq in range(4, 10)]) == [b"ok"] * 6
+    # the source now answers MOVED: the writer re-reads the map and follows. A batch sent once
+    # the MOVED is known, while the bounced one waits for its resend, must not overtake it.
+    probe = next(k for i in range(1000) if writer.node_for_slot(key_slot(k := f"{key_prefix}:p{i}")) == source.addr)
+    first = writer.send([append(key_prefix, 0, 4)])
+    # the source answers in order: once the probe is answered, the MOVED before it was read
+    await writer.send([(key_slot(probe), encode_command(["GET", probe]))])
     assert writer.node_for_slot(slot) == target.addr
+    second = writer.send([append(key_prefix, 0, seq) for seq in range(5, 10)])
+    assert await first == [b"ok"]
+    assert await second == [b"ok"] * 5
     assert stored(redis_cluster, key_prefix, 0) == list(range(1, 10))
 
 
