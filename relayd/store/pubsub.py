@@ -378,11 +378,9 @@ class RedisPubSub:
             if key not in wanted and key != _GLOBAL:
                 del self._conns[key]
                 conn.close()
-        fresh: list[_Conn] = []
         for key in wanted:
             if key not in self._conns:
                 self._conns[key] = await self._connect(key)
-                fresh.append(self._conns[key])
         for key, channels in wanted.items():
             conn = self._conns[key]
             for channel in conn.channels - channels:
@@ -391,6 +389,7 @@ class RedisPubSub:
                 conn.subscribe(channel)
         for conn in list(self._conns.values()):
             await conn.ping(self.timeout_s)
+        fresh = [conn for conn in self._conns.values() if not conn.ready]
         for conn in fresh:
             conn.ready = True
         if fresh and not self._lost:
