@@ -13,7 +13,7 @@ import pytest
 from relayd.config import Config
 from tests.helpers import API_KEY, JWT_SECRET, Relayd, make_config
 
-pytest_plugins = ["tests.conftest_redis"]
+pytest_plugins = ["tests.conftest_redis", "tests.conftest_cluster"]
 
 
 @pytest.fixture

@@ -51,7 +51,7 @@ from urllib.parse import unquote, urlparse
 import hiredis
 
 from relayd.errors import StoreUnavailable
-from relayd.store.resp import RespArg, encode_command
+from relayd.store.resp import NOT_ENOUGH_DATA, RespArg, encode_command
 from relayd.store.slots import key_slot
 from relayd.store.topology import Addr, ClusterUrl, SlotMap, fetch_slot_map, parse_cluster_url
 
@@ -101,7 +101,7 @@ class _Conn(asyncio.Protocol):
         self.pings: list[asyncio.Future[None]] = []
         self.ready = False  # subscriptions made and confirmed after connecting
         self.transport: asyncio.Transport | None = None
-        self.reader = hiredis.Reader(notEnoughData=None)
+        self.reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA)
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -114,7 +114,7 @@ class _Conn(asyncio.Protocol):
         self.reader.feed(data)
         while True:
             reply = self.reader.gets()
-            if reply is None:
+            if reply is NOT_ENOUGH_DATA:
                 return
             if not self._handle(reply):
                 return
@@ -378,11 +378,9 @@ class RedisPubSub:
             if key not in wanted and key != _GLOBAL:
                 del self._conns[key]
                 conn.close()
-        fresh: list[_Conn] = []
         for key in wanted:
             if key not in self._conns:
                 self._conns[key] = await self._connect(key)
-                fresh.append(self._conns[key])
         for key, channels in wanted.items():
             conn = self._conns[key]
             for channel in conn.channels - channels:
@@ -391,6 +389,7 @@ class RedisPubSub:
                 conn.subscribe(channel)
         for conn in list(self._conns.values()):
             await conn.ping(self.timeout_s)
+        fresh = [conn for conn in self._conns.values() if not conn.ready]
         for conn in fresh:
             conn.ready = True
         if fresh and not self._lost:

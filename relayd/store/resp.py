@@ -22,6 +22,9 @@ from relayd.errors import StoreUnavailable
 
 RespArg = bytes | str | int
 
+# What hiredis returns when a reply is incomplete: a nil reply is None, so None cannot be it.
+NOT_ENOUGH_DATA: Any = object()
+
 
 def encode_command(args: Sequence[RespArg]) -> bytes:
     """RESP array of bulk strings."""
@@ -54,7 +57,7 @@ class RespConnection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
-        self._reader = hiredis.Reader(notEnoughData=None)
+        self._reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA)
         self._pending: deque[_Pending] = deque()
         self._closed = False
         self._lost: Exception | None = None
@@ -100,7 +103,7 @@ class RespConnection(asyncio.Protocol):
         pending = self._pending
         while True:
             reply = reader.gets()
-            if reply is None:
+            if reply is NOT_ENOUGH_DATA:
                 return
             if not pending:  # an unsolicited reply: the stream is out of sync; stop trusting it
                 self._fail(StoreUnavailable("unexpected reply from Redis"))
