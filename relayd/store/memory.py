@@ -62,7 +62,7 @@ class _Stream:
     pid: str | None = None  # the producer id that started epoch ``pidep``
     pidep: int | None = None
     log: list[Entry] = field(default_factory=list)
-    expires: int | None = None  # ms; None: no expiry
+    expires: int = 0  # when the keys expire (ms); every write that creates them sets it
 
     def meta(self, stream: str) -> StreamMeta:
         return StreamMeta(
@@ -92,7 +92,7 @@ class MemoryStore:
     # lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        return None
+        """Nothing to connect to."""
 
     async def close(self) -> None:
         """Writes still queued fail, as the pipeline's do when it closes."""
@@ -106,7 +106,7 @@ class MemoryStore:
         await self._idle.wait()
 
     async def ping(self) -> None:
-        return None
+        """Always answers."""
 
     def _submit(self, apply: Callable[[], Any], done: Callable[[Any], None] | None) -> None:
         if not self._queue:
@@ -129,7 +129,7 @@ class MemoryStore:
     def _get(self, stream: str) -> _Stream | None:
         """The stream's keys, unless they expired (Redis expires lazily on access too)."""
         s = self._streams.get(stream)
-        if s is not None and s.expires is not None and s.expires <= self.clock():
+        if s is not None and s.expires <= self.clock():
             del self._streams[stream]
             return None
         return s
@@ -270,9 +270,7 @@ class MemoryStore:
 
     async def ttl_s(self, stream: str) -> int:
         s = self._get(stream)
-        if s is None:
-            return -2
-        return -1 if s.expires is None else (s.expires - self.clock() + 500) // 1000
+        return -2 if s is None else (s.expires - self.clock() + 500) // 1000  # rounded, as TTL does
 
     # the Catalog reads and removal ---------------------------------------------------------------
 
@@ -289,15 +287,12 @@ class MemoryStore:
         return [None if (s := self._get(stream)) is None else (s.created, s.status == "open") for stream in streams]
 
     async def stream_stats(self, streams: list[str]) -> list[StreamStats | None]:
-        out: list[StreamStats | None] = []
-        for stream in streams:
-            s = self._get(stream)
-            if s is None:
-                out.append(None)
-                continue
-            memory = sum(len(e.data or b"") + len(e.message) + 16 for e in s.log) + 100
-            out.append(StreamStats(s.meta(stream), len(s.log), memory, await self.ttl_s(stream)))
-        return out
+        return [None if self._get(stream) is None else await self._stats(stream) for stream in streams]
+
+    async def _stats(self, stream: str) -> StreamStats:
+        s = self._streams[stream]
+        memory = sum(len(e.data or b"") + len(e.message) + 16 for e in s.log) + 100
+        return StreamStats(s.meta(stream), len(s.log), memory, await self.ttl_s(stream))
 
     async def log_edges(self, stream: str) -> tuple[int, int] | None:
         s = self._get(stream)
