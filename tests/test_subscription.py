@@ -193,6 +193,19 @@ async def test_a_subscriber_from_a_cursor_gets_only_what_follows_it(world: World
     assert sink.chunks() == ["c", "d"]
 
 
+async def test_a_publication_that_overlaps_what_was_delivered_is_delivered_from_next_on(world: World) -> None:
+    """A live publication starting below the subscriber's next offset (a broker's copy of a batch
+    it partly read from the store) hands over only the entries it lacks."""
+    await world.open()
+    sink = RecordingSink()
+    sub = world.subscribe(sink)
+    await live(sub)
+    await world.append("a")
+    overlapping = await world.append("b", "c", publish=False)
+    world.hub.publish(Publication(S, world.gen, [Entry(1, b'"a"'), *overlapping.entries], False, 0.0, 9))
+    assert sink.chunks() == ["a", "b", "c"] and sink.offsets() == [1, 2, 3] and sub.state is State.LIVE
+
+
 async def test_a_full_sink_falls_behind_and_catches_up_from_history(world: World) -> None:
     """Live frames a full queue refuses are read again from the store once the peer reads."""
     await world.open()
