@@ -1,0 +1,307 @@
+"""The store contract in memory: :class:`MemoryStore`, for unit tests of the engine without Redis.
+
+It answers exactly what :class:`~relayd.store.redis_streams.RedisStore` answers (the Lua scripts
+in relayd/store/lua/ are the specification; tests/test_store_contract.py runs one suite against
+both), and schedules like it: writes queued during one event-loop tick are applied and answered
+together in a later callback, in submission order, never inside the call that queued them.
+
+Deliberate differences, none visible to the engine's logic:
+
+- ``streams.max_chunks`` trims the log exactly; Redis's ``MAXLEN ~`` trims whole radix-tree
+  nodes, so it keeps at least ``max_chunks`` entries and often more.
+- A stream's two keys share one expiry (Redis's scripts always set both TTLs together, except
+  on creation, when the log does not exist yet). Time is ``clock()`` (ms), injectable.
+- The scans answer in one step (cursor 0); ``memory_bytes`` is the size of the stored data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from relayd.config import Config
+from relayd.model import (
+    Appended,
+    AppendOutcome,
+    Ended,
+    EndOutcome,
+    Entry,
+    Opened,
+    OpenOutcome,
+    Refused,
+    StreamMeta,
+    StreamStats,
+    now_ms,
+)
+
+log = logging.getLogger("relayd.store.memory")
+
+Clock = Callable[[], int]
+
+
+@dataclass(slots=True)
+class _Stream:
+    """One stream's meta hash and log, as the scripts keep them."""
+
+    gen: int
+    epoch: int
+    ct: str
+    created: int
+    status: str = "open"
+    base: int = 0  # offset of the last entry before the current epoch: seq s is offset base + s
+    seq: int = 0
+    n: int = 0
+    updated: int = 0
+    ended: int | None = None
+    message: str = ""
+    pid: str | None = None  # the producer id that started epoch ``pidep``
+    pidep: int | None = None
+    log: list[Entry] = field(default_factory=list)
+    expires: int = 0  # when the keys expire (ms); every write that creates them sets it
+
+    def meta(self, stream: str) -> StreamMeta:
+        return StreamMeta(
+            stream, self.status, self.gen, self.epoch, self.seq, self.n, self.ct,
+            self.created, self.updated, self.ended, self.message,
+        )  # fmt: skip
+
+    def head(self, code: str) -> Opened:
+        return Opened(code, self.gen, self.epoch, self.seq, self.n, self.status, self.ct)  # type: ignore[arg-type]
+
+
+class MemoryStore:
+    """:class:`relayd.ports.Store` in memory. ``Relay(config, MemoryStore(config), metrics)``."""
+
+    def __init__(self, config: Config | None = None, *, clock: Clock = now_ms) -> None:
+        streams = (config or Config()).streams
+        self.clock = clock
+        self._max_chunks = streams.max_chunks
+        self._open_ttl_ms = streams.open_ttl_s * 1000
+        self._end_ttl_ms = streams.ttl_after_end_s * 1000
+        self._streams: dict[str, _Stream] = {}
+        self._index: dict[str, int] = {}  # the open index: stream -> last activity (ms)
+        self._queue: list[tuple[Callable[[], Any], Callable[[Any], None] | None]] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    async def close(self) -> None:
+        """Writes still queued fail, as the pipeline's do when it closes."""
+        queue, self._queue = self._queue, []
+        for _, done in queue:
+            if done is not None:
+                done(Refused("store_unavailable", "relayd is shutting down"))
+        self._idle.set()
+
+    async def drain(self) -> None:
+        await self._idle.wait()
+
+    async def ping(self) -> None:
+        """Always answers."""
+
+    def _submit(self, apply: Callable[[], Any], done: Callable[[Any], None] | None) -> None:
+        if not self._queue:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._queue.append((apply, done))
+        self._idle.clear()
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []  # writes queued by a callback form the next batch
+        for apply, done in batch:
+            outcome = apply()
+            if done is not None:
+                try:
+                    done(outcome)
+                except Exception:  # one bad callback must not stall the batch (as in the pipeline)
+                    log.exception("write callback failed")
+        if not self._queue:
+            self._idle.set()
+
+    def _get(self, stream: str) -> _Stream | None:
+        """The stream's keys, unless they expired (Redis expires lazily on access too)."""
+        s = self._streams.get(stream)
+        if s is not None and s.expires <= self.clock():
+            del self._streams[stream]
+            return None
+        return s
+
+    # typed writes: open.lua, append.lua, end.lua, touch.lua -----------------------------------
+
+    def open(
+        self,
+        stream: str,
+        epoch: int | None,
+        content_type: str,
+        producer: str | None,
+        done: Callable[[OpenOutcome], None],
+    ) -> None:
+        self._submit(lambda: self._open(stream, epoch, content_type, producer), done)
+
+    def _open(self, stream: str, epoch: int | None, content_type: str, pid: str | None) -> OpenOutcome:
+        now = self.clock()
+        s = self._get(stream)
+        if s is None:
+            s = _Stream(now, epoch or 1, content_type, now, updated=now, expires=now + self._open_ttl_ms)
+            if pid:
+                s.pid, s.pidep = pid, s.epoch
+            self._streams[stream] = s
+            return s.head("created")
+        if s.status != "open":
+            return s.head("ended")
+        if epoch is None:
+            if pid and s.pid == pid and s.pidep == s.epoch:
+                s.updated = now
+                return s.head("resumed")
+            epoch = s.epoch + 1
+        elif epoch < s.epoch:
+            return Refused("fenced", f"stream is held by a newer producer (epoch {s.epoch})", s.epoch)
+        elif epoch == s.epoch:
+            s.updated = now
+            return s.head("resumed")
+        # a new epoch: its sequence numbers start again at 1, after the entries already stored
+        s.epoch, s.base, s.seq, s.updated = epoch, s.n, 0, now
+        s.pid, s.pidep = (pid, epoch) if pid else (None, None)
+        return s.head("opened")
+
+    def append_handle(self, stream: str, epoch: int) -> tuple[str, int]:
+        return stream, epoch
+
+    def append(
+        self, handle: tuple[str, int], seq: int, chunks: list[bytes], done: Callable[[AppendOutcome], None]
+    ) -> None:
+        chunks = list(chunks)  # the caller may reuse its list before the write is applied
+        self._submit(lambda: self._append(handle[0], handle[1], seq, chunks), done)
+
+    def _append(self, stream: str, epoch: int, seq: int, chunks: list[bytes]) -> AppendOutcome:
+        s = self._get(stream)
+        if s is None:
+            return Refused("not_found", "stream expired or was removed")
+        if s.status != "open":
+            return Refused("ended", f"stream ended ({s.status})", status=s.status)
+        if epoch != s.epoch:
+            return Refused("fenced", "a newer producer took the stream over", s.epoch)
+        if seq > s.seq + 1:
+            return Refused("seq_gap", f"expected seq {s.seq + 1}", s.seq)
+        last_seq = seq + len(chunks) - 1
+        if last_seq <= s.seq:  # all stored already: a resend
+            return Appended(s.gen, s.n + 1, s.base + last_seq, last_seq)
+        first = s.n + 1
+        for chunk in chunks[s.seq - seq + 1 :]:  # a partial overlap stores only the new ones
+            s.n += 1
+            s.log.append(Entry(s.n, chunk))
+        del s.log[: max(len(s.log) - self._max_chunks, 0)]  # MAXLEN (exact here; '~' in Redis)
+        now = self.clock()
+        s.seq, s.updated, s.expires = last_seq, now, now + self._open_ttl_ms
+        return Appended(s.gen, first, s.n, last_seq)
+
+    def end(
+        self,
+        stream: str,
+        reason: str,
+        message: str,
+        done: Callable[[EndOutcome], None],
+        *,
+        epoch: int | None = None,
+        stale_before: int | None = None,
+    ) -> None:
+        self._submit(lambda: self._end(stream, reason, message, epoch, stale_before), done)
+
+    def _end(self, stream: str, reason: str, message: str, epoch: int | None, stale_before: int | None) -> EndOutcome:
+        s = self._get(stream)
+        if s is None:
+            return Refused("not_found", "end failed: not_found")
+        if s.status != "open":
+            return Ended("already", s.gen, s.n, s.status)
+        if epoch is not None and epoch != s.epoch:
+            return Refused("fenced", "a newer producer took the stream over", s.epoch)
+        if stale_before is not None and s.updated >= stale_before:
+            return Refused("alive", "end failed: alive")
+        now = self.clock()
+        s.n += 1
+        s.log.append(Entry(s.n, None, reason, message))
+        s.status, s.ended, s.updated, s.message, s.expires = reason, now, now, message, now + self._end_ttl_ms
+        return Ended("ok", s.gen, s.n, reason)
+
+    def touch(self, streams: list[str]) -> None:
+        if not streams:
+            return
+        now = self.clock()
+        for stream in streams:
+            self._submit(partial(self._touch, stream, now), None)
+        self.index(streams, now)
+
+    def _touch(self, stream: str, now: int) -> None:
+        s = self._get(stream)
+        if s is not None and s.status == "open":
+            s.updated, s.expires = now, now + self._open_ttl_ms
+
+    def index(self, streams: list[str], now: int | None = None) -> None:
+        score = self.clock() if now is None else now
+        self._submit(lambda: self._index.update(dict.fromkeys(streams, score)), None)
+
+    def unindex(self, streams: list[str]) -> None:
+        self._submit(lambda: [self._index.pop(stream, None) for stream in streams], None)
+
+    # reads -----------------------------------------------------------------------------------
+
+    async def read_meta(self, stream: str) -> StreamMeta | None:
+        s = self._get(stream)
+        return None if s is None else s.meta(stream)
+
+    async def read_entries(self, stream: str, gen: int, first: int, count: int) -> list[Entry]:
+        s = self._get(stream)
+        if s is None or s.gen != gen:  # one generation per key: an older reader finds nothing
+            return []
+        start = bisect.bisect_left(s.log, first, key=lambda e: e.offset)
+        return s.log[start : start + count]
+
+    async def stale_open_streams(self, before_ms: int, limit: int = 500) -> list[str]:
+        stale = sorted((score, stream) for stream, score in self._index.items() if score <= before_ms)
+        return [stream for _, stream in stale[:limit]]
+
+    async def ttl_s(self, stream: str) -> int:
+        s = self._get(stream)
+        return -2 if s is None else (s.expires - self.clock() + 500) // 1000  # rounded, as TTL does
+
+    # the Catalog reads and removal ---------------------------------------------------------------
+
+    async def scan_streams(self, cursor: int, id_prefix: str, count: int) -> tuple[int, list[str]]:
+        return 0, [stream for stream in list(self._streams) if stream.startswith(id_prefix) and self._get(stream)]
+
+    async def scan_open(self, cursor: int, id_prefix: str, count: int) -> tuple[int, list[str]]:
+        return 0, [stream for stream in self._index if stream.startswith(id_prefix)]
+
+    async def open_count(self) -> int:
+        return len(self._index)
+
+    async def stream_heads(self, streams: list[str]) -> list[tuple[int, bool] | None]:
+        return [None if (s := self._get(stream)) is None else (s.created, s.status == "open") for stream in streams]
+
+    async def stream_stats(self, streams: list[str]) -> list[StreamStats | None]:
+        return [None if self._get(stream) is None else await self._stats(stream) for stream in streams]
+
+    async def _stats(self, stream: str) -> StreamStats:
+        s = self._streams[stream]
+        memory = sum(len(e.data or b"") + len(e.message) + 16 for e in s.log) + 100
+        return StreamStats(s.meta(stream), len(s.log), memory, await self.ttl_s(stream))
+
+    async def log_edges(self, stream: str) -> tuple[int, int] | None:
+        s = self._get(stream)
+        if s is None or not s.log:
+            return None
+        return s.log[0].offset, s.log[-1].offset
+
+    async def delete_stream(self, stream: str) -> bool:
+        self._index.pop(stream, None)
+        existed = self._get(stream) is not None
+        self._streams.pop(stream, None)
+        return existed
