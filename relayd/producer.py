@@ -109,6 +109,10 @@ class ProducerSession:
             if len(self.ended) > _ENDED_MEMORY:
                 del self.ended[next(iter(self.ended))]
 
+    def stream_count(self) -> int:
+        """Streams held or being opened (an open on its way counts against the limit)."""
+        return len(self.held) + sum(1 for stream in self.opening if stream not in self.held)
+
     # pipelined opens ----------------------------------------------------------------------------
 
     def start_opening(self, stream: str) -> None:

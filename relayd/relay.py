@@ -74,7 +74,9 @@ class Relay:
     # producer ops -----------------------------------------------------------------------------
 
     def open(self, session: ProducerSession, op: OpenOp) -> None:
-        if op.stream not in session.held and len(session.held) >= self.config.limits.max_streams_per_connection:
+        # Opens on their way to Redis count too: a pipelined producer must not get round the limit.
+        known = op.stream in session.held or op.stream in session.opening
+        if not known and session.stream_count() >= self.config.limits.max_streams_per_connection:
             session.peer.refused(op.stream, "too_many_streams", "limits.max_streams_per_connection reached")
             return
         session.start_opening(op.stream)
@@ -101,6 +103,10 @@ class Relay:
             self._hub.created(op.stream)
         if outcome.code == "ended":
             session.finish(op.stream, outcome.epoch)  # appends get stream_ended, not not_open
+        elif session.closed:
+            # The connection left while the open was on its way: hold nothing for it (the sweep
+            # would take the stream for alive forever); its producer timeout runs from now.
+            self._store.touch([op.stream])
         else:
             held = Held(
                 outcome.epoch,

@@ -88,6 +88,7 @@ class MemoryStore:
         self._queue: list[tuple[Callable[[], Any], Callable[[Any], None] | None]] = []
         self._idle = asyncio.Event()
         self._idle.set()
+        self.on_reconnect: Callable[[], None] = lambda: None  # never loses a connection
 
     # lifecycle -------------------------------------------------------------------------------
 
