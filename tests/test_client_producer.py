@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 import pytest
 from aiohttp import web
@@ -42,6 +43,7 @@ from relayd.protocol import split_message
 from tests.helpers import API_KEY, Relayd, collect_chunks, make_config
 
 ConfigFactory = Callable[..., Config]
+EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")  # fake_openai.py
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -207,9 +209,76 @@ async def test_stream_from_async_generator_and_sync_iterable(relayd: Relayd) -> 
     assert (await replay(relayd, "gen-1"))[0] == [{"text": "Hel"}, {"delta": "lo"}]
     assert (await replay(relayd, "text-1"))[0] == ["a", "Hi", "b"]
     data, end = await replay(relayd, "sdk-1")
-    assert data == [json_encoder(chunk)] and "system_fingerprint" not in data[0]  # None fields dropped
+    assert data == [json_encoder(chunk)]
+    assert data[0]["choices"][0]["finish_reason"] is None  # a null that was set is kept
+    assert "system_fingerprint" not in data[0]  # a field never set is not invented
     assert end["cursor"] == third.cursor
     assert text_encoder({"type": "content_block_delta", "delta": {"text": "x"}}) == "x"
+
+
+@contextlib.asynccontextmanager
+async def recording_proxy(target: str) -> AsyncIterator[tuple[str, bytearray]]:
+    """An HTTP proxy on port 0 in front of ``target`` (a base URL); yields its URL and the bytes of
+    every response body that went through it, as they went."""
+    record = bytearray()
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(request.method, target + request.path_qs, headers=headers, data=await request.read()) as up,
+        ):
+            response = web.StreamResponse(status=up.status, headers={"Content-Type": up.headers["Content-Type"]})
+            await response.prepare(request)
+            async for part in up.content.iter_any():
+                record.extend(part)
+                await response.write(part)
+            await response.write_eof()
+            return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}", record
+    finally:
+        await runner.cleanup()
+
+
+async def test_openai_chunks_are_stored_as_the_model_sent_them(relayd: Relayd, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real openai SDK streaming from the fake model: every stored chunk equals, field for
+    field, the JSON the model sent for it, nulls included (finish_reason, logprobs, usage)."""
+    monkeypatch.syspath_prepend(EXAMPLES)
+    from fake_openai import start_fake_openai
+
+    fake = await start_fake_openai(tokens=30)
+    try:
+        async with (
+            recording_proxy(fake.base_url.removesuffix("/v1")) as (proxy_url, body),
+            openai.AsyncOpenAI(base_url=f"{proxy_url}/v1", api_key="x", max_retries=0) as client,
+        ):
+            upstream = await client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            async with Producer(relayd.url, API_KEY) as p:
+                await p.stream("oa-1", upstream)
+    finally:
+        await fake.close()
+    events = bytes(body).decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    sent = [orjson.loads(event.removeprefix("data: ")) for event in events[:-2]]
+    stored, _ = await replay(relayd, "oa-1")
+    assert len(stored) == len(sent) == 1 + 30 + 1 + 1  # role, tokens, finish, usage
+    assert stored == sent
+    assert [c["choices"][0]["finish_reason"] for c in stored[:-1]] == [None] * 31 + ["stop"]
+    assert all("usage" in c and "logprobs" in c["choices"][0] for c in stored[:-1])
 
 
 async def test_stream_error_ends_the_stream_with_the_message_and_reraises(relayd: Relayd) -> None:
