@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ import pytest
 from aiohttp import web
 from openai.types.chat import ChatCompletionChunk
 
+from relayd.auth import hash_api_key
 from relayd.client import (
     ChunkTooLarge,
     ConnectionFailed,
@@ -33,6 +35,7 @@ from relayd.client import (
     ProducerFenced,
     Refused,
     StreamAlreadyEnded,
+    StreamEndedByServer,
     Unauthorized,
     json_encoder,
     text_encoder,
@@ -766,3 +769,99 @@ def test_the_sdk_imports_only_relayd_core_modules() -> None:
     relayd_modules = {m for m in modules if m.startswith("relayd.") and not m.startswith("relayd.client")}
     assert relayd_modules <= {"relayd.auth", "relayd.errors", "relayd.protocol"}, relayd_modules
     assert "redis" not in modules
+
+
+# --- an operator ends the stream (relayd streams end) -----------------------------------------
+
+ADMIN_KEY = "rk_admin_producer_test_0123456789"
+
+
+@pytest.fixture
+async def admin_relayd(config_factory: ConfigFactory) -> AsyncIterator[Relayd]:
+    """relayd with an admin key, for ending streams through the admin API as `relayd streams end` does."""
+    async with Relayd(config_factory(auth={"admin_keys": [hash_api_key(ADMIN_KEY)]})) as server:
+        yield server
+
+
+async def operator_end(server: Relayd, stream: str, reason: str, message: str) -> None:
+    assert server.session is not None
+    async with server.session.post(
+        f"{server.url}/v1/admin/streams/{stream}/end",
+        json={"reason": reason, "message": message},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def test_operator_end_stops_stream_with_its_own_outcome(admin_relayd: Relayd) -> None:
+    """`relayd streams end` mid-stream: stream() stops iterating, closes the source, calls on_cancel and
+    returns the operator's reason with ended_by_server (a StreamEndedByServer with the message); nothing raises."""
+    halfway, source_closed, on_cancel_called = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def thinking_model() -> AsyncIterator[str]:
+        try:
+            for i in range(5):
+                yield f"t{i} "
+            halfway.set()
+            await asyncio.Event().wait()  # the model thinks until it is stopped
+        finally:
+            source_closed.set()
+
+    async with Producer(admin_relayd.url, API_KEY, content_type="text") as p:
+        task = asyncio.create_task(p.stream("op-1", thinking_model(), on_cancel=on_cancel_called.set))
+        await halfway.wait()
+        await p.flush()
+        await operator_end(admin_relayd, "op-1", "error", "stopped by ops")
+        result = await task
+    assert source_closed.is_set() and on_cancel_called.is_set()
+    assert (result.reason, result.chunks, result.error) == ("error", 5, None)
+    ended = result.ended_by_server
+    assert isinstance(ended, StreamEndedByServer)
+    assert (ended.reason, ended.message, ended.stream, ended.cursor) == (
+        "error",
+        "stopped by ops",
+        "op-1",
+        result.cursor,
+    )
+    assert "relayd ended stream op-1 error: stopped by ops" in str(ended)
+    data, end = await replay(admin_relayd, "op-1")
+    assert data == [f"t{i} " for i in range(5)] and end["reason"] == "error"
+
+
+async def test_operator_end_sets_the_writers_cancelled_event_and_sends_raise_it(admin_relayd: Relayd) -> None:
+    """A writer whose stream an operator ended: `cancelled` is set, `ended_by_server` says why, a later
+    send raises StreamEndedByServer (not ProducerClosed), and leaving the block ends nothing more."""
+    async with Producer(admin_relayd.url, API_KEY) as p:
+        async with p.writer("op-2") as w:
+            await w.send({"n": 1})
+            await w.flush()
+            await operator_end(admin_relayd, "op-2", "cancelled", "")
+            await w.cancelled.wait()
+            assert w.ended_by_server is not None and w.ended_by_server.reason == "cancelled"
+            with pytest.raises(StreamEndedByServer, match="relayd ended stream op-2 cancelled") as raised:
+                await w.send({"n": 2})
+            assert not isinstance(raised.value, ProducerClosed)
+            result = await w.end()
+        assert (result.reason, result.ended_by_server) == ("cancelled", w.ended_by_server)
+
+
+async def test_push_example_exits_cleanly_when_an_operator_ends_its_stream(admin_relayd: Relayd) -> None:
+    """examples/push.py, a plain `await producer.stream(...)` caller, exits 0 and reports the end."""
+    env = {**os.environ, "RELAYD_URL": admin_relayd.url, "RELAYD_API_KEY": API_KEY}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(EXAMPLES) / "push.py"), "op-push",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        async with await admin_relayd.consumer("op-push", wait_ms="10000") as consumer:
+            _, first = await consumer.until("chunk")  # the example is streaming
+        assert first["data"]
+        await operator_end(admin_relayd, "op-push", "cancelled", "maintenance")
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, stderr.decode()
+    assert stdout.decode().startswith("op-push: cancelled after "), stdout
+    assert b"Traceback" not in stderr
