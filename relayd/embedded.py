@@ -518,8 +518,7 @@ async def supervise(
     while True:
         pid = server.pid
         running_since = time.monotonic()
-        # A thread blocked in waitpid: no polling. Cancelling leaves it until the server stops.
-        status = await asyncio.to_thread(server.wait)
+        status = await _exited(server)
         if time.monotonic() - running_since >= stable_s:
             failures = 0
         log.error(
@@ -549,6 +548,36 @@ async def supervise(
                 len(backoff_s),
             )
             break
+
+
+async def _exited(server: EmbeddedRedis) -> int:
+    """The server's exit status, once it exits.
+
+    A daemon thread blocks in ``waitpid`` (no polling, and no executor thread held for the
+    server's lifetime); if the wait is cancelled, the thread ends when the server is stopped.
+    """
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[int] = loop.create_future()
+
+    def deliver(outcome: int | EmbeddedServerError) -> None:
+        if exited.done():
+            return
+        if isinstance(outcome, EmbeddedServerError):
+            exited.set_exception(outcome)
+        else:
+            exited.set_result(outcome)
+
+    def watch() -> None:
+        outcome: int | EmbeddedServerError
+        try:
+            outcome = server.wait()
+        except EmbeddedServerError as exc:  # not running (a failed restart)
+            outcome = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(deliver, outcome)
+
+    threading.Thread(target=watch, name="relayd-embedded-watcher", daemon=True).start()
+    return await exited
 
 
 def describe_exit(status: int) -> str:
