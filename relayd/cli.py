@@ -71,7 +71,9 @@ def serve(config_path: Path | None, host: str | None, port: int | None, workers:
         else:
             code = run(config)
     except RelaydError as exc:
-        raise click.ClickException(str(exc)) from None
+        error = click.ClickException(str(exc))
+        error.exit_code = getattr(exc, "exit_code", 1)  # PortInUse, EmbeddedServerLost: relayd/errors.py
+        raise error from None
     sys.exit(code)
 
 

@@ -22,7 +22,7 @@ import click
 import orjson
 
 from relayd.admin_client import AdminClient
-from relayd.admin_errors import AdminError, HistoryMissing, Unauthorized
+from relayd.admin_errors import EXIT_UNREACHABLE, AdminError, HistoryMissing, Unauthorized
 from relayd.cli_format import gap_line, human_bytes, human_duration, print_json, table, when, write_chunk
 from relayd.config import Config, load_config
 from relayd.errors import RelaydError
@@ -156,10 +156,11 @@ def _admin(client: Client) -> AdminClient:
 @click.command()
 @admin_command()
 def status(client: Client, as_json: bool) -> None:
-    """A one-screen summary of a running relayd."""
+    """A one-screen summary of a running relayd; exits 4 if relayd or its Redis is down."""
     st = _admin(client).status()
     if as_json:
         print_json(st)
+        _exit_if_redis_down(st)
         return
     conns, chunks, redis, streams = st["connections"], st["chunks"], st["redis"], st["streams"]
     state = "DRAINING" if st["draining"] else "serving"
@@ -173,6 +174,13 @@ def status(client: Client, as_json: bool) -> None:
     )
     health = f"ok, PING {redis['latency_ms']} ms" if redis.get("ok") else f"DOWN: {redis.get('error')}"
     click.echo(f"redis        {redis['mode']}, {health}")
+    _exit_if_redis_down(st)
+
+
+def _exit_if_redis_down(st: dict[str, Any]) -> None:
+    # A monitoring script or health check must see a relayd that cannot store anything as down.
+    if not st["redis"].get("ok"):
+        sys.exit(EXIT_UNREACHABLE)
 
 
 # -- relayd streams -------------------------------------------------------------------------------

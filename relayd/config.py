@@ -236,6 +236,7 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     tables["auth"] = dataclasses.replace(tables["auth"], jwt_secret=jwt_secret)
     for table in tables.values():
         table.check()
+    check_jwt_key(tables["auth"], has_api_keys=bool(tables["auth"].api_keys or secrets))
     admin_secrets = _key_secrets("auth.admin_keys", "admin", env, "RELAYD_ADMIN_KEYS")
     return Config(**tables, api_key_secrets=secrets, admin_key_secrets=admin_secrets)
 
@@ -332,6 +333,21 @@ def _jwt_secret(auth: AuthConfig, env: Mapping[str, str]) -> str:
     if secret and len(secret) < 32:
         raise ConfigError("auth.jwt_secret", "must be at least 32 characters")
     return secret
+
+
+def check_jwt_key(auth: AuthConfig, *, has_api_keys: bool) -> None:
+    """Configured API keys mean a real deployment: its tokens need a configured key to check.
+
+    Without one relayd would sign and verify with the random development secret of its data dir,
+    so each instance would have its own and tokens minted by the app's backend would all fail.
+    """
+    if has_api_keys and auth.jwt_algorithm.startswith("HS") and not auth.jwt_secret:
+        raise ConfigError(
+            "auth.jwt_secret",
+            "is required once API keys are configured: set RELAYD_AUTH_JWT_SECRET or auth.jwt_secret_file "
+            "to the secret your backend signs tokens with (the development secret in "
+            "<embedded.data_dir>/dev-credentials is used only when no API key is configured)",
+        )
 
 
 def _read_secret_file(key: str, path: str) -> str:

@@ -19,13 +19,20 @@ one long-lived daemon thread of this module.
 If relayd crashed and its server survived (no PDEATHSIG, e.g. on macOS), the next
 :meth:`EmbeddedRedis.start` finds the lock free and the pidfile naming a live server for this
 data dir, stops it (SIGTERM, which flushes the AOF, then SIGKILL) and starts a fresh one.
+
+If the server dies while relayd runs (OOM killer, a crash, a stray ``kill``), :func:`supervise`
+logs its exit status and starts it again on the same data dir (its AOF holds everything it
+acknowledged), a bounded number of times with backoff; then it raises
+:class:`EmbeddedServerLost` and relayd exits, so that its service manager acts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -40,9 +47,11 @@ from queue import SimpleQueue
 from types import TracebackType
 from typing import Final, Self, TypeVar, cast
 
-from relayd.errors import EmbeddedServerError
+from relayd.errors import EmbeddedServerError, EmbeddedServerLost
 
-__all__ = ["EmbeddedRedis", "find_server_binary", "free_port"]
+__all__ = ["EmbeddedRedis", "describe_exit", "find_server_binary", "free_port", "supervise"]
+
+log = logging.getLogger("relayd.embedded")
 
 SOCKET_NAME: Final = "valkey.sock"
 PIDFILE_NAME: Final = "valkey.pid"
@@ -57,6 +66,11 @@ _LOG_TAIL_BYTES: Final = 8192
 _POLL_S: Final = 0.02
 _STALE_TERM_TIMEOUT_S: Final = 5.0
 _KILL_WAIT_S: Final = 5.0
+# supervise(): restarts in a row before giving up, the waits between them, and how long a
+# restarted server must run before a later exit counts as a new incident.
+RESTART_ATTEMPTS: Final = 5
+RESTART_BACKOFF_S: Final = (0.0, 0.5, 1.0, 2.0, 4.0)
+RESTART_STABLE_S: Final = 60.0
 
 # Runs as ``python -I -S -c _TRAMPOLINE <parent pid> <server binary> <server args...>``: ask the
 # kernel for SIGTERM when the spawning thread dies, give up if the parent is already gone,
@@ -191,12 +205,37 @@ class EmbeddedRedis:
             self._make_data_dir()
             self._acquire_lock()
             try:
-                self._clear_stale_server()
-                self._proc, log_offset = self._spawn(binary)
-                self._wait_ready(self._proc, log_offset)
+                self._launch(binary)
             except BaseException:
                 self._abort_start()
                 raise
+            return self.url
+
+    def wait(self) -> int:
+        """Block until the running server exits; return its status (``-N``: killed by signal N).
+
+        For a watcher thread (:func:`supervise`); :meth:`stop` makes it return too.
+        """
+        proc = self._proc
+        if proc is None:
+            raise EmbeddedServerError(f"embedded server for {self.data_dir} is not running")
+        return proc.wait()
+
+    def restart(self) -> str:
+        """Start the server again after it exited: same data dir, socket, port and AOF; return :attr:`url`.
+
+        The data dir stays locked throughout. Raises :class:`EmbeddedServerError` as :meth:`start`
+        does, or if the server is still running or was stopped.
+        """
+        with self._mutex:
+            if self._lock_fd is None:
+                raise EmbeddedServerError(f"embedded server for {self.data_dir} was stopped; it cannot be restarted")
+            proc = self._proc
+            if proc is not None and proc.poll() is None:
+                raise EmbeddedServerError(f"embedded server pid {proc.pid} for {self.data_dir} is still running")
+            self._proc = None
+            binary = _check_binary(self.binary) if self.binary is not None else find_server_binary()
+            self._launch(binary)
             return self.url
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -345,7 +384,10 @@ class EmbeddedRedis:
         argv = self._command(binary)
         if sys.platform.startswith("linux") and sys.executable and not getattr(sys, "frozen", False):
             argv = [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(os.getpid()), *argv]
-        log_fd = os.open(self.logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            log_fd = os.open(self.logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise EmbeddedServerError(f"cannot open the server log {self.logfile}: {exc}") from exc
         try:
             log_offset = os.fstat(log_fd).st_size
 
@@ -393,13 +435,26 @@ class EmbeddedRedis:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=_POLL_S)  # doubles as the poll interval
 
-    def _abort_start(self) -> None:
+    def _launch(self, binary: Path) -> None:
+        """With the lock held: clear what a previous server left, spawn one, wait until it answers."""
+        self._clear_stale_server()
+        self._proc, log_offset = self._spawn(binary)
+        try:
+            self._wait_ready(self._proc, log_offset)
+        except BaseException:
+            self._kill_child()
+            raise
+
+    def _kill_child(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
                 proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=_KILL_WAIT_S)
+
+    def _abort_start(self) -> None:
+        self._kill_child()
         self._remove_runtime_files()
         self._release_lock()
 
@@ -439,6 +494,101 @@ class EmbeddedRedis:
         except OSError:
             return False
         return reply == b""  # an error reply ("-ERR ...") means it refused
+
+
+# -- supervision ------------------------------------------------------------------------------
+
+
+async def supervise(
+    server: EmbeddedRedis,
+    *,
+    backoff_s: tuple[float, ...] = RESTART_BACKOFF_S,
+    stable_s: float = RESTART_STABLE_S,
+) -> None:
+    """Watch a started ``server`` until cancelled; restart it whenever it exits.
+
+    Each exit is logged with its status. Restart attempts in a row are bounded by
+    ``len(backoff_s)``, waiting ``backoff_s[n]`` before attempt ``n``; a restarted server that
+    then runs for ``stable_s`` earns a fresh set (so a server that crashes again at once is not
+    restarted forever). When the attempts are used up, raises :class:`EmbeddedServerLost`.
+
+    Cancel it before :meth:`EmbeddedRedis.stop`, or the shutdown would be taken for a crash.
+    """
+    failures = 0  # restart attempts since the server last ran for stable_s
+    while True:
+        pid = server.pid
+        running_since = time.monotonic()
+        status = await _exited(server)
+        if time.monotonic() - running_since >= stable_s:
+            failures = 0
+        log.error(
+            "embedded server pid %s exited (%s) data_dir=%s; restarting it",
+            pid,
+            describe_exit(status),
+            server.data_dir,
+        )
+        while True:
+            if failures >= len(backoff_s):
+                raise EmbeddedServerLost(
+                    f"the embedded server for {server.data_dir} exited and could not be restarted "
+                    f"({failures} attempts); see {server.logfile}"
+                )
+            await asyncio.sleep(backoff_s[failures])
+            failures += 1
+            try:
+                await asyncio.to_thread(server.restart)
+            except (EmbeddedServerError, OSError) as exc:
+                log.error("embedded server restart %d/%d failed: %s", failures, len(backoff_s), exc)
+                continue
+            log.warning(
+                "embedded server restarted pid=%s data_dir=%s (attempt %d/%d)",
+                server.pid,
+                server.data_dir,
+                failures,
+                len(backoff_s),
+            )
+            break
+
+
+async def _exited(server: EmbeddedRedis) -> int:
+    """The server's exit status, once it exits.
+
+    A daemon thread blocks in ``waitpid`` (no polling, and no executor thread held for the
+    server's lifetime); if the wait is cancelled, the thread ends when the server is stopped.
+    """
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[int] = loop.create_future()
+
+    def deliver(outcome: int | EmbeddedServerError) -> None:
+        if exited.done():
+            return
+        if isinstance(outcome, EmbeddedServerError):
+            exited.set_exception(outcome)
+        else:
+            exited.set_result(outcome)
+
+    def watch() -> None:
+        outcome: int | EmbeddedServerError
+        try:
+            outcome = server.wait()
+        except EmbeddedServerError as exc:  # not running (a failed restart)
+            outcome = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(deliver, outcome)
+
+    threading.Thread(target=watch, name="relayd-embedded-watcher", daemon=True).start()
+    return await exited
+
+
+def describe_exit(status: int) -> str:
+    """``exit status 1``, or ``killed by SIGKILL`` for a negative :attr:`Popen.returncode`."""
+    if status >= 0:
+        return f"exit status {status}"
+    try:
+        name = signal.Signals(-status).name
+    except ValueError:
+        name = f"signal {-status}"
+    return f"killed by {name}"
 
 
 # -- helpers ----------------------------------------------------------------------------------

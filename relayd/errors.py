@@ -3,6 +3,8 @@
     RelaydError
     ├── ConfigError          a config key is missing or invalid (names the dotted key)
     ├── EmbeddedServerError  the bundled Redis-compatible server failed to start or stop
+    │   └── EmbeddedServerLost   it died while relayd ran and could not be restarted
+    ├── PortInUse            relayd's listen address is taken by another process
     ├── StoreError           Redis said no (a script error, a bad reply)
     │   └── StoreUnavailable Redis did not answer: connection lost or timed out
     └── ClientError          a client's input was refused; carries a wire error ``code``
@@ -10,7 +12,8 @@
         └── AuthError        a credential was refused (``unauthorized``, ``forbidden``, ...)
 
 ``ClientError.code`` is the code written in error frames and HTTP error bodies; the full list
-is in docs/protocol.md.
+is in docs/protocol.md. An error that ends ``relayd serve`` with an exit code of its own carries
+it as ``exit_code`` (the table in docs/operations.md, "Exit codes of relayd serve").
 """
 
 from __future__ import annotations
@@ -33,6 +36,24 @@ class ConfigError(RelaydError):
 
 class EmbeddedServerError(RelaydError):
     """The bundled Redis-compatible server could not be started or stopped."""
+
+
+# Exit codes of `relayd serve` for failures a service manager or script may want to tell apart
+# (sysexits.h values); any other failure exits 1.
+EXIT_EMBEDDED_LOST = 69  # EX_UNAVAILABLE: the embedded server died and could not be restarted
+EXIT_PORT_IN_USE = 75  # EX_TEMPFAIL: the listen port is taken (often the old instance, still draining)
+
+
+class EmbeddedServerLost(EmbeddedServerError):
+    """The embedded server exited while relayd ran and every restart attempt failed."""
+
+    exit_code = EXIT_EMBEDDED_LOST
+
+
+class PortInUse(RelaydError):
+    """Another process listens on relayd's ``server.host``/``server.port``."""
+
+    exit_code = EXIT_PORT_IN_USE
 
 
 class StoreError(RelaydError):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import secrets
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -19,9 +21,9 @@ from aiohttp import web
 
 from relayd.auth import ApiKeys, TokenAuthority, generate_api_key
 from relayd.broker import Broker, LocalBroker
-from relayd.config import Config
-from relayd.embedded import EmbeddedRedis
-from relayd.errors import RelaydError
+from relayd.config import Config, check_jwt_key
+from relayd.embedded import EmbeddedRedis, supervise
+from relayd.errors import ConfigError, PortInUse, RelaydError
 from relayd.logs import setup_logging
 from relayd.metrics import Metrics
 from relayd.relay import Relay
@@ -46,6 +48,9 @@ class Server:
         self.dev_api_key: str | None = None
         self.dev_admin_key: str | None = None
         self._metrics_runner: web.AppRunner | None = None
+        # Watches the embedded server; fails with EmbeddedServerLost when it cannot be restarted.
+        self.supervisor: asyncio.Task[None] | None = None
+        self._sockets: list[socket.socket] = []  # bound and listening, not yet handed to aiohttp
 
     @property
     def url(self) -> str:
@@ -53,6 +58,11 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
+        # The port first: a port in use is reported before anything is started or written.
+        # A worker of `serve --workers N` shares the port with its siblings (the kernel spreads connections).
+        self._sockets = _listen_sockets(cfg.server.host, cfg.server.port, reuse_port=worker_identity() is not None)
+        api_keys, tokens = self._credentials()
+        admin_keys = self._admin_keys()
         redis_url = cfg.redis.url
         if not redis_url:
             self.embedded = EmbeddedRedis(
@@ -63,6 +73,7 @@ class Server:
             )
             redis_url = await asyncio.to_thread(self.embedded.start)
             log.info("embedded Redis-compatible server started data_dir=%s", cfg.embedded.data_dir)
+            self.supervisor = asyncio.create_task(supervise(self.embedded), name="relayd-embedded-supervisor")
         metrics = Metrics()
         instance = secrets.token_hex(6)  # this process in the notifications its writes publish
         self.store = RedisStore(cfg, redis_url, metrics, instance=instance)
@@ -74,14 +85,13 @@ class Server:
             )
         self.relay = Relay(cfg, self.store, metrics, broker)
         await self.relay.start()
-        api_keys, tokens = self._credentials()
         self.runtime = Runtime(
             config=cfg,
             relay=self.relay,
             metrics=metrics,
             api_keys=api_keys,
             tokens=tokens,
-            admin_keys=self._admin_keys(),
+            admin_keys=admin_keys,
         )
         worker = worker_identity()
         if worker is not None:
@@ -92,16 +102,10 @@ class Server:
             app, handle_signals=False, access_log=None, shutdown_timeout=cfg.server.drain_timeout_s
         )
         await self._runner.setup()
-        # A worker of `serve --workers N` shares the port with its siblings (the kernel spreads connections).
-        site = web.TCPSite(
-            self._runner, cfg.server.host, cfg.server.port, reuse_address=True, reuse_port=worker is not None
-        )
-        try:
-            await site.start()
-        except OSError as exc:
-            raise RelaydError(f"cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}") from None
-        server = site._server
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            await web.SockSite(self._runner, sock).start()
+        self.port = sockets[0].getsockname()[1]
         log.info("relayd listening on %s", self.url)
 
     async def _serve_own_metrics(self, metrics: Metrics, path: Path) -> None:
@@ -123,29 +127,29 @@ class Server:
         self._admin_keys()
 
     def _credentials(self) -> tuple[ApiKeys, TokenAuthority]:
+        """API keys and the token authority; development credentials only with no API key configured."""
         cfg = self.config.auth
         api_keys = ApiKeys(self.config.auth.api_keys, self.config.api_key_secrets)
+        check_jwt_key(cfg, has_api_keys=bool(api_keys))  # load_config checked; a Config built by hand too
         secret = cfg.jwt_secret
-        if not api_keys or (cfg.jwt_algorithm.startswith("HS") and not secret):
+        if not api_keys:
             dev_key, dev_secret = _dev_credentials(Path(self.config.embedded.data_dir))
-            if not api_keys:
-                api_keys = ApiKeys(secrets=[dev_key])
-                self.dev_api_key = dev_key
-                log.warning(
-                    "no API key configured: using the development key in %s/dev-credentials",
-                    self.config.embedded.data_dir,
-                )
-            if not secret:
+            api_keys = ApiKeys(secrets=[dev_key])
+            self.dev_api_key = dev_key
+            log.warning(
+                "no API key configured: using the development key in %s/dev-credentials",
+                self.config.embedded.data_dir,
+            )
+            if not secret and cfg.jwt_algorithm.startswith("HS"):
                 secret = dev_secret
                 log.warning(
                     "no auth.jwt_secret configured: using the development secret in %s/dev-credentials",
                     self.config.embedded.data_dir,
                 )
-        public_key = Path(cfg.jwt_public_key_file).read_text() if cfg.jwt_public_key_file else ""
         tokens = TokenAuthority(
             algorithm=cfg.jwt_algorithm,
             secret=secret,
-            public_key=public_key,
+            public_key=_public_key(cfg.jwt_public_key_file),
             audience=cfg.jwt_audience,
             issuer=cfg.jwt_issuer,
             default_ttl_s=cfg.token_ttl_s,
@@ -163,6 +167,13 @@ class Server:
 
     async def stop(self) -> None:
         """Ordered drain: stop accepting, flush producers, tell clients to reconnect, release."""
+        for sock in self._sockets:  # start() failed before listening
+            sock.close()
+        self._sockets = []
+        if self.supervisor is not None:
+            # First: the embedded server's shutdown below must not be taken for a crash.
+            self.supervisor.cancel()
+            await asyncio.wait((self.supervisor,))
         if self._runner is not None:
             # Drain while still listening: /readyz answers 503 draining and /metrics stays
             # scrapeable for the whole drain; new websocket/SSE requests get 503 shutting_down.
@@ -181,6 +192,57 @@ class Server:
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
             self.embedded = None
+
+
+def _listen_sockets(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
+    """Bind and listen on ``host:port`` (every address it resolves to), as aiohttp would.
+
+    Done first thing at start, so a port in use stops relayd before it starts the embedded server
+    or writes credentials, and nothing can take the port between the check and the use.
+    """
+    where = f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise RelaydError(f"cannot listen on {where}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            if port == 0 and sockets:  # every address on the one port the first got
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp: rebind during TIME_WAIT
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # "::" and "0.0.0.0" both bound
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                f"cannot listen on {where}: address already in use (another process listens there; "
+                "stop it, or set another server.port or --port)"
+            ) from None
+        raise RelaydError(f"cannot listen on {where}: {exc.strerror}") from None
+    return sockets
+
+
+def _public_key(path: str) -> str:
+    """The PEM text of ``auth.jwt_public_key_file`` ("" when not set); unreadable or empty is an error."""
+    if not path:
+        return ""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("auth.jwt_public_key_file", f"cannot read {path}: {exc.strerror}") from None
+    if not text.strip():
+        raise ConfigError("auth.jwt_public_key_file", f"{path} is empty")
+    return text
 
 
 def _dev_credentials(data_dir: Path) -> tuple[str, str]:
@@ -234,10 +296,27 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         if server.dev_api_key is not None:
             print(f"relayd: development API key: {server.dev_api_key}", file=sys.stderr, flush=True)
         print(f"relayd: listening on {server.url}", file=sys.stderr, flush=True)
-        await stop.wait()
+        await _until_stopped(stop, server.supervisor)
         log.info("shutting down")
     finally:
         await server.stop()
+
+
+async def _until_stopped(stop: asyncio.Event, supervisor: asyncio.Task[None] | None) -> None:
+    """Wait for ``stop``; raise EmbeddedServerLost (after a log line) if the embedded server is lost first."""
+    if supervisor is None:
+        await stop.wait()
+        return
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait((stopping, supervisor), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if supervisor.done() and not supervisor.cancelled():
+        error = supervisor.exception()
+        if error is not None:
+            log.critical("%s: shutting down with exit status %s", error, getattr(error, "exit_code", 1))
+            raise error
 
 
 def run(config: Config) -> int:

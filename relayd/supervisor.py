@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 from relayd.config import Config
-from relayd.embedded import EmbeddedRedis
+from relayd.embedded import EmbeddedRedis, supervise
+from relayd.errors import EXIT_EMBEDDED_LOST
 from relayd.logs import setup_logging
 
 log = logging.getLogger("relayd.supervisor")
@@ -71,7 +72,7 @@ class _Supervisor:
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.stopping = asyncio.Event()
         self.restarts: list[float] = []
-        self.failed = False
+        self.exit_code = 0
 
     async def run(self) -> int:
         cfg = self.config
@@ -79,6 +80,7 @@ class _Supervisor:
         env = dict(os.environ)
         run_dir = Path(tempfile.mkdtemp(prefix="relayd-workers-"))
         holder: socket.socket | None = None
+        watch: asyncio.Task[None] | None = None
         try:
             if not cfg.redis.url:
                 embedded = EmbeddedRedis(
@@ -89,6 +91,7 @@ class _Supervisor:
                 )
                 env["RELAYD_REDIS_URL"] = await asyncio.to_thread(embedded.start)
                 log.info("embedded Redis-compatible server started for %d workers", self.count)
+                watch = asyncio.create_task(self._watch(embedded), name="relayd-embedded-supervisor")
             self._shared_credentials()
             port = cfg.server.port
             if port == 0:  # one port for all: pick it here, held (not listening) until the workers bind
@@ -109,10 +112,22 @@ class _Supervisor:
         finally:
             if holder is not None:
                 holder.close()
+            if watch is not None:
+                watch.cancel()  # before the stop, which it would take for a crash
+                await asyncio.wait((watch,))
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
             shutil.rmtree(run_dir, ignore_errors=True)
-        return 1 if self.failed else 0
+        return self.exit_code
+
+    async def _watch(self, embedded: EmbeddedRedis) -> None:
+        """Restart the shared embedded server as a single relayd would; if it cannot be, stop all."""
+        try:
+            await supervise(embedded)
+        except Exception as exc:  # EmbeddedServerLost: logged by supervise
+            log.critical("stopping relayd: %s", exc)
+            self.exit_code = EXIT_EMBEDDED_LOST
+            self.stopping.set()
 
     def _shared_credentials(self) -> None:
         """Development credentials made once, here: N workers racing to create them would disagree."""
@@ -135,7 +150,7 @@ class _Supervisor:
             self.restarts = [t for t in self.restarts if now - t < _RESTART_WINDOW_S] + [now]
             if len(self.restarts) > _MAX_RESTARTS:
                 log.error("workers died %d times within %.0f s: stopping relayd", len(self.restarts), _RESTART_WINDOW_S)
-                self.failed = True
+                self.exit_code = 1
                 self.stopping.set()
                 return
             with contextlib.suppress(TimeoutError):

@@ -23,9 +23,9 @@ from relayd.admin_errors import EXIT_HISTORY_MISSING, EXIT_NOT_FOUND, EXIT_UNAUT
 from relayd.auth import hash_api_key
 from relayd.cli import main
 from relayd.config import Config
-from relayd.embedded import free_port
+from relayd.embedded import EmbeddedRedis, free_port
 from relayd.store.keys import Keys
-from tests.helpers import Peer, Relayd, collect_chunks
+from tests.helpers import Peer, Relayd, collect_chunks, make_config
 
 ADMIN_KEY = "rk_admin_cli_key_0123456789abcdef"
 
@@ -280,6 +280,20 @@ async def test_status_one_screen(admin: Relayd) -> None:
         assert lines[4].startswith("redis        external, ok, PING ")
         body = orjson.loads((await cli(admin, "status", "--json")).stdout)
         assert body["streams"]["open"] == 1 and body["redis"]["ok"] is True
+
+
+async def test_status_exits_4_when_redis_is_down(private_redis: EmbeddedRedis, tmp_path: Path, key_prefix: str) -> None:
+    """status with relayd up but its Redis down prints the summary with `DOWN` and exits 4, also with --json."""
+    config = make_config(private_redis.url, key_prefix, str(tmp_path), auth={"admin_keys": [hash_api_key(ADMIN_KEY)]})
+    async with Relayd(config) as server:
+        assert (await cli(server, "status")).exit_code == 0
+        await asyncio.to_thread(private_redis.stop)
+        result = await cli(server, "status")
+        assert result.exit_code == EXIT_UNREACHABLE, result.output
+        assert result.stdout.splitlines()[-1].startswith("redis        external, DOWN: ")
+        result = await cli(server, "status", "--json")
+        assert result.exit_code == EXIT_UNREACHABLE
+        assert orjson.loads(result.stdout)["redis"]["ok"] is False
 
 
 @pytest.mark.parametrize(

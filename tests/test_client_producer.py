@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -19,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 import pytest
 from aiohttp import web
 from openai.types.chat import ChatCompletionChunk
 
+from relayd.auth import hash_api_key
 from relayd.client import (
     ChunkTooLarge,
     ConnectionFailed,
@@ -32,6 +35,7 @@ from relayd.client import (
     ProducerFenced,
     Refused,
     StreamAlreadyEnded,
+    StreamEndedByServer,
     Unauthorized,
     json_encoder,
     text_encoder,
@@ -42,6 +46,7 @@ from relayd.protocol import split_message
 from tests.helpers import API_KEY, Relayd, collect_chunks, make_config
 
 ConfigFactory = Callable[..., Config]
+EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")  # fake_openai.py
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -207,9 +212,76 @@ async def test_stream_from_async_generator_and_sync_iterable(relayd: Relayd) -> 
     assert (await replay(relayd, "gen-1"))[0] == [{"text": "Hel"}, {"delta": "lo"}]
     assert (await replay(relayd, "text-1"))[0] == ["a", "Hi", "b"]
     data, end = await replay(relayd, "sdk-1")
-    assert data == [json_encoder(chunk)] and "system_fingerprint" not in data[0]  # None fields dropped
+    assert data == [json_encoder(chunk)]
+    assert data[0]["choices"][0]["finish_reason"] is None  # a null that was set is kept
+    assert "system_fingerprint" not in data[0]  # a field never set is not invented
     assert end["cursor"] == third.cursor
     assert text_encoder({"type": "content_block_delta", "delta": {"text": "x"}}) == "x"
+
+
+@contextlib.asynccontextmanager
+async def recording_proxy(target: str) -> AsyncIterator[tuple[str, bytearray]]:
+    """An HTTP proxy on port 0 in front of ``target`` (a base URL); yields its URL and the bytes of
+    every response body that went through it, as they went."""
+    record = bytearray()
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(request.method, target + request.path_qs, headers=headers, data=await request.read()) as up,
+        ):
+            response = web.StreamResponse(status=up.status, headers={"Content-Type": up.headers["Content-Type"]})
+            await response.prepare(request)
+            async for part in up.content.iter_any():
+                record.extend(part)
+                await response.write(part)
+            await response.write_eof()
+            return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}", record
+    finally:
+        await runner.cleanup()
+
+
+async def test_openai_chunks_are_stored_as_the_model_sent_them(relayd: Relayd, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real openai SDK streaming from the fake model: every stored chunk equals, field for
+    field, the JSON the model sent for it, nulls included (finish_reason, logprobs, usage)."""
+    monkeypatch.syspath_prepend(EXAMPLES)
+    from fake_openai import start_fake_openai
+
+    fake = await start_fake_openai(tokens=30)
+    try:
+        async with (
+            recording_proxy(fake.base_url.removesuffix("/v1")) as (proxy_url, body),
+            openai.AsyncOpenAI(base_url=f"{proxy_url}/v1", api_key="x", max_retries=0) as client,
+        ):
+            upstream = await client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            async with Producer(relayd.url, API_KEY) as p:
+                await p.stream("oa-1", upstream)
+    finally:
+        await fake.close()
+    events = bytes(body).decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    sent = [orjson.loads(event.removeprefix("data: ")) for event in events[:-2]]
+    stored, _ = await replay(relayd, "oa-1")
+    assert len(stored) == len(sent) == 1 + 30 + 1 + 1  # role, tokens, finish, usage
+    assert stored == sent
+    assert [c["choices"][0]["finish_reason"] for c in stored[:-1]] == [None] * 31 + ["stop"]
+    assert all("usage" in c and "logprobs" in c["choices"][0] for c in stored[:-1])
 
 
 async def test_stream_error_ends_the_stream_with_the_message_and_reraises(relayd: Relayd) -> None:
@@ -697,3 +769,99 @@ def test_the_sdk_imports_only_relayd_core_modules() -> None:
     relayd_modules = {m for m in modules if m.startswith("relayd.") and not m.startswith("relayd.client")}
     assert relayd_modules <= {"relayd.auth", "relayd.errors", "relayd.model", "relayd.protocol"}, relayd_modules
     assert "redis" not in modules
+
+
+# --- an operator ends the stream (relayd streams end) -----------------------------------------
+
+ADMIN_KEY = "rk_admin_producer_test_0123456789"
+
+
+@pytest.fixture
+async def admin_relayd(config_factory: ConfigFactory) -> AsyncIterator[Relayd]:
+    """relayd with an admin key, for ending streams through the admin API as `relayd streams end` does."""
+    async with Relayd(config_factory(auth={"admin_keys": [hash_api_key(ADMIN_KEY)]})) as server:
+        yield server
+
+
+async def operator_end(server: Relayd, stream: str, reason: str, message: str) -> None:
+    assert server.session is not None
+    async with server.session.post(
+        f"{server.url}/v1/admin/streams/{stream}/end",
+        json={"reason": reason, "message": message},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def test_operator_end_stops_stream_with_its_own_outcome(admin_relayd: Relayd) -> None:
+    """`relayd streams end` mid-stream: stream() stops iterating, closes the source, calls on_cancel and
+    returns the operator's reason with ended_by_server (a StreamEndedByServer with the message); nothing raises."""
+    halfway, source_closed, on_cancel_called = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def thinking_model() -> AsyncIterator[str]:
+        try:
+            for i in range(5):
+                yield f"t{i} "
+            halfway.set()
+            await asyncio.Event().wait()  # the model thinks until it is stopped
+        finally:
+            source_closed.set()
+
+    async with Producer(admin_relayd.url, API_KEY, content_type="text") as p:
+        task = asyncio.create_task(p.stream("op-1", thinking_model(), on_cancel=on_cancel_called.set))
+        await halfway.wait()
+        await p.flush()
+        await operator_end(admin_relayd, "op-1", "error", "stopped by ops")
+        result = await task
+    assert source_closed.is_set() and on_cancel_called.is_set()
+    assert (result.reason, result.chunks, result.error) == ("error", 5, None)
+    ended = result.ended_by_server
+    assert isinstance(ended, StreamEndedByServer)
+    assert (ended.reason, ended.message, ended.stream, ended.cursor) == (
+        "error",
+        "stopped by ops",
+        "op-1",
+        result.cursor,
+    )
+    assert "relayd ended stream op-1 error: stopped by ops" in str(ended)
+    data, end = await replay(admin_relayd, "op-1")
+    assert data == [f"t{i} " for i in range(5)] and end["reason"] == "error"
+
+
+async def test_operator_end_sets_the_writers_cancelled_event_and_sends_raise_it(admin_relayd: Relayd) -> None:
+    """A writer whose stream an operator ended: `cancelled` is set, `ended_by_server` says why, a later
+    send raises StreamEndedByServer (not ProducerClosed), and leaving the block ends nothing more."""
+    async with Producer(admin_relayd.url, API_KEY) as p:
+        async with p.writer("op-2") as w:
+            await w.send({"n": 1})
+            await w.flush()
+            await operator_end(admin_relayd, "op-2", "cancelled", "")
+            await w.cancelled.wait()
+            assert w.ended_by_server is not None and w.ended_by_server.reason == "cancelled"
+            with pytest.raises(StreamEndedByServer, match="relayd ended stream op-2 cancelled") as raised:
+                await w.send({"n": 2})
+            assert not isinstance(raised.value, ProducerClosed)
+            result = await w.end()
+        assert (result.reason, result.ended_by_server) == ("cancelled", w.ended_by_server)
+
+
+async def test_push_example_exits_cleanly_when_an_operator_ends_its_stream(admin_relayd: Relayd) -> None:
+    """examples/push.py, a plain `await producer.stream(...)` caller, exits 0 and reports the end."""
+    env = {**os.environ, "RELAYD_URL": admin_relayd.url, "RELAYD_API_KEY": API_KEY}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(EXAMPLES) / "push.py"), "op-push",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        async with await admin_relayd.consumer("op-push", wait_ms="10000") as consumer:
+            _, first = await consumer.until("chunk")  # the example is streaming
+        assert first["data"]
+        await operator_end(admin_relayd, "op-push", "cancelled", "maintenance")
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, stderr.decode()
+    assert stdout.decode().startswith("op-push: cancelled after "), stdout
+    assert b"Traceback" not in stderr

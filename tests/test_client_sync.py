@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from relayd.auth import TokenAuthority
+from relayd.auth import TokenAuthority, hash_api_key
 from relayd.client import ProducerClosed, StreamResult, SyncProducer, mint_token
 from relayd.config import Config
 from tests.helpers import API_KEY, JWT_SECRET, Relayd, collect_chunks
@@ -225,3 +225,41 @@ async def test_minted_token_is_accepted_by_relayd(relayd: Relayd) -> None:
     assert len(chunks) == 20 and end["reason"] == "completed"
     async with await relayd.consumer("minted-json", token=token) as refused:
         assert await refused.closed() == 4003
+
+
+async def test_sync_stream_returns_when_an_operator_ends_it(config_factory: Callable[..., Config]) -> None:
+    """SyncProducer.stream() whose stream an operator ends: on_cancel runs, iteration stops, the source is
+    closed, and the result carries the operator's end (ended_by_server) instead of an exception."""
+    admin_key = "rk_admin_sync_test_0123456789"
+    async with Relayd(config_factory(auth={"admin_keys": [hash_api_key(admin_key)]})) as relayd:
+        loop = asyncio.get_running_loop()
+        noticed = threading.Event()
+        closed = threading.Event()
+
+        async def operator_end() -> None:
+            assert relayd.session is not None
+            async with relayd.session.post(
+                f"{relayd.url}/v1/admin/streams/sync-op/end",
+                json={"reason": "cancelled", "message": "ops"},
+                headers={"Authorization": f"Bearer {admin_key}"},
+            ) as resp:
+                assert resp.status == 200
+
+        def tokens() -> Iterator[str]:
+            try:
+                for i in range(3):
+                    yield f"t{i} "
+                asyncio.run_coroutine_threadsafe(operator_end(), loop).result()
+                assert noticed.wait(10)
+                yield "never sent"
+            finally:
+                closed.set()
+
+        def job() -> StreamResult:
+            with SyncProducer(relayd.url, API_KEY, content_type="text") as p:
+                return p.stream("sync-op", tokens(), on_cancel=noticed.set)
+
+        result = await asyncio.to_thread(job)
+    assert closed.is_set()
+    assert result.reason == "cancelled" and result.ended_by_server is not None
+    assert result.ended_by_server.message == "ops"

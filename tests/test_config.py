@@ -25,6 +25,7 @@ from relayd.config import (
 from relayd.errors import ConfigError
 
 SECRET = "a-jwt-secret-that-is-long-enough-0123456789"
+WITH_SECRET = {"RELAYD_AUTH_JWT_SECRET": SECRET}  # API keys need a configured JWT secret
 
 
 def refused(raw: dict[str, Any], env: dict[str, str] | None = None) -> ConfigError:
@@ -152,7 +153,7 @@ def test_plain_api_key_in_the_config_is_refused() -> None:
     error = refused({"auth": {"api_keys": [good, "rk_plain_key_0123456789abcdef"]}})
     assert error.key == "auth.api_keys[1]"
     assert "RELAYD_API_KEYS" in error.problem and "rk_plain_key" not in str(error)
-    assert build_config({"auth": {"api_keys": [good]}}, {}).auth.api_keys == (good,)
+    assert build_config({"auth": {"api_keys": [good]}}, WITH_SECRET).auth.api_keys == (good,)
 
 
 def test_env_overrides_toml_values() -> None:
@@ -178,7 +179,7 @@ def test_env_override_of_a_list_splits_on_commas() -> None:
     config = build_config({"server": {"allowed_origins": ["https://c.example"]}}, env)
     assert config.server.allowed_origins == ("https://a.example", "https://b.example")
     hashes = [hash_api_key("k1-0123456789abcdef"), hash_api_key("k2-0123456789abcdef")]
-    config = build_config({}, {"RELAYD_AUTH_API_KEYS": ",".join(hashes)})
+    config = build_config({}, {"RELAYD_AUTH_API_KEYS": ",".join(hashes), **WITH_SECRET})
     assert config.auth.api_keys == tuple(hashes)
 
 
@@ -234,7 +235,7 @@ def test_api_keys_file_is_read(tmp_path: Path) -> None:
     hashed = hash_api_key("hashed-key-0123456789")
     path = tmp_path / "keys"
     path.write_text(f"# producer keys\nplain-key-one-0123456789\n\n  plain-key-two-0123456789  \n{hashed}\n")
-    config = build_config({"auth": {"api_keys_file": str(path)}}, {})
+    config = build_config({"auth": {"api_keys_file": str(path)}}, WITH_SECRET)
     assert config.api_key_secrets == ("plain-key-one-0123456789", "plain-key-two-0123456789", hashed)
     assert "plain-key-one" not in repr(config)
     path.write_text("short\n")
@@ -246,7 +247,7 @@ def test_relayd_api_keys_env(tmp_path: Path) -> None:
     """``RELAYD_API_KEYS`` adds comma-separated plain keys, before those of the file; short keys are refused."""
     path = tmp_path / "keys"
     path.write_text("from-file-key-0123456789\n")
-    env = {"RELAYD_API_KEYS": "env-key-one-0123456789, env-key-two-0123456789"}
+    env = {"RELAYD_API_KEYS": "env-key-one-0123456789, env-key-two-0123456789", **WITH_SECRET}
     config = build_config({"auth": {"api_keys_file": str(path)}}, env)
     assert config.api_key_secrets == ("env-key-one-0123456789", "env-key-two-0123456789", "from-file-key-0123456789")
     error = refused({}, {"RELAYD_API_KEYS": "ok-key-0123456789abc,short"})
@@ -270,3 +271,24 @@ def test_load_config_reads_toml_and_applies_env(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as bad:
         load_config(path, env={})
     assert bad.value.key == "server.port"
+
+
+@pytest.mark.parametrize(
+    ("raw", "env"),
+    [
+        ({"auth": {"api_keys": [hash_api_key("a-good-key-0123456789")]}}, {}),
+        ({}, {"RELAYD_API_KEYS": "env-key-one-0123456789"}),
+    ],
+    ids=["hashes-in-file", "plain-keys-in-env"],
+)
+def test_api_keys_without_a_jwt_secret_are_refused(raw: dict[str, Any], env: dict[str, str]) -> None:
+    """Configured API keys with no JWT secret are an error naming auth.jwt_secret, not the development secret."""
+    error = refused(raw, env)
+    assert error.key == "auth.jwt_secret"
+    assert "RELAYD_AUTH_JWT_SECRET" in error.problem and "API keys" in error.problem
+    assert build_config(raw, {**env, **WITH_SECRET}).auth.jwt_secret == SECRET
+
+
+def test_no_api_key_and_no_jwt_secret_is_the_development_start() -> None:
+    """Without API keys a missing secret is fine: relayd starts on its development credentials."""
+    assert build_config({}, {}).auth.jwt_secret == ""

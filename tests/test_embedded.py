@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from relayd.embedded import EmbeddedRedis, find_server_binary, free_port
+from relayd.embedded import EmbeddedRedis, describe_exit, find_server_binary, free_port
 from relayd.errors import EmbeddedServerError
 
 EXIT_DEADLINE_S = 15.0
@@ -172,6 +172,31 @@ def test_data_survives_stop_and_start(tmp_path: Path, servers: list[EmbeddedRedi
     with _client(fresh.start()) as client:
         assert client.get("k") == b"v2"
         assert client.xlen("s") == 1
+
+
+def test_restart_after_a_crash_keeps_the_data_the_socket_and_the_port(
+    tmp_path: Path, servers: list[EmbeddedRedis]
+) -> None:
+    """After kill -9, wait() reports the signal and restart() serves the same AOF on the same socket and port."""
+    server = EmbeddedRedis(tmp_path, port=free_port())
+    servers.append(server)
+    url = server.start()
+    with _client(url) as client:
+        client.set("k", "acknowledged")
+    first = server.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    status = server.wait()
+    assert describe_exit(status) == "killed by SIGKILL"
+    assert server.restart() == url
+    assert server.pid not in (None, first)
+    with _client(url) as client, _client(f"unix://{server.socket_path}") as by_socket:
+        assert client.get("k") == by_socket.get("k") == b"acknowledged"
+    with pytest.raises(EmbeddedServerError, match="still running"):
+        server.restart()
+    server.stop()
+    with pytest.raises(EmbeddedServerError, match="was stopped"):
+        server.restart()
 
 
 # -- stale state ------------------------------------------------------------------------------

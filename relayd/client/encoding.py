@@ -21,12 +21,15 @@ def json_encoder(item: Any) -> Any:
     """A JSON-able value for ``item``.
 
     Pydantic models (the OpenAI and Anthropic SDKs' chunk and event objects) become
-    ``model_dump(mode="json", exclude_none=True)``; dataclass instances ``dataclasses.asdict``;
-    anything else is passed on as is (and must be JSON-serialisable).
+    ``model_dump(mode="json", exclude_unset=True)``: for an object the SDK parsed from the model's
+    response, the fields the model sent, nulls included (``"finish_reason": null`` is how
+    OpenAI's format says "not the last chunk"), and no field it did not send. Dataclass instances
+    become ``dataclasses.asdict``; anything else is passed on as is (and must be
+    JSON-serialisable).
     """
     dump = getattr(item, "model_dump", None)
     if callable(dump) and not isinstance(item, type):
-        return dump(mode="json", exclude_none=True)
+        return dump(mode="json", exclude_unset=True)
     if dataclasses.is_dataclass(item) and not isinstance(item, type):
         return dataclasses.asdict(item)
     return item

@@ -3,6 +3,7 @@
     ClientError                    anything the SDK raises on purpose
     ├── ConnectionFailed           relayd could not be reached (or reconnecting gave up)
     ├── ProducerClosed             the Producer/writer is closed; nothing more can be sent
+    ├── StreamEndedByServer        relayd ended a produced stream unasked (``relayd streams end``)
     ├── ChunkTooLarge              one chunk cannot fit a websocket message (also a ValueError)
     ├── AckTimeout                 acknowledgements did not arrive within the close timeout
     ├── Refused                    relayd refused a request; ``code`` is the wire error code
@@ -46,6 +47,7 @@ __all__ = [
     "Refused",
     "StreamAlreadyEnded",
     "StreamCancelled",
+    "StreamEndedByServer",
     "StreamErrored",
     "StreamFailed",
     "StreamGap",
@@ -76,6 +78,24 @@ class ConnectionFailed(ClientError):
 
 class ProducerClosed(ClientError):
     """The Producer (or one of its writers) is closed; a send or open after that is a bug."""
+
+
+class StreamEndedByServer(ClientError):
+    """relayd ended a stream this producer was writing without being asked to: an operator's
+    ``relayd streams end`` (or ``streams rm --force``). Stop generating.
+
+    ``reason`` and ``message`` are what the operator gave, ``cursor`` the end's cursor.
+    :meth:`Producer.stream` does not raise it: it stops iterating and returns a
+    :class:`StreamResult` whose ``ended_by_server`` is this. A writer's ``send`` raises it.
+    """
+
+    def __init__(self, reason: str, message: str = "", cursor: str | None = None, stream: str | None = None) -> None:
+        self.reason = reason
+        self.message = message
+        self.cursor = cursor
+        self.stream = stream
+        why = f": {message}" if message else ""
+        super().__init__(f"relayd ended stream {stream} {reason}{why} (an operator's `relayd streams end`)")
 
 
 class ChunkTooLarge(ClientError, ValueError):

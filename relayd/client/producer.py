@@ -222,6 +222,9 @@ class Producer:
           ``source`` is closed (``aclose()``, or ``close()``, awaited if it returns an
           awaitable: async generators, OpenAI ``AsyncStream``), the stream ends ``cancelled``
           and the result says so; ``on_cancel`` is called first.
+        - relayd ends the stream (an operator's ``relayd streams end``): the same as a cancel,
+          but the result carries the operator's reason and ``ended_by_server``
+          (:class:`StreamEndedByServer`, with the operator's message); nothing is raised.
         - relayd refuses the stream (fenced, already ended) or the connection gives up: the
           source is closed and that :class:`ClientError` is raised.
 
@@ -252,9 +255,11 @@ class Producer:
             raise
         finally:
             cancel.cancel()
-        if not pump.done():  # a consumer asked to cancel
+        if not pump.done() or writer.ended_by_server is not None:  # a consumer's cancel, or relayd ended it
             pump.cancel()
             await asyncio.wait((pump,))
+            if not pump.cancelled():
+                pump.exception()  # retrieved: a send refused by the end that raced the cancel
             await close_upstream(source, iterator)
             return await writer.end("cancelled")
         error = pump.exception() if not pump.cancelled() else RuntimeError("the upstream was cancelled")

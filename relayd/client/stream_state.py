@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from relayd.client.errors import ChunkTooLarge, ClientError, StreamAlreadyEnded, refused_from_frame
+from relayd.client.errors import (
+    ChunkTooLarge,
+    ClientError,
+    StreamAlreadyEnded,
+    StreamEndedByServer,
+    refused_from_frame,
+)
 from relayd.protocol import APPEND_OP_OVERHEAD, MAX_END_MESSAGE, append_op, append_op_head, end_op, open_op
 
 if TYPE_CHECKING:
@@ -75,6 +81,7 @@ class StreamState:
         self.ended: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
         self.ended.add_done_callback(_consume_exception)
         self.failure: ClientError | None = None  # raised by send(); the stream takes no more chunks
+        self.ended_by_server: StreamEndedByServer | None = None  # relayd ended it unasked
         self.terminal = False  # nothing at all can be written any more (fenced, ended, gave up)
         self.cancelled = asyncio.Event()
         self.cancel_callbacks: list[Callable[[], Any]] = []
@@ -140,7 +147,17 @@ class StreamState:
                 self.conn.mark_dirty(self)
 
     def on_ended(self, frame: dict[str, Any]) -> None:
-        self.finish(Ended(str(frame.get("reason")), frame.get("cursor")))
+        reason, cursor = str(frame.get("reason")), frame.get("cursor")
+        if self.end_request is None and not self.done:
+            # Not the answer to our end: an operator ended the stream. Tell the writer as a
+            # cancel is told (its event, on_cancel), and make later sends say what happened.
+            message = frame.get("message")
+            ended = StreamEndedByServer(reason, message if isinstance(message, str) else "", cursor, self.stream)
+            log.warning("relayd stream %s: %s", self.stream, ended)
+            self.ended_by_server = ended
+            self.failure = self.failure or ended
+            self.on_cancel()
+        self.finish(Ended(reason, cursor))
 
     def on_cancel(self) -> None:
         if self.cancelled.is_set() or self.done:

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from relayd.client.encoding import Encoder
-from relayd.client.errors import ClientError, ProducerClosed
+from relayd.client.errors import ClientError, ProducerClosed, StreamEndedByServer
 from relayd.client.producer import Producer
 from relayd.client.writer import EndReason, StreamResult, Writer
 
@@ -210,6 +210,9 @@ class SyncProducer:
                 if w.cancelled.is_set():
                     break
                 w.send(item)
+        except StreamEndedByServer:
+            _close(iterator, source)  # relayd ended the stream: stop as for a cancel
+            return w.end("cancelled")
         except ClientError as exc:
             _close(iterator, source)
             failure = w._writer.failure
@@ -240,7 +243,7 @@ class SyncWriter:
         self._owner = owner
         self._writer = writer
         self.stream = writer.stream
-        self.cancelled = cancelled  # set when a consumer asked to cancel
+        self.cancelled = cancelled  # set when a consumer asked to cancel, or relayd ended the stream
 
     @property
     def cursor(self) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import orjson
 
 from relayd.client.encoding import Encoder
-from relayd.client.errors import ChunkTooLarge, ClientError, ProducerClosed, again
+from relayd.client.errors import ChunkTooLarge, ClientError, ProducerClosed, StreamEndedByServer, again
 from relayd.client.session import Connection
 from relayd.client.stream_state import StreamState
 
@@ -31,8 +31,11 @@ OnCancel = Callable[[], Any]  # sync, or returning an awaitable
 class StreamResult:
     """How a stream ended: ``reason`` and the end's ``cursor`` as relayd stored them.
 
-    ``chunks`` counts the chunks this producer appended (all acknowledged). ``error`` is the
-    upstream's exception when :meth:`Producer.stream` was told not to raise it.
+    ``chunks`` counts the chunks this producer appended (acknowledged ones, unless relayd ended
+    the stream first). ``error`` is the upstream's exception when :meth:`Producer.stream` was told
+    not to raise it. ``ended_by_server`` is set when relayd ended the stream without being asked
+    (an operator's ``relayd streams end``): ``reason`` is then the operator's, and its
+    ``message`` says why.
     """
 
     stream: str
@@ -40,6 +43,7 @@ class StreamResult:
     cursor: str | None
     chunks: int
     error: BaseException | None = None
+    ended_by_server: StreamEndedByServer | None = None
 
 
 class Writer:
@@ -60,8 +64,14 @@ class Writer:
 
     @property
     def cancelled(self) -> asyncio.Event:
-        """Set when a consumer asked to cancel the stream: stop and end it ``cancelled``."""
+        """Set when a consumer asked to cancel the stream (stop and end it ``cancelled``), or when
+        relayd ended it (:attr:`ended_by_server`; ending it again is then a no-op)."""
         return self._state.cancelled
+
+    @property
+    def ended_by_server(self) -> StreamEndedByServer | None:
+        """Why relayd ended the stream unasked (an operator's ``relayd streams end``), else None."""
+        return self._state.ended_by_server
 
     @property
     def cursor(self) -> str | None:
@@ -146,7 +156,8 @@ class Writer:
 
         ``message`` (at most 1000 characters are kept) says why, for ``error``. Idempotent: a
         second call waits for the same end. If a chunk was refused (see :meth:`send`), ending
-        ``completed`` ends ``error`` instead and raises the refusal.
+        ``completed`` ends ``error`` instead and raises the refusal. If relayd already ended the
+        stream unasked, returns that end, with ``ended_by_server`` set.
         """
         state = self._state
         failure = state.failure
@@ -158,9 +169,10 @@ class Writer:
             ended = await state.ended
         except ClientError as exc:
             raise again(exc) from exc  # every waiter gets its own copy of the stored failure
-        if failure is not None and reason == "completed":
+        by_server = state.ended_by_server
+        if failure is not None and reason == "completed" and by_server is None:
             raise again(failure)
-        return StreamResult(self.stream, ended.reason, ended.cursor, self.chunks)
+        return StreamResult(self.stream, ended.reason, ended.cursor, self.chunks, ended_by_server=by_server)
 
     def end_nowait(self, reason: EndReason, message: str = "") -> None:
         """Queue the end without waiting for it (the Producer's exit waits)."""
