@@ -390,6 +390,68 @@ async def test_ping_is_answered_with_pong_echoing_the_id(relayd: Relayd) -> None
         await assert_still_works(producer)
 
 
+def nested(depth: int) -> str:
+    """A JSON array ``depth`` levels deep."""
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        ('{"op": "open", "stream": "h", "content_type": ["text"]}', "bad_frame"),
+        ('{"op": "open", "stream": "h", "content_type": {"a": 1}}', "bad_frame"),
+        ('{"op": "end", "stream": "h", "reason": ["completed"]}', "bad_frame"),
+        ('{"op": "end", "stream": "h", "reason": {}}', "bad_frame"),
+        ('{"op": ["append"], "stream": "h"}', "unknown_op"),
+        (f'{{"op": "append", "stream": "h", "seq": 1, "chunk": {nested(255)}}}', "bad_frame"),
+        (f'{{"op": "append", "stream": "h", "seq": 1, "chunk": {nested(1023)}}}', "bad_frame"),
+        (f'{{"op": "ping", "id": {nested(254)}}}', "bad_frame"),
+        (f'{{"op": "ping", "id": {nested(1023)}}}', "bad_frame"),
+        ('{"op": "open", "stream": "h", "epoch": 9007199254740992}', "bad_frame"),
+        ('{"op": "append", "stream": "h", "seq": 9007199254740991, "chunks": ["a", "b"]}', "bad_frame"),
+    ],
+    ids=[
+        "content_type-list",
+        "content_type-object",
+        "reason-list",
+        "reason-object",
+        "op-list",
+        "chunk-255-deep",
+        "chunk-1023-deep",
+        "ping-id-254-deep",
+        "ping-id-1023-deep",
+        "epoch-2^53",
+        "last-seq-2^53",
+    ],
+)
+async def test_hostile_frames_get_an_error_frame_and_the_connection_stays(relayd: Relayd, line: str, code: str) -> None:
+    """Fields of the wrong JSON type, nesting past the limit and integers past 2^53-1 each earn an error frame;
+    the producer connection (and every other stream on it) stays up (issue 9, item 21)."""
+    async with await relayd.producer() as producer:
+        assert (await producer.open("other"))["type"] == "opened"
+        await producer.send_raw(line)
+        await expect_error(producer, code)
+        ack = await producer.append("other", 1, "still here")
+        assert ack["type"] == "ack", ack
+        await assert_still_works(producer)
+
+
+async def test_nesting_up_to_the_limit_is_stored_and_echoed(relayd: Relayd) -> None:
+    """A chunk and a ping id nested up to the documented depth (128 levels, the frame included) are accepted."""
+    async with await relayd.producer() as producer:
+        await producer.open("deep")
+        chunk = orjson.loads(nested(126))  # levels 3-128: the frame is level 1, its "chunks" list level 2
+        ack = await producer.append("deep", 1, chunk)
+        assert ack["type"] == "ack", ack
+        ping_id = orjson.loads(nested(127))  # levels 2-128
+        await producer.send({"op": "ping", "id": ping_id})
+        assert await producer.next() == {"type": "pong", "id": ping_id}
+    consumer = await relayd.consumer("deep")
+    await consumer.expect("subscribed", stream="deep")
+    frame = await consumer.expect("chunk", stream="deep")
+    assert frame["data"] == chunk
+
+
 @pytest.mark.parametrize(
     "headers",
     [

@@ -23,6 +23,7 @@ from relayd.protocol import (
     check_stream_id,
     format_cursor,
     is_valid_stream_id,
+    parse_uint,
 )
 from relayd.store import catalog
 from relayd.store.redis_streams import StreamMeta
@@ -107,11 +108,11 @@ async def list_streams(request: web.Request) -> web.Response:
     prefix = query.get("prefix", "")
     if prefix and not is_valid_stream_id(prefix):
         raise ProtocolError("invalid_stream_id", "prefix must be the start of a stream id")
-    limit = query.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= catalog.MAX_LIMIT:
+    limit = parse_uint(query.get("limit", "100"), "limit")
+    if not 1 <= limit <= catalog.MAX_LIMIT:
         raise ProtocolError("bad_frame", f"limit must be an integer from 1 to {catalog.MAX_LIMIT}")
     hub = rt.relay.hub
-    listing = await catalog.list_streams(rt.relay.store, which, prefix, int(limit), hub.subscriber_count)
+    listing = await catalog.list_streams(rt.relay.store, which, prefix, limit, hub.subscriber_count)
     return web.json_response(listing)
 
 

@@ -29,6 +29,7 @@ from relayd.protocol import (
     format_cursor,
     frame,
     parse_optional_cursor,
+    parse_uint,
     split_message,
 )
 from relayd.web.keys import RUNTIME, Runtime
@@ -186,7 +187,7 @@ async def consume_ws(request: web.Request) -> web.StreamResponse:
         principal = rt.tokens.verify(token_from_request(request))
         first_stream = request.match_info.get("stream")
         first_cursor = parse_optional_cursor(request.query.get("cursor"))
-        wait_ms = int(request.query["wait_ms"]) if request.query.get("wait_ms", "").isdigit() else None
+        wait_ms = parse_uint(request.query["wait_ms"], "wait_ms") if request.query.get("wait_ms") else None
         if first_stream is not None:
             principal.require(check_stream_id(first_stream), "read")
     except AuthError as exc:
