@@ -230,6 +230,26 @@ async def test_a_producer_taking_over_fences_the_first(relayd: Relayd) -> None:
     assert end["reason"] == "completed"
 
 
+async def test_two_takeovers_near_the_exact_integer_limit_cannot_both_succeed(relayd: Relayd) -> None:
+    """Epochs stay exact (the store's Lua counts in doubles): the takeover that would pass 2^53-1 is
+    fenced, so two producers can never share an epoch and both write (issue 9, item 22)."""
+    top = 2**53 - 1
+    async with await relayd.producer() as first, await relayd.producer() as second:
+        assert (await first.open("near", epoch=top - 1))["epoch"] == top - 1
+        taken = await second.open("near")  # the last exact epoch
+        assert taken["type"] == "opened" and taken["epoch"] == top, taken
+        async with await relayd.producer() as third:
+            await third.send({"op": "open", "stream": "near"})
+            await expect_error(third, "fenced", stream="near")
+            await third.send({"op": "append", "stream": "near", "seq": 1, "chunk": "third"})
+            await expect_error(third, "not_open", stream="near")
+        assert (await second.append("near", 1, "second"))["type"] == "ack"
+        await first.send({"op": "append", "stream": "near", "seq": 1, "chunk": "first"})
+        await expect_error(first, "fenced", stream="near")
+        resumed = await second.open("near", epoch=top)  # the holder can still resume with its epoch
+        assert resumed["type"] == "opened" and resumed["epoch"] == top and resumed["seq"] == 1, resumed
+
+
 async def test_open_repeated_by_the_same_producer_resumes_instead_of_taking_over(relayd: Relayd) -> None:
     """An open without epoch but with the producer id of the current epoch resumes that epoch.
 
