@@ -7,7 +7,7 @@ tested without one. Messages are NDJSON: one or more JSON objects separated by `
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,10 +211,12 @@ class ProducerDecoder:
     whether a chunk is valid depends on the stream (text streams take strings only).
     """
 
-    __slots__ = ("max_chunk_bytes",)
+    __slots__ = ("allows", "max_chunk_bytes")
 
-    def __init__(self, max_chunk_bytes: int) -> None:
+    def __init__(self, max_chunk_bytes: int, allows: Callable[[str], bool] | None = None) -> None:
         self.max_chunk_bytes = max_chunk_bytes
+        # The streams this producer's API key may use (auth.api_key_streams); None: all of them.
+        self.allows = allows
 
     def decode(
         self, line: bytes | str, text_streams: set[str] | frozenset[str] = frozenset()
@@ -226,6 +228,7 @@ class ProducerDecoder:
             op = obj.get("op")
             if op == "append":
                 stream = check_stream_id(obj.get("stream"))
+                self._check_scope(stream)
                 seq = _positive_int(obj, "seq", required=True)
                 assert seq is not None
                 return self._append(obj, stream, seq, stream in text_streams)
@@ -233,6 +236,7 @@ class ProducerDecoder:
                 return PingOp(obj.get("id"))
             if op == "open":
                 stream = check_stream_id(obj.get("stream"))
+                self._check_scope(stream)
                 epoch = _positive_int(obj, "epoch", required=False)
                 content_type = obj.get("content_type", "json")
                 if not isinstance(content_type, str) or content_type not in CONTENT_TYPES:  # a list is not hashable
@@ -245,6 +249,7 @@ class ProducerDecoder:
                 return OpenOp(stream, epoch, content_type, producer)
             if op == "end":
                 stream = check_stream_id(obj.get("stream"))
+                self._check_scope(stream)
                 reason = obj.get("reason")
                 if not isinstance(reason, str) or reason not in PRODUCER_END_REASONS:
                     raise ProtocolError("bad_frame", "'reason' must be completed, error or cancelled")
@@ -255,6 +260,10 @@ class ProducerDecoder:
             raise _unknown_op(op)
         except ProtocolError as exc:
             return FrameError(exc, stream, seq)
+
+    def _check_scope(self, stream: str) -> None:
+        if self.allows is not None and not self.allows(stream):
+            raise ProtocolError("forbidden", f"this API key may not use stream {stream}")
 
     def _append(self, obj: dict[str, Any], stream: str, seq: int, text: bool) -> AppendOp:
         if "chunks" in obj:

@@ -88,7 +88,7 @@ class Server:
 
     def _credentials(self) -> tuple[ApiKeys, TokenAuthority]:
         cfg = self.config.auth
-        api_keys = ApiKeys(self.config.auth.api_keys, self.config.api_key_secrets)
+        api_keys = ApiKeys(self.config.auth.api_keys, self.config.api_key_secrets, self.config.auth.api_key_streams)
         secret = cfg.jwt_secret
         if not api_keys or (cfg.jwt_algorithm.startswith("HS") and not secret):
             dev_key, dev_secret = _dev_credentials(Path(self.config.embedded.data_dir))

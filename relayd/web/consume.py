@@ -32,6 +32,7 @@ from relayd.protocol import (
     parse_uint,
     split_message,
 )
+from relayd.web.errors import ERROR_CODE
 from relayd.web.keys import RUNTIME, Runtime
 from relayd.web.transport import backlog_of, close_stuck, ws_text_writer
 
@@ -194,6 +195,7 @@ async def consume_ws(request: web.Request) -> web.StreamResponse:
         rt.metrics.auth_failure(exc.code)
         fields = {"remote": request.remote, "code": exc.code}
         log.info("consumer_ws refused %s", Pairs(fields), extra={"role": "consumer_ws", **fields})
+        ws[ERROR_CODE] = exc.code  # for the failed-credential limit (relayd/web/throttle.py)
         await ws.close(code=exc.close_code, message=exc.code.encode())
         return ws
     except ClientError as exc:
