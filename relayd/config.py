@@ -232,6 +232,12 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
             raise ConfigError(name, "must be a table")
         tables[name] = _build_table(name, cls, section, env)
     secrets = _key_secrets("auth.api_keys", "API", env, "RELAYD_API_KEYS", tables["auth"].api_keys_file)
+    if tables["auth"].api_key_streams:
+        # Its entries name keys by hash: checked here, against every key source, so check-config
+        # reports a typo. Imported here: the rest of config needs nothing from auth (or pyjwt).
+        from relayd.auth import ApiKeys
+
+        ApiKeys(tables["auth"].api_keys, secrets, tables["auth"].api_key_streams)
     jwt_secret = _jwt_secret(tables["auth"], env)
     tables["auth"] = dataclasses.replace(tables["auth"], jwt_secret=jwt_secret)
     for table in tables.values():

@@ -16,7 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relayd.auth import hash_api_key
-from relayd.config import Config
+from relayd.config import Config, build_config
+from relayd.errors import ConfigError
 from tests.helpers import API_KEY, JWT_SECRET, Relayd
 
 TENANT_KEY = "rk_tenant_a_key_0123456789abcdef"
@@ -123,3 +124,13 @@ async def test_api_keys_with_any_origin_log_a_startup_warning(
     async with Relayd(config_factory(server={"allowed_origins": ["https://app.example.com"]})):
         pass
     assert not any("allowed_origins" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_scope_naming_no_configured_key_is_a_config_error_at_load() -> None:
+    """Checked when the config is built (so ``relayd check-config`` reports it), against env keys too."""
+    entry = f"{hash_api_key(TENANT_KEY)} tenant-a/*"
+    with pytest.raises(ConfigError) as exc:
+        build_config({"auth": {"api_key_streams": [entry]}}, env={"RELAYD_API_KEYS": API_KEY})
+    assert exc.value.key == "auth.api_key_streams[0]"
+    config = build_config({"auth": {"api_key_streams": [entry]}}, env={"RELAYD_API_KEYS": f"{API_KEY},{TENANT_KEY}"})
+    assert config.auth.api_key_streams == (entry,)
