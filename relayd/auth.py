@@ -29,6 +29,7 @@ __all__ = [
     "ALGORITHMS",
     "RIGHTS",
     "ApiKeys",
+    "FailureLimiter",
     "Principal",
     "TokenAuthority",
     "generate_api_key",
@@ -90,11 +91,15 @@ class ApiKeys:
     ``hashes`` are ``"sha256:<hex>"`` strings (``auth.api_keys``); ``secrets`` are plain keys
     or such hashes (``RELAYD_API_KEYS``, ``auth.api_keys_file``). A malformed hash raises
     :class:`~relayd.errors.ConfigError`.
+
+    ``streams`` (``auth.api_key_streams``) scopes some keys: each entry is a key's hash and the
+    stream ids or prefixes (``tenant-a/*``) it may write and mint tokens for, separated by
+    spaces. A key without an entry may use every stream.
     """
 
-    __slots__ = ("_hashes",)
+    __slots__ = ("_hashes", "_scopes")
 
-    def __init__(self, hashes: Iterable[str] = (), secrets: Iterable[str] = ()) -> None:
+    def __init__(self, hashes: Iterable[str] = (), secrets: Iterable[str] = (), streams: Iterable[str] = ()) -> None:
         stored: dict[bytes, None] = {}
         for i, value in enumerate(hashes):
             stored[_normalise_hash(value, "auth.api_keys", i).encode("ascii")] = None
@@ -107,6 +112,7 @@ class ApiKeys:
                 digest = hash_api_key(secret)
             stored[digest.encode("ascii")] = None
         self._hashes: tuple[bytes, ...] = tuple(stored)
+        self._scopes = _parse_scopes(streams, stored)
 
     def __bool__(self) -> bool:
         return bool(self._hashes)
@@ -117,8 +123,8 @@ class ApiKeys:
     def __repr__(self) -> str:
         return f"ApiKeys(<{len(self._hashes)} keys>)"
 
-    def verify(self, presented: str | None) -> None:
-        """Return if ``presented`` is one of the keys; else raise ``AuthError("unauthorized")``.
+    def verify(self, presented: str | None) -> StreamScope | None:
+        """The scope of ``presented`` (None: every stream); ``AuthError("unauthorized")`` if it is no key.
 
         The presented key's hash is compared with every stored hash (``hmac.compare_digest``,
         no early exit), so the time taken does not depend on which key matched.
@@ -131,6 +137,83 @@ class ApiKeys:
             matched |= hmac.compare_digest(digest, stored)
         if not matched:
             raise AuthError("unauthorized", "invalid API key")
+        return self._scopes.get(digest)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamScope:
+    """The streams one API key may use: exact ids and prefixes ending in ``*``."""
+
+    patterns: tuple[str, ...]
+
+    def allows(self, stream_id: str) -> bool:
+        return any(_stream_matches(pattern, stream_id) for pattern in self.patterns)
+
+    def covers(self, pattern: str) -> bool:
+        """True if every stream ``pattern`` (an id, ``prefix*`` or ``*``) matches is in this scope."""
+        if pattern.endswith("*"):
+            prefix = pattern[:-1]
+            return any(p.endswith("*") and prefix.startswith(p[:-1]) for p in self.patterns)
+        return self.allows(pattern)
+
+    def require(self, stream_id: str) -> None:
+        if not self.allows(stream_id):
+            raise AuthError("forbidden", f"this API key may not use stream {stream_id}")
+
+
+def _parse_scopes(entries: Iterable[str], keys: dict[bytes, None]) -> dict[bytes, StreamScope]:
+    scopes: dict[bytes, StreamScope] = {}
+    for i, entry in enumerate(entries):
+        key = f"auth.api_key_streams[{i}]"
+        digest, *patterns = entry.split()
+        if not patterns:
+            raise ConfigError(key, "must be a key's hash and the stream ids or prefixes it may use ('sha256:… a/*')")
+        stored = _normalise_hash(digest, "auth.api_key_streams", i).encode("ascii")
+        if stored not in keys:
+            raise ConfigError(key, "names no configured API key (make the hash with `relayd hash-key`)")
+        for pattern in patterns:
+            if pattern == "*" or not is_valid_stream_pattern(pattern):
+                raise ConfigError(key, f"{pattern[:40]!r} is not a stream id or a prefix ending in '*'")
+        scopes[stored] = StreamScope(tuple(patterns))
+    return scopes
+
+
+class FailureLimiter:
+    """Failed credential attempts per client address: a token bucket each, bounded in memory.
+
+    An address may fail ``max_failures`` times in a burst, and then once per
+    ``window_s / max_failures`` seconds; while its bucket is empty its requests are refused
+    (429) before any credential is checked. Pure: the caller passes the clock. At most
+    ``max_addresses`` buckets are kept; the least recently failed goes first.
+    """
+
+    __slots__ = ("_buckets", "_rate", "max_addresses", "max_failures")
+
+    def __init__(self, max_failures: int, window_s: float, max_addresses: int = 10_000) -> None:
+        self.max_failures = max_failures
+        self.max_addresses = max_addresses
+        self._rate = max_failures / window_s if max_failures else 0.0  # failures forgiven per second
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, as of)
+
+    def _tokens(self, address: str, now: float) -> float:
+        tokens, since = self._buckets.get(address, (self.max_failures, now))
+        return min(self.max_failures, tokens + (now - since) * self._rate)
+
+    def retry_after(self, address: str | None, now: float) -> float:
+        """Seconds until ``address`` may try again; 0 if it may now."""
+        if not self.max_failures or address is None or address not in self._buckets:
+            return 0.0
+        tokens = self._tokens(address, now)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self._rate
+
+    def failed(self, address: str | None, now: float) -> None:
+        if not self.max_failures or address is None:
+            return
+        tokens = self._tokens(address, now) - 1
+        self._buckets.pop(address, None)  # re-inserted last: the dict's order is recency
+        self._buckets[address] = (max(tokens, 0.0), now)
+        if len(self._buckets) > self.max_addresses:
+            del self._buckets[next(iter(self._buckets))]
 
 
 # --- Principals -------------------------------------------------------------------------------

@@ -89,6 +89,9 @@ class AuthConfig:
     token_ttl_s: int = 300
     token_max_ttl_s: int = 3600
     admin_keys: tuple[str, ...] = ()  # sha256:<hex> hashes of keys for /v1/admin (relayd streams, status)
+    api_key_streams: tuple[str, ...] = ()  # "sha256:<hex> tenant-a/* other": the streams that key may use
+    max_failures: int = 30  # failed credential attempts per client address in a burst (0: no limit)
+    failure_window_s: float = 60.0  # ... and max_failures more per this many seconds
 
     def check(self) -> None:
         _check_hashes("auth.admin_keys", self.admin_keys, "RELAYD_ADMIN_KEYS")
@@ -103,6 +106,8 @@ class AuthConfig:
         _positive("auth.token_max_ttl_s", self.token_max_ttl_s)
         if self.token_ttl_s > self.token_max_ttl_s:
             raise ConfigError("auth.token_ttl_s", "must not exceed auth.token_max_ttl_s")
+        _range("auth.max_failures", self.max_failures, 0, 1_000_000)
+        _positive("auth.failure_window_s", self.failure_window_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +237,12 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
             raise ConfigError(name, "must be a table")
         tables[name] = _build_table(name, cls, section, env)
     secrets = _key_secrets("auth.api_keys", "API", env, "RELAYD_API_KEYS", tables["auth"].api_keys_file)
+    if tables["auth"].api_key_streams:
+        # Its entries name keys by hash: checked here, against every key source, so check-config
+        # reports a typo. Imported here: the rest of config needs nothing from auth (or pyjwt).
+        from relayd.auth import ApiKeys
+
+        ApiKeys(tables["auth"].api_keys, secrets, tables["auth"].api_key_streams)
     jwt_secret = _jwt_secret(tables["auth"], env)
     tables["auth"] = dataclasses.replace(tables["auth"], jwt_secret=jwt_secret)
     for table in tables.values():

@@ -3,8 +3,11 @@
 Every line has ``ts``, ``level``, ``logger`` and ``msg``; event fields are passed with
 ``extra={...}`` and become fields of their own (``role=producer duration_s=12.5``). Secrets are
 never passed as fields, and as a second line of defence the formatters blank whatever follows
-``token=``, ``Bearer `` or ``bearer.`` (a query string, header or subprotocol that reached an
-exception message).
+``token=`` (percent-encoded too: aiohttp decodes ``%74oken=``), ``Bearer`` and whitespace (or an
+escaped tab, as parse errors quote raw bytes) or ``bearer.``, and anything shaped like a JWT or a
+relayd API key (a query string, header or subprotocol that reached an exception message).
+:func:`install_redaction` puts the same scrubbing on aiohttp's and asyncio's own loggers, whose
+records may reach handlers relayd did not set up.
 """
 
 from __future__ import annotations
@@ -26,16 +29,85 @@ _RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict
     "asctime",
     "taskName",
 }
-_SECRET_RE = re.compile(r"(token=|Bearer\s+|bearer\.)[^\s&\"',;]+", re.IGNORECASE)
+_SECRET_RE = re.compile(
+    r"((?:t|%74)(?:o|%6f)(?:k|%6b)(?:e|%65)(?:n|%6e)(?:=|%3d)|Bearer(?:\s|\\t|%20|%09|\+)+|bearer\.)"
+    r"[^\s&\"',;\\]+",
+    re.IGNORECASE,
+)
+# A JWT (base64url of '{"' starts every header) or a key from ``relayd keys``, wherever it appears.
+_TOKEN_SHAPED_RE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*|(rk_)[A-Za-z0-9_-]{16,}")
 _LOGFMT_BARE = re.compile(r"[^\s=\"\\]+")
+# Loggers of the libraries relayd runs on, whose lines may quote a request (install_redaction).
+LIBRARY_LOGGERS = (
+    "aiohttp.access",
+    "aiohttp.server",
+    "aiohttp.web",
+    "aiohttp.websocket",
+    "aiohttp.internal",
+    "asyncio",
+)
 
 
 def redact(text: str) -> str:
-    """Blank credentials in ``text`` (``token=…``, ``Bearer …``, ``bearer.<jwt>``)."""
+    """Blank credentials in ``text`` (``token=…``, ``Bearer …``, ``bearer.<jwt>``, JWTs, API keys)."""
     lowered = text.lower()
-    if "token=" in lowered or "bearer" in lowered:  # a cheap test first: most lines have neither
-        return _SECRET_RE.sub(r"\1[redacted]", text)
+    # cheap tests first: most lines have none of these
+    if "token" in lowered or "bearer" in lowered or "%74" in lowered:
+        text = _SECRET_RE.sub(r"\1[redacted]", text)
+    if "eyj" in lowered or "rk_" in lowered:
+        text = _TOKEN_SHAPED_RE.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
     return text
+
+
+class RedactFilter(logging.Filter):
+    """Scrubs a record's message and traceback (:func:`redact`) before any handler formats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            # Formatters print a cached exc_text instead of formatting the exception again.
+            record.exc_text = redact(_PLAIN.formatException(record.exc_info))
+        return True
+
+
+_PLAIN = logging.Formatter()
+
+
+def install_redaction(names: tuple[str, ...] = LIBRARY_LOGGERS) -> None:
+    """Put a :class:`RedactFilter` on each logger in ``names`` (once; it holds no state)."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactFilter) for f in logger.filters):
+            logger.addFilter(RedactFilter())
+
+
+class RateLimit:
+    """At most ``per_s`` lines a second; counts what it held back, for the next line to report.
+
+    For lines a client can cause at will (a malformed request): a flood of them costs one line
+    per ``1/per_s`` seconds, not one per request.
+    """
+
+    __slots__ = ("_count", "_window", "per_s", "suppressed")
+
+    def __init__(self, per_s: int) -> None:
+        self.per_s = per_s
+        self._window = -1.0
+        self._count = 0
+        self.suppressed = 0
+
+    def allow(self, now: float) -> int | None:
+        """None: hold this line back. Otherwise write it: the lines held back since the last one."""
+        if now - self._window >= 1.0:
+            self._window = now
+            self._count = 0
+        if self._count >= self.per_s:
+            self.suppressed += 1
+            return None
+        self._count += 1
+        held, self.suppressed = self.suppressed, 0
+        return held
 
 
 def event_fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -175,6 +175,14 @@ class Metrics:
         self._auth = {reason: auth.labels(reason) for reason in AUTH_REASONS}
         bad = Counter("relayd_bad_frames", "Refused client frames, by error code", ["code"], registry=r)
         self._bad_frames = {code: bad.labels(code) for code in (*ERROR_CODES, OTHER)}
+        self._bad_http = Counter(
+            "relayd_bad_http_requests", "Requests aiohttp's HTTP parser refused (400) before any handler", registry=r
+        )
+        self._auth_throttled = Counter(
+            "relayd_auth_throttled",
+            "Requests refused with 429: their address failed authentication too often (auth.max_failures)",
+            registry=r,
+        )
 
         self._catchups = Counter(
             "relayd_consumer_catchups", "Consumers that fell behind and were caught up from Redis", registry=r
@@ -299,6 +307,12 @@ class Metrics:
 
     def bad_frame(self, code: str) -> None:
         self._bad_frames.get(code, self._bad_frames[OTHER]).inc()
+
+    def bad_http_request(self) -> None:
+        self._bad_http.inc()
+
+    def auth_throttled(self) -> None:
+        self._auth_throttled.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

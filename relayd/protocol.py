@@ -7,7 +7,7 @@ tested without one. Messages are NDJSON: one or more JSON objects separated by `
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,17 @@ END_REASONS = frozenset({"completed", "error", "cancelled", "producer_lost"})
 PRODUCER_END_REASONS = frozenset({"completed", "error", "cancelled"})
 CONTENT_TYPES = frozenset({"json", "text"})
 MAX_END_MESSAGE = 1000
+# The largest integer relayd takes in an epoch, seq, cursor or wait_ms: the store's Lua scripts
+# count in doubles, which are exact only up to 2^53 - 1 (above it, n + 1 == n).
+MAX_EXACT_INT = 2**53 - 1
+# The deepest nesting of arrays and objects in a frame, the frame itself being level 1. orjson
+# reads 1024 levels but writes only 254, so a deeper chunk or ping id could be read and then not
+# be written back (stored, echoed): refused when read instead, with room to spare.
+MAX_JSON_DEPTH = 128
 _OFFSET_DIGITS = 10
+# ASCII digits only: str.isdigit() also takes '²' and '①', which int() refuses. 16 digits hold
+# every integer up to MAX_EXACT_INT and keep int() far from its 4300-digit limit.
+_UINT_RE = re.compile(r"[0-9]{1,16}")
 
 
 def is_valid_stream_id(stream_id: object) -> bool:
@@ -49,12 +59,33 @@ def format_cursor(gen: int, offset: int) -> str:
     return f"{gen}-{offset:0{_OFFSET_DIGITS}d}"
 
 
+def _uint(text: str) -> int | None:
+    """``text`` as an integer from 0 to MAX_EXACT_INT if it is 1-16 ASCII digits, else None."""
+    if _UINT_RE.fullmatch(text) is None:
+        return None
+    value = int(text)
+    return value if value <= MAX_EXACT_INT else None
+
+
+def parse_uint(text: str, name: str) -> int:
+    """An integer query parameter or header (``wait_ms``, ``limit``): ASCII digits, at most MAX_EXACT_INT."""
+    value = _uint(text)
+    if value is None:
+        raise ProtocolError("bad_frame", f"'{name}' must be an integer from 0 to {MAX_EXACT_INT}")
+    return value
+
+
 def parse_cursor(text: str) -> tuple[int, int]:
-    """``"1763745600123-0000000042"`` -> ``(1763745600123, 42)``."""
-    gen, sep, offset = text.partition("-")
-    if not sep or not gen.isdigit() or not offset.isdigit() or len(gen) > 20 or len(offset) > 20:
+    """``"1763745600123-0000000042"`` -> ``(1763745600123, 42)``.
+
+    Both parts are bounded by MAX_EXACT_INT: relayd never makes a larger one, and a part above
+    2^64 - 1 would reach Redis as a stream id it refuses.
+    """
+    gen_text, sep, offset_text = text.partition("-")
+    gen, offset = _uint(gen_text), _uint(offset_text)
+    if not sep or gen is None or offset is None:
         raise ProtocolError("bad_frame", f"invalid cursor {text[:40]!r}")
-    return int(gen), int(offset)
+    return gen, offset
 
 
 # -- producer ops -------------------------------------------------------------------------------
@@ -133,7 +164,26 @@ def _load_object(line: bytes | str) -> dict[str, Any]:
         raise ProtocolError("bad_frame", "not valid JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_frame", "a frame must be a JSON object")
+    # Each level needs its own bracket: a line with few of them (nearly every frame) is shallow,
+    # and only the others are walked. A micro-optimisation: two C counts instead of a walk.
+    opens = line.count(b"[") + line.count(b"{") if isinstance(line, bytes) else line.count("[") + line.count("{")
+    if opens > MAX_JSON_DEPTH and too_deep(obj, MAX_JSON_DEPTH):
+        raise ProtocolError("bad_frame", f"a frame may nest at most {MAX_JSON_DEPTH} levels of arrays and objects")
     return obj
+
+
+def too_deep(value: object, limit: int) -> bool:
+    """True if ``value`` nests arrays and objects more than ``limit`` levels (``value`` is level 1)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth == limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def _positive_int(obj: dict[str, Any], name: str, *, required: bool) -> int | None:
@@ -142,9 +192,17 @@ def _positive_int(obj: dict[str, Any], name: str, *, required: bool) -> int | No
         if required:
             raise ProtocolError("bad_frame", f"'{name}' is required")
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value >= 2**53:
-        raise ProtocolError("bad_frame", f"'{name}' must be a positive integer")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > MAX_EXACT_INT:
+        raise ProtocolError("bad_frame", f"'{name}' must be an integer from 1 to {MAX_EXACT_INT}")
     return value
+
+
+def _unknown_op(op: object) -> ProtocolError:
+    if op is None:
+        return ProtocolError("unknown_op", "'op' is required")
+    if not isinstance(op, str):
+        return ProtocolError("unknown_op", "'op' must be a string")
+    return ProtocolError("unknown_op", f"unknown op {op[:40]!r}")
 
 
 class ProducerDecoder:
@@ -154,10 +212,12 @@ class ProducerDecoder:
     whether a chunk is valid depends on the stream (text streams take strings only).
     """
 
-    __slots__ = ("max_chunk_bytes",)
+    __slots__ = ("allows", "max_chunk_bytes")
 
-    def __init__(self, max_chunk_bytes: int) -> None:
+    def __init__(self, max_chunk_bytes: int, allows: Callable[[str], bool] | None = None) -> None:
         self.max_chunk_bytes = max_chunk_bytes
+        # The streams this producer's API key may use (auth.api_key_streams); None: all of them.
+        self.allows = allows
 
     def decode(
         self, line: bytes | str, text_streams: set[str] | frozenset[str] = frozenset()
@@ -169,6 +229,7 @@ class ProducerDecoder:
             op = obj.get("op")
             if op == "append":
                 stream = check_stream_id(obj.get("stream"))
+                self._check_scope(stream)
                 seq = _positive_int(obj, "seq", required=True)
                 assert seq is not None
                 return self._append(obj, stream, seq, stream in text_streams)
@@ -176,9 +237,10 @@ class ProducerDecoder:
                 return PingOp(obj.get("id"))
             if op == "open":
                 stream = check_stream_id(obj.get("stream"))
+                self._check_scope(stream)
                 epoch = _positive_int(obj, "epoch", required=False)
                 content_type = obj.get("content_type", "json")
-                if content_type not in CONTENT_TYPES:
+                if not isinstance(content_type, str) or content_type not in CONTENT_TYPES:  # a list is not hashable
                     raise ProtocolError("bad_frame", "'content_type' must be 'json' or 'text'")
                 producer = obj.get("producer")
                 if producer is not None and (
@@ -188,16 +250,21 @@ class ProducerDecoder:
                 return OpenOp(stream, epoch, content_type, producer)
             if op == "end":
                 stream = check_stream_id(obj.get("stream"))
+                self._check_scope(stream)
                 reason = obj.get("reason")
-                if reason not in PRODUCER_END_REASONS:
+                if not isinstance(reason, str) or reason not in PRODUCER_END_REASONS:
                     raise ProtocolError("bad_frame", "'reason' must be completed, error or cancelled")
                 message = obj.get("message") or ""
                 if not isinstance(message, str):
                     raise ProtocolError("bad_frame", "'message' must be a string")
                 return EndOp(stream, reason, message[:MAX_END_MESSAGE])
-            raise ProtocolError("unknown_op", f"unknown op {str(op)[:40]!r}" if op is not None else "'op' is required")
+            raise _unknown_op(op)
         except ProtocolError as exc:
             return FrameError(exc, stream, seq)
+
+    def _check_scope(self, stream: str) -> None:
+        if self.allows is not None and not self.allows(stream):
+            raise ProtocolError("forbidden", f"this API key may not use stream {stream}")
 
     def _append(self, obj: dict[str, Any], stream: str, seq: int, text: bool) -> AppendOp:
         if "chunks" in obj:
@@ -208,6 +275,8 @@ class ProducerDecoder:
             values = [obj["chunk"]]
         else:
             raise ProtocolError("bad_frame", "append needs 'chunk' or 'chunks'")
+        if seq + len(values) - 1 > MAX_EXACT_INT:
+            raise ProtocolError("bad_frame", f"the seq of the append's last chunk must be at most {MAX_EXACT_INT}")
         limit = self.max_chunk_bytes
         chunks: list[bytes] = []
         nbytes = 0
@@ -277,10 +346,12 @@ def decode_consumer(line: bytes | str) -> ConsumerOp | FrameError:
             if op == "cancel":
                 return CancelOp(stream)
             wait_ms = obj.get("wait_ms")
-            if wait_ms is not None and (isinstance(wait_ms, bool) or not isinstance(wait_ms, int) or wait_ms < 0):
-                raise ProtocolError("bad_frame", "'wait_ms' must be a non-negative integer")
+            if wait_ms is not None and (
+                isinstance(wait_ms, bool) or not isinstance(wait_ms, int) or not 0 <= wait_ms <= MAX_EXACT_INT
+            ):
+                raise ProtocolError("bad_frame", f"'wait_ms' must be an integer from 0 to {MAX_EXACT_INT}")
             return SubscribeOp(stream, parse_optional_cursor(obj.get("cursor")), wait_ms)
-        raise ProtocolError("unknown_op", f"unknown op {str(op)[:40]!r}" if op is not None else "'op' is required")
+        raise _unknown_op(op)
     except ProtocolError as exc:
         return FrameError(exc, stream)
 
@@ -342,7 +413,11 @@ def encode_sse_entries(gen: int, entries: list[Entry], text: bool) -> bytes:
     for entry in entries:
         if entry.data is not None:
             if text:
-                parts.append(sse_event("chunk", orjson.loads(entry.data), format_cursor(gen, entry.offset)))
+                value = orjson.loads(entry.data)
+                # A text stream holds strings, but an entry stored before its stream's content type
+                # was checked may not be one: it is sent as its JSON text rather than break the reader.
+                data = value if isinstance(value, str) else entry.data
+                parts.append(sse_event("chunk", data, format_cursor(gen, entry.offset)))
             else:
                 parts.append(
                     b"".join((prefix, b"%010d" % entry.offset, b"\nevent: chunk\ndata: ", entry.data, b"\n\n"))
@@ -394,16 +469,36 @@ class WsCodec(FrameCodec):
         return frame(type="reset", stream=stream, reason=reason)
 
 
+# The name of relayd's SSE error event. Not "error": EventSource fires its own "error" event when
+# the connection drops, so a page listening for "error" could not tell the two apart.
+SSE_ERROR_EVENT = "relayd-error"
+# How long EventSource waits before reconnecting after an error event (the response ends after
+# it). Long by default: reconnecting at once cannot help with stream_not_found or internal.
+SSE_ERROR_RETRY_MS = 10_000
+# Errors that a reconnect fixes at once: the drain (another instance, or the restarted one, takes
+# the reconnect) and an expired token (the page reconnects with a fresh one).
+_SSE_QUICK_RETRY = {"shutting_down": b"retry: 1000\n", "token_expired": b"retry: 1000\n"}
+
+
 class SseCodec(FrameCodec):
-    """Server-Sent Events: one response per stream, so no stream field in the events."""
+    """Server-Sent Events: one response per stream, so no stream field in the events.
+
+    ``error_event`` is the name of error events: ``relayd-error``, or ``error`` for pages written
+    for relayd 0.1 (``?error_event=error``, docs/protocol.md).
+    """
 
     kind = "sse"
+
+    def __init__(self, error_event: str = SSE_ERROR_EVENT) -> None:
+        self.error_event = error_event
+        self.error_retry = f"retry: {SSE_ERROR_RETRY_MS}\n".encode()
 
     def entries(self, stream: str, gen: int, entries: list[Entry], text: bool) -> bytes:
         return encode_sse_entries(gen, entries, text)
 
     def error(self, stream: str, code: str, message: str) -> bytes:
-        return sse_event("error", orjson.dumps({"code": code, "message": message}))
+        retry = _SSE_QUICK_RETRY.get(code, self.error_retry)
+        return retry + sse_event(self.error_event, orjson.dumps({"code": code, "message": message}))
 
     def gap(self, stream: str, gen: int, had: int, next_offset: int) -> bytes:
         body = {"cursor": format_cursor(gen, had), "next": format_cursor(gen, next_offset)}
@@ -415,6 +510,7 @@ class SseCodec(FrameCodec):
 
 WS_CODEC = WsCodec()
 SSE_CODEC = SseCodec()
+SSE_LEGACY_CODEC = SseCodec(error_event="error")  # ?error_event=error: the name relayd 0.1 used
 
 
 # -- producer frames: the one definition, used by relayd (web/ingest.py) and the SDK -------------

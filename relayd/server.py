@@ -129,7 +129,7 @@ class Server:
     def _credentials(self) -> tuple[ApiKeys, TokenAuthority]:
         """API keys and the token authority; development credentials only with no API key configured."""
         cfg = self.config.auth
-        api_keys = ApiKeys(self.config.auth.api_keys, self.config.api_key_secrets)
+        api_keys = ApiKeys(self.config.auth.api_keys, self.config.api_key_secrets, self.config.auth.api_key_streams)
         check_jwt_key(cfg, has_api_keys=bool(api_keys))  # load_config checked; a Config built by hand too
         secret = cfg.jwt_secret
         if not api_keys:

@@ -446,3 +446,10 @@ def test_admin_keys_config_is_checked() -> None:
     config = build_config({"auth": {"admin_keys": [hash_api_key(ADMIN_KEY)]}}, env={"RELAYD_ADMIN_KEYS": ADMIN_KEY})
     assert config.auth.admin_keys == (hash_api_key(ADMIN_KEY),) and config.admin_key_secrets == (ADMIN_KEY,)
     assert ADMIN_KEY not in repr(config)
+
+
+@pytest.mark.parametrize("limit", ["\u00b2", "\u2460", "9" * 5000, "0", "-1", ""])
+async def test_ls_with_an_invalid_limit_is_400(admin: Relayd, limit: str) -> None:
+    """A ``limit`` that is not ASCII digits from 1 to the maximum is 400 bad_frame, never 500."""
+    status, body = await call(admin, "GET", "/v1/admin/streams", params={"limit": limit})
+    assert status == 400 and body["error"]["code"] == "bad_frame", body

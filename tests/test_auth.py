@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from relayd.auth import (
     RIGHTS,
     ApiKeys,
+    FailureLimiter,
     Principal,
     TokenAuthority,
     generate_api_key,
@@ -675,3 +676,66 @@ def test_config_rejects_wrong_key_kinds(rsa_key: rsa.RSAPrivateKey, ec_key: ec.E
         with pytest.raises(ConfigError) as info:
             TokenAuthority(**kwargs)  # type: ignore[arg-type]
         assert info.value.key == key
+
+
+# --- per-key stream scopes and the failure limit (issue 9, item 26) -----------------------------
+
+KEY_A, KEY_B = "rk_tenant_a_key_0123456789", "rk_tenant_b_key_0123456789"
+
+
+def test_a_scoped_key_may_use_only_its_streams_and_an_unscoped_key_all() -> None:
+    keys = ApiKeys(secrets=[KEY_A, KEY_B], streams=[f"{hash_api_key(KEY_A)} tenant-a/* shared"])
+    scope = keys.verify(KEY_A)
+    assert scope is not None
+    assert scope.allows("tenant-a/chat-1") and scope.allows("shared") and scope.allows("tenant-a/")
+    assert not scope.allows("tenant-b/chat-1") and not scope.allows("shared-2") and not scope.allows("tenant-")
+    assert keys.verify(KEY_B) is None  # no entry: every stream
+
+
+def test_a_scoped_key_covers_only_patterns_inside_its_own() -> None:
+    scope = ApiKeys(secrets=[KEY_A], streams=[f"{hash_api_key(KEY_A)} tenant-a/* shared"]).verify(KEY_A)
+    assert scope is not None
+    assert scope.covers("tenant-a/*") and scope.covers("tenant-a/chat-*") and scope.covers("tenant-a/x")
+    assert scope.covers("shared")
+    assert not scope.covers("*") and not scope.covers("tenant-*") and not scope.covers("shared*")
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("{a}", "and the stream ids"),
+        ("{a} *", "is not a stream id"),
+        ("{a} ok bad!id", "is not a stream id"),
+        ("sha256:" + "0" * 64 + " x", "names no configured API key"),
+        ("sha256:nothex x", "must be a hash"),
+    ],
+)
+def test_bad_scope_entries_are_config_errors_naming_the_key(entry: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        ApiKeys(secrets=[KEY_A], streams=[entry.format(a=hash_api_key(KEY_A))])
+    assert exc.value.key.startswith("auth.api_key_streams") and problem in str(exc.value), exc.value
+
+
+def test_failure_limiter_allows_a_burst_then_one_per_interval() -> None:
+    limiter = FailureLimiter(max_failures=3, window_s=30.0)  # a failure forgiven every 10 s
+    for _ in range(3):
+        assert limiter.retry_after("1.2.3.4", 100.0) == 0
+        limiter.failed("1.2.3.4", 100.0)
+    assert limiter.retry_after("1.2.3.4", 100.0) == pytest.approx(10.0)
+    assert limiter.retry_after("5.6.7.8", 100.0) == 0  # per address
+    assert limiter.retry_after("1.2.3.4", 105.0) == pytest.approx(5.0)
+    assert limiter.retry_after("1.2.3.4", 110.0) == 0
+    limiter.failed("1.2.3.4", 110.0)
+    assert limiter.retry_after("1.2.3.4", 110.0) == pytest.approx(10.0)
+
+
+def test_failure_limiter_is_bounded_in_memory_and_can_be_off() -> None:
+    limiter = FailureLimiter(max_failures=1, window_s=60.0, max_addresses=100)
+    for i in range(1000):
+        limiter.failed(f"10.0.{i // 256}.{i % 256}", 0.0)
+    assert len(limiter._buckets) == 100
+    assert limiter.retry_after("10.0.3.231", 0.0) > 0  # the most recent ones are kept
+    off = FailureLimiter(max_failures=0, window_s=60.0)
+    for _ in range(100):
+        off.failed("1.2.3.4", 0.0)
+    assert off.retry_after("1.2.3.4", 0.0) == 0 and not off._buckets

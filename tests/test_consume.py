@@ -230,6 +230,57 @@ async def test_bad_cursor_is_an_error_frame_then_a_normal_close(relayd: Relayd) 
         await ws.close()
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"op": "subscribe", "stream": "s", "cursor": "1-\u00b2"}',
+        '{"op": "subscribe", "stream": "s", "cursor": "\u2460-1"}',
+        '{"op": "subscribe", "stream": "s", "cursor": "1-' + "1" * 5000 + '"}',
+        '{"op": "subscribe", "stream": "s", "cursor": "18446744073709551616-1"}',
+        '{"op": "subscribe", "stream": "s", "wait_ms": "\u00b2"}',
+        '{"op": "subscribe", "stream": "s", "wait_ms": 9007199254740992}',
+        '{"op": "ping", "id": ' + "[" * 254 + "]" * 254 + "}",
+        '{"op": "ping", "id": ' + "[" * 1023 + "]" * 1023 + "}",
+        '{"op": {"a": 1}}',
+    ],
+    ids=[
+        "cursor-superscript",
+        "cursor-circled",
+        "cursor-5000-digits",
+        "cursor-2^64",
+        "wait_ms-string",
+        "wait_ms-2^53",
+        "ping-id-254-deep",
+        "ping-id-1023-deep",
+        "op-object",
+    ],
+)
+async def test_hostile_frames_get_an_error_frame_and_the_connection_stays(relayd: Relayd, line: str) -> None:
+    """Non-ASCII digits, integers past 2^53-1 and deep nesting earn bad_frame/unknown_op; the socket stays up."""
+    async with await relayd.consumer() as consumer:
+        await consumer.send_raw(line)
+        frame = await consumer.next()
+        assert frame["type"] == "error" and frame["code"] in ("bad_frame", "unknown_op"), frame
+        await consumer.send({"op": "ping", "id": "alive"})
+        assert await consumer.next() == {"type": "pong", "id": "alive"}
+
+
+@pytest.mark.parametrize("params", [{"wait_ms": "\u00b2"}, {"wait_ms": "9" * 5000}, {"cursor": "1-\u2460"}])
+async def test_hostile_url_parameters_are_an_error_frame_then_a_normal_close(
+    relayd: Relayd, params: dict[str, str]
+) -> None:
+    """A ``wait_ms`` or ``cursor`` on the URL that is not ASCII digits (or too long) is bad_frame, not a crash."""
+    ws = await ws_connect(relayd, "/v1/streams/s/ws", params={"token": make_jwt(), **params})
+    try:
+        msg = await ws.receive(timeout=10)
+        assert msg.type is aiohttp.WSMsgType.TEXT, msg
+        frame = orjson.loads(msg.data)
+        assert frame["type"] == "error" and frame["code"] == "bad_frame", frame
+        assert await close_of(ws) == (1000, "bad_frame")
+    finally:
+        await ws.close()
+
+
 # -- expiry and re-authentication -------------------------------------------------------------------
 
 

@@ -230,6 +230,26 @@ async def test_a_producer_taking_over_fences_the_first(relayd: Relayd) -> None:
     assert end["reason"] == "completed"
 
 
+async def test_two_takeovers_near_the_exact_integer_limit_cannot_both_succeed(relayd: Relayd) -> None:
+    """Epochs stay exact (the store's Lua counts in doubles): the takeover that would pass 2^53-1 is
+    fenced, so two producers can never share an epoch and both write (issue 9, item 22)."""
+    top = 2**53 - 1
+    async with await relayd.producer() as first, await relayd.producer() as second:
+        assert (await first.open("near", epoch=top - 1))["epoch"] == top - 1
+        taken = await second.open("near")  # the last exact epoch
+        assert taken["type"] == "opened" and taken["epoch"] == top, taken
+        async with await relayd.producer() as third:
+            await third.send({"op": "open", "stream": "near"})
+            await expect_error(third, "fenced", stream="near")
+            await third.send({"op": "append", "stream": "near", "seq": 1, "chunk": "third"})
+            await expect_error(third, "not_open", stream="near")
+        assert (await second.append("near", 1, "second"))["type"] == "ack"
+        await first.send({"op": "append", "stream": "near", "seq": 1, "chunk": "first"})
+        await expect_error(first, "fenced", stream="near")
+        resumed = await second.open("near", epoch=top)  # the holder can still resume with its epoch
+        assert resumed["type"] == "opened" and resumed["epoch"] == top and resumed["seq"] == 1, resumed
+
+
 async def test_open_repeated_by_the_same_producer_resumes_instead_of_taking_over(relayd: Relayd) -> None:
     """An open without epoch but with the producer id of the current epoch resumes that epoch.
 
@@ -388,6 +408,68 @@ async def test_ping_is_answered_with_pong_echoing_the_id(relayd: Relayd) -> None
             await producer.send({"op": "ping", "id": ping_id})
             assert await producer.next() == {"type": "pong", "id": ping_id}
         await assert_still_works(producer)
+
+
+def nested(depth: int) -> str:
+    """A JSON array ``depth`` levels deep."""
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        ('{"op": "open", "stream": "h", "content_type": ["text"]}', "bad_frame"),
+        ('{"op": "open", "stream": "h", "content_type": {"a": 1}}', "bad_frame"),
+        ('{"op": "end", "stream": "h", "reason": ["completed"]}', "bad_frame"),
+        ('{"op": "end", "stream": "h", "reason": {}}', "bad_frame"),
+        ('{"op": ["append"], "stream": "h"}', "unknown_op"),
+        (f'{{"op": "append", "stream": "h", "seq": 1, "chunk": {nested(255)}}}', "bad_frame"),
+        (f'{{"op": "append", "stream": "h", "seq": 1, "chunk": {nested(1023)}}}', "bad_frame"),
+        (f'{{"op": "ping", "id": {nested(254)}}}', "bad_frame"),
+        (f'{{"op": "ping", "id": {nested(1023)}}}', "bad_frame"),
+        ('{"op": "open", "stream": "h", "epoch": 9007199254740992}', "bad_frame"),
+        ('{"op": "append", "stream": "h", "seq": 9007199254740991, "chunks": ["a", "b"]}', "bad_frame"),
+    ],
+    ids=[
+        "content_type-list",
+        "content_type-object",
+        "reason-list",
+        "reason-object",
+        "op-list",
+        "chunk-255-deep",
+        "chunk-1023-deep",
+        "ping-id-254-deep",
+        "ping-id-1023-deep",
+        "epoch-2^53",
+        "last-seq-2^53",
+    ],
+)
+async def test_hostile_frames_get_an_error_frame_and_the_connection_stays(relayd: Relayd, line: str, code: str) -> None:
+    """Fields of the wrong JSON type, nesting past the limit and integers past 2^53-1 each earn an error frame;
+    the producer connection (and every other stream on it) stays up (issue 9, item 21)."""
+    async with await relayd.producer() as producer:
+        assert (await producer.open("other"))["type"] == "opened"
+        await producer.send_raw(line)
+        await expect_error(producer, code)
+        ack = await producer.append("other", 1, "still here")
+        assert ack["type"] == "ack", ack
+        await assert_still_works(producer)
+
+
+async def test_nesting_up_to_the_limit_is_stored_and_echoed(relayd: Relayd) -> None:
+    """A chunk and a ping id nested up to the documented depth (128 levels, the frame included) are accepted."""
+    async with await relayd.producer() as producer:
+        await producer.open("deep")
+        chunk = orjson.loads(nested(126))  # levels 3-128: the frame is level 1, its "chunks" list level 2
+        ack = await producer.append("deep", 1, chunk)
+        assert ack["type"] == "ack", ack
+        ping_id = orjson.loads(nested(127))  # levels 2-128
+        await producer.send({"op": "ping", "id": ping_id})
+        assert await producer.next() == {"type": "pong", "id": ping_id}
+    consumer = await relayd.consumer("deep")
+    await consumer.expect("subscribed", stream="deep")
+    frame = await consumer.expect("chunk", stream="deep")
+    assert frame["data"] == chunk
 
 
 @pytest.mark.parametrize(

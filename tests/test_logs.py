@@ -12,10 +12,22 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from relayd.config import LogConfig, build_config
 from relayd.errors import ConfigError
-from relayd.logs import FORMATTERS, JsonFormatter, LogfmtFormatter, TextFormatter, redact, setup_logging
+from relayd.logs import (
+    FORMATTERS,
+    JsonFormatter,
+    LogfmtFormatter,
+    RateLimit,
+    TextFormatter,
+    install_redaction,
+    redact,
+    setup_logging,
+)
+from relayd.metrics import Metrics
+from relayd.web.http_log import BAD_REQUEST_LINES_PER_S, RequestErrorLog
 from tests.helpers import API_KEY, JWT_SECRET, Relayd, collect_chunks
 
 _LOGFMT_PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
@@ -180,6 +192,113 @@ def test_redact_blanks_credentials_that_reach_a_message() -> None:
     assert redact("Authorization: Bearer rk_live_123456789") == "Authorization: Bearer [redacted]"
     assert redact("protocols relayd.v1, bearer.eyJ.abc.def") == "protocols relayd.v1, bearer.[redacted]"
     assert redact("nothing to hide") == "nothing to hide"
+
+
+def test_redact_blanks_what_aiohttp_quotes_from_a_malformed_request() -> None:
+    """A percent-encoded ``token`` (aiohttp decodes it: it is accepted), an escaped tab after Bearer, a JWT
+    or an API key anywhere: all blanked (issue 9, item 23)."""
+    jwt_text = "eyJhbGciOiJIUzI1NiJ9.eyJzdHJlYW1zIjpbIioiXX0.c2ln"
+    assert redact(f"GET /v1/ws?%74oken={jwt_text} HTTP/1.1") == "GET /v1/ws?%74oken=[redacted] HTTP/1.1"
+    assert redact(f"?%74%6F%6B%65%6E={jwt_text}") == "?%74%6F%6B%65%6E=[redacted]"
+    assert redact("b'Authorization: Bearer\\trk_live_0123456789abcdef\\x01'") == (
+        "b'Authorization: Bearer\\t[redacted]\\x01'"
+    )
+    assert redact("Bearer\tsecret-key") == "Bearer\t[redacted]"
+    assert redact(f"cursor={jwt_text}") == "cursor=[redacted]"
+    assert redact("X-Key: rk_live_0123456789abcdefAAAA") == "X-Key: rk_[redacted]"
+    assert redact("tokens are counted; keys are hashed") == "tokens are counted; keys are hashed"
+
+
+def test_the_redaction_filter_scrubs_aiohttp_loggers_messages_and_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp's access and server loggers (which relayd's formatters may not handle) are scrubbed at the source."""
+    install_redaction()
+    caplog.set_level(logging.INFO)
+    logging.getLogger("aiohttp.access").info('1.2.3.4 "GET /v1/streams/s/events?token=%s HTTP/1.1" 200', "eyJa.b.c")
+    try:
+        raise ValueError("Authorization: Bearer rk_live_0123456789abcdef")
+    except ValueError:
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    assert "eyJa.b.c" not in caplog.text and "rk_live_0123456789abcdef" not in caplog.text, caplog.text
+    assert "token=[redacted]" in caplog.text and "Bearer [redacted]" in caplog.text
+
+
+def test_rate_limit_lets_n_lines_a_second_through_and_counts_the_rest() -> None:
+    limit = RateLimit(per_s=3)
+    assert [limit.allow(10.0 + i / 100) for i in range(5)] == [0, 0, 0, None, None]
+    assert limit.allow(11.5) == 2  # the first line of the next second reports the two held back
+    assert limit.allow(11.6) == 0
+
+
+async def raw_request(url: str, data: bytes) -> bytes:
+    """Send ``data`` on a fresh TCP connection; what relayd answered before closing."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_malformed_requests_get_one_warning_each_without_traceback_or_secret(
+    relayd: Relayd, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each request aiohttp's parser refuses is answered 400, counted, and logged as one WARNING line without
+    traceback and without the credentials it carried, whatever the format (issue 9, items 23 and 24)."""
+    caplog.set_level(logging.DEBUG)
+    token = relayd.token(["s"])
+    requests = [
+        b"GET /v1/streams/s/events?%74oken=" + token.encode() + b" HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"GET /v1/ingest HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer\t" + API_KEY.encode() + b"\x01\r\n\r\n",
+        b"GET /v1/ingest HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode() + b"A" * 9000 + b"\r\n\r\n",
+        b"GET /v1/ws?token=" + token.encode() + b"A" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    ]
+    for data in requests:
+        answer = await raw_request(relayd.url, data)
+        assert answer.split(b" ", 2)[1] == b"400", answer[:80]
+    lines = [r for r in caplog.records if r.name == "relayd.http"]
+    assert len(lines) == len(requests), [r.getMessage() for r in caplog.records]
+    for record in lines:
+        assert record.levelno == logging.WARNING and record.exc_info is None
+        assert record.getMessage().startswith("bad http request ") and record.status == 400  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.name.startswith("aiohttp") and r.levelno >= logging.WARNING]
+    for record in caplog.records:
+        for formatter in (JsonFormatter(), LogfmtFormatter(), TextFormatter(), logging.Formatter()):
+            line = formatter.format(record)
+            assert token not in line and API_KEY not in line, line
+    assert relayd.session is not None
+    async with relayd.session.get(f"{relayd.url}/metrics") as resp:
+        families = text_string_to_metric_families(await resp.text())
+    samples = {sample.name: sample.value for family in families for sample in family.samples}
+    assert samples["relayd_bad_http_requests_total"] == len(requests)
+
+
+async def test_a_flood_of_malformed_requests_is_rate_limited(relayd: Relayd, caplog: pytest.LogCaptureFixture) -> None:
+    """50 bad requests: every one counted, at most BAD_REQUEST_LINES_PER_S lines a second logged."""
+    caplog.set_level(logging.WARNING)
+    started = time.monotonic()
+    for _ in range(50):
+        await raw_request(relayd.url, b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+    elapsed = time.monotonic() - started
+    lines = [r for r in caplog.records if r.name == "relayd.http"]
+    assert 1 <= len(lines) <= BAD_REQUEST_LINES_PER_S * (int(elapsed) + 2), (len(lines), elapsed)
+    if elapsed < 1:
+        assert len(lines) == BAD_REQUEST_LINES_PER_S
+    assert "traceback" not in caplog.text.lower()
+
+
+def test_a_handler_bug_keeps_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """Only parser refusals are shortened: an exception raised by a handler is still an ERROR with a traceback."""
+    caplog.set_level(logging.DEBUG)
+    errors = RequestErrorLog(Metrics())
+    try:
+        raise KeyError("boom")
+    except KeyError as exc:
+        errors.exception("Error handling request from %s", "1.2.3.4", exc_info=exc)
+    (record,) = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert record.levelno == logging.ERROR and record.exc_info is not None
 
 
 @pytest.fixture

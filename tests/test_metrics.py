@@ -45,6 +45,8 @@ DOCUMENTED = (
     "relayd_delivery_latency_seconds_count",
     "relayd_auth_failures_total",
     "relayd_bad_frames_total",
+    "relayd_bad_http_requests_total",
+    "relayd_auth_throttled_total",
     "relayd_consumer_catchups_total",
     "relayd_consumer_gaps_total",
     "relayd_consumer_resets_total",

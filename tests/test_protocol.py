@@ -7,7 +7,10 @@ import pytest
 
 from relayd.errors import ProtocolError
 from relayd.protocol import (
+    MAX_EXACT_INT,
+    MAX_JSON_DEPTH,
     SSE_CODEC,
+    SSE_LEGACY_CODEC,
     WS_CODEC,
     AppendOp,
     AuthOp,
@@ -25,8 +28,10 @@ from relayd.protocol import (
     format_cursor,
     is_valid_stream_id,
     parse_cursor,
+    parse_uint,
     split_message,
     sse_event,
+    too_deep,
 )
 
 DECODER = ProducerDecoder(max_chunk_bytes=100)
@@ -169,3 +174,77 @@ def test_sse_events_carry_ids_and_split_multiline_text() -> None:
     )
     assert sse_event("gap", "x") == b"event: gap\ndata: x\n\n"
     assert SSE_CODEC.reset("s", "stream_replaced") == b'event: reset\ndata: {"reason":"stream_replaced"}\n\n'
+
+
+# -- hostile input (issue 9, items 7, 13, 21, 22) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text", ["\u00b2", "\u2460", "\u0663", "1" * 17, "9" * 5000, "", "-1", "+1", " 1", "1 ", "0x1"]
+)
+def test_integers_are_ascii_digits_only_with_a_length_bound(text: str) -> None:
+    """str.isdigit() takes '²', '①' and Arabic-Indic digits and int() then raises: parse_uint refuses them."""
+    with pytest.raises(ProtocolError) as exc:
+        parse_uint(text, "wait_ms")
+    assert exc.value.code == "bad_frame"
+
+
+def test_integers_up_to_two_to_the_53_minus_one_are_exact() -> None:
+    assert parse_uint("0", "n") == 0 and parse_uint(str(MAX_EXACT_INT), "n") == MAX_EXACT_INT
+    with pytest.raises(ProtocolError):
+        parse_uint(str(MAX_EXACT_INT + 1), "n")
+
+
+@pytest.mark.parametrize("cursor", ["1-\u00b2", "\u2460-1", "18446744073709551616-1", f"1-{MAX_EXACT_INT + 1}"])
+def test_cursors_outside_the_exact_range_are_refused(cursor: str) -> None:
+    """A cursor part above 2^53-1 (one above 2^64 reached Redis and came back as store_unavailable) is bad_frame."""
+    with pytest.raises(ProtocolError):
+        parse_cursor(cursor)
+
+
+def test_nesting_depth_counts_the_outer_value_as_level_one() -> None:
+    assert not too_deep([], 1) and too_deep([[]], 1) and not too_deep([[]], 2)
+    assert too_deep({"a": [{"b": []}]}, 3) and not too_deep({"a": [{"b": 1}]}, 3)
+    deep = orjson.loads("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH)
+    assert not too_deep(deep, MAX_JSON_DEPTH) and too_deep([deep], MAX_JSON_DEPTH)
+
+
+def test_a_frame_nested_past_the_limit_is_bad_frame_even_if_brackets_hide_in_strings() -> None:
+    """Brackets inside strings only make the walk run; the depth of the values decides."""
+    shallow = orjson.dumps({"op": "ping", "id": "[" * 500})
+    assert isinstance(DECODER.decode(shallow), PingOp)
+    at_limit = b'{"op": "ping", "id": ' + b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1) + b"}"
+    assert isinstance(DECODER.decode(at_limit), PingOp)
+    over = b'{"op": "ping", "id": ' + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH + b"}"
+    assert _error(DECODER.decode(over)) == "bad_frame"
+    assert _error(decode_consumer(over.decode())) == "bad_frame"
+
+
+def test_seqs_and_epochs_stay_in_the_exact_integer_range() -> None:
+    """Lua counts in doubles: an epoch, or the seq of an append's last chunk, above 2^53-1 is bad_frame."""
+    assert (
+        _error(DECODER.decode(orjson.dumps({"op": "open", "stream": "s", "epoch": MAX_EXACT_INT + 1}))) == "bad_frame"
+    )
+    assert isinstance(DECODER.decode(orjson.dumps({"op": "open", "stream": "s", "epoch": MAX_EXACT_INT})), OpenOp)
+    last = {"op": "append", "stream": "s", "seq": MAX_EXACT_INT - 1, "chunks": [1, 2]}
+    assert isinstance(DECODER.decode(orjson.dumps(last)), AppendOp)
+    assert _error(DECODER.decode(orjson.dumps({**last, "chunks": [1, 2, 3]}))) == "bad_frame"
+
+
+def test_the_text_codec_sends_a_stored_non_string_as_its_json_text() -> None:
+    entries = [Entry(1, b'"a"'), Entry(2, b"42"), Entry(3, b'{"k":[1]}')]
+    out = encode_sse_entries(7, entries, text=True).decode()
+    assert out == (
+        "id: 7-0000000001\nevent: chunk\ndata: a\n\n"
+        "id: 7-0000000002\nevent: chunk\ndata: 42\n\n"
+        'id: 7-0000000003\nevent: chunk\ndata: {"k":[1]}\n\n'
+    )
+
+
+def test_sse_error_events_cannot_be_taken_for_eventsource_errors_and_say_when_to_retry() -> None:
+    """``relayd-error``, not ``error`` (EventSource's own event); a long retry unless a reconnect fixes it."""
+    assert SSE_CODEC.error("s", "stream_not_found", "no") == (
+        b'retry: 10000\nevent: relayd-error\ndata: {"code":"stream_not_found","message":"no"}\n\n'
+    )
+    assert SSE_CODEC.error("s", "shutting_down", "bye").startswith(b"retry: 1000\nevent: relayd-error\n")
+    assert SSE_LEGACY_CODEC.error("s", "internal", "x").startswith(b"retry: 10000\nevent: error\n")

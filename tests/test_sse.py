@@ -12,6 +12,7 @@ import aiohttp
 import jwt
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from relayd.config import Config
 from tests.helpers import JWT_SECRET, Relayd
@@ -194,6 +195,23 @@ async def test_text_stream_sends_raw_text_and_multiline_as_several_data_lines(re
     assert events[0].data_lines == [orjson.dumps(texts[1]).decode()]
 
 
+async def test_a_stored_non_string_entry_in_a_text_stream_is_sent_as_its_json_text(
+    relayd: Relayd, redis_server: str, key_prefix: str
+) -> None:
+    """A text stream's entry that is not a string (a raw producer could store one before its open was
+    answered) reaches SSE readers as its JSON text, between the others; never ``internal`` (issue 9, item 7)."""
+    await produce(relayd, "mixed", ["before", 42, {"a": [1]}, "after"])
+    client = aioredis.Redis.from_url(redis_server)
+    try:  # the stream becomes the text stream such a producer would have left behind
+        await client.hset(f"{key_prefix}:{{mixed}}:meta", "ct", "text")
+    finally:
+        await client.aclose()
+    async with await open_sse(relayd, "mixed") as resp:
+        events = await (await start_events(resp)).events()
+    assert [e.event for e in events] == ["chunk"] * 4 + ["end"], events
+    assert [e.data for e in events[:4]] == ["before", "42", '{"a":[1]}', "after"]
+
+
 @pytest.mark.parametrize(
     ("kind", "status", "code"),
     [
@@ -225,6 +243,42 @@ async def test_refusals_are_http_errors_with_a_json_body(relayd: Relayd, kind: s
     async with relayd.session.get(f"{relayd.url}/v1/streams/s/events", headers=headers) as resp:
         assert resp.status == status
         assert (await resp.json())["error"]["code"] == code
+
+
+@pytest.mark.parametrize(
+    ("params", "headers"),
+    [
+        ({"cursor": "1-\u00b2"}, {}),
+        ({"cursor": "\u2460-1"}, {}),
+        ({"cursor": "18446744073709551616-1"}, {}),
+        ({"cursor": "1-" + "1" * 5000}, {}),
+        ({"wait_ms": "\u00b2"}, {}),
+        ({"wait_ms": "9" * 5000}, {}),
+        ({"wait_ms": "-1"}, {}),
+        ({}, {"Last-Event-ID": "1-" + "9" * 5000}),
+        ({}, {"Last-Event-ID": "99999999999999999999-1"}),
+        ({"error_event": "message"}, {}),
+    ],
+    ids=[
+        "cursor-superscript",
+        "cursor-circled",
+        "cursor-2^64",
+        "cursor-5000-digits",
+        "wait_ms-superscript",
+        "wait_ms-5000-digits",
+        "wait_ms-negative",
+        "last-event-id-5000-digits",
+        "last-event-id-2^64",
+        "unknown-error-event",
+    ],
+)
+async def test_hostile_parameters_are_http_400_bad_frame(
+    relayd: Relayd, params: dict[str, str], headers: dict[str, str]
+) -> None:
+    """A cursor, Last-Event-ID or wait_ms that is not ASCII digits within 2^53-1 is 400 bad_frame, never 500."""
+    async with await open_sse(relayd, "s", headers=headers, **params) as resp:
+        assert resp.status == 400, await resp.text()
+        assert (await resp.json())["error"]["code"] == "bad_frame"
 
 
 async def test_authorization_header_token_is_accepted(relayd: Relayd) -> None:
@@ -278,7 +332,7 @@ async def test_cors_preflight_and_origin_checks(config_factory: Callable[..., Co
 
 
 async def test_token_expiry_while_streaming_sends_error_then_closes(relayd: Relayd) -> None:
-    """When the token expires mid-stream, relayd sends ``event: error`` with token_expired and closes."""
+    """When the token expires mid-stream, relayd sends ``event: relayd-error`` with token_expired and closes."""
     async with await relayd.producer() as producer:
         await producer.open("open")
         await producer.append("open", 1, "first")
@@ -290,7 +344,7 @@ async def test_token_expiry_while_streaming_sends_error_then_closes(relayd: Rela
             assert chunk is not None and chunk.event == "chunk" and chunk.json() == "first"
             events = await reader.events()
         assert time.time() >= exp - 0.05
-        assert [e.event for e in events] == ["error"], events
+        assert [e.event for e in events] == ["relayd-error"], events
         assert events[0].json()["code"] == "token_expired" and events[0].id is None
         meta = await relayd.relay._store.read_meta("open")
         assert meta is not None and meta.status == "open"  # only the consumer went away

@@ -74,6 +74,9 @@ class _Stream:
         return Opened(code, self.gen, self.epoch, self.seq, self.n, self.status, self.ct)  # type: ignore[arg-type]
 
 
+_MAX_EPOCH = 2**53 - 1  # the largest integer Lua's doubles (and so open.lua) count exactly
+
+
 class MemoryStore:
     """:class:`relayd.ports.Store` in memory. ``Relay(config, MemoryStore(config), metrics)``."""
 
@@ -162,6 +165,8 @@ class MemoryStore:
             if pid and s.pid == pid and s.pidep == s.epoch:
                 s.updated = now
                 return s.head("resumed")
+            if s.epoch >= _MAX_EPOCH:  # as open.lua: a takeover never shares the last exact epoch
+                return Refused("fenced", f"stream is held by a newer producer (epoch {s.epoch})", s.epoch)
             epoch = s.epoch + 1
         elif epoch < s.epoch:
             return Refused("fenced", f"stream is held by a newer producer (epoch {s.epoch})", s.epoch)

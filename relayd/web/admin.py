@@ -25,6 +25,7 @@ from relayd.protocol import (
     check_stream_id,
     format_cursor,
     is_valid_stream_id,
+    parse_uint,
 )
 from relayd.web.admin_status import setup_status, status
 from relayd.web.admin_tail import NDJSON, follow
@@ -107,10 +108,10 @@ async def list_streams(request: web.Request) -> web.Response:
     prefix = query.get("prefix", "")
     if prefix and not is_valid_stream_id(prefix):
         raise ProtocolError("invalid_stream_id", "prefix must be the start of a stream id")
-    limit = query.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= catalog.MAX_LIMIT:
+    limit = parse_uint(query.get("limit", "100"), "limit")
+    if not 1 <= limit <= catalog.MAX_LIMIT:
         raise ProtocolError("bad_frame", f"limit must be an integer from 1 to {catalog.MAX_LIMIT}")
-    listing = await rt.relay.list_streams(which, prefix, int(limit))
+    listing = await rt.relay.list_streams(which, prefix, limit)
     return web.json_response(listing)
 
 

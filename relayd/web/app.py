@@ -7,21 +7,38 @@ import logging
 
 from aiohttp import web
 
+from relayd.auth import FailureLimiter
+from relayd.logs import install_redaction
 from relayd.web import admin, ops
 from relayd.web.consume import consume_ws
 from relayd.web.cors import cors_middleware
+from relayd.web.http_log import RequestErrorLog
 from relayd.web.ingest import ingest
 from relayd.web.keys import RUNTIME, Runtime
 from relayd.web.sse import events
 from relayd.web.static import client_js
+from relayd.web.throttle import FAILURES, failure_limit
 from relayd.web.tokens import mint_token
 
 log = logging.getLogger("relayd.web")
 
 
 def build_app(runtime: Runtime) -> web.Application:
-    app = web.Application(middlewares=[cors_middleware], client_max_size=runtime.config.limits.max_frame_bytes)
+    cfg = runtime.config
+    install_redaction()  # aiohttp's and asyncio's own lines may quote a request: scrub them too
+    app = web.Application(
+        middlewares=[cors_middleware, failure_limit],
+        client_max_size=cfg.limits.max_frame_bytes,
+        # malformed requests: one rate-limited WARNING each, not an ERROR with a traceback
+        handler_args={"logger": RequestErrorLog(runtime.metrics)},
+    )
     app[RUNTIME] = runtime
+    app[FAILURES] = FailureLimiter(cfg.auth.max_failures, cfg.auth.failure_window_s)
+    if runtime.api_keys and "*" in cfg.server.allowed_origins:
+        log.warning(
+            "API keys are configured and server.allowed_origins is '*': any web page may use the consumer "
+            "routes from a browser; list your sites' origins (docs/operations.md, Security)"
+        )
     app.router.add_get("/v1/ingest", ingest)
     app.router.add_get("/v1/ws", consume_ws)
     # Stream ids may hold "/" ("user-7/chat-3"): the id is everything between /v1/streams/ and

@@ -28,9 +28,11 @@ from relayd.protocol import (
     format_cursor,
     frame,
     parse_optional_cursor,
+    parse_uint,
     split_message,
 )
 from relayd.relay import Subscription
+from relayd.web.errors import ERROR_CODE
 from relayd.web.keys import RUNTIME, Runtime
 from relayd.web.transport import backlog_of, close_stuck, ws_text_writer
 
@@ -186,13 +188,14 @@ async def consume_ws(request: web.Request) -> web.StreamResponse:
         principal = rt.tokens.verify(token_from_request(request))
         first_stream = request.match_info.get("stream")
         first_cursor = parse_optional_cursor(request.query.get("cursor"))
-        wait_ms = int(request.query["wait_ms"]) if request.query.get("wait_ms", "").isdigit() else None
+        wait_ms = parse_uint(request.query["wait_ms"], "wait_ms") if request.query.get("wait_ms") else None
         if first_stream is not None:
             principal.require(check_stream_id(first_stream), "read")
     except AuthError as exc:
         rt.metrics.auth_failure(exc.code)
         fields = {"remote": request.remote, "code": exc.code}
         log.info("consumer_ws refused %s", Pairs(fields), extra={"role": "consumer_ws", **fields})
+        ws[ERROR_CODE] = exc.code  # for the failed-credential limit (relayd/web/throttle.py)
         await ws.close(code=exc.close_code, message=exc.code.encode())
         return ws
     except ClientError as exc:

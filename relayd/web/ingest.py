@@ -79,7 +79,7 @@ async def ingest(request: web.Request) -> web.StreamResponse:
     if rt.draining.is_set():
         return web.json_response({"error": {"code": "shutting_down", "message": "relayd is draining"}}, status=503)
     try:
-        rt.api_keys.verify(parse_bearer(request.headers.get("Authorization")))
+        scope = rt.api_keys.verify(parse_bearer(request.headers.get("Authorization")))
     except AuthError as exc:
         rt.metrics.auth_failure(exc.code)
         fields = {"remote": request.remote, "code": exc.code}
@@ -109,7 +109,7 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         FramePeer(outbox), cfg.limits.max_unacked_bytes, lambda has_room: room.set() if has_room else room.clear()
     )
     writer = asyncio.create_task(_write(outbox, ws, conn_log), name="relayd-producer-writer")
-    decoder = ProducerDecoder(cfg.limits.max_chunk_bytes)
+    decoder = ProducerDecoder(cfg.limits.max_chunk_bytes, scope.allows if scope else None)  # auth.api_key_streams
     relay = rt.relay
     ops = chunks = streams = refused = 0
     ended_by = "connection_lost"

@@ -9,10 +9,10 @@ import time
 from aiohttp import web
 
 from relayd.auth import parse_bearer
-from relayd.errors import ClientError, StoreError
+from relayd.errors import ClientError, ProtocolError, StoreError
 from relayd.logs import ConnectionLog, Pairs
 from relayd.outbox import Outbox
-from relayd.protocol import SSE_CODEC, check_stream_id, parse_optional_cursor
+from relayd.protocol import SSE_CODEC, SSE_LEGACY_CODEC, SseCodec, check_stream_id, parse_optional_cursor, parse_uint
 from relayd.relay import Subscription
 from relayd.web.cors import cors_headers
 from relayd.web.errors import client_error_response, error_response
@@ -34,6 +34,15 @@ class _Done:
         self.event.set()
 
 
+def sse_codec(error_event: str | None) -> SseCodec:
+    """``?error_event=error`` keeps the error event's relayd 0.1 name (docs/protocol.md)."""
+    if error_event is None or error_event == SSE_CODEC.error_event:
+        return SSE_CODEC
+    if error_event == SSE_LEGACY_CODEC.error_event:
+        return SSE_LEGACY_CODEC
+    raise ProtocolError("bad_frame", f"'error_event' must be {SSE_CODEC.error_event} or {SSE_LEGACY_CODEC.error_event}")
+
+
 async def events(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     cfg = rt.config
@@ -45,8 +54,9 @@ async def events(request: web.Request) -> web.StreamResponse:
         stream = check_stream_id(request.match_info["stream"])
         principal.require(stream, "read")
         cursor = parse_optional_cursor(request.headers.get("Last-Event-ID") or request.query.get("cursor"))
-        wait = request.query.get("wait_ms", "")
-        wait_ms = min(int(wait) if wait.isdigit() else cfg.streams.wait_timeout_ms, cfg.streams.wait_timeout_ms)
+        wait = request.query.get("wait_ms")
+        wait_ms = min(parse_uint(wait, "wait_ms") if wait else cfg.streams.wait_timeout_ms, cfg.streams.wait_timeout_ms)
+        codec = sse_codec(request.query.get("error_event"))
     except ClientError as exc:
         if exc.code in ("unauthorized", "token_expired", "forbidden"):
             rt.metrics.auth_failure(exc.code)
@@ -89,7 +99,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         on_written=rt.metrics.delivery_latency,
     )
     done = _Done()
-    sub = rt.relay.subscribe(stream, outbox, SSE_CODEC, cursor=cursor, wait_s=wait_ms / 1000, owner=done)
+    sub = rt.relay.subscribe(stream, outbox, codec, cursor=cursor, wait_s=wait_ms / 1000, owner=done)
     rt.metrics.connection_opened("consumer_sse")
     conn_log = ConnectionLog(log, "consumer_sse", request.remote, stream=stream)
     loop = asyncio.get_running_loop()
@@ -97,14 +107,14 @@ async def events(request: web.Request) -> web.StreamResponse:
     def expired() -> None:
         conn_log.closing("token_expired")
         rt.metrics.auth_failure("token_expired")
-        outbox.control(SSE_CODEC.error(stream, "token_expired", "the token expired; reconnect with a fresh one"))
+        outbox.control(codec.error(stream, "token_expired", "the token expired; reconnect with a fresh one"))
         done.event.set()
 
     expiry = loop.call_later(max(principal.expires_at - time.time(), 0.0), expired)
 
     async def drain_close() -> None:
         conn_log.closing("shutting_down")
-        outbox.control(SSE_CODEC.error(stream, "shutting_down", "relayd is restarting; reconnect"))
+        outbox.control(codec.error(stream, "shutting_down", "relayd is restarting; reconnect"))
         done.event.set()
 
     async def stop() -> None:

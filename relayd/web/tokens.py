@@ -8,7 +8,7 @@ import orjson
 from aiohttp import web
 
 from relayd.auth import parse_bearer
-from relayd.errors import ClientError, ProtocolError
+from relayd.errors import AuthError, ClientError, ProtocolError
 from relayd.web.errors import client_error_response, error_response
 from relayd.web.keys import RUNTIME
 
@@ -16,7 +16,7 @@ from relayd.web.keys import RUNTIME
 async def mint_token(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     try:
-        rt.api_keys.verify(parse_bearer(request.headers.get("Authorization")))
+        scope = rt.api_keys.verify(parse_bearer(request.headers.get("Authorization")))
         if not rt.tokens.can_mint:
             return error_response(501, "not_configured", f"{rt.config.auth.jwt_algorithm}: relayd holds no signing key")
         body = await _json_body(request)
@@ -30,6 +30,10 @@ async def mint_token(request: web.Request) -> web.Response:
         subject = body.get("sub")
         if subject is not None and not isinstance(subject, str):
             raise ProtocolError("bad_frame", "'sub' must be a string")
+        if scope is not None:  # auth.api_key_streams: tokens only for the key's own streams
+            for pattern in streams:
+                if isinstance(pattern, str) and not scope.covers(pattern):
+                    raise AuthError("forbidden", f"this API key may not mint tokens for {pattern[:200]}")
         token, expires_at = rt.tokens.mint(streams, rights, ttl_s=ttl_s, subject=subject)
     except ClientError as exc:
         if exc.code in ("unauthorized",):

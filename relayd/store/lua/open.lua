@@ -32,6 +32,10 @@ if ARGV[1] == '' then
     redis.call('HSET', KEYS[1], 'updated', now)
     return {'resumed', m[2], epoch, tonumber(m[4]), tonumber(m[5]), m[1], m[6]}
   end
+  -- Lua numbers are doubles: past 2^53 - 1, epoch + 1 == epoch and two takeovers would share one.
+  if epoch >= 9007199254740991 then
+    return {'fenced', m[2], epoch, tonumber(m[4]), tonumber(m[5]), m[1], m[6]}
+  end
   epoch = epoch + 1
 elseif tonumber(ARGV[1]) < epoch then
   return {'fenced', m[2], epoch, tonumber(m[4]), tonumber(m[5]), m[1], m[6]}
