@@ -38,36 +38,29 @@ def make_config(redis_url: str, key_prefix: str, data_dir: str, **tables: dict[s
     return build_config(raw, env={})
 
 
-class Relayd:
-    """relayd in the current event loop: ``async with Relayd(config) as server``."""
+class Client:
+    """The client side of the helpers, for a relayd at ``url`` (one started here, or a process)."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.server = Server(config)
+    def __init__(self, url: str = "") -> None:
+        self._url = url
         self.session: aiohttp.ClientSession | None = None
         self.tokens = TokenAuthority(secret=JWT_SECRET, max_ttl_s=86_400)
 
-    async def __aenter__(self) -> Relayd:
-        await self.server.start()
+    async def __aenter__(self) -> Client:
         self.session = aiohttp.ClientSession()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.session is not None
         await self.session.close()
-        await self.server.stop()
 
     @property
     def url(self) -> str:
-        return self.server.url
+        return self._url
 
     @property
     def ws_url(self) -> str:
-        return self.server.url.replace("http://", "ws://")
-
-    @property
-    def relay(self) -> Any:
-        return self.server.relay
+        return self.url.replace("http://", "ws://")
 
     def token(self, streams: list[str] | None = None, rights: tuple[str, ...] = ("read",), ttl_s: int = 300) -> str:
         return self.tokens.mint(streams or ["*"], list(rights), ttl_s=ttl_s)[0]
@@ -88,6 +81,32 @@ class Relayd:
         path = f"/v1/streams/{stream}/ws" if stream is not None else "/v1/ws"
         ws = await self.session.ws_connect(f"{self.url}{path}", params=query)
         return Peer(ws)
+
+
+class Relayd(Client):
+    """relayd in the current event loop: ``async with Relayd(config) as server``."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.server = Server(config)
+
+    async def __aenter__(self) -> Relayd:
+        await self.server.start()
+        await super().__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await super().__aexit__(*exc)
+        await self.server.stop()
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def relay(self) -> Any:
+        return self.server.relay
 
 
 class Peer:
