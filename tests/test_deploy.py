@@ -494,3 +494,18 @@ def test_dashboard_is_generated_and_well_formed(tmp_path: Path) -> None:
 async def test_dashboard_panels_name_only_metrics_relayd_exports(relayd: Relayd) -> None:
     dashboard = json.loads((GRAFANA / "relayd.json").read_text())
     assert_exported(dashboard_exprs(dashboard), await live_series(relayd))
+
+
+def test_k8s_and_compose_run_several_instances_of_one_deployment() -> None:
+    """Scale-out is the default shape: several replicas (one pod at a time may go), and compose's two
+    relayd services share one Valkey and one configuration, publishing their writes for each other."""
+    docs = manifests()
+    assert docs["Deployment"]["spec"]["replicas"] >= 2
+    assert docs["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+    assert k8s_config(docs).redis.notify
+    services = yaml.safe_load((DOCKER / "compose.yml").read_text())["services"]
+    relayds = [svc for name, svc in services.items() if name.startswith("relayd")]
+    assert len(relayds) == 2
+    assert relayds[0]["environment"] == relayds[1]["environment"]
+    assert relayds[0]["env_file"] == relayds[1]["env_file"]
+    assert {svc["ports"][0].split(":")[0] for svc in relayds} == {"8080", "8081"}
