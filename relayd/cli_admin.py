@@ -22,10 +22,10 @@ import click
 import orjson
 
 from relayd.admin_client import AdminClient
-from relayd.admin_errors import AdminError, HistoryMissing, Unauthorized
+from relayd.admin_errors import AdminError, BadConfig, HistoryMissing, Unauthorized
 from relayd.cli_format import gap_line, human_bytes, human_duration, print_json, table, when, write_chunk
 from relayd.config import Config, load_config
-from relayd.errors import RelaydError
+from relayd.errors import ConfigError
 
 if TYPE_CHECKING:
     from relayd.admin_direct import DirectClient  # imported when used: it loads the Redis client
@@ -124,8 +124,8 @@ def connect(
 def _load(config_path: Path | None) -> Config:
     try:
         return load_config(config_path)
-    except RelaydError as exc:
-        raise AdminError(f"bad config: {exc}") from None
+    except ConfigError as exc:
+        raise BadConfig(f"bad config: {exc}") from None
 
 
 def _listen_url(config: Config) -> str:
