@@ -129,6 +129,19 @@ def test_a_bad_config_exits_78_apart_from_failures_at_run_time(args: tuple[str, 
     assert result.stderr.strip().endswith("bad config: server.port: RELAYD_SERVER_PORT must be a number, got 'eighty'")
 
 
+def test_a_setting_refused_at_start_exits_78(tmp_path: Path) -> None:
+    """A config that loads but is refused when relayd starts (an HS512 secret under 64 bytes) is a config error too."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_")}
+    env |= {"RELAYD_AUTH_JWT_ALGORITHM": "HS512", "RELAYD_AUTH_JWT_SECRET": "s" * 40}
+    env |= {"RELAYD_API_KEYS": "rk_0123456789abcdef", "RELAYD_EMBEDDED_APPENDFSYNC": "no"}
+    done = subprocess.run(
+        [sys.executable, "-m", "relayd", "serve", "--port", "0"],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == EXIT_CONFIG, done.stderr
+    assert "Error: bad config: auth.jwt_secret: " in done.stderr
+
+
 def test_python_dash_m_relayd_is_the_relayd_command(tmp_path: Path) -> None:
     """``python -m relayd`` runs the same command as the relayd console script, named relayd in its help."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_")}
