@@ -32,6 +32,7 @@ from relayd.cli_format import (
     table,
     when,
     write_chunk,
+    write_json_line,
 )
 from relayd.config import Config, load_config
 from relayd.errors import ConfigError
@@ -277,8 +278,7 @@ def tail(stream: str, from_start: bool, wait_s: float, client: Client, as_json: 
     for f in _admin(client).tail(stream, from_start, round(wait_s * 1000)):
         kind = f.get("type")
         if as_json and kind != "error":
-            line = orjson.dumps(f).decode()
-            out.write((escape_controls(line) if escape else line) + "\n")
+            write_json_line(f, out, escape)
             out.flush()
         if kind == "chunk":
             if not as_json:
@@ -333,7 +333,7 @@ def export(stream: str, fmt: str, client: Client) -> None:
 def _export(frames: Iterator[dict[str, Any]], fmt: str, out: TextIO, advance: Callable[[int], None]) -> int:
     """Write the frames out up to the ``exported`` trailer; the number of gaps met."""
     gaps = 0
-    escape = fmt == "text" and out.isatty()  # a terminal shows control characters escaped
+    escape = out.isatty()  # a terminal shows control characters escaped
     for f in frames:
         kind = f.get("type")
         if kind == "exported":
@@ -342,7 +342,7 @@ def _export(frames: Iterator[dict[str, Any]], fmt: str, out: TextIO, advance: Ca
         if kind == "error":
             raise AdminError(f"export incomplete: {f.get('code')}: {f.get('message')}", str(f.get("code")))
         if fmt == "jsonl":
-            out.write(orjson.dumps(f).decode() + "\n")
+            write_json_line(f, out, escape)
         elif kind == "chunk":
             write_chunk(f["data"], out, escape)
         if kind == "chunk":

@@ -67,6 +67,15 @@ def write_chunk(data: Any, out: TextIO, escape: bool = False) -> None:
     out.write(escape_controls(text) if escape else text)
 
 
+def write_json_line(frame: Any, out: TextIO, escape: bool = False) -> None:
+    """One frame as one JSON line (``--json``, ``export`` jsonl); ``escape`` as for :func:`write_chunk`.
+
+    orjson escapes C0 controls already; DEL, C1 and the bidirectional controls it writes as they are.
+    """
+    line = orjson.dumps(frame).decode()
+    out.write((escape_controls(line) if escape else line) + "\n")
+
+
 # What a terminal acts on instead of showing: C0 controls but tab and newline (ESC starts the
 # sequences that set the window title, clear the screen or write the clipboard; CR overwrites a
 # line), DEL, C1 controls (U+009B is a CSI on some terminals), and the bidirectional overrides
