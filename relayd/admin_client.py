@@ -59,8 +59,12 @@ class AdminClient:
     def show(self, stream: str) -> dict[str, Any]:
         return self.get(stream_path(stream))
 
-    def tail(self, stream: str, from_start: bool) -> Iterator[dict[str, Any]]:
-        return self.lines(stream_path(stream, "tail"), timeout_s=None, **({"from": "start"} if from_start else {}))
+    def tail(self, stream: str, from_start: bool, wait_ms: int = 0) -> Iterator[dict[str, Any]]:
+        """The stream's frames as they come; one that does not exist yet is waited for up to ``wait_ms``."""
+        query = {"from": "start"} if from_start else {}
+        if wait_ms:
+            query["wait_ms"] = str(wait_ms)
+        return self.lines(stream_path(stream, "tail"), timeout_s=None, **query)
 
     def export(self, stream: str) -> Iterator[dict[str, Any]]:
         return self.lines(stream_path(stream, "export"), timeout_s=self.timeout_s)

@@ -9,7 +9,8 @@ to import the other. ``exit_code`` says what kind of failure it was (docs/operat
     ├── Unauthorized    3  no admin key, or a wrong one
     ├── Unreachable     4  relayd (or its Redis) does not answer: down, wrong URL, timeout, lost
     ├── NotFound        5  no such stream
-    └── HistoryMissing  6  an export completed, but part of the stream's history is gone (gaps)
+    ├── HistoryMissing  6  an export completed, but part of the stream's history is gone (gaps)
+    └── BadConfig      78  the config file or a RELAYD_* variable is invalid (as for every command)
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ EXIT_UNAUTHORIZED = 3
 EXIT_UNREACHABLE = 4
 EXIT_NOT_FOUND = 5
 EXIT_HISTORY_MISSING = 6
+# sysexits.h EX_CONFIG, for every relayd command: a config problem, which retrying will not fix
+# (a systemd unit can say RestartPreventExitStatus=78), apart from a failure at run time (1).
+EXIT_CONFIG = 78
 
 
 class AdminError(RelaydError):
@@ -50,3 +54,9 @@ class HistoryMissing(AdminError):
     """Everything stored was written out, but the stream's history has gaps (trimmed, expired)."""
 
     exit_code = EXIT_HISTORY_MISSING
+
+
+class BadConfig(AdminError):
+    """The config file or a ``RELAYD_*`` variable is invalid (a :class:`~relayd.errors.ConfigError`)."""
+
+    exit_code = EXIT_CONFIG

@@ -1,7 +1,14 @@
-"""The ``relayd`` command: parse, load config, call one function, map the result to an exit code."""
+"""The ``relayd`` command: parse, load config, call one function, map the result to an exit code.
+
+Exit codes (docs/operations.md, "Exit codes"): 0 done (``serve``: drained after SIGTERM), 1 a
+failure at run time, 2 a usage error (click), 78 a bad config (``EX_CONFIG``: the file, a
+``RELAYD_*`` variable, or a setting refused at start), and 3-6 for the admin commands
+(relayd/admin_errors.py).
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -9,9 +16,10 @@ from pathlib import Path
 import click
 
 from relayd import __version__
+from relayd.admin_errors import EXIT_CONFIG
 from relayd.cli_admin import status, streams
 from relayd.config import Config, load_config
-from relayd.errors import RelaydError
+from relayd.errors import ConfigError, RelaydError
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -24,11 +32,20 @@ CONFIG_OPTION = click.option(
 )
 
 
+class BadConfig(click.ClickException):
+    """``Error: bad config: <dotted key>: <problem>``, exit 78."""
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, problem: ConfigError | str) -> None:
+        super().__init__(f"bad config: {problem}")
+
+
 def _load(config_path: Path | None) -> Config:
     try:
         return load_config(config_path)
-    except RelaydError as exc:
-        raise click.ClickException(f"bad config: {exc}") from None
+    except ConfigError as exc:
+        raise BadConfig(exc) from None
 
 
 @click.group()
@@ -53,6 +70,7 @@ main.add_command(status)
 )
 def serve(config_path: Path | None, host: str | None, port: int | None, workers: int | None) -> None:
     """Run relayd (with an embedded Redis-compatible server unless redis.url is set)."""
+    from relayd.logs import setup_logging
     from relayd.server import run
     from relayd.supervisor import run_workers, worker_identity
 
@@ -65,11 +83,16 @@ def serve(config_path: Path | None, host: str | None, port: int | None, workers:
     if workers is not None:
         server_cfg = replace(server_cfg, workers=workers)
     config = config.replace(server=server_cfg)
+    setup_logging(config.log)  # the warnings below in the configured log format
+    for warning in config.warnings:
+        logging.getLogger("relayd.config").warning("%s", warning)
     try:
         if server_cfg.workers > 1 and worker_identity() is None:
             code = run_workers(config, config_path, server_cfg.workers)
         else:
             code = run(config)
+    except ConfigError as exc:  # refused at start (a key file, a secret too short for its algorithm)
+        raise BadConfig(exc) from None
     except RelaydError as exc:
         error = click.ClickException(str(exc))
         error.exit_code = getattr(exc, "exit_code", 1)  # PortInUse, EmbeddedServerLost: relayd/errors.py
@@ -79,9 +102,14 @@ def serve(config_path: Path | None, host: str | None, port: int | None, workers:
 
 @main.command("check-config")
 @click.argument("config_path", type=click.Path(dir_okay=False, path_type=Path), required=False)
-def check_config(config_path: Path | None) -> None:
-    """Validate a config file without starting relayd."""
+@click.option("--strict", is_flag=True, help="Fail (exit 78) on a warning too, e.g. an unknown RELAYD_ variable.")
+def check_config(config_path: Path | None, strict: bool) -> None:
+    """Validate a config file (and the RELAYD_* environment) without starting relayd."""
     config = _load(config_path)
+    for warning in config.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if strict and config.warnings:
+        raise BadConfig(f"{len(config.warnings)} warning(s), and --strict")
     mode = (
         f"external Redis at {_redact(config.redis.url)}"
         if config.redis.url

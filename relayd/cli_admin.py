@@ -22,10 +22,20 @@ import click
 import orjson
 
 from relayd.admin_client import AdminClient
-from relayd.admin_errors import EXIT_UNREACHABLE, AdminError, HistoryMissing, Unauthorized
-from relayd.cli_format import gap_line, human_bytes, human_duration, print_json, table, when, write_chunk
+from relayd.admin_errors import EXIT_UNREACHABLE, AdminError, BadConfig, HistoryMissing, NotFound, Unauthorized
+from relayd.cli_format import (
+    escape_controls,
+    gap_line,
+    human_bytes,
+    human_duration,
+    print_json,
+    table,
+    when,
+    write_chunk,
+    write_json_line,
+)
 from relayd.config import Config, load_config
-from relayd.errors import RelaydError
+from relayd.errors import ConfigError
 
 if TYPE_CHECKING:
     from relayd.admin_direct import DirectClient  # imported when used: it loads the Redis client
@@ -80,8 +90,8 @@ def admin_command(*, direct: bool = False, json: bool = True) -> Callable[[F], F
             try:
                 client = connect(url, admin_key, config_path, redis_url, direct)
                 return command(*args, client=client, **kwargs)
-            except AdminError as exc:
-                click.echo(f"relayd: {exc}", err=True)
+            except AdminError as exc:  # its message may quote a producer's (end message, error)
+                click.echo(f"relayd: {_for_terminal(str(exc), sys.stderr)}", err=True)
                 sys.exit(exc.exit_code)
 
         wrapped: Any = run
@@ -124,8 +134,8 @@ def connect(
 def _load(config_path: Path | None) -> Config:
     try:
         return load_config(config_path)
-    except RelaydError as exc:
-        raise AdminError(f"bad config: {exc}") from None
+    except ConfigError as exc:
+        raise BadConfig(f"bad config: {exc}") from None
 
 
 def _listen_url(config: Config) -> str:
@@ -248,41 +258,60 @@ def show(stream: str, client: Client, as_json: bool) -> None:
         ("consumers", consumers),
     ]
     for name, value in fields:
-        click.echo(f"{name + ':':<14}{value}")
+        click.echo(_for_terminal(f"{name + ':':<14}{value}", sys.stdout))  # the message is the producer's
 
 
 @streams.command()
 @click.argument("stream")
 @click.option("--from-start", is_flag=True, help="Replay the stream from its first chunk, then follow it.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(0, 3600),  # the admin API's bound (wait_ms, relayd/web/admin.py)
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for a stream that does not exist yet to be opened (0: exit 5 at once).",
+)
 @admin_command()
-def tail(stream: str, from_start: bool, client: Client, as_json: bool) -> None:
+def tail(stream: str, from_start: bool, wait_s: float, client: Client, as_json: bool) -> None:
     """Print a stream's chunks as they come, until it ends.
 
     Strings are printed as they are, other chunks one JSON per line; gaps and the end go to
-    stderr. With --json, every frame (chunk, gap, reset, end) is one JSON line on stdout.
+    stderr. With --json, every frame (chunk, gap, reset, end) is one JSON line on stdout. A
+    stream that does not exist yet is waited for (--wait), then followed from its start, as a
+    consumer would. On a terminal, control characters (escape sequences) are shown escaped.
     """
     out = sys.stdout  # click.get_text_stream is deprecated (Click 8.5) and warns
-    for f in _admin(client).tail(stream, from_start):
+    escape = out.isatty()  # decided once: the producer's text must not drive the terminal
+    for f in _admin(client).tail(stream, from_start, round(wait_s * 1000)):
         kind = f.get("type")
         if as_json and kind != "error":
-            out.write(orjson.dumps(f).decode() + "\n")
+            write_json_line(f, out, escape)
             out.flush()
         if kind == "chunk":
             if not as_json:
-                write_chunk(f["data"], out)
+                write_chunk(f["data"], out, escape)
                 out.flush()
         elif kind == "end":
             if not as_json:
                 message = f" ({f['message']})" if f.get("message") else ""
-                click.echo(f"\n-- end: {f['reason']}{message} at {f['cursor']}", err=True)
+                end_line = f"\n-- end: {f['reason']}{message} at {f['cursor']}"
+                click.echo(_for_terminal(end_line, sys.stderr), err=True)
             return
         elif kind == "error":
+            if f.get("code") == "stream_not_found":  # still not there after --wait
+                raise NotFound(str(f.get("message")), "stream_not_found")
             raise AdminError(f"{f.get('code')}: {f.get('message')}", str(f.get("code")))
         elif kind == "gap" and not as_json:
             click.echo("\n" + gap_line(f), err=True)
         elif not as_json:
             click.echo(f"\n-- {kind}: {orjson.dumps(f).decode()}", err=True)
     raise AdminError("relayd closed the tail before the stream ended")
+
+
+def _for_terminal(text: str, out: TextIO) -> str:
+    """``text`` with control characters escaped if ``out`` is a terminal (relayd/cli_format.py)."""
+    return escape_controls(text) if out.isatty() else text
 
 
 @streams.command()
@@ -312,6 +341,7 @@ def export(stream: str, fmt: str, client: Client) -> None:
 def _export(frames: Iterator[dict[str, Any]], fmt: str, out: TextIO, advance: Callable[[int], None]) -> int:
     """Write the frames out up to the ``exported`` trailer; the number of gaps met."""
     gaps = 0
+    escape = out.isatty()  # a terminal shows control characters escaped
     for f in frames:
         kind = f.get("type")
         if kind == "exported":
@@ -320,9 +350,9 @@ def _export(frames: Iterator[dict[str, Any]], fmt: str, out: TextIO, advance: Ca
         if kind == "error":
             raise AdminError(f"export incomplete: {f.get('code')}: {f.get('message')}", str(f.get("code")))
         if fmt == "jsonl":
-            out.write(orjson.dumps(f).decode() + "\n")
+            write_json_line(f, out, escape)
         elif kind == "chunk":
-            write_chunk(f["data"], out)
+            write_chunk(f["data"], out, escape)
         if kind == "chunk":
             advance(1)
         elif kind == "gap":

@@ -6,6 +6,7 @@ commands read as what they ask relayd and what they print, not how.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, TextIO
 
@@ -57,12 +58,43 @@ def table(rows: list[list[str]], out: TextIO | None = None) -> None:
         click.echo("  ".join(cells).rstrip(), file=out)
 
 
-def write_chunk(data: Any, out: TextIO) -> None:
-    """Text: strings as they are (a text stream reads as its text), anything else one JSON per line."""
-    if isinstance(data, str):
-        out.write(data)
-    else:
-        out.write(orjson.dumps(data).decode() + "\n")
+def write_chunk(data: Any, out: TextIO, escape: bool = False) -> None:
+    """Text: strings as they are (a text stream reads as its text), anything else one JSON per line.
+
+    ``escape`` (when ``out`` is a terminal): control characters written as escapes (:func:`escape_controls`).
+    """
+    text = data if isinstance(data, str) else orjson.dumps(data).decode() + "\n"
+    out.write(escape_controls(text) if escape else text)
+
+
+def write_json_line(frame: Any, out: TextIO, escape: bool = False) -> None:
+    """One frame as one JSON line (``--json``, ``export`` jsonl); ``escape`` as for :func:`write_chunk`.
+
+    orjson escapes C0 controls already; DEL, C1 and the bidirectional controls it writes as they are.
+    """
+    line = orjson.dumps(frame).decode()
+    out.write((escape_controls(line) if escape else line) + "\n")
+
+
+# What a terminal acts on instead of showing: C0 controls but tab and newline (ESC starts the
+# sequences that set the window title, clear the screen or write the clipboard; CR overwrites a
+# line), DEL, C1 controls (U+009B is a CSI on some terminals), and the bidirectional overrides
+# and isolates that reorder what is shown.
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character a terminal would act on written as ``\\xNN`` / ``\\uNNNN``.
+
+    For what goes to an operator's terminal: a stream's chunks and messages are the producer's
+    (a model's) text, and must not be able to drive the terminal.
+    """
+    return _CONTROLS.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def gap_line(gap: dict[str, Any]) -> str:

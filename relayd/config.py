@@ -11,6 +11,7 @@ Every problem raises :class:`ConfigError` naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
@@ -24,6 +25,20 @@ from relayd.errors import ConfigError
 
 _HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _LEVELS = ("debug", "info", "warning", "error")
+# RELAYD_* variables read besides RELAYD_<TABLE>_<KEY>: plain keys (here), the config file (the
+# CLI), where relayd is and its admin key (the admin commands), a producer key and the JWT secret
+# (the examples). Anything else starting with RELAYD_ is a typo: a warning names the closest.
+OTHER_ENV_VARS = frozenset(
+    {
+        "RELAYD_API_KEYS",
+        "RELAYD_ADMIN_KEYS",
+        "RELAYD_CONFIG",
+        "RELAYD_URL",
+        "RELAYD_ADMIN_KEY",
+        "RELAYD_API_KEY",
+        "RELAYD_JWT_SECRET",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +214,9 @@ class Config:
     api_key_secrets: tuple[str, ...] = field(default=(), repr=False)
     # Plain admin keys from RELAYD_ADMIN_KEYS; resolved once, never logged.
     admin_key_secrets: tuple[str, ...] = field(default=(), repr=False)
+    # What was accepted but is probably a mistake (an unknown RELAYD_ variable): serve logs
+    # each line as a warning, check-config prints them.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def embedded_redis(self) -> bool:
@@ -226,12 +244,11 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 
 def build_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     tables: dict[str, Any] = {}
-    known = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("api_key_secrets", "admin_key_secrets")}
+    known = _tables()
     for name in raw:
         if name not in known:
             raise ConfigError(name, f"unknown table (known: {', '.join(known)})")
-    for name, fld in known.items():
-        cls = fld.default_factory
+    for name, cls in known.items():
         section = raw.get(name, {})
         if not isinstance(section, dict):
             raise ConfigError(name, "must be a table")
@@ -249,7 +266,34 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         table.check()
     check_jwt_key(tables["auth"], has_api_keys=bool(tables["auth"].api_keys or secrets))
     admin_secrets = _key_secrets("auth.admin_keys", "admin", env, "RELAYD_ADMIN_KEYS")
-    return Config(**tables, api_key_secrets=secrets, admin_key_secrets=admin_secrets)
+    return Config(**tables, api_key_secrets=secrets, admin_key_secrets=admin_secrets, warnings=_unknown_env(env))
+
+
+def _tables() -> dict[str, Any]:
+    """The TOML tables: Config's fields that hold a table dataclass, by name -> that class."""
+    fields = dataclasses.fields(Config)
+    return {f.name: f.default_factory for f in fields if f.default_factory is not dataclasses.MISSING}
+
+
+def env_var_names() -> frozenset[str]:
+    """Every RELAYD_* variable relayd or its commands read: one per config key, and the others."""
+    names = {
+        f"RELAYD_{table.upper()}_{fld.name.upper()}"
+        for table, cls in _tables().items()
+        for fld in dataclasses.fields(cls)
+    }
+    return frozenset(names) | OTHER_ENV_VARS
+
+
+def _unknown_env(env: Mapping[str, str]) -> tuple[str, ...]:
+    """A warning per RELAYD_* variable nothing reads (``RELAYD_SERVER_PROT``), naming the closest known one."""
+    known = env_var_names()
+    warnings = []
+    for name in sorted(n for n in env if n.startswith("RELAYD_") and n not in known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]}?" if close else "settings are RELAYD_<TABLE>_<KEY> (config/relay.example.toml)"
+        warnings.append(f"{name} is not a relayd setting and is ignored: {hint}")
+    return tuple(warnings)
 
 
 def _build_table(name: str, cls: Any, section: Mapping[str, Any], env: Mapping[str, str]) -> Any:

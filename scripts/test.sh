@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The README's test command: installs everything the suite needs on a fresh Debian machine
-# (Python 3.11 only), then runs it. Extra arguments go to pytest.
+# (Python 3.11 or newer), then runs it. Extra arguments go to pytest.
 #
 #   - Debian's chromium (browser client tests, driven by Playwright's Python package),
 #     prometheus/promtool (metrics tests) and systemd's systemd-analyze (deploy/ unit checks),
 #     installed with apt-get when missing;
-#   - relayd with its dev extras (pytest, websockets, playwright, openai, ...).
+#   - relayd with its dev extras (pytest, websockets, playwright, openai, ...), in the active
+#     virtual environment or else in ./.venv, made on first use (scripts/venv.sh): a system
+#     Python refuses `pip install` outside one.
 # Tests start their own Redis-compatible server (the embedded Valkey) on a free port.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +25,7 @@ if ((${#need[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-pip install -q -e '.[dev]'
-scripts/lint.sh  # ruff, mypy --strict and the import-layer contracts gate the suite
-exec pytest "$@"
+source scripts/venv.sh
+use_venv "$PWD" dev
+scripts/lint.sh "$VENV_PYTHON"  # ruff, mypy --strict and the import-layer contracts gate the suite
+exec "$VENV_PYTHON" -m pytest "$@"

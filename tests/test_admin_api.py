@@ -249,6 +249,16 @@ async def test_tail_from_start_replays_then_ends(admin: Relayd) -> None:
     assert [f["type"] for f in frames] == ["end"]
 
 
+async def test_tail_wait_ms_of_a_stream_not_there(admin: Relayd) -> None:
+    """tail wait_ms=N of a missing stream: 200, then stream_not_found after N ms; bad wait_ms values get 400."""
+    frames = await ndjson(admin, "/v1/admin/streams/t-none/tail", wait_ms="50")
+    assert [(f["type"], f["code"]) for f in frames] == [("error", "stream_not_found")]
+    assert (await call(admin, "GET", "/v1/admin/streams/t-none/tail", params={"wait_ms": "0"}))[0] == 404
+    for bad in ("-1", "1.5", "²", "3600001", "9" * 5000):
+        status, body = await call(admin, "GET", "/v1/admin/streams/t-none/tail", params={"wait_ms": bad})
+        assert (status, body["error"]["code"]) == (400, "bad_frame"), bad
+
+
 def handler_running(function: Callable[..., Any]) -> asyncio.Task[Any]:
     """The task whose chain of awaits is inside ``function`` now (the aiohttp handler serving a request)."""
     for task in asyncio.all_tasks():

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import jwt
 import pytest
 from click.testing import CliRunner, Result
 
+from relayd.admin_errors import EXIT_CONFIG
 from relayd.auth import TokenAuthority, hash_api_key
 from relayd.cli import main
 from relayd.embedded import PIDFILE_NAME, SOCKET_NAME
@@ -99,6 +101,58 @@ def test_check_config_missing_file_and_env_override(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "listen 127.0.0.1:7777" in result.stdout
     result = run("check-config", env={"RELAYD_SERVER_PORT": "seven"})
     assert result.exit_code != 0 and "server.port" in result.stderr and "RELAYD_SERVER_PORT" in result.stderr
+
+
+def test_check_config_reports_an_unknown_relayd_variable(tmp_path: Path) -> None:
+    """A mistyped RELAYD_* variable is a warning naming the closest key; with --strict it fails (exit 78)."""
+    env = {"RELAYD_SERVER_PROT": "9000"}
+    result = run("check-config", env=env)
+    assert result.exit_code == 0
+    assert result.stdout == "config OK: listen 127.0.0.1:8080, embedded server in relayd-data\n"
+    assert result.stderr == (
+        "warning: RELAYD_SERVER_PROT is not a relayd setting and is ignored: did you mean RELAYD_SERVER_PORT?\n"
+    )
+    result = run("check-config", "--strict", env=env)
+    assert result.exit_code == EXIT_CONFIG
+    assert result.stderr.endswith("Error: bad config: 1 warning(s), and --strict\n")
+    assert run("check-config", "--strict", env={"RELAYD_SERVER_PORT": "9000"}).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("check-config",), ("serve",), ("token", "mint", "--stream", "s"), ("status",), ("streams", "ls")],
+)
+def test_a_bad_config_exits_78_apart_from_failures_at_run_time(args: tuple[str, ...]) -> None:
+    """Every command refuses a bad config with exit code 78 (EX_CONFIG), not 1 like a failure at run time."""
+    result = run(*args, env={"RELAYD_SERVER_PORT": "eighty"})
+    assert result.exit_code == EXIT_CONFIG, result.output
+    assert result.stderr.strip().endswith("bad config: server.port: RELAYD_SERVER_PORT must be a number, got 'eighty'")
+
+
+def test_a_setting_refused_at_start_exits_78(tmp_path: Path) -> None:
+    """A config that loads but is refused when relayd starts (an HS512 secret under 64 bytes) is a config error too."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_")}
+    env |= {"RELAYD_AUTH_JWT_ALGORITHM": "HS512", "RELAYD_AUTH_JWT_SECRET": "s" * 40}
+    env |= {"RELAYD_API_KEYS": "rk_0123456789abcdef", "RELAYD_EMBEDDED_APPENDFSYNC": "no"}
+    done = subprocess.run(
+        [sys.executable, "-m", "relayd", "serve", "--port", "0"],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == EXIT_CONFIG, done.stderr
+    assert "Error: bad config: auth.jwt_secret: " in done.stderr
+
+
+def test_python_dash_m_relayd_is_the_relayd_command(tmp_path: Path) -> None:
+    """``python -m relayd`` runs the same command as the relayd console script, named relayd in its help."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_")}
+    env["PYTHONPATH"] = str(Path(__file__).parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-m", "relayd", "check-config"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "config OK: listen 127.0.0.1:8080, embedded server in relayd-data\n"
+    done = subprocess.run([sys.executable, "-m", "relayd", "--help"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("Usage: relayd [OPTIONS] COMMAND [ARGS]...")
 
 
 # -- hash-key -----------------------------------------------------------------------------------
@@ -202,6 +256,7 @@ async def test_serve_on_port_0_with_embedded_redis_then_sigterm(tmp_path: Path) 
         f'[embedded]\ndata_dir = "{data_dir}"\nappendfsync = "no"\n',
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_")}
+    env["RELAYD_SERVER_PROT"] = "9000"  # a typo: warned about, and the port stays --port's
     proc = await asyncio.create_subprocess_exec(
         relayd_executable(), "serve", "--config", str(config), "--port", "0",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
@@ -222,6 +277,8 @@ async def test_serve_on_port_0_with_embedded_redis_then_sigterm(tmp_path: Path) 
         # keep reading stderr so the process never blocks on a full pipe
         drain = asyncio.create_task(_read_rest(proc.stderr, stderr))
         assert any(line.startswith("relayd: development API key: rk_") for line in stderr), stderr
+        typo = "WARNING relayd.config: RELAYD_SERVER_PROT is not a relayd setting and is ignored: did you mean"
+        assert typo in stderr[0], stderr
         async with aiohttp.ClientSession() as session, session.get(f"{url}/readyz") as resp:
             assert resp.status == 200, await resp.text()
             assert await resp.json() == {"status": "ready"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pty
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from relayd.cli import main
 from relayd.config import Config
 from relayd.embedded import EmbeddedRedis, free_port
 from relayd.store.keys import Keys
-from tests.helpers import Peer, Relayd, collect_chunks, make_config
+from tests.helpers import Peer, Relayd, collect_chunks, make_config, poll_until
 
 ADMIN_KEY = "rk_admin_cli_key_0123456789abcdef"
 
@@ -133,6 +134,73 @@ async def test_tail_prints_live_chunks_until_the_end(admin: Relayd) -> None:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_tail_waits_for_a_stream_that_does_not_exist_yet(admin: Relayd) -> None:
+    """tail of a stream not opened yet waits for it (--wait), as a consumer does, then follows it from its start."""
+    tailing = asyncio.create_task(cli(admin, "streams", "tail", "tw-1", "--wait", "30"))
+    async def waiting() -> bool:
+        assert not tailing.done(), tailing.result().output
+        return bool(admin.relay.subscriber_count("tw-1") == 1)
+
+    await poll_until(waiting, "the tail's subscription")
+    async with await admin.producer() as producer:
+        await produce(producer, "tw-1", ["first ", "second"], end="completed")
+    result = await tailing
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "first second"
+    assert "-- end: completed at " in result.stderr
+
+
+async def test_tail_gives_up_after_wait_with_exit_5(admin: Relayd) -> None:
+    """A stream still not there after --wait: one line on stderr, exit 5; --wait 0 fails at once."""
+    for wait in ("0.2", "0"):
+        result = await cli(admin, "streams", "tail", "tw-never", "--wait", wait)
+        assert result.exit_code == EXIT_NOT_FOUND, result.output
+        assert result.stderr == "relayd: stream tw-never does not exist\n"
+
+
+async def test_tail_escapes_control_characters_on_a_terminal(admin: Relayd) -> None:
+    """On a terminal (a pty), tail shows a chunk's escape sequences escaped; into a pipe they pass as they are."""
+    hostile = "\x1b]0;owned\x07title \x1b[2J\x1b]52;c;Y2xpcA==\x07clip \u009b31m\u202eevil\r\n"
+    async with await admin.producer() as producer:
+        await produce(producer, "te-1", [hostile], content_type="text")
+        await producer.end("te-1", "error", message="bad \x1b[31mred")
+    env = {**os.environ, "RELAYD_URL": admin.url, "RELAYD_ADMIN_KEY": ADMIN_KEY}
+    primary, secondary = pty.openpty()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relayd", "streams", "tail", "te-1", "--from-start",
+            stdin=asyncio.subprocess.DEVNULL, stdout=secondary, stderr=secondary, env=env,
+        )  # fmt: skip
+        os.close(secondary)
+        secondary = -1
+        shown = await asyncio.wait_for(asyncio.to_thread(_read_until_closed, primary), 20)
+        assert await proc.wait() == 0, shown
+    finally:
+        os.close(primary)
+        if secondary >= 0:
+            os.close(secondary)
+    assert b"\x1b" not in shown and b"\x07" not in shown and "\u009b".encode() not in shown, shown
+    text = shown.decode()
+    assert "\\x1b]0;owned\\x07title \\x1b[2J\\x1b]52;c;Y2xpcA==\\x07clip \\x9b31m\\u202eevil\\x0d" in text
+    assert "-- end: error (bad \\x1b[31mred) at " in text
+
+    result = await cli(admin, "streams", "tail", "te-1", "--from-start")  # a pipe: the data as stored
+    assert result.exit_code == 0 and result.stdout_bytes == hostile.encode()
+
+
+def _read_until_closed(fd: int) -> bytes:
+    """All a pty shows until its last writer closes it (Linux then answers EIO)."""
+    data = b""
+    while True:
+        try:
+            block = os.read(fd, 65536)
+        except OSError:
+            return data
+        if not block:
+            return data
+        data += block
 
 
 async def test_tail_json_prints_frames(admin: Relayd) -> None:
@@ -314,7 +382,7 @@ async def test_wrong_key_and_unknown_stream(admin: Relayd) -> None:
     result = await cli(admin, "status", key="rk_wrong_admin_key_0123456789")
     assert result.exit_code == EXIT_UNAUTHORIZED
     assert result.stderr == "relayd: unauthorized: invalid admin key\n"
-    for args in (("show",), ("tail",), ("export",), ("end", "--reason", "completed"), ("rm", "--yes")):
+    for args in (("show",), ("tail", "--wait", "0"), ("export",), ("end", "--reason", "completed"), ("rm", "--yes")):
         result = await cli(admin, "streams", args[0], "nope-1", *args[1:])
         assert result.exit_code == EXIT_NOT_FOUND, (args, result.output)
         assert result.stderr == "relayd: stream nope-1 does not exist\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from relayd.config import (
     ServerConfig,
     StreamsConfig,
     build_config,
+    env_var_names,
     load_config,
 )
 from relayd.errors import ConfigError
@@ -202,6 +204,35 @@ def test_bad_env_values_name_the_key(name: str, value: str, key: str, names_vari
     assert error.key == key
     if names_variable:
         assert name in error.problem
+
+
+def test_an_unknown_relayd_variable_is_a_warning_naming_the_closest_key() -> None:
+    """A RELAYD_* variable nothing reads is ignored with a warning that names the closest known variable."""
+    config = build_config({}, {"RELAYD_SERVER_PROT": "9000", "RELAYD_BATCH_LINGER": "1", "RELAYD_NOTHING_LIKE_IT": "x"})
+    assert config.server.port == 8080
+    assert config.warnings == (
+        "RELAYD_BATCH_LINGER is not a relayd setting and is ignored: did you mean RELAYD_BATCH_LINGER_MS?",
+        "RELAYD_NOTHING_LIKE_IT is not a relayd setting and is ignored: "
+        "settings are RELAYD_<TABLE>_<KEY> (config/relay.example.toml)",
+        "RELAYD_SERVER_PROT is not a relayd setting and is ignored: did you mean RELAYD_SERVER_PORT?",
+    )
+
+
+def test_every_variable_relayd_reads_is_known() -> None:
+    """Every config key's variable, and the ones the commands and examples read, give no warning."""
+    env = dict.fromkeys(env_var_names(), "")
+    assert {"RELAYD_SERVER_PORT", "RELAYD_AUTH_JWT_SECRET", "RELAYD_API_KEYS", "RELAYD_CONFIG"} <= env.keys()
+    assert {"RELAYD_URL", "RELAYD_ADMIN_KEY", "RELAYD_API_KEY", "RELAYD_JWT_SECRET"} <= env.keys()
+    assert build_config({}, {"RELAYD_SERVER_PORT": "1", "RELAYD_API_KEY": "x", "OTHER": "y"}).warnings == ()
+
+
+def test_every_variable_the_docs_name_is_known() -> None:
+    """A RELAYD_* variable named in the docs, examples or deploy files is one relayd reads (no doc typos)."""
+    root = Path(__file__).parent.parent
+    files = [root / "README.md", *root.glob("docs/*.md"), *root.glob("examples/*.py"), *root.glob("deploy/**/*")]
+    named = {m for f in files if f.is_file() for m in re.findall(r"RELAYD_[A-Z0-9_]*[A-Z0-9]", f.read_text())}
+    typo = {"RELAYD_SERVER_PROT"}  # the docs' example of a mistyped variable
+    assert named and named - typo <= env_var_names(), named - typo - env_var_names()
 
 
 def test_jwt_secret_from_env_and_its_length_check() -> None:

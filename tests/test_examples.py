@@ -321,3 +321,23 @@ async def test_celery_task_streams_into_relayd(relayd: Relayd, fake: FakeOpenAI,
     text = "".join("\n".join(line[6:] for line in e.split("\n") if line.startswith("data: ")) for e in chunks)
     assert text == answer_text(PROMPT, 30)
     assert "event: end" in events[-2] and '"reason":"completed"' in events[-2]
+
+
+# push.py and every example's arguments ---------------------------------------------------------
+
+
+async def test_push_streams_forty_words_into_relayd(relayd: Relayd, tmp_path: Path) -> None:
+    """push.py (the README walkthrough) opens the stream, appends forty words and ends it completed."""
+    out = await run_example("push.py", "push-1", "--pause", "0", cwd=tmp_path, env=credentials_env(relayd))
+    assert re.fullmatch(r"push-1: completed after 40 chunks, end cursor \S+-0000000041\n", out), out
+    async with await relayd.consumer("push-1") as peer:
+        chunks, end = await collect_chunks(peer)
+    assert end["reason"] == "completed" and len(chunks) == 40
+    assert "".join(chunk["data"] for chunk in chunks).startswith("relayd stores every chunk in Redis ")
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py") if p.name != "credentials.py"))
+async def test_every_example_parses_its_arguments(script: str, tmp_path: Path) -> None:
+    """``--help`` prints the example's usage and exits 0, without running it (push.py once made a stream --help)."""
+    out = await run_example(script, "--help", cwd=tmp_path, env={"RELAYD_URL": "http://127.0.0.1:9"})
+    assert out.startswith(f"usage: {script} "), out

@@ -1,4 +1,4 @@
-"""The seven guarantees of ../shared/DESIGN.md, each against a real relayd, real sockets, real Valkey.
+"""relayd's seven guarantees (README, "What relayd guarantees"), each against a real relayd, real sockets, real Valkey.
 
 1 order, 2 no loss after ack (across a restart), 3 no duplicates, 4 durable first, 5 explicit
 loss, 6 bounded memory, 7 bad input keeps the server serving. Synchronisation is on frames and

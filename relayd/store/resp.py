@@ -1,7 +1,7 @@
 """A minimal pipelined RESP connection for the write path.
 
 Why not redis-py here: its asyncio pipeline costs about 10 µs of Python per command, which caps
-the write path near 90 k commands/s (see shared/research/perf-ceilings.md). This connection
+the write path near 90 k commands/s (benchmarks/redis_ceilings.py measures it). This connection
 encodes a whole batch of commands into one buffer, writes it with one ``transport.write`` and
 parses the replies with hiredis as they arrive: the server becomes the limit again. It does only
 that; reads, admin commands and script loading use redis-py (store/redis_streams.py).

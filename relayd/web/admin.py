@@ -10,6 +10,7 @@ consumer's, framed as the consumer websocket's NDJSON. Routes and answers: docs/
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -33,6 +34,7 @@ from relayd.web.errors import client_error_response, error_response
 from relayd.web.keys import RUNTIME
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_TAIL_WAIT_MS = 3_600_000
 
 
 def setup(app: web.Application) -> None:
@@ -88,11 +90,24 @@ async def existing_stream(request: web.Request) -> tuple[str, StreamMeta]:
 
 
 async def tail(request: web.Request) -> web.StreamResponse:
-    """``?from=start``: the whole stream, then live; otherwise only what comes from now on."""
-    if request.app[RUNTIME].draining.is_set():
+    """``?from=start``: the whole stream, then live; otherwise only what comes from now on.
+
+    ``?wait_ms=N``: a stream that does not exist yet is waited for, up to N ms (at most an hour),
+    as a consumer's subscription is, and then followed from its start; without, 404.
+    """
+    rt = request.app[RUNTIME]
+    if rt.draining.is_set():
         return error_response(503, "shutting_down", "relayd is draining")
-    stream, meta = await existing_stream(request)
-    return await follow(request, stream, meta, from_start=request.query.get("from") == "start")
+    wait = request.query.get("wait_ms", "0")
+    if not re.fullmatch(r"[0-9]{1,7}", wait) or int(wait) > MAX_TAIL_WAIT_MS:
+        raise ProtocolError("bad_frame", f"wait_ms must be an integer from 0 to {MAX_TAIL_WAIT_MS}")
+    wait_ms = int(wait)
+    stream = check_stream_id(request.match_info["stream"])
+    meta = await rt.relay.read_meta(stream)
+    if meta is None and not wait_ms:
+        raise ClientError("stream_not_found", f"stream {stream} does not exist")
+    from_start = request.query.get("from") == "start"
+    return await follow(request, stream, meta, from_start=from_start, wait_s=wait_ms / 1000)
 
 
 # -- reads --------------------------------------------------------------------------------------

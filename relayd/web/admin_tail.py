@@ -33,8 +33,13 @@ class _Done:
         self.event.set()
 
 
-async def follow(request: web.Request, stream: str, meta: StreamMeta, *, from_start: bool) -> web.StreamResponse:
-    """Chunks from the start (``from_start``) or from now, then live, until the end."""
+async def follow(
+    request: web.Request, stream: str, meta: StreamMeta | None, *, from_start: bool, wait_s: float = 0
+) -> web.StreamResponse:
+    """Chunks from the start (``from_start``) or from now, then live, until the end.
+
+    No ``meta`` (not created yet): wait up to ``wait_s`` for it, then follow it from its start.
+    """
     rt = request.app[RUNTIME]
     cfg = rt.config
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
@@ -45,8 +50,8 @@ async def follow(request: web.Request, stream: str, meta: StreamMeta, *, from_st
 
     outbox = Outbox(send, cfg.consumer.max_queue_bytes, cfg.consumer.send_timeout_ms / 1000, backlog_of(request))
     done = _Done()
-    cursor = None if from_start else (meta.gen, meta.n)  # "now": after the last entry stored
-    sub = rt.relay.subscribe(stream, outbox, WS_CODEC, cursor=cursor, wait_s=0, owner=done)
+    cursor = None if from_start or meta is None else (meta.gen, meta.n)  # "now": after the last entry stored
+    sub = rt.relay.subscribe(stream, outbox, WS_CODEC, cursor=cursor, wait_s=wait_s, owner=done)
 
     async def drain_close() -> None:
         outbox.control(WS_CODEC.error(stream, "shutting_down", "relayd is restarting"))
