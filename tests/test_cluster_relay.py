@@ -11,6 +11,8 @@ published there with SPUBLISH by the script, and received by B's SSUBSCRIBE on t
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -253,8 +255,9 @@ def check_delivery(frames: list[dict[str, Any]], end: dict[str, Any], last: int)
 async def failover_mid_stream(
     cluster: Cluster, key_prefix: str, tmp_path: Path, fail: Callable[[ClusterNode], object]
 ) -> bool:
-    """Producer on A streams 1..60 while ``fail(master of the stream)`` runs at chunk 20; a consumer
-    on B reads it all. Returns whether history was lost (checked either way)."""
+    """Producer on A appends from 1 on; ``fail(master of the stream)`` starts at chunk 20 and the
+    appends go on all through it, then 20 more; a consumer on B reads it all. Returns whether
+    history was lost (checked either way)."""
     config = cluster_config(cluster, key_prefix, tmp_path, redis={"retry_ms": 30_000})
     stream = "fo-1"
     master = cluster.owner_of(key_slot(Keys(key_prefix).meta(stream)))
@@ -266,12 +269,16 @@ async def failover_mid_stream(
         await poll_until(lambda: b.relay.subscriber_count(stream) == 1, "registered")
         await produce_through(producer, stream, 1, 20)
         failing = asyncio.create_task(asyncio.to_thread(fail, master))
-        await produce_through(producer, stream, 21, 40)  # during the failover
+        seq = 21
+        while not failing.done():  # appends all through the failover
+            await produce_through(producer, stream, seq, seq)
+            seq += 1
         await failing
-        await produce_through(producer, stream, 41, 60)
+        last = seq + 19
+        await produce_through(producer, stream, seq, last)
         assert (await producer.end(stream))["type"] == "ended"
         frames, end = await consumer.until("end", timeout=30)
-        return check_delivery(frames, end, 60)
+        return check_delivery(frames, end, last)
 
 
 async def test_a_manual_failover_mid_stream_loses_nothing(
@@ -306,3 +313,49 @@ async def test_a_killed_master_mid_stream_loses_nothing_silently(
 
     lost = await failover_mid_stream(cluster, key_prefix, tmp_path, kill)
     print(f"killed master: history lost = {lost}")
+
+
+async def test_a_failover_to_a_replica_that_missed_acknowledged_writes_resets_with_history_lost(
+    redis_cluster_replicas: Cluster, key_prefix: str, tmp_path: Path
+) -> None:
+    """The replica is frozen (SIGSTOP) and cut off while chunks 21-25 are acknowledged and delivered to B;
+    the master is killed and the replica, thawed, takes over without them. B's consumer gets
+    reset(history_lost) and the stream as stored (1-20), never a silent skip; the producer is
+    told ``seq_gap`` (last stored: 20), resends, and B gets 21-30 and the end."""
+    cluster = redis_cluster_replicas
+    config = cluster_config(cluster, key_prefix, tmp_path, redis={"retry_ms": 30_000})
+    stream = "lost-1"
+    master = cluster.owner_of(key_slot(stream))
+    replica = cluster.replicas_of(master, online=True)[0]
+    async with instances(config) as (a, b):
+        producer = await a.producer()
+        assert (await producer.open(stream))["type"] == "opened"
+        consumer = await b.consumer(stream)
+        await consumer.expect("subscribed")
+        await poll_until(lambda: b.relay.subscriber_count(stream) == 1, "registered")
+        await produce_through(producer, stream, 1, 20)
+        target = master.command("INFO", "replication")["master_repl_offset"]
+        await poll_until(lambda: master.command("INFO", "replication")["slave0"]["offset"] >= target, "replicated")
+        # Frozen, and cut off: what the master writes next never reaches it (a frozen replica
+        # alone would read it from its socket once thawed).
+        os.kill(replica.proc.pid, signal.SIGSTOP)
+        try:
+            master.command("CLIENT", "KILL", "TYPE", "replica")
+            await produce_through(producer, stream, 21, 25)
+            assert [(await consumer.expect("chunk"))["data"] for _ in range(25)] == list(range(1, 26))
+            master.proc.kill()
+            master.proc.wait()
+        finally:
+            os.kill(replica.proc.pid, signal.SIGCONT)
+        await asyncio.to_thread(
+            cluster._wait, lambda: all(cluster._roles(n).get(replica.node_id) == "master" for n in cluster.alive), 20
+        )
+        reset = await consumer.expect("reset", timeout=20)
+        assert reset["reason"] == "history_lost"
+        assert [(await consumer.expect("chunk"))["data"] for _ in range(20)] == list(range(1, 21))
+        frame = await producer.append(stream, 26, 26)
+        assert (frame["type"], frame.get("code"), frame.get("seq")) == ("error", "seq_gap", 20)
+        await produce_through(producer, stream, 21, 30)
+        assert (await producer.end(stream))["type"] == "ended"
+        chunks, end = await collect_chunks(consumer, stream)
+        assert [f["data"] for f in chunks] == list(range(21, 31)) and end["reason"] == "completed"
