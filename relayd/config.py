@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from relayd.errors import ConfigError
+from relayd.redis_url import is_cluster_url, parse_cluster_url
 
 _HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _LEVELS = ("debug", "info", "warning", "error")
@@ -68,9 +69,23 @@ class RedisConfig:
     # deliver it live. Off only when exactly one relayd process ever uses this Redis.
     notify: bool = True
 
+    @property
+    def cluster(self) -> bool:
+        """``url`` names a Redis/Valkey Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+        return is_cluster_url(self.url)
+
     def check(self) -> None:
-        if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("redis.url", f"must start with redis://, rediss:// or unix://, got {self.url!r}")
+        if is_cluster_url(self.url):
+            try:
+                parse_cluster_url(self.url)
+            except ValueError as exc:
+                raise ConfigError("redis.url", str(exc)) from None
+        elif self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                "redis.url",
+                "must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://, "
+                f"got {self.url!r}",
+            )
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", self.key_prefix):
             raise ConfigError("redis.key_prefix", "must be 1-64 characters of A-Z a-z 0-9 _ . : -")
         _positive("redis.timeout_ms", self.timeout_ms)

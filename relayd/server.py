@@ -81,7 +81,13 @@ class Server:
         broker: Broker = LocalBroker()
         if cfg.redis.notify:
             broker = RedisBroker(
-                self.store.keys, redis_url, instance, self.store.publish, metrics, timeout_s=cfg.redis.timeout_ms / 1000
+                self.store.keys,
+                redis_url,
+                instance,
+                self.store.publish,
+                metrics,
+                sharded=self.store.cluster,  # on a cluster: SSUBSCRIBE on the master of each stream's slot
+                timeout_s=cfg.redis.timeout_ms / 1000,
             )
         self.relay = Relay(cfg, self.store, metrics, broker)
         await self.relay.start()

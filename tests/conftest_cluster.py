@@ -81,10 +81,15 @@ class Cluster:
         roles = self._roles(self.alive[0])
         return sorted((n for n in self.alive if roles.get(n.node_id) == "master"), key=lambda n: n.port)
 
-    def replicas_of(self, master: ClusterNode) -> list[ClusterNode]:
+    def replicas_of(self, master: ClusterNode, *, online: bool = False) -> list[ClusterNode]:
+        """The replicas ``master`` has (``online``: only those done with their initial sync)."""
         with master.client() as client:
             info = client.info("replication")
-        ports = {int(v["port"]) for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)}
+        ports = {
+            int(v["port"])
+            for k, v in info.items()
+            if k.startswith("slave") and isinstance(v, dict) and (not online or v.get("state") == "online")
+        }
         return [n for n in self.alive if n.port in ports]
 
     def owner_of(self, slot: int) -> ClusterNode:
@@ -186,7 +191,10 @@ def start_cluster(base_dir: Path, masters: int = 3, replicas: int = 0) -> Cluste
             node.command("CLUSTER", "REPLICATE", master.node_id)
         cluster.wait_ok()
         if replicas:
-            cluster._wait(lambda: all(len(cluster.replicas_of(m)) == replicas for m in cluster.nodes[:masters]), 10)
+            # a replica that has not finished its initial sync would take over with no data at all
+            cluster._wait(
+                lambda: all(len(cluster.replicas_of(m, online=True)) == replicas for m in cluster.nodes[:masters]), 10
+            )
     except BaseException:
         cluster.stop()
         raise
@@ -208,6 +216,7 @@ def _spawn(binary: Path, data_dir: Path) -> ClusterNode:
         "--dir", str(data_dir),
         "--save", "",
         "--appendonly", "no",
+        "--repl-diskless-sync-delay", "0",  # a replica syncs at once (the default waits 5 s for others)
         "--logfile", str(data_dir / "valkey.log"),
         "--daemonize", "no",
     ]  # fmt: skip

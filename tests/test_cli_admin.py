@@ -139,6 +139,7 @@ async def test_tail_prints_live_chunks_until_the_end(admin: Relayd) -> None:
 async def test_tail_waits_for_a_stream_that_does_not_exist_yet(admin: Relayd) -> None:
     """tail of a stream not opened yet waits for it (--wait), as a consumer does, then follows it from its start."""
     tailing = asyncio.create_task(cli(admin, "streams", "tail", "tw-1", "--wait", "30"))
+
     async def waiting() -> bool:
         assert not tailing.done(), tailing.result().output
         return bool(admin.relay.subscriber_count("tw-1") == 1)

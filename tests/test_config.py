@@ -97,6 +97,8 @@ def test_values_are_read_and_ints_widen_to_floats() -> None:
         ({"server": {"allowed_origins": "*"}}, "server.allowed_origins"),
         ({"server": {"allowed_origins": [1]}}, "server.allowed_origins"),
         ({"redis": {"url": "http://localhost:6379"}}, "redis.url"),
+        ({"redis": {"url": "redis+cluster://a:7000,b:port"}}, "redis.url"),
+        ({"redis": {"url": "redis+cluster://a:7000/2"}}, "redis.url"),
         ({"redis": {"key_prefix": "has space"}}, "redis.key_prefix"),
         ({"redis": {"key_prefix": ""}}, "redis.key_prefix"),
         ({"redis": {"timeout_ms": 0}}, "redis.timeout_ms"),
@@ -173,6 +175,14 @@ def test_env_overrides_toml_values() -> None:
     assert config.redis.url == "redis://cache:6379/1" and not config.embedded_redis
     assert config.batch.linger_ms == 1.0
     assert config.log.level == "debug"
+
+
+def test_a_cluster_url_names_seed_nodes() -> None:
+    """``redis+cluster://`` (and ``rediss+cluster://``) with seed nodes: a cluster, not embedded."""
+    for url in ("redis+cluster://10.0.0.1:7000,10.0.0.2:7001", "rediss+cluster://:secret@db:7000"):
+        config = build_config({"redis": {"url": url}}, env={})
+        assert config.redis.cluster and not config.embedded_redis
+    assert not build_config({"redis": {"url": "redis://db:6379"}}, env={}).redis.cluster
 
 
 def test_env_override_of_a_list_splits_on_commas() -> None:

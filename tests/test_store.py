@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import pytest
+
 from relayd.config import Config, RedisConfig, StreamsConfig
 from relayd.store.keys import Keys
 from relayd.store.redis_streams import RedisStore
 from relayd.store.resp import encode_command
+from relayd.store.slots import key_slot
 
 
-def test_cached_append_command_equals_the_generic_encoding() -> None:
-    """An append built from the per-stream cached head is byte-for-byte the plain RESP command."""
+@pytest.mark.parametrize(
+    ("url", "publish", "slot"),
+    [("redis://127.0.0.1:1", "PUBLISH", 0), ("redis+cluster://127.0.0.1:1", "SPUBLISH", key_slot("chat-1"))],
+)
+def test_cached_append_command_equals_the_generic_encoding(url: str, publish: str, slot: int) -> None:
+    """An append built from the per-stream cached head is byte-for-byte the plain RESP command;
+    on a cluster it publishes with SPUBLISH and goes to the stream's slot."""
     config = Config(redis=RedisConfig(key_prefix="p"), streams=StreamsConfig(max_chunks=50, open_ttl_s=60))
-    store = RedisStore(config, "redis://127.0.0.1:1", instance="i1")
+    store = RedisStore(config, url, instance="i1")
     store._sha = {"append": b"a" * 40}
-    head = store.append_handle("chat-1", 3)
+    head, head_slot = store.append_handle("chat-1", 3)
+    assert head_slot == slot
     for chunks in ([b'{"x":1}'], [b'"y"', b"1", b"[" + b"9" * 300 + b"]"]):
         expected = encode_command(
             [
@@ -28,7 +37,7 @@ def test_cached_append_command_equals_the_generic_encoding() -> None:
                 "123",
                 "50",
                 "60",
-                "PUBLISH",
+                publish,
                 "i1",
                 *chunks,
             ]

@@ -36,13 +36,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import hiredis
 
 from relayd.errors import StoreUnavailable
-from relayd.store.resp import RespConnection, encode_command
+from relayd.store.resp import RespConnection, encode_command, load_scripts
 from relayd.store.topology import Addr, ClusterUrl, SlotMap, fetch_slot_map, parse_cluster_url
 
 log = logging.getLogger(__name__)
@@ -101,12 +101,25 @@ class ClusterWriter:
     ``url`` is a ``redis+cluster://`` URL or a parsed :class:`ClusterUrl`. ``timeout_s`` is the
     default deadline of a batch and bounds each connection attempt and topology read.
     ``scripts`` are Lua script bodies loaded (``SCRIPT LOAD``) on every connection opened.
+    ``on_reconnect()`` is called once the writes held by a recovery have been sent again, if that
+    recovery connected to a node anew (a restarted master, a promoted replica): the node may not
+    hold every write it had acknowledged before.
     """
 
-    def __init__(self, url: str | ClusterUrl, *, timeout_s: float = 5.0, scripts: Sequence[str | bytes] = ()) -> None:
+    def __init__(
+        self,
+        url: str | ClusterUrl,
+        *,
+        timeout_s: float = 5.0,
+        scripts: Sequence[str | bytes] = (),
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
         self.url = parse_cluster_url(url) if isinstance(url, str) else url
         self.timeout_s = timeout_s
         self._scripts = tuple(scripts)
+        self._on_reconnect = on_reconnect
+        self._started = False
+        self._reconnected = False  # a connection was made again since the last on_reconnect
         self._map = SlotMap()
         self._nodes: dict[Addr, _Node] = {}
         self._seq = 0
@@ -128,6 +141,7 @@ class ClusterWriter:
         self._map = await fetch_slot_map(self.url, self.url.seeds, self.timeout_s)
         for addr in sorted(self._map.masters):
             await self._connect(addr)
+        self._started = True
 
     async def close(self) -> None:
         self._closed = True
@@ -312,6 +326,9 @@ class ClusterWriter:
             self._held = {cmd.slot for cmd in self._queue}
             if self._queue and not self._closed:
                 self._kick()
+            elif self._reconnected and self._on_reconnect is not None and not self._closed:
+                self._reconnected = False
+                self._on_reconnect()
 
     async def _drain(self) -> None:
         """Wait until every write on the wire now has answered; drop commands of failed batches.
@@ -382,15 +399,7 @@ class ClusterWriter:
             return
         conn = await RespConnection.connect(self.url.node_url(addr), self.timeout_s)
         if self._scripts:
-            load = [encode_command(["SCRIPT", "LOAD", body]) for body in self._scripts]
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    replies = await conn.execute(b"".join(load), len(load))
-            except TimeoutError:
-                conn.close()
-                raise StoreUnavailable(f"{addr[0]}:{addr[1]} did not answer SCRIPT LOAD in time") from None
-            for reply in replies:
-                if isinstance(reply, hiredis.ReplyError):
-                    conn.close()
-                    raise StoreUnavailable(f"{addr[0]}:{addr[1]} refused SCRIPT LOAD: {reply}")
+            await load_scripts(conn, self._scripts, self.timeout_s, f"{addr[0]}:{addr[1]}")
         self._nodes[addr] = _Node(addr, conn)
+        if self._started:
+            self._reconnected = True  # a node restarted or a replica took over: it may lack writes

@@ -7,11 +7,16 @@ flushed at the end of the current event-loop tick (or after ``batch.linger_ms``)
 ``batch.max_inflight`` batches are on the wire, new writes accumulate and leave together when a
 reply comes back. Low load gets the lowest latency, high load gets large batches.
 
-Replies arrive in order on one connection, and callbacks run in submission order: this is what
-lets the relay publish to the hub in append order. When the connection fails, every batch on the
-wire is resent in order after reconnecting (the scripts are idempotent: appends are deduplicated
-by producer sequence number), for up to ``redis.retry_ms``; after that their writes fail with
-:class:`StoreUnavailable`.
+Callbacks run in submission order: this is what lets the relay publish to the hub in append
+order. On one server the replies arrive in that order; on a cluster (one connection per master)
+a later batch can be answered first, so answered batches wait for the ones before them. When
+the wire fails, every batch on it is resent in order after reconnecting (the scripts are
+idempotent: appends are deduplicated by producer sequence number), for up to
+``redis.retry_ms``; after that their writes fail with :class:`StoreUnavailable`.
+
+The wire (store/wire.py) is one connection to a single server or a
+:class:`~relayd.store.cluster.ClusterWriter`; each write carries its hash slot for the latter
+(0 on a single server, where it is not read).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from functools import partial
 from typing import Any, Protocol
 
 import hiredis
@@ -37,32 +41,49 @@ WriteCallback = Callable[[Any, BaseException | None], None]
 
 
 class Write:
-    """One command and what to do with its reply (or the exception that replaced it)."""
+    """One command, its cluster hash slot, and what to do with its reply (or the exception that
+    replaced it)."""
 
-    __slots__ = ("done", "payload")
+    __slots__ = ("done", "payload", "slot")
 
-    def __init__(self, payload: bytes, done: WriteCallback) -> None:
+    def __init__(self, payload: bytes, done: WriteCallback, slot: int) -> None:
         self.payload = payload
         self.done = done
+        self.slot = slot
 
 
 class Wire(Protocol):
-    """The connection side of the store that the pipeline drives."""
+    """The connection side of the store that the pipeline drives (store/wire.py)."""
 
-    def send(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]: ...
-    async def reconnect(self) -> None: ...
-    async def load_scripts(self) -> None: ...
-    def abort_writer(self) -> None: ...
-    def recovered(self) -> None:
-        """Writes flow again after a lost connection (Redis may have restarted or failed over)."""
+    def send(self, writes: list[Write]) -> asyncio.Future[list[Any]]:
+        """Send the writes' commands; a future of their replies, in order (StoreUnavailable: not sent)."""
+        ...
+
+    async def reconnect(self) -> None:
+        """Connect again if the connection was lost, and (re)load the scripts."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the connection that owes replies past the deadline: its batches fail."""
         ...
 
 
 class Pipeline:
     """Batches writes from every connection into pipelined round trips, in submission order."""
 
-    def __init__(self, store: Wire, cfg: BatchConfig, retry_ms: int, timeout_ms: int, metrics: Metrics) -> None:
-        self._store = store
+    def __init__(
+        self,
+        wire: Wire,
+        cfg: BatchConfig,
+        retry_ms: int,
+        timeout_ms: int,
+        metrics: Metrics,
+        recovered: Callable[[], None],
+    ) -> None:
+        """``recovered()``: writes flow again after a lost connection (Redis may have restarted or
+        failed over, and lost entries)."""
+        self._wire = wire
+        self._recovered = recovered
         self._max_ops = cfg.max_ops
         self._max_bytes = cfg.max_bytes
         self._max_inflight = cfg.max_inflight
@@ -71,7 +92,7 @@ class Pipeline:
         self._timeout_s = timeout_ms / 1000
         self._metrics = metrics
         self._queue: deque[Write] = deque()
-        self._inflight = 0
+        self._inflight: deque[_Sent] = deque()  # batches on the wire, in submission order
         self._scheduled = False
         self._failed: deque[list[Write]] = deque()
         self._recovery: asyncio.Task[None] | None = None
@@ -84,7 +105,7 @@ class Pipeline:
     def submit(self, write: Write) -> None:
         self._queue.append(write)
         self._idle.clear()
-        if not self._scheduled and self._inflight < self._max_inflight and self._recovery is None:
+        if not self._scheduled and len(self._inflight) < self._max_inflight and self._recovery is None:
             self._scheduled = True
             if self._linger_s:
                 self._loop.call_later(self._linger_s, self._flush)
@@ -109,59 +130,61 @@ class Pipeline:
 
     # internals --------------------------------------------------------------------------------
 
-    def _take(self) -> list[Write]:
+    def _take(self) -> tuple[list[Write], int]:
+        """The next batch and its size in bytes."""
         queue = self._queue
         if len(queue) <= self._max_ops:
             batch = list(queue)
             queue.clear()
-            # micro-optimisation: the common case (a small batch) skips the byte accounting
-            if sum(len(w.payload) for w in batch) <= self._max_bytes:
-                return batch
+            size = sum([len(w.payload) for w in batch])
+            if size <= self._max_bytes:
+                return batch, size
             queue.extend(batch)
         batch, size = [], 0
         while queue and len(batch) < self._max_ops and (not batch or size + len(queue[0].payload) <= self._max_bytes):
             write = queue.popleft()
             size += len(write.payload)
             batch.append(write)
-        return batch
+        return batch, size
 
     def _flush(self) -> None:
         self._scheduled = False
-        while self._queue and self._inflight < self._max_inflight and self._recovery is None:
-            batch = self._take()
-            payload = b"".join([w.payload for w in batch])
+        inflight = self._inflight
+        while self._queue and len(inflight) < self._max_inflight and self._recovery is None:
+            batch, size = self._take()
             try:
-                future = self._store.send(payload, len(batch))
+                future = self._wire.send(batch)
             except StoreUnavailable as exc:
                 self._on_failure(batch, exc)
                 return
-            self._inflight += 1
             self._wire_empty.clear()
-            self._metrics.batch_sent(len(batch), len(payload))
-            started = time.perf_counter()
+            self._metrics.batch_sent(len(batch), size)
             # A Redis that accepts the connection but never answers (paused, overloaded) must not
             # hold writes forever: past redis.timeout_ms the connection is dropped and recovery runs.
-            timer = self._loop.call_later(self._timeout_s, self._store.abort_writer)
-            future.add_done_callback(partial(self._on_reply, batch, started, timer))
+            sent = _Sent(batch, future, time.perf_counter(), self._loop.call_later(self._timeout_s, self._wire.abort))
+            inflight.append(sent)
+            future.add_done_callback(self._on_reply)
 
-    def _on_reply(
-        self, batch: list[Write], started: float, timer: asyncio.TimerHandle, future: asyncio.Future[list[Any]]
-    ) -> None:
-        timer.cancel()
-        self._inflight -= 1
-        if not self._inflight:
+    def _on_reply(self, _: asyncio.Future[list[Any]]) -> None:
+        # Answered batches are resolved in submission order: on a cluster a later batch (other
+        # masters) can be answered before an earlier one, whose callbacks must run first.
+        inflight = self._inflight
+        while inflight and inflight[0].future.done():
+            sent = inflight.popleft()
+            sent.timer.cancel()
+            future = sent.future
+            exc = future.exception()
+            if exc is None:
+                replies = future.result()
+                if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
+                    exc = StoreUnavailable("Redis lost relayd's scripts (restarted?)")
+                else:
+                    self._metrics.batch_done(time.perf_counter() - sent.started)
+                    _resolve(sent.batch, replies)
+            if exc is not None:
+                self._on_failure(sent.batch, exc)
+        if not inflight:
             self._wire_empty.set()
-        exc = future.exception()
-        if exc is None:
-            replies = future.result()
-            if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
-                exc = StoreUnavailable("Redis lost relayd's scripts (restarted?)")
-            else:
-                self._metrics.batch_done(time.perf_counter() - started)
-                _resolve(batch, replies)
-        if exc is not None:
-            self._on_failure(batch, exc)
-            return
         self._after_batch()
 
     def _after_batch(self) -> None:
@@ -169,7 +192,7 @@ class Pipeline:
             if self._recovery is None and not self._scheduled:
                 self._scheduled = True
                 self._loop.call_soon(self._flush)
-        elif self._inflight == 0 and self._recovery is None:
+        elif not self._inflight and self._recovery is None:
             self._idle.set()
 
     def _on_failure(self, batch: list[Write], exc: BaseException) -> None:
@@ -187,15 +210,14 @@ class Pipeline:
                 # let batches still on the wire fail or finish first, so order is kept
                 await self._wire_empty.wait()
                 try:
-                    await self._store.reconnect()
-                    await self._store.load_scripts()
+                    await self._wire.reconnect()
                     while self._failed:
                         batch = self._failed[0]
                         try:
                             async with asyncio.timeout(self._timeout_s):
-                                replies = await self._store.send(b"".join([w.payload for w in batch]), len(batch))
+                                replies = await self._wire.send(batch)
                         except TimeoutError:
-                            self._store.abort_writer()
+                            self._wire.abort()
                             raise StoreUnavailable("Redis did not answer in time") from None
                         if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
                             raise StoreUnavailable("scripts missing after reload")
@@ -203,7 +225,7 @@ class Pipeline:
                         _resolve(batch, replies)
                     self._metrics.redis_health(True)
                     log.info("redis writes recovered")
-                    self._store.recovered()
+                    self._recovered()
                     return
                 except (StoreUnavailable, StoreError) as exc:
                     if time.monotonic() >= deadline:
@@ -218,6 +240,20 @@ class Pipeline:
         finally:
             self._recovery = None
             self._after_batch()
+
+
+class _Sent:
+    """A batch on the wire."""
+
+    __slots__ = ("batch", "future", "started", "timer")
+
+    def __init__(
+        self, batch: list[Write], future: asyncio.Future[list[Any]], started: float, timer: asyncio.TimerHandle
+    ) -> None:
+        self.batch = batch
+        self.future = future
+        self.started = started
+        self.timer = timer
 
 
 def _resolve(batch: list[Write], replies: list[Any]) -> None:

@@ -341,6 +341,7 @@ class RedisPubSub:
                 await self._reconcile()
             except StoreUnavailable as exc:
                 log.warning("pub/sub not up yet: %s", exc)
+                self._refresh = True  # the node may be gone for good (a killed master): ask the cluster again
                 await asyncio.sleep(delay)  # back-off between reconnect attempts
                 delay = min(delay * 2, _BACKOFF_MAX_S)
                 continue

@@ -1,23 +1,34 @@
 """Redis Streams storage: the typed write path (through the group-commit pipeline) and reads.
 
 Writes are per-stream Lua scripts (relayd/store/lua/), encoded here, queued on the
-:class:`~relayd.store.pipeline.Pipeline` and sent on a :class:`~relayd.store.resp.RespConnection`
-(one buffer per batch). Their positional replies are parsed here, and only here, into the typed
-outcomes of :mod:`relayd.model`; callbacks run in submission order. Reads, script loading and
-health checks use redis-py. redis-py and hiredis exceptions are translated into
+:class:`~relayd.store.pipeline.Pipeline` and sent on its wire (store/wire.py): one
+:class:`~relayd.store.resp.RespConnection` to a single server, one buffer per batch, or a
+:class:`~relayd.store.cluster.ClusterWriter` on a Redis/Valkey Cluster (``redis+cluster://``),
+one buffer per master. Their positional replies are parsed here, and only here, into the typed
+outcomes of :mod:`relayd.model`; callbacks run in submission order. Reads and health checks use
+redis-py (its cluster client on a cluster). redis-py and hiredis exceptions are translated into
 :class:`StoreUnavailable` / :class:`StoreError` here and nowhere else.
+
+On a cluster every write goes to the master of its key's hash slot: a stream's keys and its
+notification channel share the stream's slot (``{<stream id>}``), so each script runs on one
+node and publishes with SPUBLISH (sharded pub/sub) in that slot; the open index is one key in a
+slot of its own, and a control request is published (PUBLISH reaches every node) from the slot
+of the control channel. Reads that span streams (listing, stats) group their commands by node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable
 from importlib import resources
+from types import TracebackType
 from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import ClusterNode
 
 from relayd.config import Config
 from relayd.errors import StoreError, StoreUnavailable
@@ -37,10 +48,15 @@ from relayd.model import (
 )
 from relayd.store.keys import Keys
 from relayd.store.pipeline import Pipeline, Write
-from relayd.store.resp import RespArg, RespConnection, encode_command
+from relayd.store.resp import RespArg, encode_command
+from relayd.store.slots import key_slot
+from relayd.store.topology import is_cluster_url, parse_cluster_url
+from relayd.store.wire import ClusterWire, NodeWire
 
 SCRIPTS = ("open", "append", "end", "touch")
 _MAX_SEQ = 2**64 - 1  # the largest sequence part of a Redis stream entry id
+_MASTER_BITS = 10  # scan_streams on a cluster: the low bits of its cursor say which master
+_MASTER_MASK = (1 << _MASTER_BITS) - 1
 
 
 class RedisStore:
@@ -55,39 +71,70 @@ class RedisStore:
         self._metrics = metrics
         self._timeout_s = redis_cfg.timeout_ms / 1000
         self._streams = streams_cfg
-        # A blocking pool: a burst of reads (thousands of consumers catching up after a restart)
-        # queues for a connection, up to redis.timeout_ms, instead of failing with "Too many
-        # connections" as the default pool does past its cap.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=redis_cfg.max_connections,
-            timeout=self._timeout_s,
-            socket_timeout=self._timeout_s,
-            socket_connect_timeout=self._timeout_s,
-        )
-        self._client: aioredis.Redis = aioredis.Redis.from_pool(pool)  # owns and closes the pool
-        self._writer: RespConnection | None = None
+        self.cluster = is_cluster_url(url)
+        lua = resources.files("relayd.store") / "lua"
+        scripts = {name: (lua / f"{name}.lua").read_text() for name in SCRIPTS}
+        # The SHA1 of a script's body is its EVALSHA name; the wire loads the scripts on each connection.
+        self._sha = {name: hashlib.sha1(body.encode()).hexdigest().encode() for name, body in scripts.items()}
+        self._wire: NodeWire | ClusterWire
+        self._client: aioredis.Redis | aioredis.RedisCluster
+        self._reads: asyncio.Semaphore | _Unbounded = _Unbounded()
+        if self.cluster:
+            cluster = parse_cluster_url(url)
+            self._wire = ClusterWire(url, self._timeout_s, list(scripts.values()), self.recovered)
+            # redis-py's cluster client has no blocking pool: past max_connections on a node it
+            # fails. The semaphore makes a burst of reads queue instead, as the pool below does.
+            self._reads = asyncio.Semaphore(redis_cfg.max_connections)
+            self._client = aioredis.RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in cluster.seeds],
+                username=cluster.username,
+                password=cluster.password,
+                ssl=cluster.tls,
+                max_connections=redis_cfg.max_connections,
+                socket_timeout=self._timeout_s,
+                socket_connect_timeout=self._timeout_s,
+            )
+            self._slot_of: Callable[[str], int] = key_slot
+        else:
+            self._wire = NodeWire(url, self._timeout_s, list(scripts.values()))
+            # A blocking pool: a burst of reads (thousands of consumers catching up after a restart)
+            # queues for a connection, up to redis.timeout_ms, instead of failing with "Too many
+            # connections" as the default pool does past its cap.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=redis_cfg.max_connections,
+                timeout=self._timeout_s,
+                socket_timeout=self._timeout_s,
+                socket_connect_timeout=self._timeout_s,
+            )
+            self._client = aioredis.Redis.from_pool(pool)  # owns and closes the pool
+            self._slot_of = _no_slot
+        self._index_slot = self._slot_of(self.keys.open_index)
         self._pipeline: Pipeline | None = None
         self.on_reconnect: Callable[[], None] = _nothing
-        self._sha: dict[str, bytes] = {}
         # Pre-encoded constant arguments: encoded once, spliced into every command.
         self._max_chunks = str(streams_cfg.max_chunks).encode()
         self._open_ttl = str(streams_cfg.open_ttl_s).encode()
         self._end_ttl = str(streams_cfg.ttl_after_end_s).encode()
         # Notifications for other instances: published by the scripts, in the stream's slot.
         self.instance = instance
-        self._publish = b"PUBLISH" if redis_cfg.notify else b""
+        self._publish = (b"SPUBLISH" if self.cluster else b"PUBLISH") if redis_cfg.notify else b""
         self._notify_args = [self._publish, instance.encode()]
         self._append_tail = encode_command([self._max_chunks, self._open_ttl, *self._notify_args])[4:]
 
     # lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the scripts and open the write connection; a store for reads only needs neither."""
-        await self.load_scripts()
-        await self.reconnect()
+        """Open the write connection(s) and load the scripts; a store for reads only needs neither."""
+        try:
+            await self._wire.reconnect()
+        except StoreUnavailable:
+            await self._wire.close()
+            raise
         cfg = self._config
-        self._pipeline = Pipeline(self, cfg.batch, cfg.redis.retry_ms, cfg.redis.timeout_ms, self._metrics or Metrics())
+        self._pipeline = Pipeline(
+            self._wire, cfg.batch, cfg.redis.retry_ms, cfg.redis.timeout_ms, self._metrics or Metrics(), self.recovered
+        )
 
     async def drain(self) -> None:
         """Wait until every write queued so far has been answered (or failed)."""
@@ -97,52 +144,26 @@ class RedisStore:
     async def close(self) -> None:
         if self._pipeline is not None:
             await self._pipeline.close()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        await self._wire.close()
         await self._client.aclose()
 
-    async def load_scripts(self) -> None:
-        lua = resources.files("relayd.store") / "lua"
-        try:
-            for name in SCRIPTS:
-                sha = await self._client.script_load((lua / f"{name}.lua").read_text())
-                self._sha[name] = sha.encode() if isinstance(sha, str) else sha
-        except redis.exceptions.RedisError as exc:
-            raise _translate(exc) from exc
-
-    async def reconnect(self) -> None:
-        if self._writer is not None and not self._writer.closed:
-            return
-        self._writer = await RespConnection.connect(self.url, self._timeout_s)
-
     def recovered(self) -> None:
+        """Writes flow again after a lost connection: Redis may have restarted or failed over."""
         self.on_reconnect()
-
-    def abort_writer(self) -> None:
-        """Drop the write connection: every batch on it fails and the pipeline reconnects."""
-        if self._writer is not None:
-            self._writer.close()
 
     async def ping(self) -> None:
         try:
-            await self._client.ping()
+            async with self._reads:
+                await self._client.ping()
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc
 
-    def send(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
-        """Send ``count`` pre-encoded commands in one write; a future of their replies (the pipeline's)."""
-        writer = self._writer
-        if writer is None:
-            raise StoreUnavailable("store not started")
-        return writer.execute(payload, count)
-
-    def _submit(self, payload: bytes, done: Callable[[Any, BaseException | None], None]) -> None:
+    def _submit(self, payload: bytes, done: Callable[[Any, BaseException | None], None], slot: int) -> None:
         pipeline = self._pipeline
         if pipeline is None:
             done(None, StoreUnavailable("store not started"))
             return
-        pipeline.submit(Write(payload, done))
+        pipeline.submit(Write(payload, done, slot))
 
     # typed writes ----------------------------------------------------------------------------
 
@@ -156,12 +177,13 @@ class RedisStore:
     ) -> None:
         """Take over, resume or create ``stream`` for a producer (open.lua)."""
         keys = self.keys
+        meta = keys.meta(stream)
         payload = encode_command(
             [
                 "EVALSHA",
                 self._sha["open"],
                 "3",
-                keys.meta(stream),
+                meta,
                 keys.log(stream),
                 keys.channel(stream),
                 b"" if epoch is None else str(epoch),
@@ -172,24 +194,31 @@ class RedisStore:
                 *self._notify_args,
             ]
         )
-        self._submit(payload, lambda reply, exc: done(_open_outcome(reply, exc)))
+        self._submit(payload, lambda reply, exc: done(_open_outcome(reply, exc)), self._slot_of(meta))
 
-    def append_handle(self, stream: str, epoch: int) -> bytes:
-        """What :meth:`append` needs to know of ``stream`` in ``epoch``: the command's fixed part.
+    def append_handle(self, stream: str, epoch: int) -> tuple[bytes, int]:
+        """What :meth:`append` needs to know of ``stream`` in ``epoch``: the command's fixed part
+        and the stream's hash slot.
 
         A micro-optimisation: appends are the hot path and only their sequence number, clock and
         chunks change from one append to the next, so the rest is encoded once per open.
         """
         keys = self.keys
-        args: list[RespArg] = ["EVALSHA", self._sha["append"], "3", keys.meta(stream), keys.log(stream)]
-        return encode_command([*args, keys.channel(stream), str(epoch)])[
+        meta = keys.meta(stream)
+        args: list[RespArg] = ["EVALSHA", self._sha["append"], "3", meta, keys.log(stream)]
+        head = encode_command([*args, keys.channel(stream), str(epoch)])[
             4:  # without the "*7\r\n" array header: the real argument count is set per append
         ]
+        return head, self._slot_of(meta)
 
-    def append(self, handle: bytes, seq: int, chunks: list[bytes], done: Callable[[AppendOutcome], None]) -> None:
+    def append(
+        self, handle: tuple[bytes, int], seq: int, chunks: list[bytes], done: Callable[[AppendOutcome], None]
+    ) -> None:
         """Append ``chunks`` (seq ``seq`` on) with ``handle`` from :meth:`append_handle` (append.lua)."""
         self._submit(
-            self.encode_append(handle, seq, chunks, now_ms()), lambda reply, exc: done(_append_outcome(reply, exc))
+            self.encode_append(handle[0], seq, chunks, now_ms()),
+            lambda reply, exc: done(_append_outcome(reply, exc)),
+            handle[1],
         )
 
     def encode_append(self, handle: bytes, seq: int, chunks: list[bytes], now: int) -> bytes:
@@ -216,12 +245,13 @@ class RedisStore:
     ) -> None:
         """Write the end (end.lua); ``epoch`` None: not a producer; ``stale_before``: the sweep's test."""
         keys = self.keys
+        meta = keys.meta(stream)
         payload = encode_command(
             [
                 "EVALSHA",
                 self._sha["end"],
                 "3",
-                keys.meta(stream),
+                meta,
                 keys.log(stream),
                 keys.channel(stream),
                 reason,
@@ -233,7 +263,7 @@ class RedisStore:
                 *self._notify_args,
             ]
         )
-        self._submit(payload, lambda reply, exc: done(_end_outcome(reply, exc, reason)))
+        self._submit(payload, lambda reply, exc: done(_end_outcome(reply, exc, reason)), self._slot_of(meta))
 
     def touch(self, streams: list[str]) -> None:
         """Record producer activity on open streams (touch.lua) and in the open index."""
@@ -241,11 +271,11 @@ class RedisStore:
             return
         keys, now = self.keys, now_ms()
         for stream in streams:
+            meta = keys.meta(stream)
             self._submit(
-                encode_command(
-                    ["EVALSHA", self._sha["touch"], "2", keys.meta(stream), keys.log(stream), str(now), self._open_ttl]
-                ),
+                encode_command(["EVALSHA", self._sha["touch"], "2", meta, keys.log(stream), str(now), self._open_ttl]),
                 _ignore,
+                self._slot_of(meta),
             )
         self.index(streams, now)
 
@@ -255,20 +285,24 @@ class RedisStore:
         args: list[bytes | str] = ["ZADD", self.keys.open_index]
         for stream in streams:
             args += [score, stream]
-        self._submit(encode_command(args), _ignore)
+        self._submit(encode_command(args), _ignore, self._index_slot)
 
     def unindex(self, streams: list[str]) -> None:
-        self._submit(encode_command(["ZREM", self.keys.open_index, *streams]), _ignore)
+        self._submit(encode_command(["ZREM", self.keys.open_index, *streams]), _ignore, self._index_slot)
 
     def publish(self, channel: str, message: bytes) -> None:
-        """PUBLISH through the write pipeline (control requests between instances; not per chunk)."""
-        self._submit(encode_command(["PUBLISH", channel, message]), _ignore)
+        """PUBLISH through the write pipeline (control requests between instances; not per chunk).
+
+        On a cluster it goes to the master of the channel's slot, and the cluster forwards it to
+        every node."""
+        self._submit(encode_command(["PUBLISH", channel, message]), _ignore, self._slot_of(channel))
 
     # read path --------------------------------------------------------------------------------
 
     async def read_meta(self, stream: str) -> StreamMeta | None:
         try:
-            raw: dict[bytes, bytes] = await self._client.hgetall(self.keys.meta(stream))  # type: ignore[assignment]
+            async with self._reads:
+                raw: dict[bytes, bytes] = await self._client.hgetall(self.keys.meta(stream))  # type: ignore[assignment]
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc
         return parse_meta(stream, raw) if raw else None
@@ -278,25 +312,28 @@ class RedisStore:
         try:
             # One key holds one generation: a new one starts only after the key vanished. A reader
             # still on an old generation must not take the new one's entries for its own: bound it.
-            rows: list[tuple[bytes, dict[bytes, bytes]]] = await self._client.xrange(  # type: ignore[assignment]
-                self.keys.log(stream), f"{gen}-{first}", f"{gen}-{_MAX_SEQ}", count=count
-            )
+            async with self._reads:
+                rows: list[tuple[bytes, dict[bytes, bytes]]] = await self._client.xrange(  # type: ignore[assignment]
+                    self.keys.log(stream), f"{gen}-{first}", f"{gen}-{_MAX_SEQ}", count=count
+                )
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc
         return [parse_entry(entry_id, fields) for entry_id, fields in rows]
 
     async def stale_open_streams(self, before_ms: int, limit: int = 500) -> list[str]:
         try:
-            rows: list[bytes] = await self._client.zrangebyscore(  # type: ignore[assignment]
-                self.keys.open_index, "-inf", before_ms, start=0, num=limit
-            )
+            async with self._reads:
+                rows: list[bytes] = await self._client.zrangebyscore(  # type: ignore[assignment]
+                    self.keys.open_index, "-inf", before_ms, start=0, num=limit
+                )
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc
         return [r.decode() for r in rows]
 
     async def ttl_s(self, stream: str) -> int:
         try:
-            return int(await self._client.ttl(self.keys.meta(stream)))
+            async with self._reads:
+                return int(await self._client.ttl(self.keys.meta(stream)))
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc
 
@@ -306,17 +343,49 @@ class RedisStore:
         """One SCAN step over the meta keys of streams whose id starts with ``id_prefix``.
 
         Returns the next cursor (0: the scan is complete) and the stream ids found, open or ended.
+        On a cluster the scan walks the masters in turn (see :meth:`_scan_masters`).
         """
+        match = self.keys.stream_pattern(id_prefix)
         try:
-            cursor, found = await self._client.scan(cursor, match=self.keys.stream_pattern(id_prefix), count=count)
+            async with self._reads:
+                if isinstance(self._client, aioredis.RedisCluster):
+                    cursor, found = await self._scan_masters(self._client, cursor, match, count)
+                else:
+                    cursor, found = await self._client.scan(cursor, match=match, count=count)
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc
         return int(cursor), [self.keys.stream_of_meta(key) for key in found]
 
+    @staticmethod
+    async def _scan_masters(
+        client: aioredis.RedisCluster, cursor: int, match: str, count: int
+    ) -> tuple[int, list[Any]]:
+        """One SCAN step on one master. The cursor holds which master (its index among the masters
+        sorted by address, in the low bits) and that master's own SCAN cursor (the high bits); 0
+        is the start and the end, as for SCAN. A failover during a listing does not change the
+        order of the addresses that remain, so it can repeat or skip keys: SCAN's own promise
+        (every key present throughout is returned) holds only on a stable topology."""
+        await client.initialize()
+        masters = sorted(client.get_primaries(), key=lambda node: (node.host, node.port))
+        index, node_cursor = cursor & _MASTER_MASK, cursor >> _MASTER_BITS
+        if index >= len(masters):
+            return 0, []
+        cursors, found = await client.scan(node_cursor, match=match, count=count, target_nodes=masters[index])
+        # redis-py's cluster client answers the cursor as {node name: cursor}
+        (node_cursor,) = cursors.values() if isinstance(cursors, dict) else (cursors,)
+        if node_cursor == 0:
+            index += 1
+            if index == len(masters):
+                return 0, found
+        return (int(node_cursor) << _MASTER_BITS) | index, found
+
     async def scan_open(self, cursor: int, id_prefix: str, count: int) -> tuple[int, list[str]]:
         """One ZSCAN step over the open-stream index; cheaper than :meth:`scan_streams` for open ones."""
         try:
-            cursor, found = await self._client.zscan(self.keys.open_index, cursor, match=f"{id_prefix}*", count=count)
+            async with self._reads:
+                cursor, found = await self._client.zscan(
+                    self.keys.open_index, cursor, match=f"{id_prefix}*", count=count
+                )
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc
         return int(cursor), [member.decode() if isinstance(member, bytes) else str(member) for member, _ in found]
@@ -324,17 +393,19 @@ class RedisStore:
     async def open_count(self) -> int:
         """Streams in the open index (held by a producer on any instance, or awaiting the sweep)."""
         try:
-            return int(await self._client.zcard(self.keys.open_index))
+            async with self._reads:
+                return int(await self._client.zcard(self.keys.open_index))
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc
 
     async def stream_heads(self, streams: list[str]) -> list[tuple[int, bool] | None]:
         """``(created_ms, is_open)`` of each stream, one pipelined HMGET each; None if it is gone.
 
-        What a listing sorts and filters on, without the cost of :meth:`stream_stats`.
+        What a listing sorts and filters on, without the cost of :meth:`stream_stats`. On a
+        cluster, redis-py's pipeline sends one batch per master.
         """
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with self._reads, self._client.pipeline(transaction=False) as pipe:
                 for stream in streams:
                     pipe.hmget(self.keys.meta(stream), ["created", "status"])
                 replies: list[list[bytes | None]] = await pipe.execute()
@@ -346,13 +417,14 @@ class RedisStore:
         ]
 
     async def stream_stats(self, streams: list[str]) -> list[StreamStats | None]:
-        """Meta, entry count, memory and TTL of each stream, in one round trip; None if it is gone.
+        """Meta, entry count, memory and TTL of each stream, in one round trip (per master on a
+        cluster); None if it is gone.
 
         ``MEMORY USAGE`` samples the log (Redis's default), so ``memory_bytes`` is an estimate;
         None where the server refuses the command (some managed Redis services do).
         """
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with self._reads, self._client.pipeline(transaction=False) as pipe:
                 for stream in streams:
                     meta_key, log_key = self.keys.meta(stream), self.keys.log(stream)
                     pipe.hgetall(meta_key)
@@ -381,7 +453,7 @@ class RedisStore:
         """Offsets of the first and last entries still stored (the end counts), or None if empty."""
         log_key = self.keys.log(stream)
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with self._reads, self._client.pipeline(transaction=False) as pipe:
                 pipe.xrange(log_key, count=1)
                 pipe.xrevrange(log_key, count=1)
                 first, last = await pipe.execute()
@@ -392,10 +464,13 @@ class RedisStore:
         return int(first[0][0].partition(b"-")[2]), int(last[0][0].partition(b"-")[2])
 
     async def delete_stream(self, stream: str) -> bool:
-        """Delete a stream's keys and its index entry; False if it did not exist."""
+        """Delete a stream's keys and its index entry; False if it did not exist.
+
+        The two keys share a slot (one DEL); the index is another key, in another slot on a cluster.
+        """
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.delete(self.keys.meta(stream), self.keys.log(stream))
+            async with self._reads, self._client.pipeline(transaction=False) as pipe:
+                pipe.execute_command("DEL", self.keys.meta(stream), self.keys.log(stream))
                 pipe.zrem(self.keys.open_index, stream)
                 deleted, _ = await pipe.execute()
         except redis.exceptions.RedisError as exc:
@@ -497,6 +572,23 @@ def _end_outcome(reply: Any, exc: BaseException | None, reason: str) -> EndOutco
 
 def _nothing() -> None:
     return None
+
+
+def _no_slot(key: str) -> int:
+    """A single server: the slot is not read."""
+    return 0
+
+
+class _Unbounded:
+    """``async with`` that does not wait: reads on a single server (its pool is the bound)."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None
 
 
 def _ignore(reply: Any, exc: BaseException | None) -> None:

@@ -155,6 +155,22 @@ class RespConnection(asyncio.Protocol):
                 self._transport.close()
 
 
+async def load_scripts(conn: RespConnection, scripts: Sequence[str | bytes], timeout_s: float, where: str) -> None:
+    """``SCRIPT LOAD`` each script on ``conn``; if refused or not answered in time, close ``conn``
+    and raise StoreUnavailable naming ``where`` (the server)."""
+    load = [encode_command(["SCRIPT", "LOAD", body]) for body in scripts]
+    try:
+        async with asyncio.timeout(timeout_s):
+            replies = await conn.execute(b"".join(load), len(load))
+    except TimeoutError:
+        conn.close()
+        raise StoreUnavailable(f"{where} did not answer SCRIPT LOAD in time") from None
+    for reply in replies:
+        if isinstance(reply, hiredis.ReplyError):
+            conn.close()
+            raise StoreUnavailable(f"{where} refused SCRIPT LOAD: {reply}")
+
+
 def _db_number(path: str, query: str) -> int:
     for part in query.split("&"):
         if part.startswith("db="):
