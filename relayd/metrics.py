@@ -33,6 +33,9 @@ ROLES = ("producer", "consumer_ws", "consumer_sse")
 END_REASONS = ("completed", "error", "cancelled", "producer_lost")
 AUTH_REASONS = ("unauthorized", "token_expired", "forbidden")
 PATHS = ("live", "replay")
+# slow_consumer: data waited and the peer took none for consumer.send_timeout_ms; queue_full: its
+# unread replies outgrew their bound; heartbeat_timeout: no pong (nor anything) from an idle peer
+FORCED_CLOSE_REASONS = ("slow_consumer", "queue_full", "heartbeat_timeout")
 OTHER = "other"  # the label of an error code outside docs/protocol.md's table
 
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
@@ -182,6 +185,15 @@ class Metrics:
         self._gaps = Counter("relayd_consumer_gaps", "Gap frames sent (history trimmed away)", registry=r)
         self._resets = Counter("relayd_consumer_resets", "Reset frames sent (the stream was created again)", registry=r)
         self._slow = Counter("relayd_slow_consumer_disconnects", "Consumers closed as slow", registry=r)
+        forced = Counter(
+            "relayd_forced_closes",
+            "Connections relayd closed because of the peer, by role and reason",
+            ["role", "reason"],
+            registry=r,
+        )
+        self._forced = {
+            (role, reason): forced.labels(role, reason) for role in ROLES for reason in FORCED_CLOSE_REASONS
+        }
         self._subs = Gauge("relayd_subscriptions", "Active consumer subscriptions", registry=r)
 
     # connections ------------------------------------------------------------------------------
@@ -234,6 +246,14 @@ class Metrics:
 
     # delivery ---------------------------------------------------------------------------------
     def delivered(self, path: str, chunks: int, nbytes: int) -> None:
+        """Chunks handed to a connection's outbox: not counted, as they may never reach the socket.
+
+        ``relayd_chunks_delivered_total`` counts what the outboxes wrote (:meth:`written`); this
+        stays until the hub stops calling it.
+        """
+
+    def written(self, path: str, chunks: int, nbytes: int) -> None:
+        """Chunks (and their frames' bytes) written to a consumer's socket."""
         hot = self._hot
         hot.delivered[path] += chunks
         hot.delivered_bytes[path] += nbytes
@@ -254,6 +274,10 @@ class Metrics:
 
     def slow_consumer(self) -> None:
         self._slow.inc()
+
+    def forced_close(self, role: str, reason: str) -> None:
+        """relayd closed a connection because of its peer (``FORCED_CLOSE_REASONS``)."""
+        self._forced[role, reason].inc()
 
     def subscriptions(self, delta: int) -> None:
         self._subs.inc(delta)

@@ -21,6 +21,7 @@ END_REASONS = frozenset({"completed", "error", "cancelled", "producer_lost"})
 PRODUCER_END_REASONS = frozenset({"completed", "error", "cancelled"})
 CONTENT_TYPES = frozenset({"json", "text"})
 MAX_END_MESSAGE = 1000
+MAX_PING_ID_BYTES = 256
 _OFFSET_DIGITS = 10
 
 
@@ -146,6 +147,19 @@ def _positive_int(obj: dict[str, Any], name: str, *, required: bool) -> int | No
     return value
 
 
+def _ping(obj: dict[str, Any]) -> PingOp:
+    """The pong echoes the ``id``, so its size is bounded: a reply never outgrows its request much."""
+    ping_id = obj.get("id")
+    if ping_id is not None:
+        try:
+            size = len(orjson.dumps(ping_id))
+        except orjson.JSONEncodeError:  # nested too deeply to encode
+            size = MAX_PING_ID_BYTES + 1
+        if size > MAX_PING_ID_BYTES:
+            raise ProtocolError("bad_frame", f"'id' must be at most {MAX_PING_ID_BYTES} bytes of JSON")
+    return PingOp(ping_id)
+
+
 class ProducerDecoder:
     """Decodes producer messages into ops, enforcing the per-chunk size limit.
 
@@ -172,7 +186,7 @@ class ProducerDecoder:
                 assert seq is not None
                 return self._append(obj, stream, seq, stream in text_streams)
             if op == "ping":
-                return PingOp(obj.get("id"))
+                return _ping(obj)
             if op == "open":
                 stream = check_stream_id(obj.get("stream"))
                 epoch = _positive_int(obj, "epoch", required=False)
@@ -263,7 +277,7 @@ def decode_consumer(line: bytes | str) -> ConsumerOp | FrameError:
         obj = _load_object(line)
         op = obj.get("op")
         if op == "ping":
-            return PingOp(obj.get("id"))
+            return _ping(obj)
         if op == "auth":
             token = obj.get("token")
             if not isinstance(token, str) or not token:
