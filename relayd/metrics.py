@@ -9,7 +9,7 @@ on, is listed in docs/operations.md ("Metrics reference").
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -36,6 +36,7 @@ PATHS = ("live", "replay")
 # slow_consumer: data waited and the peer took none for consumer.send_timeout_ms; queue_full: its
 # unread replies outgrew their bound; heartbeat_timeout: no pong (nor anything) from an idle peer
 FORCED_CLOSE_REASONS = ("slow_consumer", "queue_full", "heartbeat_timeout")
+CONNECTION_LIMITS = ("max_connections", *ROLES)  # limits.max_connections, then the per-role caps
 OTHER = "other"  # the label of an error code outside docs/protocol.md's table
 
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
@@ -196,6 +197,23 @@ class Metrics:
         }
         self._subs = Gauge("relayd_subscriptions", "Active consumer subscriptions", registry=r)
 
+        self._tcp = Gauge("relayd_tcp_connections", "Open TCP connections, of every kind", registry=r)
+        self._conn_limit = Gauge(
+            "relayd_connections_limit", "limits.max_connections as resolved at startup", registry=r
+        )
+        refused = Counter(
+            "relayd_connections_refused",
+            "Connections refused with 503 too_many_connections, by the limit reached",
+            ["limit"],
+            registry=r,
+        )
+        self._refused = {limit: refused.labels(limit) for limit in CONNECTION_LIMITS}
+        self._header_timeouts = Counter(
+            "relayd_header_timeouts",
+            "Connections closed for not sending a complete request head within server.header_timeout_s",
+            registry=r,
+        )
+
     # connections ------------------------------------------------------------------------------
     def connection_opened(self, role: str) -> None:
         self._opened[role].inc()
@@ -281,6 +299,18 @@ class Metrics:
 
     def subscriptions(self, delta: int) -> None:
         self._subs.inc(delta)
+
+    # connection limits (relayd/web/gate.py) ---------------------------------------------------
+    def connection_limits(self, total: int, tcp_connections: Callable[[], int]) -> None:
+        """The resolved limits.max_connections, and how to count open TCP connections when scraped."""
+        self._conn_limit.set(total)
+        self._tcp.set_function(tcp_connections)
+
+    def connection_refused(self, limit: str) -> None:
+        self._refused[limit].inc()
+
+    def header_timeout(self) -> None:
+        self._header_timeouts.inc()
 
     # refusals ---------------------------------------------------------------------------------
     def auth_failure(self, reason: str) -> None:

@@ -25,6 +25,7 @@ from relayd.metrics import Metrics
 from relayd.relay import Relay
 from relayd.store.redis_streams import Store
 from relayd.web.app import build_app, drain_connections
+from relayd.web.gate import GATE, ConnectionGate, GatedSite, fd_limit, max_connections
 from relayd.web.keys import Runtime
 
 log = logging.getLogger("relayd.server")
@@ -73,18 +74,26 @@ class Server:
             admin_keys=self._admin_keys(),
         )
         app = build_app(self.runtime)
+        gate = ConnectionGate(cfg, metrics, max_connections(cfg, fd_limit()))
+        app[GATE] = gate
+        app.middlewares.append(gate.middleware)
+        metrics.connection_limits(gate.total, gate.tcp_connections)
         self._runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, shutdown_timeout=cfg.server.drain_timeout_s
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=cfg.server.drain_timeout_s,
+            keepalive_timeout=cfg.server.keepalive_timeout_s,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.server.host, cfg.server.port, reuse_address=True)
+        site = GatedSite(self._runner, cfg.server.host, cfg.server.port, gate)
         try:
             await site.start()
         except OSError as exc:
             raise RelaydError(f"cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}") from None
         server = site._server
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        log.info("relayd listening on %s", self.url)
+        log.info("relayd listening on %s max_connections=%d", self.url, gate.total)
 
     def _credentials(self) -> tuple[ApiKeys, TokenAuthority]:
         cfg = self.config.auth

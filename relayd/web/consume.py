@@ -31,6 +31,7 @@ from relayd.protocol import (
     parse_optional_cursor,
     split_message,
 )
+from relayd.web.gate import limited
 from relayd.web.keys import RUNTIME, Runtime
 from relayd.web.transport import (
     CLOSED_ABNORMALLY,
@@ -204,6 +205,7 @@ class ConsumerConnection:
             await asyncio.wait([self._closing])  # its outcome is the close code to log
 
 
+@limited("consumer_ws")
 async def consume_ws(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     if rt.draining.is_set():

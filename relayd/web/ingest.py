@@ -26,6 +26,7 @@ from relayd.protocol import (
 )
 from relayd.relay import ProducerSession
 from relayd.web.errors import client_error_response
+from relayd.web.gate import limited
 from relayd.web.keys import RUNTIME
 from relayd.web.transport import (
     CLOSED_ABNORMALLY,
@@ -43,6 +44,7 @@ log = logging.getLogger("relayd.ingest")
 _LINES_PER_TURN = 256  # lines of one message handled before other connections get a turn
 
 
+@limited("producer")
 async def ingest(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     cfg = rt.config

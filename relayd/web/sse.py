@@ -16,6 +16,7 @@ from relayd.outbox import Outbox
 from relayd.protocol import SSE_CODEC, check_stream_id, parse_optional_cursor
 from relayd.web.cors import cors_headers
 from relayd.web.errors import client_error_response, error_response
+from relayd.web.gate import limited
 from relayd.web.keys import RUNTIME
 from relayd.web.transport import backlog_of, deliver, sse_chunk_count
 
@@ -32,6 +33,7 @@ class _Done:
         self.event.set()
 
 
+@limited("consumer_sse")
 async def events(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     cfg = rt.config
