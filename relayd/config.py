@@ -50,12 +50,16 @@ class ServerConfig:
     drain_timeout_s: float = 10.0
     allowed_origins: tuple[str, ...] = ("*",)
     workers: int = 1  # relayd processes sharing the port (`serve --workers N`); 1: this process serves
+    header_timeout_s: float = 10.0  # a new connection's request head (a websocket's handshake)
+    keepalive_timeout_s: float = 75.0  # an idle keep-alive connection, between requests
 
     def check(self) -> None:
         _range("server.port", self.port, 0, 65535)
         _range("server.workers", self.workers, 1, 256)
         _positive("server.heartbeat_s", self.heartbeat_s)
         _positive("server.drain_timeout_s", self.drain_timeout_s)
+        _positive("server.header_timeout_s", self.header_timeout_s)
+        _positive("server.keepalive_timeout_s", self.keepalive_timeout_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +164,15 @@ class LimitsConfig:
     max_chunk_bytes: int = 256 * 1024
     max_unacked_bytes: int = 1024 * 1024
     max_streams_per_connection: int = 1000
+    max_connections: int = 0  # TCP connections in total; 0: what the file descriptor limit allows
+    max_producer_connections: int = 0  # 0: only max_connections applies
+    max_consumer_ws_connections: int = 0
+    max_sse_connections: int = 0
 
     def check(self) -> None:
+        for key in ("max_connections", "max_producer_connections", "max_consumer_ws_connections"):
+            _range(f"limits.{key}", getattr(self, key), 0, 10_000_000)
+        _range("limits.max_sse_connections", self.max_sse_connections, 0, 10_000_000)
         _positive("limits.max_frame_bytes", self.max_frame_bytes)
         _positive("limits.max_chunk_bytes", self.max_chunk_bytes)
         if self.max_chunk_bytes > self.max_frame_bytes:

@@ -9,7 +9,7 @@ on, is listed in docs/operations.md ("Metrics reference").
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -33,6 +33,10 @@ ROLES = ("producer", "consumer_ws", "consumer_sse")
 END_REASONS = ("completed", "error", "cancelled", "producer_lost")
 AUTH_REASONS = ("unauthorized", "token_expired", "forbidden")
 PATHS = ("live", "replay")
+# slow_consumer: data waited and the peer took none for consumer.send_timeout_ms; queue_full: its
+# unread replies outgrew their bound; heartbeat_timeout: no pong (nor anything) from an idle peer
+FORCED_CLOSE_REASONS = ("slow_consumer", "queue_full", "heartbeat_timeout")
+CONNECTION_LIMITS = ("max_connections", *ROLES)  # limits.max_connections, then the per-role caps
 OTHER = "other"  # the label of an error code outside docs/protocol.md's table
 
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
@@ -190,6 +194,15 @@ class Metrics:
         self._gaps = Counter("relayd_consumer_gaps", "Gap frames sent (history trimmed away)", registry=r)
         self._resets = Counter("relayd_consumer_resets", "Reset frames sent (the stream was created again)", registry=r)
         self._slow = Counter("relayd_slow_consumer_disconnects", "Consumers closed as slow", registry=r)
+        forced = Counter(
+            "relayd_forced_closes",
+            "Connections relayd closed because of the peer, by role and reason",
+            ["role", "reason"],
+            registry=r,
+        )
+        self._forced = {
+            (role, reason): forced.labels(role, reason) for role in ROLES for reason in FORCED_CLOSE_REASONS
+        }
         self._subs = Gauge("relayd_subscriptions", "Active consumer subscriptions", registry=r)
 
         # the broker (scale-out): other instances' writes and requests through Redis pub/sub
@@ -208,6 +221,22 @@ class Metrics:
             "relayd_broker_lag_seconds",
             "Another instance's write -> its notification here (clock skew between hosts included)",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._tcp = Gauge("relayd_tcp_connections", "Open TCP connections, of every kind", registry=r)
+        self._conn_limit = Gauge(
+            "relayd_connections_limit", "limits.max_connections as resolved at startup", registry=r
+        )
+        refused = Counter(
+            "relayd_connections_refused",
+            "Connections refused with 503 too_many_connections, by the limit reached",
+            ["limit"],
+            registry=r,
+        )
+        self._refused = {limit: refused.labels(limit) for limit in CONNECTION_LIMITS}
+        self._header_timeouts = Counter(
+            "relayd_header_timeouts",
+            "Connections closed for not sending a complete request head within server.header_timeout_s",
             registry=r,
         )
 
@@ -261,6 +290,14 @@ class Metrics:
 
     # delivery ---------------------------------------------------------------------------------
     def delivered(self, path: str, chunks: int, nbytes: int) -> None:
+        """Chunks handed to a connection's outbox: not counted, as they may never reach the socket.
+
+        ``relayd_chunks_delivered_total`` counts what the outboxes wrote (:meth:`written`); this
+        stays until the hub stops calling it.
+        """
+
+    def written(self, path: str, chunks: int, nbytes: int) -> None:
+        """Chunks (and their frames' bytes) written to a consumer's socket."""
         hot = self._hot
         hot.delivered[path] += chunks
         hot.delivered_bytes[path] += nbytes
@@ -282,6 +319,10 @@ class Metrics:
     def slow_consumer(self) -> None:
         self._slow.inc()
 
+    def forced_close(self, role: str, reason: str) -> None:
+        """relayd closed a connection because of its peer (``FORCED_CLOSE_REASONS``)."""
+        self._forced[role, reason].inc()
+
     def subscriptions(self, delta: int) -> None:
         self._subs.inc(delta)
 
@@ -300,6 +341,18 @@ class Metrics:
 
     def broker_lag(self, seconds: float) -> None:
         self._broker_lag.observe(max(seconds, 0.0))
+
+    # connection limits (relayd/web/gate.py) ---------------------------------------------------
+    def connection_limits(self, total: int, tcp_connections: Callable[[], int]) -> None:
+        """The resolved limits.max_connections, and how to count open TCP connections when scraped."""
+        self._conn_limit.set(total)
+        self._tcp.set_function(tcp_connections)
+
+    def connection_refused(self, limit: str) -> None:
+        self._refused[limit].inc()
+
+    def header_timeout(self) -> None:
+        self._header_timeouts.inc()
 
     # refusals ---------------------------------------------------------------------------------
     def auth_failure(self, reason: str) -> None:

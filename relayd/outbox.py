@@ -1,4 +1,4 @@
-"""A connection's bounded queue of encoded frames, and how it reaches the socket.
+"""A connection's bounded queue of encoded frames, how it reaches the socket, and its watchdog.
 
 Two paths:
 
@@ -8,12 +8,24 @@ Two paths:
   no timer: this is the path of almost every live delivery.
 - **slow**: when the transport holds more than ``_CONGESTED`` bytes (the peer is behind), or the
   adapter has no synchronous writer (SSE), one writer task sends with ``send`` and awaits the
-  drain. A watchdog closes the connection (:class:`SlowConsumer`) only when the peer took no data
-  at all for the send timeout; a slow but steady reader is just slow.
+  drain.
 
-``offer`` refuses frames beyond ``max_bytes`` (live frames then fall back to catch-up from
-Redis), ``put`` waits for room (the catch-up path, paced by the peer), ``control`` always
-accepts (small answers: acks, pongs, errors).
+Every byte relayd holds for the peer is bounded: ``offer`` refuses data beyond ``max_bytes``
+(live frames then fall back to catch-up from Redis), ``put`` waits for room (the catch-up path,
+paced by the peer), and ``control`` (acks, pongs, errors, keepalives) may use
+``_CONTROL_RESERVE`` more; a peer whose replies pile up beyond that is closed (``queue_full``).
+
+The watchdog ticks a few times per send timeout and looks at what the peer *took* (bytes the
+kernel saw acknowledged, see :class:`Probe`), not at how long one write waited:
+
+- ``slow_consumer``: data waits for the peer and it took none for the send timeout. A slow but
+  steady reader is just slow.
+- ``heartbeat_timeout`` (websockets, ``ping`` given): every ``heartbeat_s`` of silence relayd
+  sends a ping; the pong is due ``heartbeat_s / 2`` after the peer *took* the ping and its last
+  byte, so a ping queued behind data the peer is still reading never times out.
+
+Either way ``on_stuck(reason)`` closes the connection (it must not rely on the peer reading;
+without it the transport is aborted) and :meth:`run` ends by raising :class:`SlowConsumer`.
 """
 
 from __future__ import annotations
@@ -22,12 +34,34 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from time import monotonic
+from typing import Any, Protocol
 
 _CONGESTED = 64 * 1024  # transport bytes beyond which writes go through the awaiting path
+_CONTROL_RESERVE = 64 * 1024  # queue room beyond max_bytes that only control frames may use
+_SLACK = 64  # unsent bytes that can only be control frames (a ping, a close): no data waits
+_TICKS = 4  # watchdog ticks per send timeout
 
 
 class SlowConsumer(Exception):
-    """The peer accepted no data for the send timeout."""
+    """The peer took no data for the send timeout, left too many replies unread, or went silent."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Probe(Protocol):
+    """What the watchdog may ask of a connection's transport (``relayd.web.transport.probe``)."""
+
+    def __call__(self) -> int:
+        """Bytes the transport still holds in user space (0 when closed)."""
+
+    def progress(self, written: int) -> tuple[int, int]:
+        """``(taken, unsent)``: a counter of bytes the peer took (only its increase matters) and
+        the bytes written that it has not taken yet; ``written`` is what the outbox wrote."""
+
+    def abort(self) -> None:
+        """Drop the connection at once (the peer takes nothing, so a graceful close would hang)."""
 
 
 class Outbox:
@@ -36,11 +70,22 @@ class Outbox:
         send: Callable[[list[bytes]], Awaitable[None]],
         max_bytes: int,
         send_timeout_s: float,
-        backlog: Callable[[], int] | None = None,
+        backlog: Probe | None = None,
         write_now: Callable[[list[bytes]], None] | None = None,
         on_written: Callable[[float], None] | None = None,
+        *,
+        on_stuck: Callable[[str], None] | None = None,
+        ping: Callable[[], int] | None = None,
+        heartbeat_s: float = 0.0,
+        count_chunks: Callable[[bytes], int] | None = None,
+        on_delivered: Callable[[str, int, int], None] | None = None,
     ) -> None:
-        """``on_written(seconds)``: after each write holding live data, the age of its oldest chunk."""
+        """``on_written(seconds)``: after each write holding live data, the age of its oldest chunk.
+
+        ``count_chunks(frame)`` and ``on_delivered(path, chunks, nbytes)``: chunks are counted when
+        written to the socket, not when queued (``chunks_written``; ``path`` is ``live`` for
+        :meth:`offer`, ``replay`` for :meth:`put`).
+        """
         self._send = send
         self._on_written = on_written
         # When (monotonic) the oldest live data queued was read from its producer; 0: none queued.
@@ -48,12 +93,20 @@ class Outbox:
         self.oldest = 0.0
         self._write_now = write_now
         self._max_bytes = max_bytes
+        self._limit = max_bytes + _CONTROL_RESERVE
         self._timeout = send_timeout_s
-        # Bytes the transport still holds for the peer: a waiting write is only "stuck" when
-        # this stops shrinking.
-        self._backlog = backlog
+        self._probe = backlog
+        self._on_stuck = on_stuck
+        self._ping = ping
+        self._heartbeat = heartbeat_s
+        self._count = count_chunks
+        self._on_delivered = on_delivered
         self._items: list[bytes] = []
         self._size = 0
+        # chunks and bytes queued since the last write: live, then replayed
+        self._queued = [0, 0, 0, 0]
+        self.written = 0  # bytes handed to the transport
+        self.chunks_written = 0
         self._scheduled = False
         self._sending = False  # the writer task owns the socket (slow path)
         self._loop = asyncio.get_running_loop()
@@ -63,10 +116,15 @@ class Outbox:
         self._empty = asyncio.Event()
         self._empty.set()
         self._closed = False
-        self._stalled = False
-        self._last_backlog = 0
+        self.stalled = ""  # why the watchdog gave up on the peer ("" while it has not)
         self._writer: asyncio.Task[None] | None = None
-        self._watchdog: asyncio.TimerHandle | None = None
+        self._tick: asyncio.TimerHandle | None = None
+        # watchdog state
+        self._taken = -1
+        self._moved_at = self._heard_at = monotonic()
+        self._ping_at = 0.0  # when the outstanding ping was sent (0: none outstanding)
+        self._ping_mark = 0  # the ``taken`` count at which the peer has taken that ping
+        self._ping_taken_at = 0.0
 
     @property
     def closed(self) -> bool:
@@ -79,44 +137,67 @@ class Outbox:
     # queueing ---------------------------------------------------------------------------------
 
     def offer(self, data: bytes) -> bool:
-        """Queue without waiting; False when the queue is full (live frames then fall back)."""
+        """Queue live data without waiting; False when the queue is full (it then falls back)."""
         if self._closed or self._size >= self._max_bytes:
             return False
-        self._items.append(data)
-        self._size += len(data)
+        self._queue(data, 0)
         if self._size >= self._max_bytes:
             self._room.clear()
-        if not self._scheduled:
-            self._schedule()
         return True
 
     def control(self, data: bytes) -> None:
-        """Queue a small control frame regardless of the limit."""
-        if not self._closed:
-            self._items.append(data)
-            self._size += len(data)
-            if not self._scheduled:
-                self._schedule()
+        """Queue a control frame (ack, pong, error); a peer that lets them pile up is closed."""
+        if self._closed:
+            return
+        if self._size + len(data) > self._limit:
+            self._give_up("queue_full")
+            return
+        self._queue(data, -1)
 
     async def put(self, data: bytes) -> None:
-        """Queue, waiting for room for ``data``: the catch-up path, paced by the peer."""
+        """Queue replayed data, waiting for room for ``data``: the catch-up path, paced by the peer."""
         while self._size and self._size + len(data) > self._max_bytes and not self._closed:
             self._room.clear()
             await self._room.wait()
-        if not self.offer(data):
-            self.control(data)  # closed (dropped) or exactly at the limit after a wake-up
+        if not self._closed:
+            self._queue(data, 2)
+
+    def _queue(self, data: bytes, path: int) -> None:
+        self._items.append(data)
+        self._size += len(data)
+        if path >= 0 and self._count is not None:
+            queued = self._queued
+            queued[path] += self._count(data)
+            queued[path + 1] += len(data)
+        if not self._scheduled:
+            self._schedule()
 
     def _schedule(self) -> None:
         self._scheduled = True
         self._empty.clear()
         self._loop.call_soon(self._flush)
 
-    def _take(self) -> list[bytes]:
-        batch = self._items
+    def _take(self) -> tuple[list[bytes], list[int]]:
+        batch, queued = self._items, self._queued
         self._items = []
         self._size = 0
+        self._queued = [0, 0, 0, 0]
         self._room.set()
-        return batch
+        return batch, queued
+
+    def _wrote(self, batch: list[bytes], queued: list[int], oldest: float) -> None:
+        """``batch`` reached the transport: count it."""
+        self.written += sum(map(len, batch))
+        live, live_bytes, replay, replay_bytes = queued
+        if live or replay:
+            self.chunks_written += live + replay
+            if self._on_delivered is not None:
+                if live:
+                    self._on_delivered("live", live, live_bytes)
+                if replay:
+                    self._on_delivered("replay", replay, replay_bytes)
+        if oldest and self._on_written is not None:
+            self._on_written(monotonic() - oldest)
 
     def _flush(self) -> None:
         """End of the tick: write what was queued, synchronously if the socket keeps up."""
@@ -124,16 +205,16 @@ class Outbox:
         if self._closed or self._sending or not self._items:
             return
         write_now = self._write_now
-        if write_now is not None and (self._backlog is None or self._backlog() < _CONGESTED):
+        if write_now is not None and (self._probe is None or self._probe() < _CONGESTED):
             oldest, self.oldest = self.oldest, 0.0
+            batch, queued = self._take()
             try:
-                write_now(self._take())
+                write_now(batch)
             except (ConnectionError, RuntimeError):
                 self.close()  # the peer is gone; the reading side notices too
                 return
             self._empty.set()
-            if oldest and self._on_written is not None:
-                self._on_written(monotonic() - oldest)
+            self._wrote(batch, queued, oldest)
             return
         self._sending = True
         self._ready.set()
@@ -143,44 +224,87 @@ class Outbox:
     async def run(self) -> None:
         """Write whatever the fast path cannot, until closed. Raises :class:`SlowConsumer`."""
         self._writer = asyncio.current_task()
-        while not self._closed:
-            if not self._items:
-                self._sending = False
-                if not self._scheduled:
-                    self._empty.set()
-                self._ready.clear()
-                await self._ready.wait()
-                continue
-            self._sending = True
-            oldest, self.oldest = self.oldest, 0.0
-            batch = self._take()
-            if self._backlog is not None:
-                # what the transport will hold once this batch is written, if the peer reads nothing
-                self._last_backlog = self._backlog() + sum(map(len, batch))
-            self._watchdog = self._loop.call_later(self._timeout, self._check_progress)
-            try:
-                await self._send(batch)
-            except asyncio.CancelledError:
-                if self._stalled:
-                    self.close()
-                    raise SlowConsumer from None
+        self._tick = self._loop.call_later(self._tick_s(), self._check)
+        try:
+            while not self._closed:
+                if not self._items:
+                    self._sending = False
+                    if not self._scheduled:
+                        self._empty.set()
+                    self._ready.clear()
+                    await self._ready.wait()
+                    continue
+                self._sending = True
+                oldest, self.oldest = self.oldest, 0.0
+                batch, queued = self._take()
+                # Shielded: cancelling a wait for the drain would cancel the future aiohttp shares
+                # with every other writer of this connection (the close frame's among them).
+                sending = asyncio.ensure_future(self._send(batch))
+                sending.add_done_callback(retrieve)
+                await asyncio.shield(sending)
+                self._wrote(batch, queued, oldest)
+        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+            if not self.stalled:
                 raise
-            finally:
-                self._watchdog.cancel()
-            if oldest and self._on_written is not None:
-                self._on_written(monotonic() - oldest)
+        finally:
+            self.close()
+        if self.stalled:
+            raise SlowConsumer(self.stalled)
 
-    def _check_progress(self) -> None:
-        """A write has waited for the send timeout: give up unless the peer read meanwhile."""
-        if self._backlog is not None:
-            backlog = self._backlog()
-            if backlog < self._last_backlog:
-                self._last_backlog = backlog  # the peer read something: watch one more period
-                self._watchdog = self._loop.call_later(self._timeout, self._check_progress)
-                return
-        self._stalled = True
-        if self._writer is not None:
+    # the watchdog -----------------------------------------------------------------------------
+
+    def heard(self) -> None:
+        """The peer sent something (a pong, a frame): it is alive."""
+        self._heard_at = monotonic()
+        self._ping_at = 0.0
+
+    def _tick_s(self) -> float:
+        period = self._timeout if not self._heartbeat else min(self._timeout, self._heartbeat / 2)
+        return period / _TICKS
+
+    def _check(self) -> None:
+        self._tick = None
+        if self._closed or self._probe is None:
+            return
+        now = monotonic()
+        taken, in_transport = self._probe.progress(self.written)
+        if taken != self._taken:
+            self._taken, self._moved_at = taken, now
+        unsent = in_transport + self._size
+        if unsent > _SLACK and now - self._moved_at >= self._timeout:
+            self._give_up("slow_consumer")  # data waits and the peer took none of it
+            return
+        if self._ping is not None:
+            if self._ping_at:
+                if taken - self._ping_mark >= 0:  # the peer has the ping: the pong is due
+                    if not self._ping_taken_at:
+                        self._ping_taken_at = now
+                    # (counted from the last byte it took: it may still be reading up to the ping)
+                    due = max(self._ping_taken_at, self._moved_at)
+                elif unsent <= _SLACK:
+                    due = self._ping_at  # nothing but control frames ahead, and still not taken
+                else:
+                    due = 0.0  # behind data the peer is still reading: "slow_consumer" decides
+                if due and now - due >= self._heartbeat / 2:
+                    self._give_up("heartbeat_timeout")
+                    return
+            elif now - self._heard_at >= self._heartbeat:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    size = self._ping()  # written at once, ahead of what the queue holds
+                    self.written += size
+                    self._ping_at, self._ping_taken_at = now, 0.0
+                    self._ping_mark = taken + in_transport + size
+        self._tick = self._loop.call_later(self._tick_s(), self._check)
+
+    def _give_up(self, reason: str) -> None:
+        self.stalled = reason
+        self.close()
+        if self._writer is not None and self._writer is not asyncio.current_task():
             self._writer.cancel()
+        if self._on_stuck is not None:
+            self._on_stuck(reason)
+        elif self._probe is not None:
+            self._probe.abort()
 
     async def flush(self, timeout_s: float) -> None:
         """Best effort: let what is queued go out (before a close)."""
@@ -190,6 +314,17 @@ class Outbox:
 
     def close(self) -> None:
         self._closed = True
+        self._items = []
+        self._size = 0
         self._ready.set()
         self._room.set()
         self._empty.set()
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+
+
+def retrieve(task: asyncio.Future[Any]) -> None:
+    """Done callback of a write or close that outlived its waiter: its error is expected."""
+    if not task.cancelled():
+        task.exception()

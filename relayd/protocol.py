@@ -29,6 +29,7 @@ MAX_EXACT_INT = 2**53 - 1
 # reads 1024 levels but writes only 254, so a deeper chunk or ping id could be read and then not
 # be written back (stored, echoed): refused when read instead, with room to spare.
 MAX_JSON_DEPTH = 128
+MAX_PING_ID_BYTES = 256
 _OFFSET_DIGITS = 10
 # ASCII digits only: str.isdigit() also takes '²' and '①', which int() refuses. 16 digits hold
 # every integer up to MAX_EXACT_INT and keep int() far from its 4300-digit limit.
@@ -205,6 +206,19 @@ def _unknown_op(op: object) -> ProtocolError:
     return ProtocolError("unknown_op", f"unknown op {op[:40]!r}")
 
 
+def _ping(obj: dict[str, Any]) -> PingOp:
+    """The pong echoes the ``id``, so its size is bounded: a reply never outgrows its request much."""
+    ping_id = obj.get("id")
+    if ping_id is not None:
+        try:
+            size = len(orjson.dumps(ping_id))
+        except orjson.JSONEncodeError:  # nested too deeply to encode
+            size = MAX_PING_ID_BYTES + 1
+        if size > MAX_PING_ID_BYTES:
+            raise ProtocolError("bad_frame", f"'id' must be at most {MAX_PING_ID_BYTES} bytes of JSON")
+    return PingOp(ping_id)
+
+
 class ProducerDecoder:
     """Decodes producer messages into ops, enforcing the per-chunk size limit.
 
@@ -234,7 +248,7 @@ class ProducerDecoder:
                 assert seq is not None
                 return self._append(obj, stream, seq, stream in text_streams)
             if op == "ping":
-                return PingOp(obj.get("id"))
+                return _ping(obj)
             if op == "open":
                 stream = check_stream_id(obj.get("stream"))
                 self._check_scope(stream)
@@ -333,7 +347,7 @@ def decode_consumer(line: bytes | str) -> ConsumerOp | FrameError:
         obj = _load_object(line)
         op = obj.get("op")
         if op == "ping":
-            return PingOp(obj.get("id"))
+            return _ping(obj)
         if op == "auth":
             token = obj.get("token")
             if not isinstance(token, str) or not token:

@@ -31,6 +31,7 @@ from relayd.store.broker import RedisBroker
 from relayd.store.redis_streams import RedisStore
 from relayd.supervisor import metrics_socket, worker_identity
 from relayd.web.app import build_app, drain_connections
+from relayd.web.gate import GATE, ConnectionGate, GatedSite, fd_limit, max_connections
 from relayd.web.keys import Runtime
 
 log = logging.getLogger("relayd.server")
@@ -104,15 +105,23 @@ class Server:
             self.runtime.worker = worker
             await self._serve_own_metrics(metrics, metrics_socket(worker[2], worker[0]))
         app = build_app(self.runtime)
+        gate = ConnectionGate(cfg, metrics, max_connections(cfg, fd_limit()))
+        app[GATE] = gate
+        app.middlewares.append(gate.middleware)
+        metrics.connection_limits(gate.total, gate.tcp_connections)
         self._runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, shutdown_timeout=cfg.server.drain_timeout_s
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=cfg.server.drain_timeout_s,
+            keepalive_timeout=cfg.server.keepalive_timeout_s,
         )
         await self._runner.setup()
         sockets, self._sockets = self._sockets, []
-        for sock in sockets:
-            await web.SockSite(self._runner, sock).start()
+        for sock in sockets:  # bound first thing in start(): a port in use stops relayd before anything runs
+            await GatedSite(self._runner, sock, gate).start()
         self.port = sockets[0].getsockname()[1]
-        log.info("relayd listening on %s", self.url)
+        log.info("relayd listening on %s max_connections=%d", self.url, gate.total)
 
     async def _serve_own_metrics(self, metrics: Metrics, path: Path) -> None:
         """A worker's own samples, on a private unix socket: its siblings merge them into /metrics."""

@@ -339,3 +339,25 @@ def test_log_format_is_validated() -> None:
     assert build_config({"log": {"format": "logfmt"}}, env={}).log.format == "logfmt"
     with pytest.raises(ConfigError, match=r"log\.format"):
         build_config({"log": {"format": "xml"}}, env={})
+
+
+async def test_close_lines_log_the_code_the_peer_received_on_a_drain(
+    config_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A drain closes websockets with 1012, and their close lines say 1012, not the peer's echo."""
+    caplog.set_level(logging.INFO, logger="relayd")
+    server = Relayd(config_factory())
+    await server.__aenter__()
+    try:
+        consumer = await server.consumer("drained")
+        await consumer.expect("subscribed")
+        producer = await server.producer()
+        await producer.open("drained")
+        codes = asyncio.gather(consumer.closed(), producer.closed())  # both read until their close
+        await server.server.stop()
+        assert await codes == [1012, 1012]
+    finally:
+        await server.__aexit__()
+    for role in ("consumer_ws", "producer"):
+        (line,) = connection_lines(caplog.records, role, "closed")
+        assert (line.close_code, line.close_reason) == (1012, "shutting_down"), line.getMessage()  # type: ignore[attr-defined]

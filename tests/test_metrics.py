@@ -16,7 +16,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relayd.config import Config
 from relayd.errors import ERROR_CODES
-from relayd.metrics import AUTH_REASONS, END_REASONS, OTHER, PATHS, ROLES, Metrics
+from relayd.metrics import (
+    AUTH_REASONS,
+    CONNECTION_LIMITS,
+    END_REASONS,
+    FORCED_CLOSE_REASONS,
+    OTHER,
+    PATHS,
+    ROLES,
+    Metrics,
+)
 from tests.helpers import Peer, Relayd, collect_chunks, poll_until
 
 ConfigFactory = Callable[..., Config]
@@ -51,6 +60,11 @@ DOCUMENTED = (
     "relayd_consumer_gaps_total",
     "relayd_consumer_resets_total",
     "relayd_slow_consumer_disconnects_total",
+    "relayd_forced_closes_total",
+    "relayd_tcp_connections",
+    "relayd_connections_limit",
+    "relayd_connections_refused_total",
+    "relayd_header_timeouts_total",
     "relayd_subscriptions",
     "relayd_broker_up",
     "relayd_broker_notifications_received_total",
@@ -238,8 +252,9 @@ async def test_labels_come_only_from_bounded_sets(relayd: Relayd) -> None:
     allowed = {
         "role": set(ROLES),
         "path": set(PATHS),
-        "reason": set(END_REASONS) | set(AUTH_REASONS),
+        "reason": set(END_REASONS) | set(AUTH_REASONS) | set(FORCED_CLOSE_REASONS),
         "code": {*ERROR_CODES, OTHER},
+        "limit": set(CONNECTION_LIMITS),
     }
     for name, labels in parse(text):
         if not name.startswith("relayd_"):

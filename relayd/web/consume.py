@@ -33,14 +33,26 @@ from relayd.protocol import (
 )
 from relayd.relay import Subscription
 from relayd.web.errors import ERROR_CODE
+from relayd.web.gate import limited
 from relayd.web.keys import RUNTIME, Runtime
-from relayd.web.transport import backlog_of, close_stuck, ws_text_writer
+from relayd.web.transport import (
+    CLOSED_ABNORMALLY,
+    abort,
+    backlog_of,
+    close_stuck,
+    drained,
+    next_message,
+    ws_chunk_count,
+    ws_pinger,
+    ws_text_writer,
+)
 
 log = logging.getLogger("relayd.consume")
 
 SUBPROTOCOL = "relayd.v1"
 _BEARER_PROTOCOL = "bearer."
 _MAX_CONSUMER_MESSAGE = 64 * 1024
+_LINES_PER_TURN = 256  # lines of one message handled before other connections get a turn
 
 
 def token_from_request(request: web.Request) -> str | None:
@@ -64,28 +76,32 @@ class ConsumerConnection:
         self.rt = rt
         self.ws = ws
         self.principal = principal
+        self.request = request
         cfg = rt.config
+        write = ws_text_writer(request, ws)
         self.outbox = Outbox(
-            self._send,
+            drained(request, write),
             cfg.consumer.max_queue_bytes,
             cfg.consumer.send_timeout_ms / 1000,
             backlog_of(request),
-            ws_text_writer(request, ws),
+            write,
             rt.metrics.delivery_latency,
+            on_stuck=self._stuck,
+            ping=ws_pinger(request),
+            heartbeat_s=cfg.server.heartbeat_s,
+            count_chunks=ws_chunk_count,
+            on_delivered=rt.metrics.written,
         )
         self.subs: dict[str, Subscription] = {}
-        self.close_code: int | None = None
+        self.close_code: int | None = None  # the code the peer got when relayd closed (1006: aborted)
         self.refused = 0  # frames answered with an error
-        # for the close log line: frames read, subscriptions made, chunks of finished subscriptions
-        self.frames_in = self.streams = self.chunks_out = 0
+        # for the close log line: frames read, subscriptions made
+        self.frames_in = self.streams = 0
         self.log = ConnectionLog(log, "consumer_ws", request.remote, **log_fields)
         self.debug = log.isEnabledFor(logging.DEBUG)  # decided once per connection, as ingest does
         self._expiry: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
         self.schedule_expiry()
-
-    async def _send(self, batch: list[bytes]) -> None:
-        await self.ws.send_frame(b"\n".join(batch), WSMsgType.TEXT)
 
     def schedule_expiry(self) -> None:
         if self._expiry is not None:
@@ -97,14 +113,28 @@ class ConsumerConnection:
         self.rt.metrics.auth_failure("token_expired")
         self.close(CloseCode.TOKEN_EXPIRED, "token_expired")
 
-    def close(self, code: int, reason: str) -> None:
+    def close(self, code: int, reason: str, why: str = "") -> asyncio.Task[None]:
+        """Close from relayd's side (once); ``why`` is logged, ``reason`` goes in the close frame."""
         if self._closing is None:
-            self.log.closing(reason)
-            self.close_code = code
-            self._closing = asyncio.create_task(close_stuck(self.ws, code, reason))
+            self.log.closing(why or reason)
+            self._closing = asyncio.create_task(self._close(code, reason))
+        return self._closing
+
+    async def _close(self, code: int, reason: str) -> None:
+        self.close_code = await close_stuck(self.request, self.ws, code, reason)
+
+    def _stuck(self, why: str) -> None:
+        """The outbox gave up on the peer: it takes nothing, lets replies pile up, or went silent."""
+        self.rt.metrics.forced_close("consumer_ws", why)
+        if why == "heartbeat_timeout":  # the peer is gone: nothing would read a close frame
+            self.log.closing(why)
+            self.close_code = CLOSED_ABNORMALLY
+            abort(self.request)
+            return
+        self.rt.metrics.slow_consumer()
+        self.close(CloseCode.SLOW_CONSUMER, "slow_consumer", why)
 
     def subscription_done(self, sub: Subscription) -> None:
-        self.chunks_out += sub.chunks
         if self.subs.get(sub.stream) is sub:
             del self.subs[sub.stream]
 
@@ -173,15 +203,19 @@ class ConsumerConnection:
         for sub in list(self.subs.values()):
             await sub.stop()
         self.subs.clear()
+        if self._closing is not None:
+            await asyncio.wait([self._closing])  # its outcome is the close code to log
 
 
+@limited("consumer_ws")
 async def consume_ws(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
-    cfg = rt.config
     if rt.draining.is_set():
         return web.json_response({"error": {"code": "shutting_down", "message": "relayd is draining"}}, status=503)
+    # No aiohttp heartbeat: the outbox's watchdog pings, and counts what the peer reads as a sign
+    # of life too (a pong queued behind megabytes the peer is still reading is not late).
     ws = web.WebSocketResponse(
-        protocols=(SUBPROTOCOL,), heartbeat=cfg.server.heartbeat_s, max_msg_size=_MAX_CONSUMER_MESSAGE, compress=False
+        protocols=(SUBPROTOCOL,), autoping=False, max_msg_size=_MAX_CONSUMER_MESSAGE, compress=False
     )
     await ws.prepare(request)
     try:
@@ -212,20 +246,27 @@ async def consume_ws(request: web.Request) -> web.StreamResponse:
     async def drain_close() -> None:
         conn.log.closing("shutting_down")
         await conn.outbox.flush(1.0)
-        await close_stuck(ws, CloseCode.SERVICE_RESTART, "shutting_down")
+        await asyncio.wait([conn.close(CloseCode.SERVICE_RESTART, "shutting_down")])
 
     rt.consumers.add(drain_close)
     try:
         if first_stream is not None:
             conn.subscribe(first_stream, first_cursor, wait_ms)
-        async for msg in ws:
+        while True:
+            msg = await next_message(ws, conn.outbox)
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                for line in split_message(msg.data):
+                for n, line in enumerate(split_message(msg.data), 1):
                     conn.frames_in += 1
                     await conn.handle(line)
+                    if conn.outbox.closed:
+                        break  # closed for what it sent (its replies piled up): read no further
+                    if not n % _LINES_PER_TURN:
+                        await asyncio.sleep(0)  # a long message does not hold the loop from others
             elif msg.type is WSMsgType.ERROR:
                 ended_by = "message_too_big" if ws.close_code == CloseCode.MESSAGE_TOO_BIG else "error"
                 conn.log.event(logging.INFO, "connection error", error=str(ws.exception()))
+                break
+            else:  # CLOSE, CLOSING, CLOSED
                 break
     finally:
         rt.consumers.discard(drain_close)
@@ -240,7 +281,7 @@ async def consume_ws(request: web.Request) -> web.StreamResponse:
             code,
             "connection_lost" if code in (None, 1006) else ended_by,
             frames_in=conn.frames_in,
-            chunks_out=conn.chunks_out,
+            chunks_out=conn.outbox.chunks_written,
             streams=conn.streams,
             refused=conn.refused,
         )
@@ -248,10 +289,5 @@ async def consume_ws(request: web.Request) -> web.StreamResponse:
 
 
 async def _write(conn: ConsumerConnection) -> None:
-    try:
-        await conn.outbox.run()
-    except SlowConsumer:
-        conn.rt.metrics.slow_consumer()
-        conn.close(CloseCode.SLOW_CONSUMER, "slow_consumer")
-    except (ConnectionError, RuntimeError):
-        pass
+    with contextlib.suppress(SlowConsumer, ConnectionError, RuntimeError):
+        await conn.outbox.run()  # SlowConsumer: the outbox already had the connection closed

@@ -32,10 +32,22 @@ from relayd.protocol import (
     split_message,
 )
 from relayd.web.errors import client_error_response
+from relayd.web.gate import limited
 from relayd.web.keys import RUNTIME
-from relayd.web.transport import backlog_of, close_stuck, ws_text_writer
+from relayd.web.transport import (
+    CLOSED_ABNORMALLY,
+    abort,
+    backlog_of,
+    close_stuck,
+    drained,
+    next_message,
+    ws_pinger,
+    ws_text_writer,
+)
 
 log = logging.getLogger("relayd.ingest")
+
+_LINES_PER_TURN = 256  # lines of one message handled before other connections get a turn
 
 
 class FramePeer:
@@ -73,6 +85,7 @@ class FramePeer:
         self._control(cancel_frame(stream))
 
 
+@limited("producer")
 async def ingest(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     cfg = rt.config
@@ -86,29 +99,45 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         log.info("producer refused %s", Pairs(fields), extra={"role": "producer", **fields})
         return client_error_response(exc)
 
-    ws = web.WebSocketResponse(
-        heartbeat=cfg.server.heartbeat_s, max_msg_size=cfg.limits.max_frame_bytes, compress=False
-    )
+    # No aiohttp heartbeat: the outbox's watchdog pings (see consume.py).
+    ws = web.WebSocketResponse(autoping=False, max_msg_size=cfg.limits.max_frame_bytes, compress=False)
     await ws.prepare(request)
     rt.metrics.connection_opened("producer")
     conn_log = ConnectionLog(log, "producer", request.remote)
 
-    async def send(batch: list[bytes]) -> None:
-        await ws.send_frame(b"\n".join(batch), WSMsgType.TEXT)
+    closing: list[asyncio.Task[int]] = []  # relayd's close, once; its result is the code the peer got
 
+    def close(code: int, reason: str) -> asyncio.Task[int]:
+        if not closing:
+            closing.append(asyncio.create_task(close_stuck(request, ws, code, reason)))
+        return closing[0]
+
+    def stuck(why: str) -> None:
+        """The outbox gave up on the producer: it reads no acks, lets replies pile up, or went silent."""
+        rt.metrics.forced_close("producer", why)
+        conn_log.closing(why)
+        if why == "heartbeat_timeout":
+            abort(request)  # the peer is gone: nothing would read a close frame
+        else:
+            close(CloseCode.SLOW_CONSUMER, "slow_consumer")
+
+    write = ws_text_writer(request, ws)
     outbox = Outbox(
-        send,
+        drained(request, write),
         cfg.limits.max_unacked_bytes,
         cfg.consumer.send_timeout_ms / 1000,
         backlog_of(request),
-        ws_text_writer(request, ws),
+        write,
+        on_stuck=stuck,
+        ping=ws_pinger(request),
+        heartbeat_s=cfg.server.heartbeat_s,
     )
     room = asyncio.Event()
     room.set()
     session = ProducerSession(
         FramePeer(outbox), cfg.limits.max_unacked_bytes, lambda has_room: room.set() if has_room else room.clear()
     )
-    writer = asyncio.create_task(_write(outbox, ws, conn_log), name="relayd-producer-writer")
+    writer = asyncio.create_task(_write(outbox), name="relayd-producer-writer")
     decoder = ProducerDecoder(cfg.limits.max_chunk_bytes, scope.allows if scope else None)  # auth.api_key_streams
     relay = rt.relay
     ops = chunks = streams = refused = 0
@@ -120,17 +149,17 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         conn_log.closing("shutting_down")
         await relay.drain()
         await outbox.flush(cfg.server.drain_timeout_s)
-        await close_stuck(ws, CloseCode.SERVICE_RESTART, "shutting_down")
+        await asyncio.wait([close(CloseCode.SERVICE_RESTART, "shutting_down")])
 
     rt.producers.add(drain_close)
     try:
         while True:
             if not room.is_set():
                 await room.wait()  # flow control: stop reading until Redis acknowledged
-            msg = await ws.receive()
+            msg = await next_message(ws, outbox)
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
                 session.received_at = monotonic()  # once per message: the start of ack and delivery latency
-                for line in split_message(msg.data):
+                for n, line in enumerate(split_message(msg.data), 1):
                     op = decoder.decode(line, session.text_streams)
                     ops += 1
                     if type(op) is AppendOp:
@@ -151,6 +180,10 @@ async def ingest(request: web.Request) -> web.StreamResponse:
                             conn_log.event(logging.INFO, "refused frame", code=op.error.code, error=op.error.message)
                         refused += 1
                         session.peer.refused(op.stream, op.error.code, op.error.message, op.seq)
+                    if outbox.closed:
+                        break  # closed for what it sent (its replies piled up): read no further
+                    if not n % _LINES_PER_TURN:
+                        await asyncio.sleep(0)  # a long message does not hold the loop from others
             elif msg.type is WSMsgType.ERROR:
                 ended_by = "message_too_big" if ws.close_code == CloseCode.MESSAGE_TOO_BIG else "error"
                 conn_log.event(logging.INFO, "connection error", error=str(ws.exception()))
@@ -168,15 +201,18 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(asyncio.CancelledError):
             await writer
         rt.metrics.connection_closed("producer")
-        conn_log.closed(ws.close_code, ended_by, frames_in=ops, chunks_in=chunks, streams=streams, refused=refused)
+        code = ws.close_code  # the producer's own close code, unless relayd closed first:
+        if closing:
+            await asyncio.wait(closing)
+            code = closing[0].result()
+        elif outbox.stalled:
+            code = CLOSED_ABNORMALLY
+        conn_log.closed(code, ended_by, frames_in=ops, chunks_in=chunks, streams=streams, refused=refused)
     return ws
 
 
-async def _write(outbox: Outbox, ws: web.WebSocketResponse, conn_log: ConnectionLog) -> None:
-    try:
+async def _write(outbox: Outbox) -> None:
+    # SlowConsumer: the outbox already had the connection closed; ConnectionError: the peer went
+    # away, and the reading side notices too
+    with contextlib.suppress(SlowConsumer, ConnectionError, RuntimeError):
         await outbox.run()
-    except SlowConsumer:
-        conn_log.closing("slow_consumer")
-        await close_stuck(ws, CloseCode.SLOW_CONSUMER, "slow_consumer")
-    except (ConnectionError, RuntimeError):
-        pass  # the peer went away; the reading side notices too

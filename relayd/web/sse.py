@@ -16,8 +16,9 @@ from relayd.protocol import SSE_CODEC, SSE_LEGACY_CODEC, SseCodec, check_stream_
 from relayd.relay import Subscription
 from relayd.web.cors import cors_headers
 from relayd.web.errors import client_error_response, error_response
+from relayd.web.gate import limited
 from relayd.web.keys import RUNTIME
-from relayd.web.transport import backlog_of, deliver
+from relayd.web.transport import backlog_of, deliver, sse_chunk_count
 
 log = logging.getLogger("relayd.sse")
 
@@ -27,10 +28,8 @@ class _Done:
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
-        self.chunks = 0
 
     def subscription_done(self, sub: Subscription) -> None:
-        self.chunks = sub.chunks
         self.event.set()
 
 
@@ -43,6 +42,7 @@ def sse_codec(error_event: str | None) -> SseCodec:
     raise ProtocolError("bad_frame", f"'error_event' must be {SSE_CODEC.error_event} or {SSE_LEGACY_CODEC.error_event}")
 
 
+@limited("consumer_sse")
 async def events(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     cfg = rt.config
@@ -90,13 +90,16 @@ async def events(request: web.Request) -> web.StreamResponse:
 
     async def send(batch: list[bytes]) -> None:
         await response.write(b"".join(batch))
+        await request.writer.drain()  # after every batch, so the transport's buffer stays bounded
 
     outbox = Outbox(
         send,
         cfg.consumer.max_queue_bytes,
         cfg.consumer.send_timeout_ms / 1000,
-        backlog_of(request),
+        backlog_of(request),  # a stuck reader: the transport is aborted
         on_written=rt.metrics.delivery_latency,
+        count_chunks=sse_chunk_count,
+        on_delivered=rt.metrics.written,
     )
     done = _Done()
     sub = rt.relay.subscribe(stream, outbox, codec, cursor=cursor, wait_s=wait_ms / 1000, owner=done)
@@ -126,9 +129,9 @@ async def events(request: web.Request) -> web.StreamResponse:
 
     rt.consumers.add(drain_close)
     sub.start()
-    slow = False
+    stuck = ""
     try:
-        slow = await deliver(
+        stuck = await deliver(
             outbox,
             done.event,
             stop,
@@ -137,9 +140,10 @@ async def events(request: web.Request) -> web.StreamResponse:
             name="relayd-sse-writer",
         )
     finally:
-        if slow:
+        if stuck:
+            rt.metrics.forced_close("consumer_sse", stuck)
             rt.metrics.slow_consumer()
-            conn_log.closing("slow_consumer")
+            conn_log.closing(stuck)
         rt.metrics.connection_closed("consumer_sse")
-        conn_log.closed(None, "client_closed", chunks_out=done.chunks, streams=1)
+        conn_log.closed(None, "client_closed", chunks_out=outbox.chunks_written, streams=1)
     return response

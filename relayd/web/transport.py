@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
+import sys
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import WSMessage, WSMsgType, web
 
-from relayd.outbox import Outbox, SlowConsumer
+from relayd.outbox import Outbox, SlowConsumer, retrieve
+
+if sys.platform == "linux":
+    import fcntl
+    import termios
+
+    _TCP_INFO = getattr(socket, "TCP_INFO", 0)
+else:  # pragma: no cover - only the transport's own buffer is visible there
+    _TCP_INFO = 0
+_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux's struct tcp_info (since 4.1)
+_TCP_INFO_SIZE = _BYTES_ACKED + 8
 
 
 def ws_text_writer(request: web.Request, ws: web.WebSocketResponse) -> Callable[[list[bytes]], None]:
@@ -38,25 +51,146 @@ def ws_text_writer(request: web.Request, ws: web.WebSocketResponse) -> Callable[
     return write
 
 
-def backlog_of(request: web.Request) -> Callable[[], int]:
-    """Bytes written to the peer's transport and not yet taken by the kernel (0 when gone)."""
-    transport = request.transport
+def drained(request: web.Request, write: Callable[[list[bytes]], None]) -> Callable[[list[bytes]], Awaitable[None]]:
+    """``write``, then wait until the transport is below its low-water mark: the outbox's slow path.
 
-    def backlog() -> int:
+    aiohttp's own writers wait only after every 64 KiB they wrote themselves, so a writer that
+    loops on them lets the transport's buffer grow; this one waits after every batch.
+    """
+    writer = request.writer
+
+    async def send(batch: list[bytes]) -> None:
+        write(batch)
+        await writer.drain()
+
+    return send
+
+
+class _Probe:
+    """A :class:`~relayd.outbox.Probe` over one connection's transport.
+
+    On Linux TCP sockets the kernel's own counts are used: ``tcpi_bytes_acked`` from ``TCP_INFO``
+    (what the peer took) and ``SIOCOUTQ`` (what the kernel still holds for it), so a ping queued
+    behind megabytes of socket buffer is known to be there. Elsewhere only the transport's user
+    space buffer is visible, and what the kernel accepted counts as taken.
+    """
+
+    __slots__ = ("_fd", "_sock", "_transport")
+
+    def __init__(self, transport: asyncio.Transport | None) -> None:
+        self._transport = transport
+        self._fd = -1
+        self._sock = sock = transport.get_extra_info("socket") if transport is not None else None
+        if _TCP_INFO and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError, ValueError):
+                if len(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_SIZE)) >= _TCP_INFO_SIZE:
+                    self._fd = sock.fileno()
+
+    def __call__(self) -> int:
+        transport = self._transport
         return transport.get_write_buffer_size() if transport is not None and not transport.is_closing() else 0
 
-    return backlog
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def progress(self, written: int) -> tuple[int, int]:
+        backlog = self()
+        if self._fd >= 0 and self._sock is not None:
+            try:
+                info = self._sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_SIZE)
+                outq = struct.unpack("i", fcntl.ioctl(self._fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                self._fd = -1  # closed meanwhile: from now on, what the transport shows
+            else:
+                return struct.unpack_from("Q", info, _BYTES_ACKED)[0], backlog + outq
+        return written - backlog, backlog
 
 
-async def close_stuck(ws: web.WebSocketResponse, code: int, reason: str) -> None:
-    """Close a websocket whose peer may not read: abort the transport if the close hangs."""
-    try:
-        async with asyncio.timeout(1.0):
-            await ws.close(code=code, message=reason.encode())
-    except (TimeoutError, ConnectionError, RuntimeError):
-        transport = ws._req.transport if ws._req is not None else None
-        if transport is not None:
-            transport.abort()
+def backlog_of(request: web.Request) -> _Probe:
+    """The :class:`~relayd.outbox.Probe` of a request's connection (its user space backlog when called)."""
+    return _Probe(request.transport)
+
+
+async def next_message(ws: web.WebSocketResponse, outbox: Outbox) -> WSMessage:
+    """The peer's next message, answering its pings (``autoping=False``); any message, a pong
+    included, tells the outbox's heartbeat that the peer is alive."""
+    while True:
+        msg = await ws.receive()
+        outbox.heard()
+        if msg.type is WSMsgType.PING:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.pong(msg.data)  # awaits the drain: a peer that does not read stops being read
+        elif msg.type is not WSMsgType.PONG:
+            return msg
+
+
+def abort(request: web.Request) -> None:
+    """Drop the connection at once."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def ws_pinger(request: web.Request) -> Callable[[], int]:
+    """Write a websocket ping (no payload) at once; returns its size. For the outbox's heartbeat."""
+    transport = request.transport
+
+    def ping() -> int:
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("websocket closed")
+        transport.write(_PING)
+        return len(_PING)
+
+    return ping
+
+
+_PING = b"\x89\x00"
+# The line every consumer websocket chunk frame starts with, and the line of an SSE chunk event
+# (relayd.protocol): chunk data is compact JSON, and text is split into "data:" lines, so neither
+# can hold a line that starts like these. Counting them counts the chunks of a written frame.
+_WS_CHUNK = b'{"type":"chunk",'
+_WS_CHUNK_LINE = b"\n" + _WS_CHUNK
+_SSE_CHUNK_LINE = b"\nevent: chunk\n"
+
+
+def ws_chunk_count(data: bytes) -> int:
+    """Chunk frames in an NDJSON item of a consumer websocket's outbox."""
+    return data.count(_WS_CHUNK_LINE) + data.startswith(_WS_CHUNK)
+
+
+def sse_chunk_count(data: bytes) -> int:
+    """Chunk events in an item of an SSE response's outbox."""
+    return data.count(_SSE_CHUNK_LINE)
+
+
+CLOSED_ABNORMALLY = 1006  # what a peer sees when the connection ends without a close frame
+_CLOSE_GRACE_S = 1.0
+
+
+async def close_stuck(request: web.Request, ws: web.WebSocketResponse, code: int, reason: str) -> int:
+    """Close a websocket whose peer may not read; returns the close code the peer gets.
+
+    The close frame goes out if the peer takes it within a second; otherwise the transport is
+    aborted and the peer sees 1006 (returned). The close is never cancelled: that would cancel
+    the drain future aiohttp shares with the connection's writer.
+    """
+    transport = request.transport
+    if transport is None or ws.closed:
+        return ws.close_code or CLOSED_ABNORMALLY
+    # Whatever the close does, the connection does not outlive the grace with data stuck in it.
+    asyncio.get_running_loop().call_later(_CLOSE_GRACE_S, _abort_if_stuck, transport)
+    closing = asyncio.ensure_future(ws.close(code=code, message=reason.encode()))
+    closing.add_done_callback(retrieve)
+    await asyncio.wait([closing], timeout=_CLOSE_GRACE_S)
+    if not closing.done():
+        transport.abort()  # the close frame did not get through
+        return CLOSED_ABNORMALLY
+    return code
+
+
+def _abort_if_stuck(transport: asyncio.Transport) -> None:
+    if transport.get_write_buffer_size():
+        transport.abort()
 
 
 async def deliver(
@@ -67,14 +201,15 @@ async def deliver(
     keepalive: bytes,
     every_s: float,
     name: str,
-) -> bool:
+) -> str:
     """Write ``outbox`` to a streamed response until ``done`` is set or the writer ends.
 
     The one subscription's response of an SSE consumer and of an admin tail: a writer task drains
     the outbox, a keepalive task queues ``keepalive`` every ``every_s``. When ``done`` is set
     what is queued gets a second to go out. Then, however it ends (the handler cancelled too):
     ``stop()`` (the caller unsubscribes), the outbox closes, and both tasks are cancelled and
-    awaited, so none outlives the response. True if the writer gave up on a slow reader.
+    awaited, so none outlives the response. Returns why the outbox gave up on the reader
+    (``slow_consumer``, ``queue_full``), "" if it did not.
     """
     writer = asyncio.create_task(outbox.run(), name=name)
     pinger = asyncio.create_task(_keepalive(outbox, keepalive, every_s), name=f"{name}-keepalive")
@@ -94,7 +229,7 @@ async def deliver(
             for task in (waiter, writer, pinger):
                 with contextlib.suppress(asyncio.CancelledError, SlowConsumer, ConnectionError, RuntimeError):
                     await task
-    return not writer.cancelled() and isinstance(writer.exception(), SlowConsumer)
+    return outbox.stalled
 
 
 async def _keepalive(outbox: Outbox, data: bytes, every_s: float) -> None:
