@@ -33,12 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fleet
 
 ROWS = [
-    ("delivered_pct", "delivered %"),
-    ("duplicates", "duplicates"),
-    ("out_of_order", "out of order"),
-    ("latency_p50_ms", "latency p50 ms"),
-    ("latency_p99_ms", "latency p99 ms"),
-    ("latency_max_ms", "latency max ms"),
+    *fleet.TABLE_KEYS[:6],  # delivered %, duplicates, out of order, latency p50 / p99 / max
     ("relay_cpu_us_per_chunk", "relay CPU us/chunk (all relayd)"),
     ("producer_side_cpu_us_per_chunk", "  producer side us/chunk"),
     ("delivering_side_cpu_us_per_chunk", "  delivering side us/chunk"),
