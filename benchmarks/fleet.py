@@ -1265,6 +1265,11 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
                 summary["foreign_load_aux_core_pct"] = round(
                     max(0.0, cores[aux_core]["busy_pct"] - summary["redis_cpu_pct"] - summary["gen_cpu_pct"]), 1
                 )
+            # the same over every core (also when relayd is not on one core: --workers 2), in % of one core
+            ours = summary["relay_cpu_pct"] + summary["redis_cpu_pct"] + (summary["gen_cpu_pct"] or 0.0)
+            summary["foreign_load_all_cores_pct"] = round(
+                max(0.0, sum(u["busy_pct"] for u in cores.values()) - ours), 1
+            )
         if spawned is not None:
             summary["relay_log"] = str(spawned.relay_log)
             summary["relayd_source"] = spawned.source

@@ -56,6 +56,8 @@ ROWS = [
     ("send_lag_p99_ms", "producer send lag p99 ms"),
     ("foreign_load_relay_core_pct", "foreign load relay core %"),
     ("foreign_load_aux_core_pct", "foreign load aux core %"),
+    ("foreign_load_all_cores_pct", "foreign load all cores %"),
+    ("discarded_runs", "disturbed runs discarded"),
 ]
 RATIOS = ["latency_p50_ms", "latency_p99_ms", "relay_cpu_us_per_chunk", "redis_cpu_us_per_chunk"]
 
@@ -82,6 +84,13 @@ def main() -> int:
     ap.add_argument("--variant", action="append", required=True, help='NAME="fleet.py options" (repeatable)')
     ap.add_argument("--wait-quiet-s", type=float, default=0.0, help="before each run: wait up to N s for idle cores")
     ap.add_argument("--quiet-busy-pct", type=float, default=20.0)
+    ap.add_argument(
+        "--max-foreign-pct",
+        type=float,
+        default=0.0,
+        help="rerun a run whose load from other processes (foreign_load_all_cores_pct) is above this (0: never)",
+    )
+    ap.add_argument("--retries", type=int, default=2, help="reruns of one disturbed run at most")
     ap.add_argument("fleet_args", nargs=argparse.REMAINDER, help="-- then fleet.py options for every variant")
     opts = ap.parse_args()
     common = opts.fleet_args[1:] if opts.fleet_args[:1] == ["--"] else opts.fleet_args
@@ -102,6 +111,7 @@ def main() -> int:
     series = time.strftime("%Y%m%d-%H%M%S")
     results = first.out / "fleet-results.jsonl"
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    discarded = dict.fromkeys(variants, 0)
 
     def record(summary: dict[str, Any]) -> None:
         line = json.dumps(summary, sort_keys=True)
@@ -112,17 +122,24 @@ def main() -> int:
         for n in range(1, opts.rounds + 1):
             for name, args in variants.items():
                 print(f"\n### round {n}/{opts.rounds}: {name}", flush=True)
-                summary = fleet.run_once(args, n, args.out)
-                summary.update(
-                    kind="run",
-                    series=series,
-                    variant=name,
-                    instances=args.instances,
-                    placement=args.placement,
-                    workers=args.workers,
-                )
-                fleet.print_summary(summary)
-                record(summary)
+                for attempt in range(opts.retries + 1):
+                    summary = fleet.run_once(args, n, args.out)
+                    foreign = summary.get("foreign_load_all_cores_pct") or 0.0
+                    disturbed = bool(opts.max_foreign_pct) and foreign > opts.max_foreign_pct
+                    summary.update(
+                        kind="discarded" if disturbed and attempt < opts.retries else "run",
+                        series=series,
+                        variant=name,
+                        instances=args.instances,
+                        placement=args.placement,
+                        workers=args.workers,
+                    )
+                    fleet.print_summary(summary)
+                    record(summary)
+                    if summary["kind"] == "run":
+                        break
+                    print(f"disturbed: {foreign}% of a core from other processes; run again", flush=True)
+                    discarded[name] += 1
                 runs[name].append(summary)
     except KeyboardInterrupt:
         print("\ninterrupted: children stopped", file=sys.stderr)
@@ -132,7 +149,7 @@ def main() -> int:
     variant_args = dict(spec.partition("=")[::2] for spec in opts.variant)
     for name, done in runs.items():
         med = fleet.medians(done)
-        med.update(series=series, variant=name, variant_args=variant_args[name])
+        med.update(series=series, variant=name, variant_args=variant_args[name], discarded_runs=discarded[name])
         record(med)
         meds[name] = med
     text = (
