@@ -1639,8 +1639,6 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argpars
         ap.error("--instances with --workers > 1 is not supported: one or the other")
     if args.placement != "same" and args.instances < 2:
         ap.error(f"--placement {args.placement} needs --instances >= 2")
-    if args.placement == "split" and args.producers < 1:
-        ap.error("--placement split needs producers")
     if args.relay_cpu is None:  # N workers share the machine; one instance or K instances: core 0
         args.relay_cpu = "0,1" if args.workers > 1 else "0"
     return args
