@@ -86,8 +86,16 @@ class Relay:
             try:
                 self._opened(session, op, outcome, received)
             finally:
+                held = session.held.get(op.stream)
                 for deferred, at in session.take_deferred(op.stream):
                     if type(deferred) is AppendOp:
+                        if held is not None and held.text and not _all_strings(deferred.chunks):
+                            # decoded before the open said the stream is text: checked now, as the
+                            # decoder checks appends to a text stream it knows
+                            session.peer.refused(
+                                op.stream, "content_type", "a text stream takes string chunks only", deferred.seq
+                            )
+                            continue
                         self.append(session, deferred, at)
                     elif type(deferred) is EndOp:
                         self.end(session, deferred)
@@ -384,3 +392,8 @@ class Relay:
             if len(stale) < _SWEEP_PAGE or not fresh:
                 return
             await self._store.drain()  # let this page's ends leave the index before reading the next
+
+
+def _all_strings(chunks: list[bytes]) -> bool:
+    """Every chunk (JSON text) is a JSON string."""
+    return all(chunk[:1] == b'"' for chunk in chunks)
