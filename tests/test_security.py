@@ -124,6 +124,11 @@ async def test_api_keys_with_any_origin_log_a_startup_warning(
     async with Relayd(config_factory(server={"allowed_origins": ["https://app.example.com"]})):
         pass
     assert not any("allowed_origins" in r.getMessage() for r in caplog.records), caplog.text
+    caplog.clear()
+    # the zero-config development start (no API key configured: the development key) is not warned about
+    async with Relayd(config_factory(auth={"api_keys": [], "jwt_secret": ""})):
+        pass
+    assert not any("allowed_origins" in r.getMessage() for r in caplog.records), caplog.text
 
 
 SECRET_ENV = {"RELAYD_AUTH_JWT_SECRET": JWT_SECRET}

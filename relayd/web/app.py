@@ -34,7 +34,8 @@ def build_app(runtime: Runtime) -> web.Application:
     )
     app[RUNTIME] = runtime
     app[FAILURES] = FailureLimiter(cfg.auth.max_failures, cfg.auth.failure_window_s)
-    if runtime.api_keys and "*" in cfg.server.allowed_origins:
+    # configured keys only: the zero-config development start (its development key) is not production
+    if (cfg.auth.api_keys or cfg.api_key_secrets) and "*" in cfg.server.allowed_origins:
         log.warning(
             "API keys are configured and server.allowed_origins is '*': any web page may use the consumer "
             "routes from a browser; list your sites' origins (docs/operations.md, Security)"
