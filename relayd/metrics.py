@@ -327,8 +327,9 @@ class Metrics:
         self._subs.inc(delta)
 
     # broker -------------------------------------------------------------------------------------
-    def broker_up(self, up: bool) -> None:
-        self._broker_up.set(1 if up else 0)
+    def broker_up_from(self, up: Callable[[], bool]) -> None:
+        """How to read whether the broker is connected, at each scrape."""
+        self._broker_up.set_function(lambda: 1.0 if up() else 0.0)
 
     def broker_received(self) -> None:
         self._broker_in.inc()

@@ -130,10 +130,10 @@ class Relay:
         """``received``: when the append was read, if not the message being handled now."""
         if received is None:
             received = session.received_at
+        if op.stream in session.opening and session.defer(op):
+            return  # an open (or re-open) of this stream is on its way: after it, with its epoch
         held = session.held.get(op.stream)
         if held is None:
-            if session.defer(op):
-                return
             if op.stream in session.ended:
                 session.peer.refused(op.stream, "stream_ended", "the stream has ended", op.seq)
             else:
@@ -146,7 +146,7 @@ class Relay:
             if type(outcome) is Appended:
                 self._appended(session, op, held, outcome, received)
             else:
-                self._append_refused(session, op, outcome)
+                self._append_refused(session, op, held, outcome)
 
         self._store.append(held.handle, op.seq, op.chunks, done)
 
@@ -169,7 +169,7 @@ class Relay:
         if received:
             self.metrics.ack_latency(monotonic() - received)
 
-    def _append_refused(self, session: ProducerSession, op: AppendOp, outcome: Any) -> None:
+    def _append_refused(self, session: ProducerSession, op: AppendOp, held: Held, outcome: Any) -> None:
         code = outcome.code
         if code == "seq_gap":
             session.peer.refused(op.stream, "seq_gap", outcome.message, outcome.value)
@@ -177,13 +177,14 @@ class Relay:
         if code == "store_unavailable":
             session.peer.refused(op.stream, code, outcome.message, op.seq)
             return
-        self._release(op.stream, session, ended=code == "ended")
+        if session.held.get(op.stream) is held:  # not a hold a newer open of this connection made
+            self._release(op.stream, session, ended=code == "ended")
         session.peer.refused(op.stream, "fenced" if code == "fenced" else "stream_ended", outcome.message, op.seq)
 
     def end(self, session: ProducerSession, op: EndOp) -> None:
-        held = session.held.get(op.stream)
-        if held is None and session.defer(op):
+        if op.stream in session.opening and session.defer(op):
             return
+        held = session.held.get(op.stream)
         epoch = held.epoch if held is not None else session.ended.get(op.stream)
         if epoch is None:
             session.peer.refused(op.stream, "not_open", "open the stream on this connection first")
@@ -381,17 +382,40 @@ class Relay:
         """
         self._store.touch(list(self._holders))
         stale_before = now_ms() - timeout_ms
-        seen: set[str] = set()
+        skip = 0  # stale entries that stay in the index (held here, alive elsewhere, failed): read past them
         while True:
-            stale = await self._store.stale_open_streams(stale_before, _SWEEP_PAGE)
-            fresh = [s for s in stale if s not in seen]
-            for stream in fresh:
-                if stream not in self._holders:
-                    self._end(stream, "producer_lost", "", epoch=None, then=None, stale_before=stale_before)
-            seen.update(fresh)
-            if len(stale) < _SWEEP_PAGE or not fresh:
+            stale = await self._store.stale_open_streams(stale_before, _SWEEP_PAGE, skip)
+            ends = [s for s in stale if s not in self._holders]
+            skip += len(stale) - len(ends)
+            left = await self._end_lost(ends, stale_before)
+            skip += left
+            if len(stale) < _SWEEP_PAGE:
                 return
-            await self._store.drain()  # let this page's ends leave the index before reading the next
+
+    async def _end_lost(self, streams: list[str], stale_before: int) -> int:
+        """End ``streams`` producer_lost (if still stale); how many remain in the open index."""
+        if not streams:
+            return 0
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        pending = len(streams)
+        remain = 0
+
+        def then(outcome: EndOutcome) -> None:
+            nonlocal pending, remain
+            if not isinstance(outcome, Ended) and outcome.code != "not_found":
+                remain += 1  # alive (touched meanwhile) or not written: still indexed
+            pending -= 1
+            if not pending and not done.done():
+                done.set_result(None)
+
+        for stream in streams:
+            self._end(stream, "producer_lost", "", epoch=None, then=then, stale_before=stale_before)
+        # Only this page's ends: the pipeline as a whole may never be idle under load.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.redis.timeout_ms / 1000 + self.config.redis.retry_ms / 1000):
+                await done
+        return remain + pending
 
 
 def _all_strings(chunks: list[bytes]) -> bool:

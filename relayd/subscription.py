@@ -125,9 +125,10 @@ class Subscriber:
                 self._fall_behind()  # a hole, or a full queue: read Redis again
         elif state is State.CATCHUP:
             # Bounded in bytes, not publications: one publication can be a whole producer batch.
-            if self._buffered + pub.nbytes <= self.outbox.max_bytes:
+            size = pub.nbytes + len(pub.entries) * _ENTRY_OVERHEAD  # the objects count, not only the data
+            if self._buffered + size <= self.outbox.max_bytes:
                 self._buffer.append(pub)
-                self._buffered += pub.nbytes
+                self._buffered += size
             else:
                 self._overflow = True
         elif state is State.WAITING:
@@ -227,9 +228,7 @@ class Subscriber:
                             meta = await store.read_meta(self.stream)
             if meta is None:
                 if self.state is not State.DONE:
-                    self.outbox.control(
-                        self.codec.error(self.stream, "stream_not_found", f"stream {self.stream} does not exist")
-                    )
+                    self._not_found()
                 return None
         self.gen = meta.gen
         self.text = meta.content_type == "text"
@@ -257,6 +256,10 @@ class Subscriber:
             if self._verify:
                 self._verify = False
                 await self._check_history()
+                if self.state is State.DONE:
+                    return
+                if self._new_gen is not None:
+                    continue  # the reset to the new generation, at the top
             self._clear_buffer()
             self._overflow = False
             entries = await store.read_entries(self.stream, self.gen, self.next, count)
@@ -302,9 +305,25 @@ class Subscriber:
         last = self._last
         if last is None or self.next <= 1:
             return
-        found = await self.hub.history.read_entries(self.stream, self.gen, last.offset, 1)
-        if not found or found[0].offset != last.offset or found[0].data != last.data:
+        history = self.hub.history
+        found = await history.read_entries(self.stream, self.gen, last.offset, 1)
+        if found and found[0].offset > last.offset:
+            return  # trimmed by the length cap (the read that follows says gap), not lost
+        if found and found[0].data == last.data:
+            return
+        meta = await history.read_meta(self.stream)
+        if meta is None:  # the whole stream is gone (flushed, deleted): nothing will follow
+            self.outbox.control(
+                self.codec.error(self.stream, "stream_not_found", f"stream {self.stream} does not exist")
+            )
+            self._finish()
+        elif meta.gen != self.gen:
+            self._new_gen = meta.gen  # created again meanwhile: reset (stream_replaced) to it
+        else:
             self._history_lost()
+
+    def _not_found(self) -> None:
+        self.outbox.control(self.codec.error(self.stream, "stream_not_found", f"stream {self.stream} does not exist"))
 
     def _history_lost(self) -> None:
         """Entries this consumer had are gone and later ones may sit at their offsets: say so

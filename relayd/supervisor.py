@@ -142,6 +142,8 @@ class _Supervisor:
             proc = await asyncio.create_subprocess_exec(*self.argv, env=env)
             self.procs[index] = proc
             log.info("worker %d started pid=%d", index, proc.pid)
+            if self.stopping.is_set():  # the stop came while this worker was starting: it drains too
+                proc.send_signal(signal.SIGTERM)
             code = await proc.wait()
             if self.stopping.is_set():
                 return

@@ -428,3 +428,23 @@ async def test_opens_beyond_the_per_connection_limit_are_refused_even_when_pipel
     await harness.store.drain()
     assert ("refused", "c", "too_many_streams", None) in peer.calls
     assert len(session.held) == 2
+
+
+async def test_an_append_behind_a_re_open_of_a_held_stream_waits_for_it_and_keeps_the_hold(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """A re-open (a takeover with a new epoch) on the same connection, with an append right behind
+    it: the append waits for the open and goes out in its epoch. Before, it went out in the old
+    epoch, was fenced, and its refusal dropped the hold the re-open had just made."""
+    harness = make_harness()
+    relay = harness.relay()
+    session, peer = await harness.opened(relay)
+    relay.open(session, OpenOp(S, None, "json"))  # no epoch: a new one
+    relay.append(session, AppendOp(S, 1, [b'"a"'], 3))
+    await harness.store.drain()
+    calls = peer.take()
+    assert [c[0] for c in calls] == ["opened", "acked"], calls
+    assert S in session.held and session.held[S].epoch == 2
+    relay.append(session, AppendOp(S, 2, [b'"b"'], 3))
+    await harness.store.drain()
+    assert [c[0] for c in peer.take()] == ["acked"]

@@ -216,8 +216,12 @@ async def test_a_full_sink_falls_behind_and_catches_up_from_history(world: World
         await world.append("x" * 60 + str(i))  # the third offer is refused: the queue is full
     assert sub.state is State.CATCHUP and world.catchups() == 1
     assert len(sink.chunks()) == 2
-    sink.take()  # the peer reads: the catch-up goes on, paced by room in the queue
-    await until(lambda: len(sink.chunks()) == 4 and sub.state is State.LIVE)
+
+    def peer_reads_until_caught_up() -> bool:  # the catch-up goes on, paced by room in the queue
+        sink.take()
+        return len(sink.chunks()) == 4 and sub.state is State.LIVE
+
+    await until(peer_reads_until_caught_up)
     sink.take()
     await world.append("y")
     assert sink.offsets() == [1, 2, 3, 4, 5] and sink.chunks()[-1] == "y"
@@ -458,3 +462,18 @@ async def test_stop_ends_a_waiting_subscriber_without_a_frame(world: World) -> N
     await until(lambda: world.hub.subscriber_count(S) == 1)
     await sub.stop()
     assert sink.frames == [] and world.owner.done == [sub] and world.hub.subscriber_count(S) == 0
+
+
+async def test_a_live_subscriber_whose_stream_vanished_is_told_and_finishes(world: World) -> None:
+    """After a reconnect the stream is gone entirely (flushed, deleted): stream_not_found, not a
+    subscriber waiting forever on a generation that no longer exists."""
+    await world.open()
+    await world.append("a")
+    sink = RecordingSink()
+    sub = world.subscribe(sink)
+    await live(sub)
+    assert await world.store.delete_stream(S)
+    world.hub.resync(S)
+    await world.owner.finished.wait()
+    assert sink.chunks() == ["a"]
+    assert [f["code"] for f in sink.frames if f["type"] == "error"] == ["stream_not_found"]

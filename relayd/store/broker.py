@@ -72,7 +72,7 @@ class RedisBroker:
         hub.on_interest = self._interest
         await self._pubsub.start()
         self._pubsub.subscribe_global(self._control)
-        self._metrics.broker_up(self._pubsub.up)
+        self._metrics.broker_up_from(lambda: self._pubsub.up)  # read at each scrape: 0 during an outage
 
     async def close(self) -> None:
         await self._pubsub.close()
@@ -109,7 +109,6 @@ class RedisBroker:
     def _on_reset(self) -> None:
         """Notifications may have been lost: every followed stream is read again."""
         self._metrics.broker_resubscribed()
-        self._metrics.broker_up(True)
         hub = self._hub
         if hub is not None:
             for stream in hub.followed():

@@ -270,9 +270,9 @@ class MemoryStore:
         start = bisect.bisect_left(s.log, first, key=lambda e: e.offset)
         return s.log[start : start + count]
 
-    async def stale_open_streams(self, before_ms: int, limit: int = 500) -> list[str]:
+    async def stale_open_streams(self, before_ms: int, limit: int = 500, skip: int = 0) -> list[str]:
         stale = sorted((score, stream) for stream, score in self._index.items() if score <= before_ms)
-        return [stream for _, stream in stale[:limit]]
+        return [stream for _, stream in stale[skip : skip + limit]]
 
     async def ttl_s(self, stream: str) -> int:
         s = self._get(stream)

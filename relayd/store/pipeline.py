@@ -101,6 +101,7 @@ class Pipeline:
         self._wire_empty = asyncio.Event()  # no batch on the wire
         self._wire_empty.set()
         self._loop = asyncio.get_running_loop()
+        self._closed = False
 
     def submit(self, write: Write) -> None:
         self._queue.append(write)
@@ -117,6 +118,7 @@ class Pipeline:
         await self._idle.wait()
 
     async def close(self) -> None:
+        self._closed = True
         if self._recovery is not None:
             self._recovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -174,6 +176,10 @@ class Pipeline:
             sent.timer.cancel()
             future = sent.future
             exc = future.exception()
+            if exc is None and self._failed:
+                # An earlier batch failed and waits for its resend: a later one must not be
+                # resolved before it (submission order). Resending it is safe: scripts are idempotent.
+                exc = StoreUnavailable("an earlier batch is being resent")
             if exc is None:
                 replies = future.result()
                 if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
@@ -196,6 +202,9 @@ class Pipeline:
             self._idle.set()
 
     def _on_failure(self, batch: list[Write], exc: BaseException) -> None:
+        if self._closed:  # a batch still on the wire when the store closed: no recovery any more
+            _fail_all(batch, StoreUnavailable("relayd is shutting down"))
+            return
         self._metrics.redis_error()
         self._failed.append(batch)
         if self._recovery is None:

@@ -320,11 +320,11 @@ class RedisStore:
             raise _translate(exc) from exc
         return [parse_entry(entry_id, fields) for entry_id, fields in rows]
 
-    async def stale_open_streams(self, before_ms: int, limit: int = 500) -> list[str]:
+    async def stale_open_streams(self, before_ms: int, limit: int = 500, skip: int = 0) -> list[str]:
         try:
             async with self._reads:
                 rows: list[bytes] = await self._client.zrangebyscore(  # type: ignore[assignment]
-                    self.keys.open_index, "-inf", before_ms, start=0, num=limit
+                    self.keys.open_index, "-inf", before_ms, start=skip, num=limit
                 )
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc
