@@ -63,8 +63,9 @@ class Store(History, Catalog, Protocol):
         done: Callable[[OpenOutcome], None],
     ) -> None: ...
 
-    def append_handle(self, stream: str, epoch: int) -> Any:
-        """An opaque value :meth:`append` takes for ``stream`` in ``epoch`` (computed once per open)."""
+    def append_handle(self, stream: str, epoch: int, gen: int = 0) -> Any:
+        """An opaque value :meth:`append` takes for ``stream`` in ``epoch`` of generation ``gen``
+        (0: any), computed once per open. An append to another generation is refused fenced."""
         ...
 
     def append(self, handle: Any, seq: int, chunks: list[bytes], done: Callable[[AppendOutcome], None]) -> None: ...

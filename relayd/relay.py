@@ -120,7 +120,7 @@ class Relay:
                 outcome.epoch,
                 outcome.gen,
                 outcome.content_type == "text",
-                self._store.append_handle(op.stream, outcome.epoch),
+                self._store.append_handle(op.stream, outcome.epoch, outcome.gen),
                 received if outcome.code == "created" else 0.0,
             )
             self._take(op.stream, session, held)

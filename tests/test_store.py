@@ -21,7 +21,7 @@ def test_cached_append_command_equals_the_generic_encoding(url: str, publish: st
     config = Config(redis=RedisConfig(key_prefix="p"), streams=StreamsConfig(max_chunks=50, open_ttl_s=60))
     store = RedisStore(config, url, instance="i1")
     store._sha = {"append": b"a" * 40}
-    head, head_slot = store.append_handle("chat-1", 3)
+    head, head_slot = store.append_handle("chat-1", 3, 1700000000000)
     assert head_slot == slot
     for chunks in ([b'{"x":1}'], [b'"y"', b"1", b"[" + b"9" * 300 + b"]"]):
         expected = encode_command(
@@ -33,6 +33,7 @@ def test_cached_append_command_equals_the_generic_encoding(url: str, publish: st
                 "p:{chat-1}:log",
                 "p:{chat-1}:live",
                 "3",
+                "1700000000000",
                 "17",
                 "123",
                 "50",

@@ -470,3 +470,20 @@ async def test_memory_store_expires_streams_by_its_clock_as_redis_ttls_do() -> N
     assert await store.stream_stats(["s"]) == [None] and await scan_all(store.scan_streams, "") == []
     again = await open_(store, "s")
     assert again.code == "created" and again.gen == now[0] > opened.gen
+
+
+async def test_append_for_a_deleted_and_recreated_stream_is_fenced(store: Store) -> None:
+    """The stream deleted and created again starts at epoch 1 too: a producer of the old
+    generation (same epoch number) must not write into the new one."""
+    old = await created(store, "g", b'"a"')
+    handle = store.append_handle("g", old.epoch, old.gen)
+    assert await store.delete_stream("g")
+    new = await open_(store, "g")
+    while isinstance(new, Opened) and new.gen == old.gen:  # generations are creation times (ms)
+        assert await store.delete_stream("g")
+        new = await open_(store, "g")
+    assert isinstance(new, Opened) and new.code == "created" and new.epoch == old.epoch
+    stale = await answer(lambda done: store.append(handle, 2, [b'"from the old run"'], done))
+    assert isinstance(stale, Refused) and stale.code == "fenced"
+    fresh = await answer(lambda done: store.append(store.append_handle("g", new.epoch, new.gen), 1, [b'"b"'], done))
+    assert isinstance(fresh, Appended) and fresh.first == 1

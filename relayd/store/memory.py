@@ -178,22 +178,22 @@ class MemoryStore:
         s.pid, s.pidep = (pid, epoch) if pid else (None, None)
         return s.head("opened")
 
-    def append_handle(self, stream: str, epoch: int) -> tuple[str, int]:
-        return stream, epoch
+    def append_handle(self, stream: str, epoch: int, gen: int = 0) -> tuple[str, int, int]:
+        return stream, epoch, gen
 
     def append(
-        self, handle: tuple[str, int], seq: int, chunks: list[bytes], done: Callable[[AppendOutcome], None]
+        self, handle: tuple[str, int, int], seq: int, chunks: list[bytes], done: Callable[[AppendOutcome], None]
     ) -> None:
         chunks = list(chunks)  # the caller may reuse its list before the write is applied
-        self._submit(lambda: self._append(handle[0], handle[1], seq, chunks), done)
+        self._submit(lambda: self._append(*handle, seq, chunks), done)
 
-    def _append(self, stream: str, epoch: int, seq: int, chunks: list[bytes]) -> AppendOutcome:
+    def _append(self, stream: str, epoch: int, gen: int, seq: int, chunks: list[bytes]) -> AppendOutcome:
         s = self._get(stream)
         if s is None:
             return Refused("not_found", "stream expired or was removed")
         if s.status != "open":
             return Refused("ended", f"stream ended ({s.status})", status=s.status)
-        if epoch != s.epoch:
+        if epoch != s.epoch or (gen and gen != s.gen):  # as append.lua: another generation fences too
             return Refused("fenced", "a newer producer took the stream over", s.epoch)
         if seq > s.seq + 1:
             return Refused("seq_gap", f"expected seq {s.seq + 1}", s.seq)

@@ -196,7 +196,7 @@ class RedisStore:
         )
         self._submit(payload, lambda reply, exc: done(_open_outcome(reply, exc)), self._slot_of(meta))
 
-    def append_handle(self, stream: str, epoch: int) -> tuple[bytes, int]:
+    def append_handle(self, stream: str, epoch: int, gen: int = 0) -> tuple[bytes, int]:
         """What :meth:`append` needs to know of ``stream`` in ``epoch``: the command's fixed part
         and the stream's hash slot.
 
@@ -206,8 +206,8 @@ class RedisStore:
         keys = self.keys
         meta = keys.meta(stream)
         args: list[RespArg] = ["EVALSHA", self._sha["append"], "3", meta, keys.log(stream)]
-        head = encode_command([*args, keys.channel(stream), str(epoch)])[
-            4:  # without the "*7\r\n" array header: the real argument count is set per append
+        head = encode_command([*args, keys.channel(stream), str(epoch), str(gen)])[
+            4:  # without the "*8\r\n" array header: the real argument count is set per append
         ]
         return head, self._slot_of(meta)
 
@@ -225,7 +225,7 @@ class RedisStore:
         seq_b = b"%d" % seq
         now_b = b"%d" % now
         parts = [
-            b"*%d\r\n" % (13 + len(chunks)),
+            b"*%d\r\n" % (14 + len(chunks)),
             handle,
             b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(seq_b), seq_b, len(now_b), now_b),
             self._append_tail,
