@@ -7,10 +7,16 @@ NDJSON splitting and waiting for a frame of a given type.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import os
+import re
+import shutil
+import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -223,3 +229,61 @@ async def poll_until(check: Callable[[], Awaitable[bool] | bool], what: str, tim
             return
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
+
+
+# -- relayd as a real process ------------------------------------------------------------------
+
+
+def relayd_executable() -> str:
+    beside = Path(sys.executable).with_name("relayd")
+    found = str(beside) if beside.exists() else shutil.which("relayd")
+    assert found is not None, "the relayd console script is not installed"
+    return found
+
+
+@contextlib.asynccontextmanager
+async def relayd_serve(
+    *args: str, ready: Callable[[list[str]], bool], env: dict[str, str] | None = None, timeout: float = 30.0
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, list[str]]]:
+    """``relayd serve ARGS`` as a process (no RELAYD_* from this environment, plus ``env``), once
+    ``ready(stderr lines so far)`` holds; its stderr keeps being collected into the yielded list.
+    Killed on exit if still running."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_")} | (env or {})
+    proc = await asyncio.create_subprocess_exec(
+        relayd_executable(), "serve", *args,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env=environ,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    lines: list[str] = []
+    drain: asyncio.Task[None] | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            while not ready(lines):
+                line = (await proc.stderr.readline()).decode()
+                assert line, f"relayd exited early ({await proc.wait()}): {''.join(lines)}"
+                lines.append(line)
+        drain = asyncio.create_task(read_rest(proc.stderr, lines))
+        yield proc, lines
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if drain is not None:
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
+
+
+async def read_rest(stream: asyncio.StreamReader, into: list[str]) -> None:
+    while line := await stream.readline():
+        into.append(line.decode())
+
+
+def listening_port(lines: list[str]) -> int | None:
+    """The port of the first ``relayd: listening on http://127.0.0.1:PORT`` line, if any."""
+    for line in lines:
+        match = re.match(r"relayd: listening on http://127\.0\.0\.1:(\d+)$", line.strip())
+        if match:
+            return int(match.group(1))
+    return None

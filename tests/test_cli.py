@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from relayd.admin_errors import EXIT_CONFIG
 from relayd.auth import TokenAuthority, hash_api_key
 from relayd.cli import main
 from relayd.embedded import PIDFILE_NAME, SOCKET_NAME
+from tests.helpers import read_rest, relayd_executable
 
 SECRET = "cli-test-secret-0123456789abcdef-0123456789"
 DRAIN_TIMEOUT_S = 5.0
@@ -240,13 +240,6 @@ def test_token_mint_refusals(tmp_path: Path) -> None:
 # -- serve, as a real process ------------------------------------------------------------------------
 
 
-def relayd_executable() -> str:
-    beside = Path(sys.executable).with_name("relayd")
-    found = str(beside) if beside.exists() else shutil.which("relayd")
-    assert found is not None, "the relayd console script is not installed"
-    return found
-
-
 async def test_serve_on_port_0_with_embedded_redis_then_sigterm(tmp_path: Path) -> None:
     """``relayd serve --port 0`` prints its port, is ready with its embedded server, and exits 0 on SIGTERM."""
     data_dir = tmp_path / "data"
@@ -275,7 +268,7 @@ async def test_serve_on_port_0_with_embedded_redis_then_sigterm(tmp_path: Path) 
                     url = match.group(1)
                     assert int(match.group(2)) != 0
         # keep reading stderr so the process never blocks on a full pipe
-        drain = asyncio.create_task(_read_rest(proc.stderr, stderr))
+        drain = asyncio.create_task(read_rest(proc.stderr, stderr))
         assert any(line.startswith("relayd: development API key: rk_") for line in stderr), stderr
         typo = "WARNING relayd.config: RELAYD_SERVER_PROT is not a relayd setting and is ignored: did you mean"
         assert typo in stderr[0], stderr
@@ -293,8 +286,3 @@ async def test_serve_on_port_0_with_embedded_redis_then_sigterm(tmp_path: Path) 
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-
-
-async def _read_rest(stream: asyncio.StreamReader, into: list[str]) -> None:
-    while line := await stream.readline():
-        into.append(line.decode())

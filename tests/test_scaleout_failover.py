@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from relayd.auth import hash_api_key
 from relayd.client import Producer
-from tests.helpers import API_KEY, JWT_SECRET, Client, collect_chunks
-from tests.test_cli import _read_rest, relayd_executable, write_toml
+from tests.helpers import API_KEY, JWT_SECRET, Client, collect_chunks, listening_port, relayd_serve
+from tests.test_cli import write_toml
 
 
 class Balancer:
@@ -66,32 +64,14 @@ async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
 
 @contextlib.asynccontextmanager
 async def relayd_process(config: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_")}
-    env["RELAYD_AUTH_JWT_SECRET"] = JWT_SECRET
-    proc = await asyncio.create_subprocess_exec(
-        relayd_executable(), "serve", "--config", str(config), "--port", "0",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    lines: list[str] = []
-    drain: asyncio.Task[None] | None = None
-    try:
-        async with asyncio.timeout(30):
-            while True:
-                line = (await proc.stderr.readline()).decode()
-                assert line, f"relayd exited early ({await proc.wait()}): {''.join(lines)}"
-                lines.append(line)
-                match = re.match(r"relayd: listening on http://127\.0\.0\.1:(\d+)$", line.strip())
-                if match:
-                    break
-        drain = asyncio.create_task(_read_rest(proc.stderr, lines))
-        yield proc, int(match.group(1))
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        if drain is not None:
-            drain.cancel()
+    """``relayd serve --config CONFIG --port 0`` as a process; yields it and its port once it listens."""
+    async with relayd_serve(
+        "--config", str(config), "--port", "0", ready=lambda lines: listening_port(lines) is not None,
+        env={"RELAYD_AUTH_JWT_SECRET": JWT_SECRET},
+    ) as (proc, lines):  # fmt: skip
+        port = listening_port(lines)
+        assert port is not None
+        yield proc, port
 
 
 async def test_killing_the_producers_instance_moves_it_to_another_with_no_gap_and_no_duplicate(
