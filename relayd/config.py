@@ -163,6 +163,8 @@ class LimitsConfig:
     max_frame_bytes: int = 1024 * 1024
     max_chunk_bytes: int = 256 * 1024
     max_unacked_bytes: int = 1024 * 1024
+    max_producer_backlog_bytes: int = 16 * 1024 * 1024  # all producer connections together
+    max_consumer_backlog_bytes: int = 64 * 1024 * 1024  # all consumer queues together
     max_streams_per_connection: int = 1000
     max_connections: int = 0  # TCP connections in total; 0: what the file descriptor limit allows
     max_producer_connections: int = 0  # 0: only max_connections applies
@@ -178,6 +180,8 @@ class LimitsConfig:
         if self.max_chunk_bytes > self.max_frame_bytes:
             raise ConfigError("limits.max_chunk_bytes", "must not exceed limits.max_frame_bytes")
         _positive("limits.max_unacked_bytes", self.max_unacked_bytes)
+        _positive("limits.max_producer_backlog_bytes", self.max_producer_backlog_bytes)
+        _positive("limits.max_consumer_backlog_bytes", self.max_consumer_backlog_bytes)
         _positive("limits.max_streams_per_connection", self.max_streams_per_connection)
 
 

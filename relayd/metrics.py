@@ -27,12 +27,14 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from relayd import __version__
+from relayd.budget import Budget
 from relayd.errors import ERROR_CODES
 
 ROLES = ("producer", "consumer_ws", "consumer_sse")
 END_REASONS = ("completed", "error", "cancelled", "producer_lost")
 AUTH_REASONS = ("unauthorized", "token_expired", "forbidden")
 PATHS = ("live", "replay")
+BACKLOG_SIDES = ("producer", "consumer")  # relayd_backlog_* label values
 # slow_consumer: data waited and the peer took none for consumer.send_timeout_ms; queue_full: its
 # unread replies outgrew their bound; heartbeat_timeout: no pong (nor anything) from an idle peer
 FORCED_CLOSE_REASONS = ("slow_consumer", "queue_full", "heartbeat_timeout")
@@ -343,6 +345,34 @@ class Metrics:
     def broker_lag(self, seconds: float) -> None:
         self._broker_lag.observe(max(seconds, 0.0))
 
+    # global memory bounds (relayd/budget.py) --------------------------------------------------
+    def track_budgets(self, producers: Budget, consumers: Budget) -> None:
+        """Read the bytes held for producers and consumers, all connections together, at each scrape."""
+        held = Gauge(
+            "relayd_backlog_bytes",
+            "Bytes held for peers, all connections together: producers' unacknowledged appends, "
+            "frames queued for consumers",
+            ["side"],
+            registry=self.registry,
+        )
+        limit = Gauge(
+            "relayd_backlog_limit_bytes",
+            "limits.max_producer_backlog_bytes / limits.max_consumer_backlog_bytes",
+            ["side"],
+            registry=self.registry,
+        )
+        spent = Gauge(
+            "relayd_backlog_full",
+            "1 while that role's global backlog bound is reached (producers: reading paused; "
+            "consumers: live chunks read back from Redis)",
+            ["side"],
+            registry=self.registry,
+        )
+        for side, budget in zip(BACKLOG_SIDES, (producers, consumers), strict=True):
+            held.labels(side).set_function(_used_of(budget))
+            limit.labels(side).set(budget.limit)
+            spent.labels(side).set_function(_spent_of(budget))
+
     # connection limits (relayd/web/gate.py) ---------------------------------------------------
     def connection_limits(self, total: int, tcp_connections: Callable[[], int]) -> None:
         """The resolved limits.max_connections, and how to count open TCP connections when scraped."""
@@ -397,3 +427,11 @@ def merge_workers(expositions: list[tuple[int, bytes]]) -> bytes:
                     current.append(line[:space] + b"{" + label + b"}" + line[space:])
     out = [line for head, samples in families.values() for line in (*head, *samples)]
     return b"\n".join(out) + b"\n"
+
+
+def _used_of(budget: Budget) -> Callable[[], float]:
+    return lambda: float(budget.used)
+
+
+def _spent_of(budget: Budget) -> Callable[[], float]:
+    return lambda: 1.0 if budget.spent else 0.0

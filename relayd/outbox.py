@@ -36,10 +36,13 @@ from collections.abc import Awaitable, Callable
 from time import monotonic
 from typing import Any, Protocol
 
+from relayd.budget import Budget
+
 _CONGESTED = 64 * 1024  # transport bytes beyond which writes go through the awaiting path
 _CONTROL_RESERVE = 64 * 1024  # queue room beyond max_bytes that only control frames may use
 _SLACK = 64  # unsent bytes that can only be control frames (a ping, a close): no data waits
 _TICKS = 4  # watchdog ticks per send timeout
+_TRICKLE = 16 * 1024  # replayed bytes queued at a time while the consumers' global budget is spent
 
 
 class SlowConsumer(Exception):
@@ -79,13 +82,18 @@ class Outbox:
         heartbeat_s: float = 0.0,
         count_chunks: Callable[[bytes], int] | None = None,
         on_delivered: Callable[[str, int, int], None] | None = None,
+        budget: Budget | None = None,
     ) -> None:
         """``on_written(seconds)``: after each write holding live data, the age of its oldest chunk.
 
         ``count_chunks(frame)`` and ``on_delivered(path, chunks, nbytes)``: chunks are counted when
         written to the socket, not when queued (``chunks_written``; ``path`` is ``live`` for
         :meth:`offer`, ``replay`` for :meth:`put`).
+
+        ``budget``: the bound shared by every consumer connection (relayd/budget.py); while it is
+        spent, :meth:`offer` refuses and :meth:`put` waits until this queue has drained.
         """
+        self._budget = budget
         self._send = send
         self._on_written = on_written
         # When (monotonic) the oldest live data queued was read from its producer; 0: none queued.
@@ -132,6 +140,12 @@ class Outbox:
 
     @property
     def max_bytes(self) -> int:
+        """The largest piece of replayed data to hand :meth:`put`: the queue's size, or a trickle
+        when that much would not fit the consumers' global budget (near it, each connection adds
+        at most a trickle beyond it)."""
+        budget = self._budget
+        if budget is not None and (budget.spent or budget.used + self._max_bytes > budget.limit):
+            return min(self._max_bytes, _TRICKLE)
         return self._max_bytes
 
     # queueing ---------------------------------------------------------------------------------
@@ -139,6 +153,8 @@ class Outbox:
     def offer(self, data: bytes) -> bool:
         """Queue live data without waiting; False when the queue is full (it then falls back)."""
         if self._closed or self._size >= self._max_bytes:
+            return False
+        if self._budget is not None and self._budget.spent:
             return False
         self._queue(data, 0)
         if self._size >= self._max_bytes:
@@ -156,7 +172,12 @@ class Outbox:
 
     async def put(self, data: bytes) -> None:
         """Queue replayed data, waiting for room for ``data``: the catch-up path, paced by the peer."""
-        while self._size and self._size + len(data) > self._max_bytes and not self._closed:
+        budget = self._budget
+        while (
+            self._size
+            and (self._size + len(data) > self._max_bytes or (budget is not None and budget.spent))
+            and not self._closed
+        ):
             self._room.clear()
             await self._room.wait()
         if not self._closed:
@@ -165,6 +186,8 @@ class Outbox:
     def _queue(self, data: bytes, path: int) -> None:
         self._items.append(data)
         self._size += len(data)
+        if self._budget is not None:
+            self._budget.charge(len(data))
         if path >= 0 and self._count is not None:
             queued = self._queued
             queued[path] += self._count(data)
@@ -180,6 +203,8 @@ class Outbox:
     def _take(self) -> tuple[list[bytes], list[int]]:
         batch, queued = self._items, self._queued
         self._items = []
+        if self._budget is not None:
+            self._budget.release(self._size)
         self._size = 0
         self._queued = [0, 0, 0, 0]
         self._room.set()
@@ -315,6 +340,8 @@ class Outbox:
     def close(self) -> None:
         self._closed = True
         self._items = []
+        if self._budget is not None:
+            self._budget.release(self._size)
         self._size = 0
         self._ready.set()
         self._room.set()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from relayd.budget import Budget
 from relayd.model import Opened
 from relayd.protocol import AppendOp, EndOp
 
@@ -49,10 +50,16 @@ class ProducerSession:
     """Transport-agnostic state of one producer connection."""
 
     def __init__(
-        self, peer: ProducerPeer, max_unacked_bytes: int, on_room: Callable[[bool], None] | None = None
+        self,
+        peer: ProducerPeer,
+        max_unacked_bytes: int,
+        on_room: Callable[[bool], None] | None = None,
+        budget: Budget | None = None,
     ) -> None:
-        """``on_room(has_room)``: called when the connection crosses ``max_unacked_bytes`` either way."""
+        """``on_room(has_room)``: called when the connection crosses ``max_unacked_bytes`` either way.
+        ``budget``: the bound shared by every producer connection (the relay's); charged as well."""
         self.peer = peer
+        self.budget = budget
         self.held: dict[str, Held] = {}
         self.text_streams: set[str] = set()
         self.unacked_bytes = 0
@@ -74,12 +81,16 @@ class ProducerSession:
     def charge(self, nbytes: int) -> None:
         had_room = self.has_room
         self.unacked_bytes += nbytes
+        if self.budget is not None:
+            self.budget.charge(nbytes)
         if had_room and not self.has_room and self._on_room is not None:
             self._on_room(False)
 
     def credit(self, nbytes: int) -> None:
         had_room = self.has_room
         self.unacked_bytes -= nbytes
+        if self.budget is not None:
+            self.budget.release(nbytes)
         if not had_room and self.has_room and self._on_room is not None:
             self._on_room(True)
 

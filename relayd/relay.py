@@ -12,19 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from time import monotonic
 from typing import Any
 
 from relayd import catalog
 from relayd.broker import Broker, LocalBroker
+from relayd.budget import Budget
 from relayd.config import Config
 from relayd.errors import StoreError
 from relayd.hub import Hub, Publication
 from relayd.metrics import Metrics
 from relayd.model import Appended, AppendOutcome, Ended, EndOutcome, Entry, Opened, OpenOutcome, StreamMeta, now_ms
 from relayd.ports import Store
-from relayd.producer import Held, ProducerSession
+from relayd.producer import Held, ProducerPeer, ProducerSession
 from relayd.protocol import AppendOp, EndOp, FrameCodec, OpenOp
 from relayd.subscription import Sink, Subscriber, SubscriptionOwner
 
@@ -48,6 +49,10 @@ class Relay:
         self._holders: dict[str, ProducerSession] = {}
         self._cancel_timers: dict[str, asyncio.TimerHandle] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        # Global bounds on the memory held for peers (relayd/budget.py)
+        self.producer_budget = Budget(config.limits.max_producer_backlog_bytes)
+        self.consumer_budget = Budget(config.limits.max_consumer_backlog_bytes)
+        metrics.track_budgets(self.producer_budget, self.consumer_budget)
 
     async def start(self) -> None:
         await self._broker.start(self._hub, self._on_remote_cancel)
@@ -72,6 +77,10 @@ class Relay:
         await self._broker.close()
 
     # producer ops -----------------------------------------------------------------------------
+
+    def session(self, peer: ProducerPeer, on_room: Callable[[bool], None] | None = None) -> ProducerSession:
+        """The state of a new producer connection, bounded by its own and the global budget."""
+        return ProducerSession(peer, self.config.limits.max_unacked_bytes, on_room, self.producer_budget)
 
     def open(self, session: ProducerSession, op: OpenOp) -> None:
         # Opens on their way to Redis count too: a pipelined producer must not get round the limit.

@@ -248,7 +248,6 @@ class Subscriber:
     async def _catch_up(self) -> None:
         store = self.hub.history
         page = count = self.hub.catchup_page
-        limit = self.outbox.max_bytes
         self.state = State.CATCHUP
         while True:
             if self._new_gen is not None:
@@ -271,6 +270,7 @@ class Subscriber:
                 self.outbox.control(self.codec.gap(self.stream, self.gen, self.next - 1, entries[0].offset))
             if entries:
                 # Hand the page over in pieces that fit the bounded queue; read about a queue's worth next.
+                limit = self.outbox.max_bytes  # smaller while the consumers' global budget is spent
                 nbytes = sum(len(e.data or b"") + _ENTRY_OVERHEAD for e in entries)
                 count = page if nbytes <= limit else max(1, len(entries) * limit // nbytes)
                 piece: list[Entry] = []
@@ -280,6 +280,7 @@ class Subscriber:
                     if piece and size + esize > limit:
                         await self._put_replay(piece)
                         piece, size = [], 0
+                        limit = self.outbox.max_bytes
                     piece.append(entry)
                     size += esize
                 await self._put_replay(piece)

@@ -18,6 +18,7 @@ from relayd.config import Config
 from relayd.errors import ERROR_CODES
 from relayd.metrics import (
     AUTH_REASONS,
+    BACKLOG_SIDES,
     CONNECTION_LIMITS,
     END_REASONS,
     FORCED_CLOSE_REASONS,
@@ -255,6 +256,7 @@ async def test_labels_come_only_from_bounded_sets(relayd: Relayd) -> None:
         "reason": set(END_REASONS) | set(AUTH_REASONS) | set(FORCED_CLOSE_REASONS),
         "code": {*ERROR_CODES, OTHER},
         "limit": set(CONNECTION_LIMITS),
+        "side": set(BACKLOG_SIDES),
     }
     for name, labels in parse(text):
         if not name.startswith("relayd_"):

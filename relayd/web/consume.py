@@ -91,6 +91,7 @@ class ConsumerConnection:
             heartbeat_s=cfg.server.heartbeat_s,
             count_chunks=ws_chunk_count,
             on_delivered=rt.metrics.written,
+            budget=rt.relay.consumer_budget,
         )
         self.subs: dict[str, Subscription] = {}
         self.close_code: int | None = None  # the code the peer got when relayd closed (1006: aborted)

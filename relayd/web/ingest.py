@@ -14,7 +14,6 @@ from relayd.errors import AuthError, CloseCode
 from relayd.logs import ConnectionLog, Pairs
 from relayd.model import Opened
 from relayd.outbox import Outbox, SlowConsumer
-from relayd.producer import ProducerSession
 from relayd.protocol import (
     AppendOp,
     EndOp,
@@ -134,12 +133,11 @@ async def ingest(request: web.Request) -> web.StreamResponse:
     )
     room = asyncio.Event()
     room.set()
-    session = ProducerSession(
-        FramePeer(outbox), cfg.limits.max_unacked_bytes, lambda has_room: room.set() if has_room else room.clear()
-    )
+    relay = rt.relay
+    session = relay.session(FramePeer(outbox), lambda has_room: room.set() if has_room else room.clear())
+    budget = relay.producer_budget
     writer = asyncio.create_task(_write(outbox), name="relayd-producer-writer")
     decoder = ProducerDecoder(cfg.limits.max_chunk_bytes, scope.allows if scope else None)  # auth.api_key_streams
-    relay = rt.relay
     ops = chunks = streams = refused = 0
     ended_by = "connection_lost"
     debug = log.isEnabledFor(logging.DEBUG)  # decided once per connection
@@ -156,6 +154,8 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         while True:
             if not room.is_set():
                 await room.wait()  # flow control: stop reading until Redis acknowledged
+            if budget.spent:
+                await budget.wait()  # all producers together hold too much: everyone waits
             msg = await next_message(ws, outbox)
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
                 session.received_at = monotonic()  # once per message: the start of ack and delivery latency

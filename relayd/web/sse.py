@@ -100,6 +100,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         on_written=rt.metrics.delivery_latency,
         count_chunks=sse_chunk_count,
         on_delivered=rt.metrics.written,
+        budget=rt.relay.consumer_budget,
     )
     done = _Done()
     sub = rt.relay.subscribe(stream, outbox, codec, cursor=cursor, wait_s=wait_ms / 1000, owner=done)
