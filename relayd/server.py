@@ -87,6 +87,7 @@ class Server:
                 instance,
                 self.store.publish,
                 metrics,
+                follow=self.store.follow,
                 sharded=self.store.cluster,  # on a cluster: SSUBSCRIBE on the master of each stream's slot
                 timeout_s=cfg.redis.timeout_ms / 1000,
             )

@@ -176,3 +176,64 @@ async def test_metrics_and_readyz_show_the_broker(config_factory: Callable[..., 
         received = [line for line in text.splitlines() if line.startswith("relayd_broker_notifications_received_total")]
         assert received and float(received[0].split()[-1]) >= 1
         assert "relayd_broker_lag_seconds_count" in text
+
+
+async def test_each_chunk_reaches_another_instance_live_before_the_next_is_sent(
+    config_factory: Callable[..., Config],
+) -> None:
+    """Lockstep: the producer on A sends chunk k+1 only once the consumer on B has chunk k. Only
+    the channel brings it (no end, no later append to reveal a hole): B must be among the
+    stream's followers for A's append script to publish."""
+    async with instances(config_factory(), 2) as (a, b):
+        producer = await a.producer()
+        await producer.open("lock")
+        consumer = await b.consumer("lock")
+        await consumer.expect("subscribed")
+        for seq in range(1, 21):
+            assert (await producer.append("lock", seq, {"n": seq}))["type"] == "ack"
+            chunk = await consumer.expect("chunk", timeout=5)
+            assert chunk["data"] == {"n": seq}
+
+
+async def test_a_lone_instance_publishes_no_chunks_and_starts_when_another_follows(
+    config_factory: Callable[..., Config], redis_server: str, key_prefix: str
+) -> None:
+    """With the producer and the consumers on one instance nobody else needs the chunks: the
+    append script publishes none (Redis saves the publish, the instance its own echo). Once a
+    second instance follows the stream, they are published again."""
+    channel = f"{key_prefix}:{{solo}}:live"
+    listener = aioredis.Redis.from_url(redis_server).pubsub()
+    await listener.subscribe(channel)
+    assert (await listener.get_message(timeout=5))["type"] == "subscribe"
+
+    async def kinds_until(kind: bytes) -> list[bytes]:
+        seen: list[bytes] = []
+        while not seen or seen[-1] != kind:
+            message = await listener.get_message(timeout=5)
+            if message is not None:
+                seen.append(message["data"][:1])
+        return seen
+
+    async with instances(config_factory(), 2) as (a, b):
+        producer = await a.producer()
+        await producer.open("solo")
+        local = await a.consumer("solo")
+        await local.expect("subscribed")
+        await poll_until(lambda: a.relay.subscriber_count("solo") == 1, "the local subscriber")
+        for seq in range(1, 6):
+            await producer.append("solo", seq, seq)
+            await local.expect("chunk")
+        remote = await b.consumer("solo")
+        await remote.expect("subscribed")
+        await poll_until(lambda: b.relay.subscriber_count("solo") == 1, "the remote subscriber")
+        await remote.expect("chunk")  # history: 1..5 (one frame or several)
+        admin = aioredis.Redis.from_url(redis_server)
+        await poll_until(
+            lambda: admin.sismember(f"{key_prefix}:{{solo}}:fol", b.server.store.instance), "B among the followers"
+        )
+        await admin.aclose()
+        await producer.append("solo", 6, 6)
+        await producer.end("solo")
+    # the creation, no chunk before B followed, the sixth chunk, the end
+    assert await kinds_until(b"e") == [b"c", b"a", b"e"]
+    await listener.aclose()

@@ -28,10 +28,11 @@ def test_cached_append_command_equals_the_generic_encoding(url: str, publish: st
             [
                 "EVALSHA",
                 b"a" * 40,
-                "3",
+                "4",
                 "p:{chat-1}:meta",
                 "p:{chat-1}:log",
                 "p:{chat-1}:live",
+                "p:{chat-1}:fol",
                 "3",
                 "1700000000000",
                 "17",
@@ -50,3 +51,4 @@ def test_every_key_of_a_stream_shares_one_cluster_hash_tag() -> None:
     """Both keys of a stream carry the stream id as their hash tag, so scripts touch one slot."""
     keys = Keys("relayd")
     assert keys.log("a/b") == "relayd:{a/b}:log" and keys.meta("a/b") == "relayd:{a/b}:meta"
+    assert keys.followers("a/b") == "relayd:{a/b}:fol" and keys.channel("a/b") == "relayd:{a/b}:live"

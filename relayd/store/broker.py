@@ -8,8 +8,15 @@ The Lua scripts publish a notification on the stream's channel in the same scrip
     c|<instance>|<gen>                                                     the stream was created
 
 An instance subscribes to a stream's channel when the stream gains its first local subscriber
-(the hub's interest hook) and unsubscribes when the last one leaves. Its own notifications are
-dropped by instance id: local subscribers already had those publications straight from the relay.
+(the hub's interest hook) and unsubscribes when the last one leaves. It also adds itself to the
+stream's Set of followers (``<prefix>:{<stream>}:fol``): the append script publishes chunks only
+when an instance other than the writer follows, so a lone instance, or the one that holds both
+the producer and the consumers, costs Redis no publish and gets no echo of its own writes. Its
+own notifications (ends, creations) are dropped by instance id: local subscribers already had
+those publications straight from the relay. A follower re-reads the stream once Redis has its
+membership and its subscription (each answer triggers a resync: the later one covers every
+write the channel did not bring), adds itself again after any pub/sub reconnect (Redis may have
+lost the Set) and every ``_REFOLLOW_S``.
 Requests travel on the deployment's control channel: ``x|<instance>|<stream>`` asks whichever
 instance holds ``stream`` to send its producer a ``cancel``.
 
@@ -21,6 +28,8 @@ which makes every subscriber of the stream read Redis again.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
@@ -34,6 +43,9 @@ from relayd.store.pubsub import PubSub, RedisPubSub
 log = logging.getLogger("relayd.broker")
 
 Publisher = Callable[[str, bytes], None]
+Follow = Callable[[str, bool, Callable[[], None]], None]  # RedisStore.follow
+
+_REFOLLOW_S = 60.0  # followed streams are added to their Set again this often (heals a lost one)
 
 
 class RedisBroker:
@@ -45,6 +57,7 @@ class RedisBroker:
         publish: Publisher,
         metrics: Metrics,
         *,
+        follow: Follow | None = None,
         sharded: bool = False,
         timeout_s: float = 5.0,
     ) -> None:
@@ -54,6 +67,8 @@ class RedisBroker:
         self._own = (b"|" + self._instance + b"|", len(self._instance) + 3)
         self._control = keys.control.encode()
         self._publish = publish
+        self._follow = follow or _no_follow
+        self._refollow: asyncio.TimerHandle | None = None
         self._metrics = metrics
         self._hub: Hub | None = None
         self._on_cancel: CancelHandler | None = None
@@ -73,8 +88,11 @@ class RedisBroker:
         await self._pubsub.start()
         self._pubsub.subscribe_global(self._control)
         self._metrics.broker_up_from(lambda: self._pubsub.up)  # read at each scrape: 0 during an outage
+        self._refollow = asyncio.get_running_loop().call_later(_REFOLLOW_S, self._follow_all)
 
     async def close(self) -> None:
+        if self._refollow is not None:
+            self._refollow.cancel()
         await self._pubsub.close()
 
     @property
@@ -94,9 +112,22 @@ class RedisBroker:
     def _interest(self, stream: str, followed: bool) -> None:
         channel = self._keys.channel(stream).encode()
         if followed:
+            self._follow(stream, True, lambda: self._followed(stream))
             self._pubsub.subscribe(channel)
         else:
+            self._follow(stream, False, _nothing)
             self._pubsub.unsubscribe(channel)
+
+    def _followed(self, stream: str) -> None:
+        """Redis has this instance among the stream's followers: appends publish from now on."""
+        if self._hub is not None:
+            self._hub.resync(stream)
+
+    def _follow_all(self) -> None:
+        self._refollow = asyncio.get_running_loop().call_later(_REFOLLOW_S, self._follow_all)
+        if self._hub is not None:
+            for stream in self._hub.followed():
+                self._follow(stream, True, _nothing)
 
     # from Redis ----------------------------------------------------------------------------------
 
@@ -112,6 +143,7 @@ class RedisBroker:
         hub = self._hub
         if hub is not None:
             for stream in hub.followed():
+                self._follow(stream, True, functools.partial(self._followed, stream))
                 hub.resync(stream)
 
     def _on_message(self, channel: bytes, payload: bytes) -> None:
@@ -145,6 +177,14 @@ class RedisBroker:
         kind, _, rest = payload.split(b"|", 2)
         if kind == b"x" and self._on_cancel is not None:
             self._on_cancel(rest.decode())
+
+
+def _nothing() -> None:
+    pass
+
+
+def _no_follow(stream: str, followed: bool, done: Callable[[], None]) -> None:
+    done()  # no follower Sets (tests of the pub/sub alone): as if Redis had the membership
 
 
 def _appended(stream: str, payload: bytes) -> tuple[Publication, int]:

@@ -19,6 +19,11 @@ notifications its scripts publish; for the deployment, control requests between 
     <prefix>:{<stream id>}:live   (SPUBLISH on a cluster, PUBLISH otherwise)
     <prefix>:ctl
 
+and, per stream, the instances that follow its channel (a Set of instance ids): the append
+script publishes only when an instance other than the writer is in it.
+
+    <prefix>:{<stream id>}:fol
+
 Stream ids cannot contain braces (protocol rule), so the hash tag is always the whole id.
 """
 
@@ -41,6 +46,9 @@ class Keys:
 
     def channel(self, stream: str) -> str:
         return f"{self.prefix}:{{{stream}}}:live"
+
+    def followers(self, stream: str) -> str:
+        return f"{self.prefix}:{{{stream}}}:fol"
 
     def stream_of_channel(self, channel: bytes) -> str:
         """The stream id of a notification channel."""

@@ -205,9 +205,9 @@ class RedisStore:
         """
         keys = self.keys
         meta = keys.meta(stream)
-        args: list[RespArg] = ["EVALSHA", self._sha["append"], "3", meta, keys.log(stream)]
-        head = encode_command([*args, keys.channel(stream), str(epoch), str(gen)])[
-            4:  # without the "*8\r\n" array header: the real argument count is set per append
+        args: list[RespArg] = ["EVALSHA", self._sha["append"], "4", meta, keys.log(stream)]
+        head = encode_command([*args, keys.channel(stream), keys.followers(stream), str(epoch), str(gen)])[
+            4:  # without the "*9\r\n" array header: the real argument count is set per append
         ]
         return head, self._slot_of(meta)
 
@@ -225,7 +225,7 @@ class RedisStore:
         seq_b = b"%d" % seq
         now_b = b"%d" % now
         parts = [
-            b"*%d\r\n" % (14 + len(chunks)),
+            b"*%d\r\n" % (15 + len(chunks)),
             handle,
             b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(seq_b), seq_b, len(now_b), now_b),
             self._append_tail,
@@ -289,6 +289,23 @@ class RedisStore:
 
     def unindex(self, streams: list[str]) -> None:
         self._submit(encode_command(["ZREM", self.keys.open_index, *streams]), _ignore, self._index_slot)
+
+    def follow(self, stream: str, followed: bool, done: Callable[[], None]) -> None:
+        """Add this instance to (or remove it from) the instances following ``stream``'s channel;
+        ``done()`` once Redis has it: from then on the append script publishes for this instance.
+        The Set expires with an open stream's TTL; the broker adds itself again well before."""
+        key = self.keys.followers(stream)
+        slot = self._slot_of(key)
+        if not followed:
+            self._submit(encode_command(["SREM", key, self.instance]), _ignore, slot)
+            return
+
+        def added(_: Any, exc: BaseException | None) -> None:
+            if exc is None:
+                done()
+
+        self._submit(encode_command(["SADD", key, self.instance]), added, slot)
+        self._submit(encode_command(["EXPIRE", key, self._open_ttl]), _ignore, slot)
 
     def publish(self, channel: str, message: bytes) -> None:
         """PUBLISH through the write pipeline (control requests between instances; not per chunk).
@@ -470,7 +487,7 @@ class RedisStore:
         """
         try:
             async with self._reads, self._client.pipeline(transaction=False) as pipe:
-                pipe.execute_command("DEL", self.keys.meta(stream), self.keys.log(stream))
+                pipe.execute_command("DEL", self.keys.meta(stream), self.keys.log(stream), self.keys.followers(stream))
                 pipe.zrem(self.keys.open_index, stream)
                 deleted, _ = await pipe.execute()
         except redis.exceptions.RedisError as exc:

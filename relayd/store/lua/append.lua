@@ -1,5 +1,6 @@
 -- Append chunks, deduplicated by producer sequence number, fenced by epoch; tell other instances.
--- KEYS[1] meta, KEYS[2] log, KEYS[3] the stream's notification channel
+-- KEYS[1] meta, KEYS[2] log, KEYS[3] the stream's notification channel, KEYS[4] the Set of
+-- instances following that channel
 -- ARGV[1] epoch, ARGV[2] generation the producer opened ('0' = any), ARGV[3] seq of the first
 -- chunk, ARGV[4] now_ms, ARGV[5] max_chunks, ARGV[6] open_ttl_s, ARGV[7] publish command
 -- ('PUBLISH', 'SPUBLISH' on a cluster, '' = none), ARGV[8] the writing instance's id,
@@ -8,7 +9,9 @@
 -- of the old one (same epoch number, another stream).
 -- Returns {'ok', gen, first_new_offset, last_offset, last_seq} (first > last: all duplicates)
 --      or {'not_found'} | {'ended', status} | {'fenced', epoch} | {'seq_gap', last_seq}
--- Notification (only when chunks were added), ordered with the write by construction:
+-- Notification (only when chunks were added and an instance other than the writer follows the
+-- stream: a lone instance, or one that holds the producer and the consumers, pays nothing for it),
+-- ordered with the write by construction:
 --   a|<instance>|<now_ms>|<gen>|<first offset>|<content type>|<count>|<len>:<chunk>|<len>:<chunk>...
 local m = redis.call('HMGET', KEYS[1], 'status', 'gen', 'epoch', 'base', 'seq', 'n', 'ct')
 if not m[1] then return {'not_found'} end
@@ -36,7 +39,12 @@ end
 redis.call('HSET', KEYS[1], 'seq', last_seq, 'n', n, 'updated', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
+local followers = 0
 if ARGV[7] ~= '' then
+  followers = redis.call('SCARD', KEYS[4])
+  if followers == 1 and redis.call('SISMEMBER', KEYS[4], ARGV[8]) == 1 then followers = 0 end
+end
+if followers > 0 then
   local parts = {'a', ARGV[8], ARGV[4], gen, first, m[7] or 'json', n - first + 1}
   for i = from, count do
     local chunk = ARGV[8 + i]
