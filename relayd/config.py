@@ -199,6 +199,9 @@ class StreamsConfig:
         _positive("streams.ttl_after_end_s", self.ttl_after_end_s)
         _positive("streams.open_ttl_s", self.open_ttl_s)
         _positive("streams.producer_timeout_ms", self.producer_timeout_ms)
+        if self.open_ttl_s * 1000 < self.producer_timeout_ms:
+            # a held stream's retention is refreshed every producer_timeout_ms / 3, not per append
+            raise ConfigError("streams.open_ttl_s", "must be at least streams.producer_timeout_ms (in seconds)")
         _range("streams.wait_timeout_ms", self.wait_timeout_ms, 0, 3_600_000)
         _range("streams.cancel_grace_ms", self.cancel_grace_ms, 0, 600_000)
 

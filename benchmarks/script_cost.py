@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Valkey's CPU per appended chunk on relayd's write path, against a plain XADD.
+
+Redis work per chunk is issue 10's target 3 (a plain XADD's cost, 2-4 us). This measures it
+without relayd's process or any websocket in the way, so a noisy machine changes little: the
+figure is the server's own CPU time (``INFO cpu``, user + sys) over a run, divided by the chunks
+appended, and Valkey is pinned to its own core when ``--server-cpu`` is given.
+
+Modes (each on a fresh embedded Valkey, as relayd starts it, with ``appendfsync no``):
+
+- ``xadd``: ``XADD <log> MAXLEN ~ N <gen>-<n> d <chunk>`` pipelined: the yardstick;
+- ``relayd``: relayd's RedisStore (its pipeline and append.lua), one chunk per append, streams
+  opened first; with ``redis.notify`` on and nobody else following (one relayd);
+- ``relayd-followed``: the same with another instance in every stream's followers Set (the
+  script publishes; a subscriber on a second connection reads the channel);
+- ``relayd-nonotify``: ``redis.notify = false``.
+
+    python benchmarks/script_cost.py                       # every mode, 200 streams, 100k chunks
+    python benchmarks/script_cost.py --ref 3c32a82          # also relayd's scripts as of a commit
+    python benchmarks/script_cost.py --server-cpu 1 --runs 5
+
+``--ref`` runs the relayd modes again with relayd/ from that commit (git archive to a temp dir),
+side by side, and prints the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CHUNK = b'{"id":"chatcmpl-3f9a1c","choices":[{"index":0,"delta":{"content":" token"}}],"i":42,"t":1763745600123}'
+
+
+def _server_cpu(info: dict[str, Any]) -> float:
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def _run(mode: str, streams: int, chunks: int, batch: int, server_cpu: str | None) -> dict[str, Any]:
+    import redis.asyncio as aioredis
+
+    from relayd.config import Config, RedisConfig, StreamsConfig
+    from relayd.embedded import EmbeddedRedis
+    from relayd.metrics import Metrics
+    from relayd.store.redis_streams import RedisStore
+
+    with tempfile.TemporaryDirectory() as data:
+        server = EmbeddedRedis(Path(data), appendfsync="no")
+        url = server.start()
+        try:
+            if server_cpu:
+                pin = ["taskset", "-pc", server_cpu, str(server.pid)]
+                await asyncio.to_thread(subprocess.run, pin, check=True, capture_output=True)
+            admin = aioredis.Redis.from_url(url)
+            names = [f"bench-{i}" for i in range(streams)]
+            per_stream = chunks // streams
+            if mode == "xadd":
+                before = _server_cpu(await admin.info("cpu"))
+                for start in range(0, per_stream, max(1, batch // streams)):
+                    pipe = admin.pipeline(transaction=False)
+                    for n in range(start + 1, min(start + max(1, batch // streams), per_stream) + 1):
+                        for name in names:
+                            pipe.execute_command(
+                                "XADD", f"p:{{{name}}}:log", "MAXLEN", "~", 100000, f"1-{n}", "d", CHUNK
+                            )
+                    await pipe.execute()
+                after = _server_cpu(await admin.info("cpu"))
+                await admin.aclose()
+                return {"mode": mode, "us_per_chunk": (after - before) * 1e6 / (per_stream * streams)}
+            notify = mode != "relayd-nonotify"
+            config = Config(redis=RedisConfig(key_prefix="p", notify=notify), streams=StreamsConfig(max_chunks=100000))
+            store = RedisStore(config, url, Metrics(), instance="bench")
+            await store.start()
+            listener = None
+            if mode == "relayd-followed":
+                listener = admin.pubsub()
+                for name in names:
+                    await admin.sadd(f"p:{{{name}}}:fol", "other")  # another instance follows
+                    await listener.subscribe(f"p:{{{name}}}:live")
+            handles = []
+            for name in names:
+                opened: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                store.open(name, None, "json", None, opened.set_result)
+                outcome = await opened
+                handles.append(store.append_handle(name, outcome.epoch, outcome.gen))
+            before = _server_cpu(await admin.info("cpu"))
+            answered = 0
+
+            def done(_: Any) -> None:
+                nonlocal answered
+                answered += 1
+
+            sent = 0
+            for seq in range(1, per_stream + 1):
+                for handle in handles:
+                    store.append(handle, seq, [CHUNK], done)
+                    sent += 1
+                if sent - answered > batch * 4:
+                    await store.drain()
+                    if listener is not None:
+                        while await listener.get_message(timeout=0) is not None:
+                            pass
+            await store.drain()
+            after = _server_cpu(await admin.info("cpu"))
+            assert answered == sent, (answered, sent)
+            if listener is not None:
+                await listener.aclose()
+            await store.close()
+            await admin.aclose()
+            return {"mode": mode, "us_per_chunk": (after - before) * 1e6 / sent}
+        finally:
+            server.stop()
+
+
+def _median_of(mode: str, args: argparse.Namespace) -> float:
+    figures = [
+        asyncio.run(_run(mode, args.streams, args.chunks, args.batch, args.server_cpu))["us_per_chunk"]
+        for _ in range(args.runs)
+    ]
+    return statistics.median(figures)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=200)
+    parser.add_argument("--chunks", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=200, help="appends in flight (about one pipeline)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--server-cpu", default=None, help="taskset core list for Valkey")
+    parser.add_argument("--modes", default="xadd,relayd,relayd-followed,relayd-nonotify")
+    parser.add_argument("--ref", default=None, help="also run the relayd modes with relayd/ from this commit")
+    parser.add_argument("--json", action="store_true", help="(internal) print one JSON object of medians")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    results = {mode: _median_of(mode, args) for mode in modes}
+    if args.json:
+        print(json.dumps(results))
+        return
+    old: dict[str, float] = {}
+    if args.ref:
+        with tempfile.TemporaryDirectory() as tree:
+            archive = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", args.ref, "relayd"], check=True, capture_output=True
+            )
+            subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
+            relayd_modes = ",".join(m for m in modes if m != "xadd")
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--json",
+                    "--modes",
+                    relayd_modes,
+                    "--streams",
+                    str(args.streams),
+                    "--chunks",
+                    str(args.chunks),
+                    "--batch",
+                    str(args.batch),
+                    "--runs",
+                    str(args.runs),
+                    *(["--server-cpu", args.server_cpu] if args.server_cpu else []),
+                ],
+                env={**os.environ, "PYTHONPATH": tree},
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            old = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+        f"Valkey CPU per chunk, medians of {args.runs} runs; {args.streams} streams, {args.chunks} chunks, "
+        f"one chunk per append, ~{args.batch} in flight"
+    )
+    base = results.get("xadd")
+    for mode in modes:
+        line = f"  {mode:18s} {results[mode]:6.2f} us"
+        if base and mode != "xadd":
+            line += f"  x{results[mode] / base:.2f} of xadd"
+        if mode in old:
+            line += f"  | {args.ref}: {old[mode]:6.2f} us  (now x{results[mode] / old[mode]:.2f})"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
