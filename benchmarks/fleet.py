@@ -484,15 +484,24 @@ class Consumer:
         if self.done.done():
             st.after_end += sum(1 for line in data.split(b"\n") if line)
             return
+        # ``last`` is the highest cursor seen, so a cursor above it is new (no lookup in ``seen``)
+        if data.startswith(b'{"type":"chunk"') and data.find(b"\n") < 0:  # one chunk: slice, no regex
+            i = data.find(b'"cursor":"', 15) + 10
+            cursor = data[i : data.find(b'"', i)]
+            if cursor > self.last:
+                self.seen.add(cursor)
+                self.last = cursor
+                st.chunks += 1
+                if self.lat is not None:
+                    self.lat.append(now - int(data[data.rfind(b'"t":') + 4 : -2]))
+                elif self.late_probe and st.chunks > st.joined_at_chunk:
+                    st.replay_ms = (now - self.t_connect) / 1e6
+                    self.late_probe = False
+                return
         count = data.count(b'{"type":"chunk"')
         if count and count == data.count(b"\n") + 1:
             cursors = CURSOR_RE.findall(data)
-            if (
-                len(cursors) == count
-                and cursors[0] > self.last
-                and sorted(set(cursors)) == cursors
-                and self.seen.isdisjoint(cursors)
-            ):
+            if len(cursors) == count and cursors[0] > self.last and sorted(set(cursors)) == cursors:
                 self.seen.update(cursors)
                 self.last = cursors[-1]
                 st.chunks += count
@@ -1750,6 +1759,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 med[key] = round(statistics.median(values), 3)
     med["duplicates_total"] = sum(r["duplicates"] for r in runs)
     med["out_of_order_total"] = sum(r["out_of_order"] for r in runs)
+    med["warning_runs"] = sum(1 for r in runs if r.get("warnings"))
     med["incomplete_runs"] = sum(
         1 for r in runs if r["consumers_complete"] != r["consumers_live"] + r["consumers_late"]
     )
