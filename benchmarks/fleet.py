@@ -15,10 +15,20 @@ connects mid-stream and replays from the start. Consumers check every chunk by c
         --api-key "$KEY" --jwt-secret "$SECRET" [--relay-pid PID]
     python benchmarks/fleet.py --streams 200 --spawn --instances 2 --placement cross  # scale-out
     python benchmarks/fleet.py --streams 200 --spawn --workers 2     # one `relayd serve --workers 2`
+    python benchmarks/fleet.py --streams 1000 --producers 1000 --spawn  # one connection per stream
+    python benchmarks/fleet.py --spawn --target yardstick            # the same against the floor
+
+Other workloads (``--mode``, defaults in MODES): ``firehose`` (closed loop, ``--inflight``
+appends of ``--batch`` chunks outstanding per stream), ``fanout`` (one stream at 150 chunks/s to
+1000 consumers), ``replay`` (late joiners replay a finished 10 k-chunk stream one after the
+other). ``--target yardstick`` starts benchmarks/yardstick.py, a minimal relay on the same wire
+frames, instead of relayd, pinned the same way.
 
 Reports delivered/sent, duplicates, out-of-order, latency p50/p99/max (live consumers), acks,
 relay CPU per chunk stored and per delivery (/proc/<pid>/stat), relay peak RSS (VmHWM), Redis
-and generator CPU; prints a summary and one JSON line per run (and one for the medians).
+and generator CPU, Valkey's CPU and commands per chunk (INFO), the saturated cores, and a warning
+when the generator may be the limit; prints a summary and one JSON line per run (and one for the
+medians).
 Everything it starts is stopped on exit, Ctrl-C included; every phase has a deadline.
 """
 
@@ -1484,6 +1494,8 @@ def mode_figures(
         "chunks_per_s": round(s["stored"] / elapsed) if elapsed else None,
         "deliveries_per_s": round(s["delivered"] / elapsed) if elapsed else None,
         "gen_cpu_pct_max_proc": round(100 * max(r["gen_cpu_s"] for r in results) / elapsed, 1) if elapsed else None,
+        # the generator's CPU per chunk it sent or received (an ack of several chunks counts once per chunk)
+        "gen_cpu_us_per_event": round(1e6 * s["gen_cpu_s"] / max(1, s["sent"] + s["delivered"]), 2),
     }
     replays = sorted(c["replay_ms"] for r in results for c in r["consumers"] if c["replay_ms"] is not None)
     if args.mode == "replay":  # the window holds the replays only: nothing is stored in it
@@ -1712,7 +1724,8 @@ def print_summary(s: dict[str, Any]) -> None:
     )
     p(
         f"redis CPU {s['redis_cpu_s']} s ({s.get('redis_cpu_pct')}%); "
-        f"generator CPU {s['gen_cpu_s']} s ({s['gen_cpu_pct']}%, busiest process {s.get('gen_cpu_pct_max_proc')}%)"
+        f"generator CPU {s['gen_cpu_s']} s ({s['gen_cpu_pct']}%, busiest process {s.get('gen_cpu_pct_max_proc')}%, "
+        f"{s.get('gen_cpu_us_per_event')} us per chunk sent or received)"
     )
     if "mode" in s:
         p(
