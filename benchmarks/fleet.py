@@ -1277,7 +1277,8 @@ def wait_for_quiet(max_wait_s: float, busy_pct: float) -> dict[str, dict[str, fl
 
 def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]:
     pre_usage = wait_for_quiet(args.wait_quiet_s, args.quiet_busy_pct) if args.wait_quiet_s > 0 else {}
-    tag = f"{args.mode}-{args.target}-S{args.streams}-{time.strftime('%Y%m%d-%H%M%S')}-r{run_no}"
+    target = args.target if args.spawn else "url"
+    tag = f"{args.mode}-{target}-S{args.streams}-{time.strftime('%Y%m%d-%H%M%S')}-r{run_no}"
     spawned: Spawned | None = None
     workers: list[tuple[Any, Connection]] = []
     profiler: subprocess.Popen[bytes] | None = None
@@ -1461,7 +1462,7 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
         if spawned is not None:
             summary["relay_log"] = str(spawned.relay_log)
             summary["relayd_source"] = spawned.source
-        summary["target"] = args.target if args.spawn else "url"
+        summary["target"] = target
         completed = True
         return summary
     finally:
