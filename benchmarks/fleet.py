@@ -1689,6 +1689,7 @@ TABLE_KEYS = [
     ("late_replay_ms_p50", "late joiner catch-up p50 ms"),
     ("foreign_load_relay_core_pct", "foreign load on relay core %"),
     ("foreign_load_aux_core_pct", "foreign load on aux core %"),
+    ("warning_runs", "runs with a generator warning"),
 ]
 
 
