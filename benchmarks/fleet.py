@@ -736,11 +736,11 @@ class ClosedLoopProducer(Producer):
 
     def on_message(self, data: bytes, now: int) -> None:
         rest = []
-        ack, chunks, st = self.ACK, self.plan.chunks, self.st
+        ack, start, chunks, st = self.ACK, len(self.ACK), self.plan.chunks, self.st
         for line in data.split(b"\n"):
             if line.startswith(ack):
-                q = line.index(b'"', 24)
-                j = self.index[line[24:q]]
+                q = line.index(b'"', start)
+                j = self.index[line[start:q]]
                 p = line.index(b'"seq":', q) + 6
                 seq = int(line[p : line.index(b",", p)])
                 st.acks += seq - self.acked[j]
@@ -1495,8 +1495,10 @@ def mode_figures(
         "chunks_per_s": round(s["stored"] / elapsed) if elapsed else None,
         "deliveries_per_s": round(s["delivered"] / elapsed) if elapsed else None,
         "gen_cpu_pct_max_proc": round(100 * max(r["gen_cpu_s"] for r in results) / elapsed, 1) if elapsed else None,
-        # the generator's CPU per chunk it sent or received (an ack of several chunks counts once per chunk)
-        "gen_cpu_us_per_event": round(1e6 * s["gen_cpu_s"] / max(1, s["sent"] + s["delivered"]), 2),
+        # the generator's CPU per chunk it sent or received in the window (the replay sends before it)
+        "gen_cpu_us_per_event": round(
+            1e6 * s["gen_cpu_s"] / max(1, s["delivered"] + (0 if args.mode == "replay" else s["sent"])), 2
+        ),
     }
     replays = sorted(c["replay_ms"] for r in results for c in r["consumers"] if c["replay_ms"] is not None)
     if args.mode == "replay":  # the window holds the replays only: nothing is stored in it
