@@ -1527,8 +1527,11 @@ def mode_figures(
     saturated = []
     for core, usage in s["cores"].items():
         if usage["busy_pct"] >= 90:
-            ours = ", ".join(f"{w} {shares[w]}%" for w in on_core.get(core, []) if shares[w] is not None)
-            saturated.append(f"{core} {usage['busy_pct']}% busy ({ours or 'none of ours pinned there'})")
+            mine = [(w, shares[w]) for w in on_core.get(core, []) if shares[w] is not None]
+            ours = ", ".join(f"{w} {pct_}%" for w, pct_ in mine)
+            foreign = round(max(0.0, usage["busy_pct"] - sum(pct_ for _, pct_ in mine)), 1)
+            ours = ours or "none of ours pinned there"
+            saturated.append(f"{core} {usage['busy_pct']}% busy ({ours}, other {foreign}%)")
     out["saturated"] = "; ".join(saturated) or "none (every core < 90% busy)"
     out["warnings"] = warnings
     return out
