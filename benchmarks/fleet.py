@@ -15,10 +15,20 @@ connects mid-stream and replays from the start. Consumers check every chunk by c
         --api-key "$KEY" --jwt-secret "$SECRET" [--relay-pid PID]
     python benchmarks/fleet.py --streams 200 --spawn --instances 2 --placement cross  # scale-out
     python benchmarks/fleet.py --streams 200 --spawn --workers 2     # one `relayd serve --workers 2`
+    python benchmarks/fleet.py --streams 1000 --producers 1000 --spawn  # one connection per stream
+    python benchmarks/fleet.py --spawn --target yardstick            # the same against the floor
+
+Other workloads (``--mode``, defaults in MODES): ``firehose`` (closed loop, ``--inflight``
+appends of ``--batch`` chunks outstanding per stream), ``fanout`` (one stream at 150 chunks/s to
+1000 consumers), ``replay`` (late joiners replay a finished 10 k-chunk stream one after the
+other). ``--target yardstick`` starts benchmarks/yardstick.py, a minimal relay on the same wire
+frames, instead of relayd, pinned the same way.
 
 Reports delivered/sent, duplicates, out-of-order, latency p50/p99/max (live consumers), acks,
 relay CPU per chunk stored and per delivery (/proc/<pid>/stat), relay peak RSS (VmHWM), Redis
-and generator CPU; prints a summary and one JSON line per run (and one for the medians).
+and generator CPU, Valkey's CPU and commands per chunk (INFO), the saturated cores, and a warning
+when the generator may be the limit; prints a summary and one JSON line per run (and one for the
+medians).
 Everything it starts is stopped on exit, Ctrl-C included; every phase has a deadline.
 """
 
@@ -31,10 +41,12 @@ import base64
 import contextlib
 import ctypes
 import hashlib
+import heapq
 import json
 import multiprocessing as mp
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -56,6 +68,9 @@ from typing import Any
 import aiohttp
 import jwt
 import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import valkey_stats
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out"
@@ -322,6 +337,10 @@ class RawWS(asyncio.Protocol):
         self.buf = buf[pos:] if pos < n else b""
 
     async def send_many(self, payloads: list[bytes]) -> None:
+        self.send_now(payloads)
+
+    def send_now(self, payloads: list[bytes]) -> None:
+        """Frames out in one write, synchronously (from inside ``data_received``: the firehose)."""
         self.transport.write(b"".join([ws_frame(p) for p in payloads]))  # type: ignore[union-attr]
 
     async def close(self) -> None:
@@ -400,6 +419,11 @@ class Plan:
     # scale-out: the instances' URLs (empty: ``url`` alone) and where consumers go (see placement())
     urls: list[str] = field(default_factory=list)
     placement: str = "same"
+    mode: str = "fleet"  # fleet, firehose, fanout, replay (see MODES)
+    consumers: int = 1  # live consumers per stream
+    inflight: int = 64  # firehose: appends outstanding per stream
+    batch: int = 1  # firehose and replay: chunks per append
+    replays: int = 0  # replay: late joiners, one after the other
 
 
 def producer_instance(plan: Plan, producer: int) -> int:
@@ -438,16 +462,26 @@ class ConsumerStats:
     instance: int = 0  # which relayd instance it connected to (--instances)
 
 
+CURSOR_RE = re.compile(rb'"cursor":"([^"]*)"')
+SENT_AT_RE = re.compile(rb'"t":([0-9]+)\}\}')  # the generator's chunk ends with its send time
+
+
 class Consumer:
-    """One consumer websocket on one stream; checks cursors and measures latency per chunk."""
+    """One consumer websocket on one stream; checks cursors and measures latency per chunk.
+
+    A message of chunk frames only (nearly all of them) is checked as a whole: its cursors and
+    send times are pulled out by two regular expressions (C loops) instead of parsing each frame,
+    so a consumer costs the generator ~1 us per chunk, not ~3 (``--producers 1000``, the
+    fan-out and the replay of 10 k chunks would otherwise measure the generator). A message
+    with anything else, or whose cursors are not new and increasing, takes the per-frame path."""
 
     __slots__ = ("done", "last", "lat", "late_probe", "link", "seen", "st", "subscribed", "t_connect")
 
     def __init__(self, st: ConsumerStats, lat: array.array[int] | None) -> None:
         self.st = st
         self.lat = lat
-        self.seen: set[str] = set()
-        self.last = ""
+        self.seen: set[bytes] = set()
+        self.last = b""
         self.link: RawWS | AioWS | None = None
         self.t_connect = 0
         self.late_probe = not st.live
@@ -460,11 +494,38 @@ class Consumer:
         if self.done.done():
             st.after_end += sum(1 for line in data.split(b"\n") if line)
             return
+        # ``last`` is the highest cursor seen, so a cursor above it is new (no lookup in ``seen``)
+        if data.startswith(b'{"type":"chunk"') and data.find(b"\n") < 0:  # one chunk: slice, no regex
+            i = data.find(b'"cursor":"', 15) + 10
+            cursor = data[i : data.find(b'"', i)]
+            if cursor > self.last:
+                self.seen.add(cursor)
+                self.last = cursor
+                st.chunks += 1
+                if self.lat is not None:
+                    self.lat.append(now - int(data[data.rfind(b'"t":') + 4 : -2]))
+                elif self.late_probe and st.chunks > st.joined_at_chunk:
+                    st.replay_ms = (now - self.t_connect) / 1e6
+                    self.late_probe = False
+                return
+        count = data.count(b'{"type":"chunk"')
+        if count and count == data.count(b"\n") + 1:
+            cursors = CURSOR_RE.findall(data)
+            if len(cursors) == count and cursors[0] > self.last and sorted(set(cursors)) == cursors:
+                self.seen.update(cursors)
+                self.last = cursors[-1]
+                st.chunks += count
+                if self.lat is not None:
+                    self.lat.extend([now - int(t) for t in SENT_AT_RE.findall(data)])
+                elif self.late_probe and st.chunks > st.joined_at_chunk:
+                    st.replay_ms = (now - self.t_connect) / 1e6  # replay over: reached the live tail
+                    self.late_probe = False
+                return
         lines = data.split(b"\n")
         for n, line in enumerate(lines):
             if line.startswith(b'{"type":"chunk"'):
                 obj = orjson.loads(line)
-                cursor = obj["cursor"]
+                cursor = obj["cursor"].encode()
                 if cursor in self.seen:
                     st.dups += 1
                     continue
@@ -532,7 +593,7 @@ class Producer:
         self.all_opened: asyncio.Future[None] = loop.create_future()
         self.all_ended: asyncio.Future[None] = loop.create_future()
         self.lag_ns: array.array[int] = array.array("q")
-        period = int(1e9 / plan.rate)
+        period = int(1e9 / plan.rate) if plan.rate else 0  # 0: the closed loop, no schedule
         self.period = period
         # phase of stream i within the period: streams are spread evenly, globally
         order = sorted(streams, key=lambda s: s[0])
@@ -627,18 +688,102 @@ class Producer:
         await link.send_many(batch)
 
 
+class ClosedLoopProducer(Producer):
+    """The firehose: each stream keeps ``plan.inflight`` appends of ``plan.batch`` chunks
+    outstanding, and each ack sends that stream's next append, until ``plan.chunks`` chunks have
+    been acknowledged; then ``end``. Everything is sent from inside ``data_received``, so an ack
+    costs no task switch; the ack's stream and seq are sliced out of relayd's ack frame (its
+    field order is fixed: ``{"type":"ack","stream":"...","seq":N,...``), not parsed."""
+
+    ACK = b'{"type":"ack","stream":"'
+
+    def __init__(self, plan: Plan, streams: list[tuple[int, str]]) -> None:
+        super().__init__(plan, streams)
+        self.index = {sid.encode(): j for j, (_, sid) in enumerate(self.streams)}
+        self.next_k = [0] * len(self.streams)  # chunks sent, per stream
+        self.acked = [0] * len(self.streams)  # the last seq acknowledged, per stream
+        self.bodies = [b[len(b',"chunk":') :] for _, b in self.heads]  # a chunk up to its token
+        self.out: list[bytes] = []
+
+    def build(self, j: int, now: int) -> None:
+        k, chunks = self.next_k[j], self.plan.chunks
+        if k >= chunks:
+            return
+        n, toks = min(self.plan.batch, chunks - k), self.toks
+        a, b = self.heads[j]
+        if self.plan.batch == 1:  # the fleet's one-chunk append
+            self.out.append(b'%s%d%s%s}}],"i":%d,"t":%d}}' % (a, k + 1, b, toks[k % len(toks)], k, now))
+        else:
+            body = self.bodies[j]
+            items = [b'%s%s}}],"i":%d,"t":%d}' % (body, toks[i % len(toks)], i, now) for i in range(k, k + n)]
+            self.out.append(b'%s%d,"chunks":[%s]}' % (a, k + 1, b",".join(items)))
+        self.next_k[j] = k + n
+        self.st.sent += n
+
+    def flush(self) -> None:
+        if self.out and self.link is not None:
+            self.st.messages += len(self.out)
+            self.st.writes += 1
+            self.link.send_now(self.out)  # type: ignore[union-attr]
+            self.out = []
+
+    def start(self) -> None:
+        now = time.time_ns()
+        for j in range(len(self.streams)):
+            for _ in range(self.plan.inflight):
+                self.build(j, now)
+        self.flush()
+
+    def on_message(self, data: bytes, now: int) -> None:
+        rest = []
+        ack, start, chunks, st = self.ACK, len(self.ACK), self.plan.chunks, self.st
+        for line in data.split(b"\n"):
+            if line.startswith(ack):
+                q = line.index(b'"', start)
+                j = self.index[line[start:q]]
+                p = line.index(b'"seq":', q) + 6
+                seq = int(line[p : line.index(b",", p)])
+                st.acks += seq - self.acked[j]
+                self.acked[j] = seq
+                if seq >= chunks:
+                    self.out.append(self.ends[j])
+                else:
+                    self.build(j, now)
+            elif line:
+                rest.append(line)
+        self.flush()
+        if rest:
+            super().on_message(b"\n".join(rest), now)
+
+
 async def _drive(producers: list[Producer], start_ns: int, tick_s: float) -> None:
     """One scheduler for all producer connections of this worker: wake at the next due chunk
-    (at most every ``tick_s``), send everything due, per connection in one write."""
-    while True:
+    (at most every ``tick_s``), send everything due, per connection in one write. The
+    connections wait in a heap by their next due chunk, so a wake-up costs the connections that
+    are due, not all of them (``--producers S``: one connection per stream)."""
+    tick_ns = int(tick_s * 1e9)
+    heap = [(due, n) for n, p in enumerate(producers) if (due := p.next_due(start_ns)) is not None]
+    heapq.heapify(heap)
+    while heap:
         now = time.time_ns()
-        for p in producers:
+        while heap and heap[0][0] <= now:
+            _, n = heapq.heappop(heap)
+            p = producers[n]
+            ev = p.ev
             await p.send_due(start_ns, now)
-        dues = [d for d in (p.next_due(start_ns) for p in producers) if d is not None]
-        if not dues:
-            return
-        wait = (min(dues) - time.time_ns()) / 1e9
-        await asyncio.sleep(max(wait, tick_s))
+            due = p.next_due(start_ns)
+            if due is not None:  # TCP pushed back (nothing sent): try again a tick later
+                heapq.heappush(heap, (now + tick_ns if p.ev == ev else due, n))
+        if heap:
+            await asyncio.sleep(max((heap[0][0] - time.time_ns()) / 1e9, tick_s))
+
+
+async def _closed_loop(producers: list[Producer]) -> None:
+    """The firehose's driver: start every stream's window; the acks do the rest."""
+    for p in producers:
+        assert isinstance(p, ClosedLoopProducer)
+        p.start()
+    await asyncio.gather(*(p.all_ended for p in producers))
 
 
 async def _worker_async(plan: Plan, index: int, conn: Connection) -> None:
@@ -672,7 +817,8 @@ async def _worker_async(plan: Plan, index: int, conn: Connection) -> None:
     try:
         # 1. producers connect and open their streams (producer n of this worker is global
         # producer index + n * procs, which decides its instance)
-        producers = [Producer(plan, [s for k, s in enumerate(mine) if k % nprod == n]) for n in range(nprod)]
+        kind = Producer if plan.mode in ("fleet", "fanout") else ClosedLoopProducer
+        producers = [kind(plan, [s for k, s in enumerate(mine) if k % nprod == n]) for n in range(nprod)]
         stream_at: dict[str, int] = {}  # stream id -> the instance of its producer
         for n, p in enumerate(producers):
             p.st.instance = producer_instance(plan, index + n * plan.procs)
@@ -684,8 +830,11 @@ async def _worker_async(plan: Plan, index: int, conn: Connection) -> None:
             await p.open_all()
         async with asyncio.timeout(60):
             await asyncio.gather(*(p.all_opened for p in producers))
+        if plan.mode == "replay":  # the streams to replay are written and ended before the window
+            async with asyncio.timeout(max(1.0, deadline - time.monotonic())):
+                await _closed_loop(producers)
 
-        # 2. one live consumer per stream, subscribed before the first append
+        # 2. the live consumers (``plan.consumers`` per stream), subscribed before the first append
         lat: array.array[int] = array.array("q")
         sem = asyncio.Semaphore(plan.connect_concurrency)
 
@@ -702,6 +851,7 @@ async def _worker_async(plan: Plan, index: int, conn: Connection) -> None:
         consumers = [
             Consumer(ConsumerStats(sid, True, instance=consumer_instance(plan, i, stream_at[sid])), lat)
             for i, sid in mine
+            for _ in range(plan.consumers)
         ]
         async with asyncio.timeout(120):
             await asyncio.gather(*(subscribe(c) for c in consumers))
@@ -711,7 +861,7 @@ async def _worker_async(plan: Plan, index: int, conn: Connection) -> None:
         msg = await loop.run_in_executor(None, conn.recv)
         start_ns: int = msg[1]
         cpu0 = time.process_time()
-        duration_s = plan.chunks / plan.rate
+        duration_s = plan.chunks / plan.rate if plan.rate else 0.0
 
         # 4. late joiners: connect mid-stream, replay from the start
         late: list[Consumer] = []
@@ -729,8 +879,25 @@ async def _worker_async(plan: Plan, index: int, conn: Connection) -> None:
                 late.append(c)
                 late_tasks.append(asyncio.create_task(late_join(c, rng.uniform(0.2, 0.8) * duration_s)))
 
+        async def replays() -> None:
+            """Late joiners of the finished streams, one after the other: connect -> last chunk."""
+            for r in range(plan.replays):
+                i, sid = mine[r % len(mine)]
+                c = Consumer(ConsumerStats(sid, False, instance=consumer_instance(plan, i, stream_at[sid])), None)
+                c.st.joined_at_chunk = plan.chunks - 1  # replay_ms: connect -> the last chunk
+                late.append(c)
+                await subscribe(c)
+                await c.done
+                if c.link is not None:
+                    await c.link.close()
+
         await asyncio.sleep(max(0.0, start_ns / 1e9 - time.time()))
-        driver = asyncio.create_task(_drive(producers, start_ns, plan.tick_ms / 1000))
+        if plan.mode == "replay":
+            driver = asyncio.create_task(replays())
+        elif plan.mode == "firehose":
+            driver = asyncio.create_task(_closed_loop(producers))
+        else:
+            driver = asyncio.create_task(_drive(producers, start_ns, plan.tick_ms / 1000))
         everything = [driver, *late_tasks, *(c.done for c in consumers)]
         done, pending = await asyncio.wait(everything, timeout=max(1.0, deadline - time.monotonic()))
         timed_out = bool(pending)
@@ -875,14 +1042,19 @@ class Spawned:
             if key == "PYTHONPATH" and env.get(key):  # keep the --relayd-ref snapshot on the path
                 value = os.pathsep.join([value, env[key]])
             env[key] = value
-        exe = shutil.which("relayd", path=str(Path(sys.executable).parent)) or shutil.which("relayd")
-        if exe is None:
-            raise SystemExit("relayd executable not found (pip install -e .)")
-        serve = [exe, "serve", *(["--workers", str(self.workers)] if self.workers else [])]
+        if getattr(a, "target", "relayd") == "yardstick":  # the floor: benchmarks/yardstick.py, pinned the same
+            script = HERE / "yardstick.py"
+            serve = [sys.executable, str(script), "--redis-url", env["RELAYD_REDIS_URL"], "--port"]
+            self.source = {"target": "yardstick", "sha256": hashlib.sha256(script.read_bytes()).hexdigest()[:16]}
+        else:
+            exe = shutil.which("relayd", path=str(Path(sys.executable).parent)) or shutil.which("relayd")
+            if exe is None:
+                raise SystemExit("relayd executable not found (pip install -e .)")
+            serve = [exe, "serve", *(["--workers", str(self.workers)] if self.workers else [])]
         for port, log in zip(self.relay_ports, self.relay_logs, strict=True):
             self.relayds.append(
                 subprocess.Popen(
-                    [*taskset(a.relay_cpu), *serve],
+                    [*taskset(a.relay_cpu), *serve, *([str(port)] if serve[-1] == "--port" else [])],
                     env={**env, "RELAYD_SERVER_PORT": str(port)},
                     cwd=self.tmp,
                     stdout=log.open("wb"),
@@ -1105,7 +1277,8 @@ def wait_for_quiet(max_wait_s: float, busy_pct: float) -> dict[str, dict[str, fl
 
 def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]:
     pre_usage = wait_for_quiet(args.wait_quiet_s, args.quiet_busy_pct) if args.wait_quiet_s > 0 else {}
-    tag = f"S{args.streams}-{time.strftime('%Y%m%d-%H%M%S')}-r{run_no}"
+    target = args.target if args.spawn else "url"
+    tag = f"{args.mode}-{target}-S{args.streams}-{time.strftime('%Y%m%d-%H%M%S')}-r{run_no}"
     spawned: Spawned | None = None
     workers: list[tuple[Any, Connection]] = []
     profiler: subprocess.Popen[bytes] | None = None
@@ -1128,13 +1301,16 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
             redis_pid = args.redis_pid or pid_by_name(("valkey-server", "redis-server"))
             urls = [url]
             relay_procs = [("i0", relay_pid)] if relay_pid is not None else []
+        valkey_at = (
+            ("127.0.0.1", spawned.redis_port, None) if spawned is not None else valkey_stats.address_of(args.redis_url)
+        )
         now = int(time.time())
         token = jwt.encode(
             {"streams": ["*"], "rights": ["read"], "aud": args.jwt_audience, "iat": now, "exp": now + 3600},
             secret,
             algorithm="HS256",
         )
-        duration_s = args.chunks / args.rate
+        duration_s = args.chunks / args.rate if args.rate else args.streams * args.chunks / 20_000 + args.replays
         plan = Plan(
             url=url,
             api_key=api_key,
@@ -1153,6 +1329,11 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
             tick_ms=args.tick_ms,
             urls=urls if len(urls) > 1 else [],
             placement=args.placement,
+            mode=args.mode,
+            consumers=args.consumers,
+            inflight=args.inflight,
+            batch=args.batch,
+            replays=args.replays,
         )
         ctx = mp.get_context("fork")
         for i in range(args.procs):
@@ -1172,6 +1353,7 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
         t0 = time.monotonic()
         relay_cpu0 = {name: proc_cpu_s(pid) for name, pid in relay_procs}
         redis_cpu0 = proc_cpu_s(redis_pid)
+        valkey0 = valkey_stats.snapshot(valkey_at)
         relay_sys0 = {name: proc_cpu_s(pid, "sys") for name, pid in relay_procs}
         cores0 = cpu_times()
         if args.profile and relay_pid is not None:
@@ -1187,6 +1369,7 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
         elapsed = time.monotonic() - t0
         relay_cpu1 = {name: proc_cpu_s(pid) for name, pid in relay_procs}
         redis_cpu1 = proc_cpu_s(redis_pid)
+        valkey1 = valkey_stats.snapshot(valkey_at)
         relay_sys1 = {name: proc_cpu_s(pid, "sys") for name, pid in relay_procs}
         cores = core_usage(cores0, cpu_times())
         hwms = {name: proc_status_kib(pid, "VmHWM") for name, pid in relay_procs}
@@ -1251,7 +1434,9 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
         if rc is not None:
             summary["relay_cpu_pct"] = round(100 * rc / elapsed, 1)
             summary["relay_cpu_us_per_chunk"] = round(1e6 * rc / max(1, summary["stored"]), 2)
-            summary["relay_cpu_us_per_delivery"] = round(1e6 * rc / max(1, summary["delivered"]), 2)
+            summary["relay_cpu_us_per_delivery"] = (
+                round(1e6 * rc / summary["delivered"], 2) if summary["delivered"] else None
+            )
         if summary["redis_cpu_s"] is not None:
             summary["redis_cpu_pct"] = round(100 * summary["redis_cpu_s"] / elapsed, 1)
             summary["redis_cpu_us_per_chunk"] = round(1e6 * summary["redis_cpu_s"] / max(1, summary["stored"]), 2)
@@ -1270,9 +1455,14 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
             summary["foreign_load_all_cores_pct"] = round(
                 max(0.0, sum(u["busy_pct"] for u in cores.values()) - ours), 1
             )
+        # per chunk stored; the replay stores nothing in its window: per chunk replayed
+        per = summary["delivered"] if args.mode == "replay" else summary["stored"]
+        summary.update(valkey_stats.figures(valkey0, valkey1, per))
+        summary.update(mode_figures(args, summary, results, elapsed))
         if spawned is not None:
             summary["relay_log"] = str(spawned.relay_log)
             summary["relayd_source"] = spawned.source
+        summary["target"] = target
         completed = True
         return summary
     finally:
@@ -1293,6 +1483,58 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
                 profiler.kill()
         if spawned is not None:
             spawned.stop()
+
+
+def mode_figures(
+    args: argparse.Namespace, s: dict[str, Any], results: list[dict[str, Any]], elapsed: float
+) -> dict[str, Any]:
+    """What every mode adds: throughput, the generator's own load (and a warning when it may be
+    the limit), which core is saturated, and for the replay the fastest replay."""
+    out: dict[str, Any] = {
+        "mode": args.mode,
+        "chunks_per_s": round(s["stored"] / elapsed) if elapsed else None,
+        "deliveries_per_s": round(s["delivered"] / elapsed) if elapsed else None,
+        "gen_cpu_pct_max_proc": round(100 * max(r["gen_cpu_s"] for r in results) / elapsed, 1) if elapsed else None,
+        # the generator's CPU per chunk it sent or received in the window (the replay sends before it)
+        "gen_cpu_us_per_event": round(
+            1e6 * s["gen_cpu_s"] / max(1, s["delivered"] + (0 if args.mode == "replay" else s["sent"])), 2
+        ),
+    }
+    replays = sorted(c["replay_ms"] for r in results for c in r["consumers"] if c["replay_ms"] is not None)
+    if args.mode == "replay":  # the window holds the replays only: nothing is stored in it
+        out["chunks_per_s"] = None
+        out["late_replay_ms_min"] = round(replays[0], 1) if replays else None
+        if s.get("relay_cpu_s") is not None:
+            out["relay_cpu_ms_per_replay"] = round(1000 * s["relay_cpu_s"] / max(1, len(replays)), 2)
+            s["relay_cpu_us_per_chunk"] = None
+    warnings = []
+    if (out["gen_cpu_pct_max_proc"] or 0) > args.gen_warn_pct:
+        warnings.append(
+            f"the generator used {out['gen_cpu_pct_max_proc']}% of a core (one process): it may be the limit, "
+            "not the relay (latency and throughput then measure the generator)"
+        )
+    # the saturated core(s) and what ran on them: ours (relay, Valkey, generator) or foreign load
+    shares = {"relay": s.get("relay_cpu_pct"), "Valkey": s.get("redis_cpu_pct"), "generator": s.get("gen_cpu_pct")}
+    on_core: dict[str, list[str]] = {}
+    if args.spawn:
+        for who, cpus in (
+            ("relay", args.relay_cpu),
+            ("Valkey", args.aux_cpu),
+            ("generator", args.gen_cpu or args.aux_cpu),
+        ):
+            for cpu in str(cpus).split(","):
+                on_core.setdefault(f"cpu{cpu}", []).append(who)
+    saturated = []
+    for core, usage in s["cores"].items():
+        if usage["busy_pct"] >= 90:
+            mine = [(w, shares[w]) for w in on_core.get(core, []) if shares[w] is not None]
+            ours = ", ".join(f"{w} {pct_}%" for w, pct_ in mine)
+            foreign = round(max(0.0, usage["busy_pct"] - sum(pct_ for _, pct_ in mine)), 1)
+            ours = ours or "none of ours pinned there"
+            saturated.append(f"{core} {usage['busy_pct']}% busy ({ours}, other {foreign}%)")
+    out["saturated"] = "; ".join(saturated) or "none (every core < 90% busy)"
+    out["warnings"] = warnings
+    return out
 
 
 def _sub(a: float | None, b: float | None) -> float | None:
@@ -1438,19 +1680,28 @@ TABLE_KEYS = [
     ("relay_cpu_us_per_delivery", "relay CPU us/delivery"),
     ("relay_cpu_pct", "relay CPU % of a core"),
     ("relay_peak_rss_mib", "relay peak RSS MiB"),
+    ("chunks_per_s", "durable chunks/s"),
+    ("deliveries_per_s", "deliveries/s"),
+    ("late_replay_ms_min", "replay ms min"),
+    ("relay_cpu_ms_per_replay", "relay CPU ms per replay"),
     ("redis_cpu_pct", "Redis CPU % of a core"),
     ("redis_cpu_us_per_chunk", "Redis CPU us/chunk stored"),
+    ("valkey_info_cpu_us_per_chunk", "Valkey INFO CPU us/chunk"),
+    ("valkey_calls_per_chunk", "Valkey calls/chunk"),
     ("gen_cpu_pct", "generator CPU % of a core"),
+    ("gen_cpu_pct_max_proc", "generator busiest process %"),
     ("send_lag_p99_ms", "producer send lag p99 ms"),
     ("late_replay_ms_p50", "late joiner catch-up p50 ms"),
     ("foreign_load_relay_core_pct", "foreign load on relay core %"),
     ("foreign_load_aux_core_pct", "foreign load on aux core %"),
+    ("warning_runs", "runs with a generator warning"),
 ]
 
 
 def print_summary(s: dict[str, Any]) -> None:
     p = print
-    p(f"\n== fleet {s['tag']}: S={s['streams']} x {s['chunks_per_stream']} chunks @ {s['rate_per_stream']}/s ==")
+    rate = f"@ {s['rate_per_stream']}/s" if s["rate_per_stream"] else "closed loop"
+    p(f"\n== {s['tag']}: S={s['streams']} x {s['chunks_per_stream']} chunks {rate} ==")
     p(
         f"producers: {s['producer_conns']} conns, {s['producer_msgs']} messages, sent {s['sent']} chunks, "
         f"acks {s['acks']}, ended {s['ended_acks']}, errors {s['producer_errors'] or 'none'}"
@@ -1480,8 +1731,24 @@ def print_summary(s: dict[str, Any]) -> None:
     )
     p(
         f"redis CPU {s['redis_cpu_s']} s ({s.get('redis_cpu_pct')}%); "
-        f"generator CPU {s['gen_cpu_s']} s ({s['gen_cpu_pct']}%)"
+        f"generator CPU {s['gen_cpu_s']} s ({s['gen_cpu_pct']}%, busiest process {s.get('gen_cpu_pct_max_proc')}%, "
+        f"{s.get('gen_cpu_us_per_event')} us per chunk sent or received)"
     )
+    if "mode" in s:
+        p(
+            f"{s['mode']}: {s['chunks_per_s']} durable chunks/s, {s['deliveries_per_s']} deliveries/s; "
+            f"saturated: {s['saturated']}"
+        )
+        if s.get("late_replay_ms_min") is not None:
+            p(
+                f"replay of {s['chunks_per_stream']} chunks, connect -> last chunk: p50 {s['late_replay_ms_p50']} ms, "
+                f"min {s['late_replay_ms_min']}, max {s['late_replay_ms_max']} ms ({s['consumers_late']} joiners); "
+                f"relay CPU {s.get('relay_cpu_ms_per_replay')} ms per replay"
+            )
+    if "valkey_info_cpu_us_per_chunk" in s:
+        p(valkey_stats.describe(s))
+    for warning in s.get("warnings", []):
+        p(f"WARNING: {warning}")
     p(
         "cores: "
         + ", ".join(f"{k} busy {v['busy_pct']}% steal {v['steal_pct']}%" for k, v in s["cores"].items())
@@ -1512,6 +1779,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 med[key] = round(statistics.median(values), 3)
     med["duplicates_total"] = sum(r["duplicates"] for r in runs)
     med["out_of_order_total"] = sum(r["out_of_order"] for r in runs)
+    med["warning_runs"] = sum(1 for r in runs if r.get("warnings"))
     med["incomplete_runs"] = sum(
         1 for r in runs if r["consumers_complete"] != r["consumers_live"] + r["consumers_late"]
     )
@@ -1565,11 +1833,33 @@ def run_series(
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--streams", "-S", type=int, default=200)
-    ap.add_argument("--chunks", type=int, default=500, help="chunks per stream")
-    ap.add_argument("--rate", type=float, default=50.0, help="chunks/s per stream")
-    ap.add_argument("--producers", type=int, default=8, help="producer websocket connections")
-    ap.add_argument("--late-frac", type=float, default=0.05, help="fraction of streams with a late joiner")
+    ap.add_argument(
+        "--mode",
+        choices=tuple(MODES),
+        default="fleet",
+        help="the workload; its defaults for the options below are in MODES (fleet.py's source) and README",
+    )
+    ap.add_argument(
+        "--target",
+        choices=("relayd", "yardstick"),
+        default="relayd",
+        help="--spawn: the relay to start: relayd, or benchmarks/yardstick.py (the floor to compare with)",
+    )
+    ap.add_argument("--streams", "-S", type=int, default=None)
+    ap.add_argument("--chunks", type=int, default=None, help="chunks per stream")
+    ap.add_argument("--rate", type=float, default=None, help="chunks/s per stream (fleet, fanout)")
+    ap.add_argument(
+        "--producers", type=int, default=None, help="producer websocket connections (= --streams: one per stream)"
+    )
+    ap.add_argument("--consumers", type=int, default=None, help="live consumers per stream")
+    ap.add_argument("--late-frac", type=float, default=None, help="fraction of streams with a late joiner")
+    ap.add_argument("--inflight", type=int, default=64, help="firehose: appends outstanding per stream")
+    ap.add_argument("--batch", type=int, default=1, help="firehose, replay: chunks per append (1: one per message)")
+    ap.add_argument("--replays", type=int, default=None, help="replay: late joiners, one after the other")
+    ap.add_argument("--redis-url", default=None, help="--url mode: the Redis relayd uses, for its INFO figures")
+    ap.add_argument(
+        "--gen-warn-pct", type=float, default=80.0, help="warn when a generator process uses more of a core than this"
+    )
     ap.add_argument("--coalesce", type=int, default=1, help="max appends per producer message (1: one each)")
     ap.add_argument("--procs", type=int, default=1, help="generator worker processes")
     ap.add_argument(
@@ -1628,7 +1918,35 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Each mode's defaults for the options left unset (see README.md, "Workloads").
+MODES: dict[str, dict[str, Any]] = {
+    # S streams at 50 chunks/s, 8 multiplexing producer connections, 1 live consumer + 5% late joiners
+    "fleet": {"streams": 200, "chunks": 500, "rate": 50.0, "producers": 8, "consumers": 1, "late_frac": 0.05},
+    # closed loop: --inflight appends of --batch chunks outstanding per stream, no consumers
+    "firehose": {"streams": 100, "chunks": 5000, "rate": 0.0, "producers": 8, "consumers": 0, "late_frac": 0.0},
+    # one stream at 150 chunks/s to 1000 consumers: 150 k deliveries/s
+    "fanout": {"streams": 1, "chunks": 1500, "rate": 150.0, "producers": 1, "consumers": 1000, "late_frac": 0.0},
+    # a finished 10 k-chunk stream (written before the window), replayed by late joiners in turn
+    "replay": {
+        "streams": 1, "chunks": 10000, "rate": 0.0, "producers": 1, "consumers": 0, "late_frac": 0.0, "replays": 7,
+    },
+}  # fmt: skip
+
+
 def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    for key, value in MODES[args.mode].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.replays is None:
+        args.replays = 0
+    if args.mode == "replay" and (args.replays < 1 or args.procs != 1):
+        ap.error("--mode replay needs --replays >= 1 and --procs 1")
+    if args.mode in ("firehose", "replay") and (args.client != "raw" or args.inflight < 1 or args.batch < 1):
+        ap.error("the closed loop needs --client raw, --inflight >= 1 and --batch >= 1")
+    if args.mode in ("fleet", "fanout") and args.rate <= 0:
+        ap.error("--rate must be > 0")
+    if args.target == "yardstick" and (args.instances > 1 or args.workers or not args.spawn):
+        ap.error("--target yardstick is one process started by --spawn (no --instances or --workers)")
     if args.procs < 1 or args.producers < args.procs or args.streams < args.producers:
         ap.error("need streams >= producers >= procs >= 1")
     if args.instances < 1 or args.workers < 0:

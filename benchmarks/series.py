@@ -12,6 +12,9 @@ each variant to the first one.
         --variant cross="--instances 2 --placement cross" \\
         -- --streams 200 --spawn
 
+``--ratio-to yardstick`` divides by that variant instead of the first (issue 10: relayd as a
+multiple of benchmarks/yardstick.py measured in the same rounds).
+
 Everything after ``--`` is given to every variant (fleet.py's options); a variant's own options
 come after them, so they win. Every run and every variant's medians are appended to
 ``out/fleet-results.jsonl`` with ``"series"`` and ``"variant"`` fields; the table also goes to
@@ -41,10 +44,21 @@ ROWS = [
     ("inst_i1_cpu_us_per_chunk", "  instance 1 us/chunk"),
     ("inst_w0_cpu_us_per_chunk", "  worker 0 us/chunk"),
     ("inst_w1_cpu_us_per_chunk", "  worker 1 us/chunk"),
+    ("relay_cpu_us_per_delivery", "relay CPU us/delivery"),
+    ("relay_cpu_ms_per_replay", "relay CPU ms per replay"),
     ("relay_cpu_pct", "relay CPU % of a core (all)"),
+    ("chunks_per_s", "durable chunks/s"),
+    ("deliveries_per_s", "deliveries/s"),
+    ("late_replay_ms_p50", "late joiner replay/catch-up p50 ms"),
+    ("late_replay_ms_min", "replay min ms"),
+    ("late_replay_ms_max", "replay max ms"),
     ("redis_cpu_us_per_chunk", "Valkey CPU us/chunk"),
+    ("valkey_info_cpu_us_per_chunk", "Valkey INFO CPU us/chunk"),
+    ("valkey_calls_per_chunk", "Valkey calls/chunk"),
     ("redis_cpu_pct", "Valkey CPU % of a core"),
     ("gen_cpu_pct", "generator CPU % of a core"),
+    ("gen_cpu_pct_max_proc", "generator busiest process %"),
+    ("warning_runs", "runs with a generator warning"),
     ("inst_i0_broker_notifications", "instance 0 notifications in"),
     ("inst_i1_broker_notifications", "instance 1 notifications in"),
     ("inst_w0_broker_notifications", "worker 0 notifications in"),
@@ -59,22 +73,38 @@ ROWS = [
     ("foreign_load_all_cores_pct", "foreign load all cores %"),
     ("discarded_runs", "disturbed runs discarded"),
 ]
-RATIOS = ["latency_p50_ms", "latency_p99_ms", "relay_cpu_us_per_chunk", "redis_cpu_us_per_chunk"]
+RATIOS = [
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "latency_max_ms",
+    "relay_cpu_us_per_chunk",
+    "relay_cpu_us_per_delivery",
+    "redis_cpu_us_per_chunk",
+    "valkey_info_cpu_us_per_chunk",
+    "relay_peak_rss_mib",
+    "chunks_per_s",
+    "deliveries_per_s",
+    "late_replay_ms_p50",
+]
 
 
-def table(names: list[str], meds: dict[str, dict[str, Any]]) -> str:
+def table(names: list[str], meds: dict[str, dict[str, Any]], base_name: str | None = None) -> str:
     width = max(12, *(len(n) for n in names))
-    lines = [f"{'':34s}" + "".join(f"{n:>{width + 2}s}" for n in names)]
-    for key, label in ROWS:
-        if any(key in meds[n] for n in names):
-            lines.append(f"{label:34s}" + "".join(f"{meds[n].get(key, '-')!s:>{width + 2}s}" for n in names))
-    base = meds[names[0]]
+    rows = [
+        (label, [meds[n].get(key, "-") for n in names]) for key, label in ROWS if any(key in meds[n] for n in names)
+    ]
+    base_name = base_name or names[0]
+    base = meds[base_name]
     for key in RATIOS:
         cells = []
         for n in names:
             a, b = meds[n].get(key), base.get(key)
             cells.append(f"{a / b:.2f}x" if isinstance(a, int | float) and isinstance(b, int | float) and b else "-")
-        lines.append(f"{'ratio ' + key + ' / ' + names[0]:34s}" + "".join(f"{c:>{width + 2}s}" for c in cells))
+        if any(c != "-" for c in cells):
+            rows.append((f"ratio {key} / {base_name}", cells))
+    lw = max(34, *(len(label) + 1 for label, _ in rows))
+    lines = [f"{'':{lw}s}" + "".join(f"{n:>{width + 2}s}" for n in names)]
+    lines += [f"{label:{lw}s}" + "".join(f"{c!s:>{width + 2}s}" for c in cells) for label, cells in rows]
     return "\n".join(lines)
 
 
@@ -91,6 +121,7 @@ def main() -> int:
         help="rerun a run whose load from other processes (foreign_load_all_cores_pct) is above this (0: never)",
     )
     ap.add_argument("--retries", type=int, default=2, help="reruns of one disturbed run at most")
+    ap.add_argument("--ratio-to", default=None, help="the variant the ratios divide by (default: the first)")
     ap.add_argument("fleet_args", nargs=argparse.REMAINDER, help="-- then fleet.py options for every variant")
     opts = ap.parse_args()
     common = opts.fleet_args[1:] if opts.fleet_args[:1] == ["--"] else opts.fleet_args
@@ -101,6 +132,8 @@ def main() -> int:
     for spec in opts.variant:
         name, _, extra = spec.partition("=")
         variants[name] = fleet.check_args(parser, parser.parse_args(common + shlex.split(extra)))
+    if opts.ratio_to is not None and opts.ratio_to not in variants:
+        ap.error(f"--ratio-to {opts.ratio_to}: no such variant")
     first = next(iter(variants.values()))
     fleet.stop_on_signals()
     first.out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +188,7 @@ def main() -> int:
     text = (
         f"series {series}: {opts.rounds} rounds, medians; common options: {' '.join(common)}\n"
         + "".join(f"  {s}\n" for s in opts.variant)
-        + table(list(variants), meds)
+        + table(list(variants), meds, opts.ratio_to)
     )
     print("\n" + text)
     (first.out / f"series-{series}.txt").write_text(text + "\n")
