@@ -156,3 +156,85 @@ def error_of(event: bytes) -> dict[str, Any] | None:
         return None
     error = body.get("error") if isinstance(body, dict) else None
     return error if isinstance(error, dict) and isinstance(error.get("code"), str) else None
+
+
+# -- the whole stream as one chat.completion (GET /v1/streams/{id}/whole?format=openai) ------------
+
+
+def completion(stream: str, gen: int, chunks: list[Any], text: bool, completed: bool) -> dict[str, Any]:
+    """The ``chat.completion`` the chunks add up to, as OpenAI answers a request with ``stream=false``.
+
+    A text stream's chunks are its content. A json stream's ``chat.completion.chunk`` objects are
+    merged as the openai SDKs merge them: per choice, the role, the content and refusal
+    concatenated, the tool calls' arguments concatenated by index, the last finish reason; the
+    first chunk's id, created, model and system_fingerprint; the usage chunk's usage. A string
+    chunk in a json stream is content of choice 0; other values are skipped.
+    """
+    head: dict[str, Any] = {"id": stream, "object": "chat.completion", "created": gen // 1000, "model": MODEL}
+    choices: dict[int, dict[str, Any]] = {}
+    usage = None
+
+    def choice(index: int) -> dict[str, Any]:
+        if index not in choices:
+            message = {"role": "assistant", "content": None, "refusal": None}
+            choices[index] = {"index": index, "message": message, "logprobs": None, "finish_reason": None}
+        return choices[index]
+
+    def add(message: dict[str, Any], field: str, value: Any) -> None:
+        if isinstance(value, str):
+            message[field] = (message[field] or "") + value
+
+    first = True
+    for chunk in chunks:
+        if isinstance(chunk, str):
+            add(choice(0)["message"], "content", chunk)
+            continue
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
+            continue
+        if first:
+            first = False
+            for key in ("id", "created", "model", "system_fingerprint"):
+                if chunk.get(key) is not None:
+                    head[key] = chunk[key]
+        if chunk.get("usage") is not None:
+            usage = chunk["usage"]
+        for part in chunk["choices"]:
+            if not isinstance(part, dict) or not isinstance(part.get("index", 0), int):
+                continue
+            merged = choice(part.get("index", 0))
+            delta = part.get("delta")
+            if not isinstance(delta, dict):
+                delta = {}
+            message = merged["message"]
+            if isinstance(delta.get("role"), str):
+                message["role"] = delta["role"]
+            add(message, "content", delta.get("content"))
+            add(message, "refusal", delta.get("refusal"))
+            for call in delta.get("tool_calls") or ():
+                _merge_tool_call(message, call)
+            if part.get("finish_reason") is not None:
+                merged["finish_reason"] = part["finish_reason"]
+    zero = choice(0)
+    if text and zero["message"]["content"] is None:
+        zero["message"]["content"] = ""
+    if completed:
+        for merged in choices.values():
+            merged["finish_reason"] = merged["finish_reason"] or "stop"
+    return {**head, "choices": [choices[i] for i in sorted(choices)], "usage": usage}
+
+
+def _merge_tool_call(message: dict[str, Any], call: Any) -> None:
+    if not isinstance(call, dict) or not isinstance(call.get("index", 0), int):
+        return
+    calls: list[dict[str, Any]] = message.setdefault("tool_calls", [])
+    index = call.get("index", 0)
+    while len(calls) <= index:
+        calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+    merged = calls[index]
+    if isinstance(call.get("id"), str):
+        merged["id"] = call["id"]
+    function = call.get("function")
+    if isinstance(function, dict):
+        for key in ("name", "arguments"):
+            if isinstance(function.get(key), str):
+                merged["function"][key] += function[key]

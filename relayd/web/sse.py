@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from relayd.auth import parse_bearer
+from relayd.auth import Principal, parse_bearer
 from relayd.errors import ClientError, ProtocolError, StoreError
 from relayd.logs import ConnectionLog, Pairs
 from relayd.outbox import Outbox
@@ -85,6 +85,39 @@ def refusal(openai: bool, status: int, code: str, message: str) -> web.Response:
     return response
 
 
+def authorize(request: web.Request) -> tuple[Principal, str]:
+    """The consumer's token (``?token=`` or ``Authorization: Bearer``) and the stream it may read.
+    Checks ``?format=`` too, so that no other refusal comes in the wrong shape."""
+    response_format(request.query.get("format"))
+    token = request.query.get("token") or parse_bearer(request.headers.get("Authorization"))
+    principal = request.app[RUNTIME].tokens.verify(token)
+    stream = check_stream_id(request.match_info["stream"])
+    principal.require(stream, "read")
+    return principal, stream
+
+
+def wait_param(request: web.Request, cap_ms: int) -> int:
+    """``?wait_ms=``, at most ``cap_ms`` (also its default)."""
+    wait = request.query.get("wait_ms")
+    return min(parse_uint(wait, "wait_ms") if wait else cap_ms, cap_ms)
+
+
+def refused(request: web.Request, exc: ClientError, openai: bool) -> web.Response:
+    """A consumer request refused before anything was sent: counted, logged (credentials), answered."""
+    rt = request.app[RUNTIME]
+    if exc.code in ("unauthorized", "token_expired", "forbidden"):
+        rt.metrics.auth_failure(exc.code)
+        fields = {"remote": request.remote, "code": exc.code}
+        log.info("consumer_sse refused %s", Pairs(fields), extra={"role": "consumer_sse", **fields})
+    else:
+        rt.metrics.bad_frame(exc.code)
+    response = client_error_response(exc)
+    if openai:
+        response = refusal(True, response.status, exc.code, exc.message)
+    response.headers.update(cors_headers(request))
+    return response
+
+
 def response_format(value: str | None) -> bool:
     """``?format=``: ``relayd`` (the default) or ``openai``; True for openai."""
     if value is None or value == "relayd":
@@ -111,27 +144,12 @@ async def events(request: web.Request) -> web.StreamResponse:
     if rt.draining.is_set():
         return refusal(openai, 503, "shutting_down", "relayd is draining")
     try:
-        response_format(request.query.get("format"))
-        token = request.query.get("token") or parse_bearer(request.headers.get("Authorization"))
-        principal = rt.tokens.verify(token)
-        stream = check_stream_id(request.match_info["stream"])
-        principal.require(stream, "read")
+        principal, stream = authorize(request)
         cursor = parse_optional_cursor(request.headers.get("Last-Event-ID") or request.query.get("cursor"))
-        wait = request.query.get("wait_ms")
-        wait_ms = min(parse_uint(wait, "wait_ms") if wait else cfg.streams.wait_timeout_ms, cfg.streams.wait_timeout_ms)
+        wait_ms = wait_param(request, cfg.streams.wait_timeout_ms)
         codec: FrameCodec = OPENAI_SSE_CODEC if openai else sse_codec(request.query.get("error_event"))
     except ClientError as exc:
-        if exc.code in ("unauthorized", "token_expired", "forbidden"):
-            rt.metrics.auth_failure(exc.code)
-            fields = {"remote": request.remote, "code": exc.code}
-            log.info("consumer_sse refused %s", Pairs(fields), extra={"role": "consumer_sse", **fields})
-        else:
-            rt.metrics.bad_frame(exc.code)
-        refused = client_error_response(exc)
-        if openai:
-            refused = refusal(True, refused.status, exc.code, exc.message)
-        refused.headers.update(cors_headers(request))
-        return refused
+        return refused(request, exc, openai)
 
     meta = None
     if cursor is not None or openai:
@@ -226,7 +244,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         rt.metrics.connection_closed("consumer_sse")
         conn_log.closed(None, "client_closed", chunks_out=outbox.chunks_written, streams=1)
     if held and not response.prepared:
-        refused = refusal(True, ERROR_STATUS[held[0]["code"]], held[0]["code"], held[0]["message"])
-        refused.headers.update(cors_headers(request))
-        return refused
+        answer = refusal(True, ERROR_STATUS[held[0]["code"]], held[0]["code"], held[0]["message"])
+        answer.headers.update(cors_headers(request))
+        return answer
     return response
