@@ -212,8 +212,14 @@ class ConsumerConfig:
     send_timeout_ms: int = 10_000
     catchup_page: int = 500
     sse_keepalive_s: float = 15.0
+    # GET /v1/streams/{id}/whole: the largest stream it answers (413 beyond), and the default and
+    # cap of its wait_ms (how long it waits for the stream's end).
+    whole_max_bytes: int = 8 * 1024 * 1024
+    whole_wait_ms: int = 60_000
 
     def check(self) -> None:
+        _positive("consumer.whole_max_bytes", self.whole_max_bytes)
+        _range("consumer.whole_wait_ms", self.whole_wait_ms, 0, 3_600_000)
         _positive("consumer.max_queue_bytes", self.max_queue_bytes)
         _positive("consumer.send_timeout_ms", self.send_timeout_ms)
         _range("consumer.catchup_page", self.catchup_page, 1, 10_000)

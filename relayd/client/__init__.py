@@ -30,6 +30,7 @@ from relayd.client.producer import Producer
 from relayd.client.sync import SyncProducer, SyncWriter
 from relayd.client.tee import Tee
 from relayd.client.tokens import mint_token
+from relayd.client.ui_messages import ui_message_chunks
 from relayd.client.writer import StreamResult, Writer
 
 __all__ = [
@@ -64,4 +65,5 @@ __all__ = [
     "json_encoder",
     "mint_token",
     "text_encoder",
+    "ui_message_chunks",
 ]

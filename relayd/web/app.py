@@ -19,6 +19,7 @@ from relayd.web.sse import events
 from relayd.web.static import client_js
 from relayd.web.throttle import FAILURES, failure_limit
 from relayd.web.tokens import mint_token
+from relayd.web.whole import whole
 
 log = logging.getLogger("relayd.web")
 
@@ -46,6 +47,7 @@ def build_app(runtime: Runtime) -> web.Application:
     # the last path segment, sent as is or percent-encoded (%2F).
     app.router.add_get("/v1/streams/{stream:.+}/ws", consume_ws)
     app.router.add_get("/v1/streams/{stream:.+}/events", events)
+    app.router.add_get("/v1/streams/{stream:.+}/whole", whole)
     app.router.add_get("/v1/client.js", client_js())
     app.router.add_post("/v1/tokens", mint_token)
     app.router.add_get("/healthz", ops.healthz)
