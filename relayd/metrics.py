@@ -291,13 +291,6 @@ class Metrics:
         self._streams_open.inc(delta)
 
     # delivery ---------------------------------------------------------------------------------
-    def delivered(self, path: str, chunks: int, nbytes: int) -> None:
-        """Chunks handed to a connection's outbox: not counted, as they may never reach the socket.
-
-        ``relayd_chunks_delivered_total`` counts what the outboxes wrote (:meth:`written`); this
-        stays until the hub stops calling it.
-        """
-
     def written(self, path: str, chunks: int, nbytes: int) -> None:
         """Chunks (and their frames' bytes) written to a consumer's socket."""
         hot = self._hot

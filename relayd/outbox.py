@@ -32,11 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from time import monotonic
 from typing import Any, Protocol
 
 from relayd.budget import Budget
+
+log = logging.getLogger("relayd.outbox")
 
 _CONGESTED = 64 * 1024  # transport bytes beyond which writes go through the awaiting path
 _CONTROL_RESERVE = 64 * 1024  # queue room beyond max_bytes that only control frames may use
@@ -80,15 +84,14 @@ class Outbox:
         on_stuck: Callable[[str], None] | None = None,
         ping: Callable[[], int] | None = None,
         heartbeat_s: float = 0.0,
-        count_chunks: Callable[[bytes], int] | None = None,
         on_delivered: Callable[[str, int, int], None] | None = None,
         budget: Budget | None = None,
     ) -> None:
         """``on_written(seconds)``: after each write holding live data, the age of its oldest chunk.
 
-        ``count_chunks(frame)`` and ``on_delivered(path, chunks, nbytes)``: chunks are counted when
-        written to the socket, not when queued (``chunks_written``; ``path`` is ``live`` for
-        :meth:`offer`, ``replay`` for :meth:`put`).
+        ``on_delivered(path, chunks, nbytes)``: chunks (as :meth:`offer` and :meth:`put` were told)
+        are counted when written to the socket, not when queued (``chunks_written``; ``path`` is
+        ``live`` for :meth:`offer`, ``replay`` for :meth:`put`).
 
         ``budget``: the bound shared by every consumer connection (relayd/budget.py); while it is
         spent, :meth:`offer` refuses and :meth:`put` waits until this queue has drained.
@@ -107,7 +110,6 @@ class Outbox:
         self._on_stuck = on_stuck
         self._ping = ping
         self._heartbeat = heartbeat_s
-        self._count = count_chunks
         self._on_delivered = on_delivered
         self._items: list[bytes] = []
         self._size = 0
@@ -118,6 +120,7 @@ class Outbox:
         self._scheduled = False
         self._sending = False  # the writer task owns the socket (slow path)
         self._loop = asyncio.get_running_loop()
+        self._tick_end = _tick_end_of(self._loop)
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -150,13 +153,14 @@ class Outbox:
 
     # queueing ---------------------------------------------------------------------------------
 
-    def offer(self, data: bytes) -> bool:
-        """Queue live data without waiting; False when the queue is full (it then falls back)."""
+    def offer(self, data: bytes, chunks: int = 0) -> bool:
+        """Queue live data (``chunks`` chunks) without waiting; False when the queue is full (it
+        then falls back)."""
         if self._closed or self._size >= self._max_bytes:
             return False
         if self._budget is not None and self._budget.spent:
             return False
-        self._queue(data, 0)
+        self._queue(data, 0, chunks)
         if self._size >= self._max_bytes:
             self._room.clear()
         return True
@@ -168,9 +172,9 @@ class Outbox:
         if self._size + len(data) > self._limit:
             self._give_up("queue_full")
             return
-        self._queue(data, -1)
+        self._queue(data, -1, 0)
 
-    async def put(self, data: bytes) -> None:
+    async def put(self, data: bytes, chunks: int = 0) -> None:
         """Queue replayed data, waiting for room for ``data``: the catch-up path, paced by the peer."""
         budget = self._budget
         while (
@@ -181,24 +185,25 @@ class Outbox:
             self._room.clear()
             await self._room.wait()
         if not self._closed:
-            self._queue(data, 2)
+            self._queue(data, 2, chunks)
 
-    def _queue(self, data: bytes, path: int) -> None:
+    def _queue(self, data: bytes, path: int, chunks: int) -> None:
         self._items.append(data)
-        self._size += len(data)
+        size = len(data)
+        self._size += size
         if self._budget is not None:
-            self._budget.charge(len(data))
-        if path >= 0 and self._count is not None:
+            self._budget.charge(size)
+        if path >= 0:
             queued = self._queued
-            queued[path] += self._count(data)
-            queued[path + 1] += len(data)
+            queued[path] += chunks
+            queued[path + 1] += size
         if not self._scheduled:
             self._schedule()
 
     def _schedule(self) -> None:
         self._scheduled = True
         self._empty.clear()
-        self._loop.call_soon(self._flush)
+        self._tick_end.add(self)
 
     def _take(self) -> tuple[list[bytes], list[int]]:
         batch, queued = self._items, self._queued
@@ -355,3 +360,37 @@ def retrieve(task: asyncio.Future[Any]) -> None:
     """Done callback of a write or close that outlived its waiter: its error is expected."""
     if not task.cancelled():
         task.exception()
+
+
+class _TickEnd:
+    """The outboxes that queued something during this event-loop tick, flushed by one callback at
+    its end: a publication to 1000 consumers schedules one callback, not 1000."""
+
+    __slots__ = ("_dirty", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list[Outbox] = []
+
+    def add(self, outbox: Outbox) -> None:
+        if not self._dirty:
+            self._loop.call_soon(self._run)
+        self._dirty.append(outbox)
+
+    def _run(self) -> None:
+        dirty, self._dirty = self._dirty, []  # a flush that queues elsewhere schedules the next run
+        for outbox in dirty:
+            try:
+                outbox._flush()
+            except Exception:  # one connection's failure must not keep the others' frames
+                log.exception("outbox flush failed")
+
+
+_TICK_ENDS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _TickEnd] = weakref.WeakKeyDictionary()
+
+
+def _tick_end_of(loop: asyncio.AbstractEventLoop) -> _TickEnd:
+    tick_end = _TICK_ENDS.get(loop)
+    if tick_end is None:
+        tick_end = _TICK_ENDS[loop] = _TickEnd(loop)
+    return tick_end

@@ -50,15 +50,16 @@ class Sink(Protocol):
     @property
     def max_bytes(self) -> int: ...
 
-    def offer(self, data: bytes) -> bool:
-        """Queue without waiting; False when full (the subscriber then catches up from history)."""
+    def offer(self, data: bytes, chunks: int = 0) -> bool:
+        """Queue without waiting; False when full (the subscriber then catches up from history).
+        ``chunks``: how many chunks ``data`` carries (counted when written)."""
         ...
 
     def control(self, data: bytes) -> None:
         """Queue a small control frame (error, gap, reset) regardless of the limit."""
         ...
 
-    async def put(self, data: bytes) -> None:
+    async def put(self, data: bytes, chunks: int = 0) -> None:
         """Queue, waiting for room: the catch-up path, paced by the peer."""
         ...
 
@@ -142,11 +143,10 @@ class Subscriber:
             return False  # a hole: a publication this subscriber never saw
         data = pub.encoded(self.codec) if pub.first == self.next else pub.encoded_from(self.codec, self.next)
         outbox = self.outbox
-        if not outbox.offer(data):
+        if not outbox.offer(data, pub.chunks):
             return False
         if not outbox.oldest:  # publications come in the order they were read: the first is the oldest
             outbox.oldest = pub.received
-        self.hub.metrics.delivered("live", pub.chunks, len(data))
         self.chunks += pub.chunks
         self.next = pub.last + 1
         self._last = pub.entries[-1]
@@ -294,9 +294,8 @@ class Subscriber:
 
     async def _put_replay(self, entries: list[Entry]) -> None:
         data = self.codec.entries(self.stream, self.gen, entries, self.text)
-        await self.outbox.put(data)
         chunks = len(entries) - (1 if entries[-1].is_end else 0)
-        self.hub.metrics.delivered("replay", chunks, len(data))
+        await self.outbox.put(data, chunks)
         self.chunks += chunks
         self.next = entries[-1].offset + 1
         self._last = entries[-1]

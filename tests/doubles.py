@@ -46,7 +46,7 @@ class RecordingSink:
     def max_bytes(self) -> int:
         return self._max_bytes
 
-    def offer(self, data: bytes) -> bool:
+    def offer(self, data: bytes, chunks: int = 0) -> bool:
         if self.queued >= self._max_bytes:
             return False
         self.control(data)
@@ -57,7 +57,7 @@ class RecordingSink:
         self.queued += len(data)
         self.changed.set()
 
-    async def put(self, data: bytes) -> None:
+    async def put(self, data: bytes, chunks: int = 0) -> None:
         while self.queued and self.queued + len(data) > self._max_bytes:
             self._room.clear()
             await self._room.wait()

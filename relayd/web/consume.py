@@ -42,7 +42,6 @@ from relayd.web.transport import (
     close_stuck,
     drained,
     next_message,
-    ws_chunk_count,
     ws_pinger,
     ws_text_writer,
 )
@@ -89,7 +88,6 @@ class ConsumerConnection:
             on_stuck=self._stuck,
             ping=ws_pinger(request),
             heartbeat_s=cfg.server.heartbeat_s,
-            count_chunks=ws_chunk_count,
             on_delivered=rt.metrics.written,
             budget=rt.relay.consumer_budget,
         )

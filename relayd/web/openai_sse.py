@@ -74,7 +74,6 @@ def end_error(reason: str, message: str) -> dict[str, Any]:
 
 
 def _event(data: bytes, event_id: str | None = None, head: bytes = b"") -> bytes:
-    # The id goes after the data: every event that starts with "id: " is a chunk (see chunk_count).
     tail = b"id: %s\n\n" % event_id.encode() if event_id is not None else b"\n"
     return head + b"data: " + data + b"\n" + tail
 
@@ -90,11 +89,6 @@ def text_chunk(stream: str, gen: int, content: str | None, *, first: bool = Fals
     return orjson.dumps(
         {"id": stream, "object": "chat.completion.chunk", "created": gen // 1000, "model": MODEL, "choices": [choice]}
     )
-
-
-def chunk_count(data: bytes) -> int:
-    """Chunk events in an item of an OpenAI-format response's outbox (only they start with ``id:``)."""
-    return data.count(b"\n\nid: ") + data.startswith(b"id: ")
 
 
 class OpenAiSseCodec(FrameCodec):

@@ -33,8 +33,8 @@ from relayd.web.cors import cors_headers
 from relayd.web.errors import ERROR_CODE, client_error_response, error_response
 from relayd.web.gate import limited
 from relayd.web.keys import RUNTIME
-from relayd.web.openai_sse import ERROR_STATUS, KEEPALIVE, OPENAI_SSE_CODEC, chunk_count, error_object, error_of
-from relayd.web.transport import backlog_of, deliver, sse_chunk_count
+from relayd.web.openai_sse import ERROR_STATUS, KEEPALIVE, OPENAI_SSE_CODEC, error_object, error_of
+from relayd.web.transport import backlog_of, deliver
 
 log = logging.getLogger("relayd.sse")
 
@@ -59,12 +59,12 @@ class _StopsAtError(Outbox):
         self._ended = ended
         self.stopped = False
 
-    def offer(self, data: bytes) -> bool:
-        return True if self.stopped else super().offer(data)  # dropped: the response is ending
+    def offer(self, data: bytes, chunks: int = 0) -> bool:
+        return True if self.stopped else super().offer(data, chunks)  # dropped: the response is ending
 
-    async def put(self, data: bytes) -> None:
+    async def put(self, data: bytes, chunks: int = 0) -> None:
         if not self.stopped:
-            await super().put(data)
+            await super().put(data, chunks)
 
     def control(self, data: bytes) -> None:
         if self.stopped:
@@ -196,7 +196,6 @@ async def events(request: web.Request) -> web.StreamResponse:
         cfg.consumer.send_timeout_ms / 1000,
         backlog_of(request),  # a stuck reader: the transport is aborted
         on_written=rt.metrics.delivery_latency,
-        count_chunks=chunk_count if openai else sse_chunk_count,
         on_delivered=rt.metrics.written,
         budget=rt.relay.consumer_budget,
     )

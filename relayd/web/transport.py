@@ -145,22 +145,6 @@ def ws_pinger(request: web.Request) -> Callable[[], int]:
 
 
 _PING = b"\x89\x00"
-# The line every consumer websocket chunk frame starts with, and the line of an SSE chunk event
-# (relayd.protocol): chunk data is compact JSON, and text is split into "data:" lines, so neither
-# can hold a line that starts like these. Counting them counts the chunks of a written frame.
-_WS_CHUNK = b'{"type":"chunk",'
-_WS_CHUNK_LINE = b"\n" + _WS_CHUNK
-_SSE_CHUNK_LINE = b"\nevent: chunk\n"
-
-
-def ws_chunk_count(data: bytes) -> int:
-    """Chunk frames in an NDJSON item of a consumer websocket's outbox."""
-    return data.count(_WS_CHUNK_LINE) + data.startswith(_WS_CHUNK)
-
-
-def sse_chunk_count(data: bytes) -> int:
-    """Chunk events in an item of an SSE response's outbox."""
-    return data.count(_SSE_CHUNK_LINE)
 
 
 CLOSED_ABNORMALLY = 1006  # what a peer sees when the connection ends without a close frame

@@ -63,14 +63,14 @@ class _Collector:
     def max_bytes(self) -> int:
         return self._queue_bytes  # the subscriber's catch-up pieces and live buffer are sized by it
 
-    def offer(self, data: bytes) -> bool:
+    def offer(self, data: bytes, chunks: int = 0) -> bool:
         self._add(data)
         return True  # never full: past the limit the read is over (413)
 
     def control(self, data: bytes) -> None:
         self._add(data)
 
-    async def put(self, data: bytes) -> None:
+    async def put(self, data: bytes, chunks: int = 0) -> None:
         self._add(data)
 
     def subscription_done(self, sub: Subscription) -> None:
