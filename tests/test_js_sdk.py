@@ -16,3 +16,9 @@ from tests.jsnode import node_test
 async def test_the_typescript_sdk_node_tests_pass_against_relayd(relayd: Relayd) -> None:
     code, tap = await node_test(relayd.url, "sdk.test.mjs")
     assert code == 0, f"node --test failed (exit {code}):\n{tap}"
+
+
+async def test_the_ai_sdk_transport_node_tests_pass_against_relayd(relayd: Relayd) -> None:
+    """The ChatTransport and relayUIMessageStream with the real `ai` package (clients/js/test/ai.test.mjs)."""
+    code, tap = await node_test(relayd.url, "ai.test.mjs")
+    assert code == 0, f"node --test failed (exit {code}):\n{tap}"

@@ -100,6 +100,8 @@ export type Source<T> =
 export interface StreamOptions extends WriterOptions {
   /** return the upstream's error in the result instead of throwing it (the stream ends "error" either way) */
   raiseOnError?: boolean;
+  /** a last chunk appended when a consumer cancels, before the end (the AI SDK's `{type: "abort"}`) */
+  cancelChunk?: unknown;
 }
 
 type Waiter = { resolve: () => void; reject: (err: unknown) => void };
@@ -199,7 +201,7 @@ export class Producer {
    */
   async stream<T>(streamId: string, source: Source<T>, options: StreamOptions = {}): Promise<StreamResult> {
     const writer = this.writer(streamId, options);
-    return writer.pipe(source, options.raiseOnError ?? true);
+    return writer.pipe(source, options.raiseOnError ?? true, options.cancelChunk);
   }
 
   /** Wait until every chunk sent so far, on every stream, is acknowledged. */
@@ -609,7 +611,7 @@ export class StreamWriter {
   }
 
   /** Pipe `source` into this stream and end it (see `Producer.stream`). */
-  async pipe<T>(source: Source<T>, raiseOnError = true): Promise<StreamResult> {
+  async pipe<T>(source: Source<T>, raiseOnError = true, cancelChunk?: unknown): Promise<StreamResult> {
     let iterator: AsyncIterator<T> | null = null;
     let error: unknown = null;
     let failed = false;
@@ -631,6 +633,7 @@ export class StreamWriter {
     }
     if (this.cancelled) {
       closeIterator(iterator);
+      if (cancelChunk !== undefined && !this.#endedByServer) await this.send(cancelChunk).catch(() => {});
       const result = await this.end("cancelled");
       return this.#endedByServer ? { ...result, endedByServer: this.#endedByServer } : result;
     }
