@@ -6,7 +6,8 @@
 #     prometheus/promtool (metrics tests) and systemd's systemd-analyze (deploy/ unit checks),
 #     installed with apt-get when missing;
 #   - Node.js and npm (Debian's nodejs/npm; Node >= 18), installed with apt-get when `node` is missing,
-#     then the TypeScript SDK's development packages (`npm ci` in clients/js) for its tests;
+#     then the TypeScript SDK's development packages and the AI SDK example's (`npm ci` in clients/js
+#     and examples/ai-chat) for their tests;
 #   - relayd with its dev extras (pytest, websockets, playwright, openai, ...), in the active
 #     virtual environment or else in ./.venv, made on first use (scripts/venv.sh): a system
 #     Python refuses `pip install` outside one.
@@ -29,7 +30,9 @@ if ((${#need[@]})); then
 fi
 
 # The TypeScript SDK's build and test packages, exactly as package-lock.json pins them.
-(cd clients/js && npm ci --no-audit --no-fund --prefer-offline --loglevel=error >/dev/null)
+for dir in clients/js examples/ai-chat; do
+    (cd "$dir" && npm ci --no-audit --no-fund --prefer-offline --loglevel=error >/dev/null)
+done
 
 source scripts/venv.sh
 use_venv "$PWD" dev
