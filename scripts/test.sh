@@ -5,6 +5,9 @@
 #   - Debian's chromium (browser client tests, driven by Playwright's Python package),
 #     prometheus/promtool (metrics tests) and systemd's systemd-analyze (deploy/ unit checks),
 #     installed with apt-get when missing;
+#   - Node.js and npm (Debian's nodejs/npm; Node >= 18), installed with apt-get when `node` is missing,
+#     then the TypeScript SDK's development packages and the AI SDK example's (`npm ci` in clients/js
+#     and examples/ai-chat) for their tests;
 #   - relayd with its dev extras (pytest, websockets, playwright, openai, ...), in the active
 #     virtual environment or else in ./.venv, made on first use (scripts/venv.sh): a system
 #     Python refuses `pip install` outside one.
@@ -17,6 +20,7 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # deploy/systemd unit checks
+command -v node >/dev/null 2>&1 || need+=(nodejs npm)  # the TypeScript SDK (clients/js) and its tests
 if ((${#need[@]})); then
     sudo=""
     [[ $(id -u) -eq 0 ]] || sudo="sudo"
@@ -24,6 +28,11 @@ if ((${#need[@]})); then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+# The TypeScript SDK's build and test packages, exactly as package-lock.json pins them.
+for dir in clients/js examples/ai-chat; do
+    (cd "$dir" && npm ci --no-audit --no-fund --prefer-offline --loglevel=error >/dev/null)
+done
 
 source scripts/venv.sh
 use_venv "$PWD" dev
