@@ -163,6 +163,8 @@ class LimitsConfig:
     max_frame_bytes: int = 1024 * 1024
     max_chunk_bytes: int = 256 * 1024
     max_unacked_bytes: int = 1024 * 1024
+    # HTTP producers' appends waiting for the store, all requests together; past it: 503 overloaded
+    max_http_pending_bytes: int = 64 * 1024 * 1024
     max_streams_per_connection: int = 1000
     max_connections: int = 0  # TCP connections in total; 0: what the file descriptor limit allows
     max_producer_connections: int = 0  # 0: only max_connections applies
@@ -178,6 +180,7 @@ class LimitsConfig:
         if self.max_chunk_bytes > self.max_frame_bytes:
             raise ConfigError("limits.max_chunk_bytes", "must not exceed limits.max_frame_bytes")
         _positive("limits.max_unacked_bytes", self.max_unacked_bytes)
+        _positive("limits.max_http_pending_bytes", self.max_http_pending_bytes)
         _positive("limits.max_streams_per_connection", self.max_streams_per_connection)
 
 
