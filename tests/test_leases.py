@@ -28,6 +28,7 @@ from tests.doubles import Owner, RecordingPeer, RecordingSink, until
 from tests.test_producer import Clock, append_op
 
 S = "http-1"
+GRACE_MS = 500  # streams.cancel_grace_ms: room for a request between the cancel and the end, on a busy machine
 
 
 def js(*values: Any) -> list[bytes]:
@@ -71,7 +72,7 @@ class Engine:
 async def make_engine(kind: str, request: pytest.FixtureRequest, key_prefix: str, **limits: Any) -> Engine:
     config = Config(
         redis=RedisConfig(key_prefix=key_prefix),
-        streams=StreamsConfig(producer_timeout_ms=30_000, cancel_grace_ms=50),
+        streams=StreamsConfig(producer_timeout_ms=30_000, cancel_grace_ms=GRACE_MS),
         limits=LimitsConfig(**limits),
     )
     store: Store
