@@ -9,14 +9,18 @@ reaching the producer, consumers getting each chunk live exactly once; and the e
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from relayd.auth import hash_api_key
 from relayd.config import Config
-from tests.helpers import API_KEY, Relayd, collect_chunks
+from relayd.embedded import EmbeddedRedis
+from tests.helpers import API_KEY, Relayd, collect_chunks, make_config, poll_until
 
 S = "chat-http"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -184,3 +188,55 @@ async def test_an_api_key_limited_to_other_streams_is_refused_403(config_factory
         assert status == 403 and answer["error"]["code"] == "forbidden"
         status, answer = await post(server, "/v1/streams/tenant-a/chat-1/append", body, headers=headers)
         assert status == 200 and answer["stream"] == "tenant-a/chat-1"
+
+
+async def test_requests_spread_over_two_instances_reach_a_consumer_once_in_order_and_cancel_everywhere(
+    config_factory: Callable[..., Config],
+) -> None:
+    """Behind a load balancer each request may reach another relayd: each instance opens the stream
+    with the request's epoch (resuming it), the consumer on one of them gets every chunk live once,
+    and a cancel asked on one instance is told by both."""
+    config = config_factory()
+    async with Relayd(config) as a, Relayd(config) as b:
+        assert (await append(a, seq=1, chunks=[0]))[0] == 200
+        token = a.token([S], ("read", "cancel"))
+        async with await a.consumer(S, token=token) as consumer:
+            await consumer.expect("subscribed")
+            for seq in range(2, 7):
+                status, answer = await append((a, b)[seq % 2], seq=seq, chunks=[seq - 1])
+                assert status == 200 and answer["stored"] == 1, answer
+            status, resent = await append(b, seq=6, chunks=[5])
+            assert status == 200 and resent["stored"] == 0
+            await consumer.send({"op": "cancel", "stream": S})
+            first = await consumer.expect("chunk")  # from the history, then live ones and the answer
+            frames, _ = await consumer.until("cancel_requested")
+            await poll_until(lambda: b.relay.cancel_requested(S), "the cancel reaching b through Redis")
+            for server, seq in ((a, 7), (b, 8)):
+                status, answer = await append(server, seq=seq, chunks=[seq - 1])
+                assert status == 200 and answer["cancel_requested"] is True, answer
+            assert (await post(b, f"/v1/streams/{S}/end", {"epoch": 1, "reason": "cancelled"}))[0] == 200
+            chunks, end = await collect_chunks(consumer, S)
+        data = [first["data"], *(f["data"] for f in frames if f["type"] == "chunk"), *(c["data"] for c in chunks)]
+        assert data == list(range(8)) and end["reason"] == "cancelled"
+
+
+async def test_an_append_in_flight_when_relayd_stops_is_answered_before_it_exits(
+    private_redis: EmbeddedRedis, tmp_path: Path, key_prefix: str
+) -> None:
+    """The graceful drain loses nothing acknowledged: a request whose write waits for Redis when
+    the shutdown starts still gets its ack (within server.drain_timeout_s)."""
+    config = make_config(private_redis.url, key_prefix, str(tmp_path), redis={"timeout_ms": 30_000})
+    assert private_redis.pid is not None
+    async with Relayd(config) as server:
+        assert (await append(server, seq=1, chunks=["stored"]))[0] == 200
+        os.kill(private_redis.pid, signal.SIGSTOP)  # the next write cannot finish...
+        try:
+            in_flight = asyncio.create_task(append(server, seq=2, chunks=["in flight"]))
+            await poll_until(lambda: not server.relay.write_admits(1 << 40), "relayd holding the append")
+            stopping = asyncio.create_task(server.server.stop())
+            await poll_until(lambda: server.server.runtime.draining.is_set(), "the drain")
+        finally:
+            os.kill(private_redis.pid, signal.SIGCONT)
+        status, answer = await in_flight
+        assert status == 200 and answer["seq"] == 2, answer
+        await stopping
