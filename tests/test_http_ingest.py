@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from relayd.auth import hash_api_key
+from relayd.client import Refused, StreamAlreadyEnded, Unauthorized, http_append
 from relayd.config import Config
 from relayd.embedded import EmbeddedRedis
 from tests.helpers import API_KEY, Relayd, collect_chunks, make_config, poll_until
@@ -240,3 +241,24 @@ async def test_an_append_in_flight_when_relayd_stops_is_answered_before_it_exits
         status, answer = await in_flight
         assert status == 200 and answer["seq"] == 2, answer
         await stopping
+
+
+async def test_the_sdk_http_append_writes_resends_and_raises_the_refusal(relayd: Relayd) -> None:
+    """relayd.client.http_append: the SDK's one-call HTTP producer."""
+    stream = "user-7/chat-3"  # a "/" in the id
+    answer = await http_append(relayd.url, API_KEY, stream, epoch=1, seq=1, chunks=["a", {"b": 2}], producer="job")
+    assert (answer["seq"], answer["stored"], answer["cancel_requested"]) == (2, 2, False)
+    again = await http_append(relayd.url, API_KEY, stream, epoch=1, seq=1, chunks=["a", {"b": 2}])
+    assert again == {**answer, "stored": 0}
+    with pytest.raises(Refused) as gap:
+        await http_append(relayd.url, API_KEY, stream, epoch=1, seq=9, chunks=["x"])
+    assert (gap.value.code, gap.value.seq, gap.value.stream) == ("seq_gap", 2, stream)
+    done = await http_append(relayd.url, API_KEY, stream, epoch=1, end="completed", session=relayd.session)
+    assert done["ended"]["reason"] == "completed"
+    with pytest.raises(StreamAlreadyEnded):
+        await http_append(relayd.url, API_KEY, stream, epoch=1, seq=3, chunks=["late"])
+    with pytest.raises(Unauthorized):
+        await http_append(relayd.url, "wrong", stream, epoch=1, seq=3, chunks=["late"])
+    async with await relayd.consumer(stream) as consumer:
+        chunks, end = await collect_chunks(consumer, stream)
+    assert [c["data"] for c in chunks] == ["a", {"b": 2}] and end["reason"] == "completed"
