@@ -136,6 +136,8 @@ async def _request(
         return rt, decode(rt, stream, body)
     except ProtocolError as exc:
         rt.metrics.bad_frame(exc.code)
+        fields = {"remote": request.remote, "stream": stream, "code": exc.code, "error": exc.message}
+        log.info("http producer request refused %s", Pairs(fields), extra={"role": "producer", **fields})
         return client_error_response(exc)
 
 
