@@ -190,16 +190,11 @@ class Leases:
         if lease.text and not all(chunk[:1] == b'"' for chunk in chunks):
             return Refused("content_type", "a text stream takes string chunks only")
         if chunks:
-            appended = await self._append(lease, seq, chunks)
+            appended = await self._append(stream, lease, seq, chunks, received)
             if type(appended) is not Appended:
                 assert isinstance(appended, Refused)
                 return await self._append_refused(stream, lease, appended, epoch, last_seq, end)
-            if self._publish(stream, chunks, appended, lease.text, received) and lease.first_chunk_due:
-                self._metrics.first_chunk(monotonic() - lease.first_chunk_due)
-                lease.first_chunk_due = 0.0
             self._metrics.ack_latency(monotonic() - received)
-            if appended.last_seq >= lease.seq:
-                lease.seq, lease.offset = appended.last_seq, appended.last
             stored = max(appended.last - appended.first + 1, 0)
             written = Written(appended.gen, epoch, appended.last_seq, appended.last, stored, created)
             if now - lease.indexed > self._timeout_s / 3:
@@ -257,10 +252,22 @@ class Leases:
         self._store.open(stream, epoch, content_type, producer, done)
         return await asyncio.shield(future), True
 
-    async def _append(self, lease: Lease, seq: int, chunks: list[bytes]) -> AppendOutcome:
+    async def _append(self, stream: str, lease: Lease, seq: int, chunks: list[bytes], received: float) -> AppendOutcome:
         future: asyncio.Future[AppendOutcome] = asyncio.get_running_loop().create_future()
-        self._store.append(lease.handle, seq, chunks, lambda outcome: _resolve(future, outcome))
-        return await asyncio.shield(future)  # the publish happens here even if the request went away
+
+        def done(outcome: AppendOutcome) -> None:
+            # Published here, in the store's callback: in append order (callbacks run in submission
+            # order), and even if the request that waits for the answer went away meanwhile.
+            if type(outcome) is Appended:
+                if self._publish(stream, chunks, outcome, lease.text, received) and lease.first_chunk_due:
+                    self._metrics.first_chunk(monotonic() - lease.first_chunk_due)
+                    lease.first_chunk_due = 0.0
+                if outcome.last_seq >= lease.seq:
+                    lease.seq, lease.offset = outcome.last_seq, outcome.last
+            _resolve(future, outcome)
+
+        self._store.append(lease.handle, seq, chunks, done)
+        return await asyncio.shield(future)
 
     async def _append_refused(
         self, stream: str, lease: Lease, refused: Refused, epoch: int, last_seq: int, end: tuple[str, str] | None

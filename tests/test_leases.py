@@ -272,3 +272,16 @@ async def test_an_http_producer_that_stops_posting_is_ended_producer_lost_and_he
         assert refused(await relay.write(S, epoch=1, seq=4, chunks=js("d")), "stream_ended").status == "producer_lost"
     finally:
         await engine.close()
+
+
+async def test_a_write_whose_caller_went_away_is_still_published_live(engine: Engine) -> None:
+    """The request is gone (cancelled) while its append waits for the store: the chunks become
+    durable anyway, so live consumers must get them then, not at the next write."""
+    relay = engine.relay()
+    written(await relay.write(S, epoch=1, seq=1, chunks=js("a")))
+    sink, _ = await engine.subscribe(relay)
+    request = asyncio.ensure_future(relay.write(S, epoch=1, seq=2, chunks=js("b")))
+    await until(lambda: not relay.write_admits(1 << 40))  # submitted: its bytes are pending
+    request.cancel()
+    await until(lambda: sink.chunks() == ["a", "b"], 2000)
+    assert relay.write_admits(1 << 40)  # and its bytes were released
