@@ -15,7 +15,8 @@ one (the first request, another instance, a restart) the request opens the strea
 epoch: ``open.lua`` creates it, resumes that epoch, starts a higher one, or refuses ``fenced``.
 
 - **Liveness**: leases are not connections, so the relay's sweep does not keep them alive:
-  every append records the producer's activity in the store, a request without chunks is a
+  every append records the producer's activity in the store (and touches the stream, as the
+  sweep does a connection's, at most every third of the timeout), a request without chunks is a
   heartbeat (``touch``), and a producer that stops posting for ``streams.producer_timeout_ms``
   has its stream ended ``producer_lost`` by the sweep, as a disconnected websocket producer.
 - **Cancel**: a consumer's cancel marks the lease; the producer learns it from the answer to its
@@ -69,7 +70,7 @@ class Lease:
     seq: int  # the last seq acknowledged in this epoch
     offset: int  # the offset of the stream's last chunk acknowledged
     seen: float  # when (monotonic) its producer last posted
-    indexed: float  # when (monotonic) the open index last recorded its activity
+    touched: float  # when (monotonic) this relay last touched the stream (activity, retention, open index)
     first_chunk_due: float = 0.0  # created by this lease's open: when the open was received
     cancel_requested: bool = False
 
@@ -182,7 +183,7 @@ class Leases:
                 return Refused("fenced", "another request took the stream over", opened.epoch)
             if heartbeat:
                 self._store.touch([stream])
-                lease.indexed = monotonic()
+                lease.touched = monotonic()
                 return Written(opened.gen, epoch, opened.seq, lease.offset, 0, created, 0, "", lease.cancel_requested)
         now = monotonic()
         lease.seen = now
@@ -197,10 +198,11 @@ class Leases:
             self._metrics.ack_latency(monotonic() - received)
             stored = max(appended.last - appended.first + 1, 0)
             written = Written(appended.gen, epoch, appended.last_seq, appended.last, stored, created)
-            if now - lease.indexed > self._timeout_s / 3:
-                # the open index orders the sweep's reads: keep this stream out of its stale end
-                self._store.index([stream])
-                lease.indexed = now
+            if now - lease.touched > self._timeout_s / 3:
+                # What the sweep does for a connection's streams, while this producer posts: the
+                # open index (which the sweep reads by age) and the open stream's retention.
+                self._store.touch([stream])
+                lease.touched = now
         else:
             written = Written(lease.gen, epoch, lease.seq, lease.offset, 0, created)
         if end is not None:

@@ -16,7 +16,7 @@ import pytest
 
 from relayd.config import Config, LimitsConfig, RedisConfig, StreamsConfig
 from relayd.metrics import Metrics
-from relayd.model import Entry, Opened, Refused, Written
+from relayd.model import Entry, Opened, Refused, Written, now_ms
 from relayd.ports import Store
 from relayd.producer import ProducerSession
 from relayd.protocol import WS_CODEC, OpenOp
@@ -285,3 +285,29 @@ async def test_a_write_whose_caller_went_away_is_still_published_live(engine: En
     request.cancel()
     await until(lambda: sink.chunks() == ["a", "b"], 2000)
     assert relay.write_admits(1 << 40)  # and its bytes were released
+
+
+async def test_a_posting_producer_touches_its_stream_as_the_sweep_does_a_connections(
+    request: pytest.FixtureRequest, key_prefix: str
+) -> None:
+    """At most every third of the producer timeout, an append also touches the stream: the open
+    index (which the sweep reads by age) and the open stream's retention follow the activity."""
+    engine = await make_engine("memory", request, key_prefix)
+    clock = Clock()
+    config = Config(streams=StreamsConfig(producer_timeout_ms=60))
+    engine.store = store = MemoryStore(config, clock=clock)
+    try:
+        relay = Relay(config, store, Metrics())
+        engine.relays.append(relay)
+        clock.lagging = True  # opened (and indexed) long ago
+        written(await relay.write(S, epoch=1, seq=1, chunks=js("a")))
+        clock.lagging = False
+        written(await relay.write(S, epoch=1, seq=2, chunks=js("b")))  # within a third: no touch
+        await store.drain()
+        assert await store.stale_open_streams(now_ms() - 30_000) == [S]
+        await asyncio.sleep(0.025)  # a third of the timeout passes: what the test is about
+        written(await relay.write(S, epoch=1, seq=3, chunks=js("c")))
+        await store.drain()
+        assert await store.stale_open_streams(now_ms() - 30_000) == []
+    finally:
+        await engine.close()
