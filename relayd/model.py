@@ -13,6 +13,9 @@ append          :class:`Appended`                            ``seq_gap``, ``fenc
                                                             ``not_found``, ``store_unavailable``
 end             :class:`Ended` (``ok`` or ``already``)       ``fenced``, ``not_found``, ``alive``,
                                                             ``store_unavailable``
+write           :class:`Written` (a connectionless           ``fenced``, ``seq_gap``, ``stream_ended``,
+(relay.write)   producer's append and/or end)                ``content_type``, ``store_unavailable``,
+                                                            ``overloaded``
 ==============  =========================================  ==========================================
 """
 
@@ -124,6 +127,29 @@ class Ended:
     status: str
 
 
+@dataclass(frozen=True, slots=True)
+class Written:
+    """A connectionless producer's write took effect, or had before (a resend is answered the same).
+
+    ``seq`` and ``offset``: the seq and offset of the write's last chunk; for a write without chunks,
+    the last seq stored in ``epoch`` and the offset of the stream's last chunk (0: none yet).
+    ``stored``: chunks this call stored (0 when all had been stored: a resend). ``ended``: the
+    offset of the end entry when the write ended the stream (also when a resend finds it ended
+    so), else 0. ``cancel_requested``: a consumer asked to stop the stream.
+    """
+
+    gen: int
+    epoch: int
+    seq: int
+    offset: int
+    stored: int = 0
+    created: bool = False
+    ended: int = 0
+    reason: str = ""
+    cancel_requested: bool = False
+
+
 OpenOutcome = Opened | Refused
 AppendOutcome = Appended | Refused
 EndOutcome = Ended | Refused
+WriteOutcome = Written | Refused

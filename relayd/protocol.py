@@ -219,6 +219,31 @@ def _ping(obj: dict[str, Any]) -> PingOp:
     return PingOp(ping_id)
 
 
+def _content_type(obj: dict[str, Any]) -> str:
+    content_type = obj.get("content_type", "json")
+    if not isinstance(content_type, str) or content_type not in CONTENT_TYPES:  # a list is not hashable
+        raise ProtocolError("bad_frame", "'content_type' must be 'json' or 'text'")
+    return content_type
+
+
+def _producer_id(obj: dict[str, Any]) -> str | None:
+    producer = obj.get("producer")
+    if producer is not None and (not isinstance(producer, str) or PRODUCER_ID_RE.fullmatch(producer) is None):
+        raise ProtocolError("bad_frame", "'producer' must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+    return producer
+
+
+def _end_fields(obj: dict[str, Any]) -> tuple[str, str]:
+    """``(reason, message)`` of a producer's end."""
+    reason = obj.get("reason")
+    if not isinstance(reason, str) or reason not in PRODUCER_END_REASONS:
+        raise ProtocolError("bad_frame", "'reason' must be completed, error or cancelled")
+    message = obj.get("message") or ""
+    if not isinstance(message, str):
+        raise ProtocolError("bad_frame", "'message' must be a string")
+    return reason, message[:MAX_END_MESSAGE]
+
+
 class ProducerDecoder:
     """Decodes producer messages into ops, enforcing the per-chunk size limit.
 
@@ -253,25 +278,11 @@ class ProducerDecoder:
                 stream = check_stream_id(obj.get("stream"))
                 self._check_scope(stream)
                 epoch = _positive_int(obj, "epoch", required=False)
-                content_type = obj.get("content_type", "json")
-                if not isinstance(content_type, str) or content_type not in CONTENT_TYPES:  # a list is not hashable
-                    raise ProtocolError("bad_frame", "'content_type' must be 'json' or 'text'")
-                producer = obj.get("producer")
-                if producer is not None and (
-                    not isinstance(producer, str) or PRODUCER_ID_RE.fullmatch(producer) is None
-                ):
-                    raise ProtocolError("bad_frame", "'producer' must be 1-64 characters of A-Z a-z 0-9 _ . : -")
-                return OpenOp(stream, epoch, content_type, producer)
+                return OpenOp(stream, epoch, _content_type(obj), _producer_id(obj))
             if op == "end":
                 stream = check_stream_id(obj.get("stream"))
                 self._check_scope(stream)
-                reason = obj.get("reason")
-                if not isinstance(reason, str) or reason not in PRODUCER_END_REASONS:
-                    raise ProtocolError("bad_frame", "'reason' must be completed, error or cancelled")
-                message = obj.get("message") or ""
-                if not isinstance(message, str):
-                    raise ProtocolError("bad_frame", "'message' must be a string")
-                return EndOp(stream, reason, message[:MAX_END_MESSAGE])
+                return EndOp(stream, *_end_fields(obj))
             raise _unknown_op(op)
         except ProtocolError as exc:
             return FrameError(exc, stream, seq)
@@ -303,6 +314,64 @@ class ProducerDecoder:
             chunks.append(raw)
             nbytes += len(raw)
         return AppendOp(stream, seq, chunks, nbytes)
+
+
+# -- connectionless producer requests (HTTP ingest) --------------------------------------------
+
+MAX_WRITE_CHUNKS = 10_000  # chunks in one HTTP append
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOp:
+    """An HTTP producer's append (``chunks`` JSON-encoded, seq ``seq`` on) and/or end of one stream;
+    no chunks and no end: a heartbeat."""
+
+    stream: str
+    epoch: int
+    seq: int
+    chunks: list[bytes]
+    producer: str | None
+    content_type: str
+    end: tuple[str, str] | None
+
+
+def decode_open_body(body: bytes, stream: str) -> OpenOp:
+    """The JSON body of ``POST /v1/streams/{id}/open`` (may be empty); raises ProtocolError."""
+    obj = _load_object(body) if body.strip() else {}
+    return OpenOp(stream, _positive_int(obj, "epoch", required=False), _content_type(obj), _producer_id(obj))
+
+
+def decode_end_body(body: bytes) -> tuple[int, str, str]:
+    """``(epoch, reason, message)``: the JSON body of ``POST /v1/streams/{id}/end``; raises ProtocolError."""
+    obj = _load_object(body)
+    epoch = _positive_int(obj, "epoch", required=True) or 0
+    return (epoch, *_end_fields(obj))
+
+
+def decode_write(body: bytes, stream: str, max_chunk_bytes: int) -> WriteOp:
+    """The JSON body of ``POST /v1/streams/{id}/append``; raises ProtocolError.
+
+    The fields of the websocket's ``open``, ``append`` and ``end`` in one object, the stream
+    named by the URL: ``epoch`` is required; ``seq`` with ``chunk`` or ``chunks``; ``end`` an
+    object with ``reason`` and ``message``.
+    """
+    obj = _load_object(body)
+    epoch = _positive_int(obj, "epoch", required=True) or 0
+    content_type = _content_type(obj)
+    end = None
+    if "end" in obj:
+        if not isinstance(obj["end"], dict):
+            raise ProtocolError("bad_frame", "'end' must be an object with 'reason' and 'message'")
+        end = _end_fields(obj["end"])
+    chunks: list[bytes] = []
+    seq = 0
+    if "chunks" in obj or "chunk" in obj:
+        values = obj.get("chunks")
+        if isinstance(values, list) and len(values) > MAX_WRITE_CHUNKS:
+            raise ProtocolError("bad_frame", f"an append takes at most {MAX_WRITE_CHUNKS} chunks")
+        seq = _positive_int(obj, "seq", required=True) or 0
+        chunks = ProducerDecoder(max_chunk_bytes)._append(obj, stream, seq, content_type == "text").chunks
+    return WriteOp(stream, epoch, seq, chunks, _producer_id(obj), content_type, end)
 
 
 # -- consumer ops -------------------------------------------------------------------------------

@@ -22,8 +22,20 @@ from relayd.budget import Budget
 from relayd.config import Config
 from relayd.errors import StoreError
 from relayd.hub import Hub, Publication
+from relayd.leases import Leases
 from relayd.metrics import Metrics
-from relayd.model import Appended, AppendOutcome, Ended, EndOutcome, Entry, Opened, OpenOutcome, StreamMeta, now_ms
+from relayd.model import (
+    Appended,
+    AppendOutcome,
+    Ended,
+    EndOutcome,
+    Entry,
+    Opened,
+    OpenOutcome,
+    StreamMeta,
+    WriteOutcome,
+    now_ms,
+)
 from relayd.ports import Store
 from relayd.producer import Held, ProducerPeer, ProducerSession
 from relayd.protocol import AppendOp, EndOp, FrameCodec, OpenOp
@@ -53,6 +65,15 @@ class Relay:
         self.producer_budget = Budget(config.limits.max_producer_backlog_bytes)
         self.consumer_budget = Budget(config.limits.max_consumer_backlog_bytes)
         metrics.track_budgets(self.producer_budget, self.consumer_budget)
+        self._leases = Leases(
+            config,
+            store,
+            metrics,
+            self.producer_budget,
+            opened=self._lease_opened,
+            publish=self._publish_appended,
+            end=self._end,
+        )
 
     async def start(self) -> None:
         await self._broker.start(self._hub, self._on_remote_cancel)
@@ -160,23 +181,29 @@ class Relay:
         self._store.append(held.handle, op.seq, op.chunks, done)
 
     def _appended(self, session: ProducerSession, op: AppendOp, held: Held, outcome: Appended, received: float) -> None:
-        gen, first, last = outcome.gen, outcome.first, outcome.last
-        if first <= last:
-            new = op.chunks[len(op.chunks) - (last - first + 1) :]
-            entries = [Entry(first + i, chunk) for i, chunk in enumerate(new)]
-            nbytes = sum(len(c) for c in new)
-            self.metrics.chunks_stored(len(new), nbytes)
-            if held.first_chunk_due:
-                self.metrics.first_chunk(monotonic() - held.first_chunk_due)
-                held.first_chunk_due = 0.0
-            self._hub.publish(Publication(op.stream, gen, entries, held.text, received, nbytes))
-        else:
-            # All stored already: a resend, or a retry after a lost reply whose chunks were
-            # never published here. Live subscribers short of them read them from Redis.
-            self._hub.poke(op.stream, gen, last)
-        session.peer.acked(op.stream, outcome.last_seq, gen, last)
+        if self._publish_appended(op.stream, op.chunks, outcome, held.text, received) and held.first_chunk_due:
+            self.metrics.first_chunk(monotonic() - held.first_chunk_due)
+            held.first_chunk_due = 0.0
+        session.peer.acked(op.stream, outcome.last_seq, outcome.gen, outcome.last)
         if received:
             self.metrics.ack_latency(monotonic() - received)
+
+    def _publish_appended(
+        self, stream: str, chunks: list[bytes], outcome: Appended, text: bool, received: float
+    ) -> bool:
+        """Publish what ``outcome`` stored of ``chunks`` (durable now); False if nothing was new."""
+        gen, first, last = outcome.gen, outcome.first, outcome.last
+        if first > last:
+            # All stored already: a resend, or a retry after a lost reply whose chunks were
+            # never published here. Live subscribers short of them read them from Redis.
+            self._hub.poke(stream, gen, last)
+            return False
+        new = chunks[len(chunks) - (last - first + 1) :]
+        entries = [Entry(first + i, chunk) for i, chunk in enumerate(new)]
+        nbytes = sum(len(c) for c in new)
+        self.metrics.chunks_stored(len(new), nbytes)
+        self._hub.publish(Publication(stream, gen, entries, text, received, nbytes))
+        return True
 
     def _append_refused(self, session: ProducerSession, op: AppendOp, held: Held, outcome: Any) -> None:
         code = outcome.code
@@ -224,6 +251,81 @@ class Relay:
             self._release(stream, session)
         self._store.touch(streams)
 
+    # connectionless producers (HTTP ingest; relayd/leases.py) --------------------------------
+
+    async def open_stream(
+        self,
+        stream: str,
+        *,
+        epoch: int | None = None,
+        producer: str | None = None,
+        content_type: str = "json",
+        received: float | None = None,
+    ) -> OpenOutcome:
+        """Open ``stream`` for a connectionless producer, as the websocket ``open`` does (take over
+        without ``epoch``, resume or start it with one). Optional: :meth:`write` opens by itself."""
+        return await self._leases.open(
+            stream, epoch=epoch, producer=producer, content_type=content_type, received=received or monotonic()
+        )
+
+    async def write(
+        self,
+        stream: str,
+        *,
+        epoch: int,
+        seq: int = 0,
+        chunks: list[bytes] | None = None,
+        producer: str | None = None,
+        content_type: str = "json",
+        end: tuple[str, str] | None = None,
+        received: float | None = None,
+    ) -> WriteOutcome:
+        """Append ``chunks`` (JSON each; seq ``seq`` on) to ``stream`` in ``epoch``, then end it if
+        ``end`` is ``(reason, message)``; answered once durable. Opens the stream first (creating it
+        with ``content_type``) when this relay has no lease for the epoch. Without chunks nor end:
+        a heartbeat that keeps the stream from ``producer_lost``. ``received``: when (monotonic)
+        the request arrived, for the latency metrics."""
+        return await self._leases.write(
+            stream,
+            epoch=epoch,
+            seq=seq,
+            chunks=chunks or [],
+            producer=producer,
+            content_type=content_type,
+            end=end,
+            received=received or monotonic(),
+        )
+
+    async def finish(self, stream: str, *, epoch: int, reason: str, message: str = "") -> WriteOutcome:
+        """End ``stream`` as its connectionless producer in ``epoch``: ``write`` with an end only."""
+        return await self.write(stream, epoch=epoch, end=(reason, message))
+
+    def write_admits(self, nbytes: int) -> bool:
+        """Whether a write holding ``nbytes`` (:func:`relayd.leases.write_cost`) is admitted now:
+        what web/ checks before it reads a request's body."""
+        return self._leases.admits(nbytes)
+
+    def cancel_requested(self, stream: str) -> bool:
+        """A consumer asked to stop ``stream``, and its connectionless producer posted here."""
+        return self._leases.cancel_requested(stream)
+
+    def _lease_opened(self, stream: str, outcome: OpenOutcome) -> None:
+        if not isinstance(outcome, Opened):
+            return
+        if outcome.code == "created":
+            self.metrics.stream_started()
+            self._hub.created(stream)
+        if outcome.code == "ended":
+            return
+        holder = self._holders.get(stream)
+        held = holder.held.get(stream) if holder is not None else None
+        if holder is not None and (held is None or held.epoch < outcome.epoch):
+            # Taken over from a websocket producer here: no longer kept alive or told of cancels
+            # as its holder; its session keeps the older epoch, refused fenced at its next write.
+            del self._holders[stream]
+            self.metrics.streams_held(-1)
+        self._store.index([stream])
+
     # consumer requests ------------------------------------------------------------------------
 
     def subscribe(
@@ -248,8 +350,11 @@ class Relay:
         if holder is not None:
             holder.peer.cancel(stream)
         elif self._broker.remote:
-            self._broker.request_cancel(stream)  # the holder may be on another instance
-        else:
+            # The holder may be on another instance; a connectionless producer's next request
+            # may come here or go to another one: both are told.
+            self._leases.cancel(stream)
+            self._broker.request_cancel(stream)
+        elif not self._leases.cancel(stream):
             self._force_cancel(stream)
             return True
         if stream not in self._cancel_timers:
@@ -263,6 +368,8 @@ class Relay:
         holder = self._holders.get(stream)
         if holder is not None and not holder.closed:
             holder.peer.cancel(stream)
+        else:
+            self._leases.cancel(stream)
 
     def _force_cancel(self, stream: str) -> None:
         self._cancel_timers.pop(stream, None)

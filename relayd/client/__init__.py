@@ -26,6 +26,7 @@ from relayd.client.errors import (
     StreamReset,
     Unauthorized,
 )
+from relayd.client.http import http_append
 from relayd.client.producer import Producer
 from relayd.client.sync import SyncProducer, SyncWriter
 from relayd.client.tee import Tee
@@ -62,6 +63,7 @@ __all__ = [
     "Unauthorized",
     "Writer",
     "consume",
+    "http_append",
     "json_encoder",
     "mint_token",
     "text_encoder",

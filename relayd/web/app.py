@@ -9,7 +9,7 @@ from aiohttp import web
 
 from relayd.auth import FailureLimiter
 from relayd.logs import install_redaction
-from relayd.web import admin, ops
+from relayd.web import admin, http_ingest, ops
 from relayd.web.consume import consume_ws
 from relayd.web.cors import cors_middleware
 from relayd.web.http_log import RequestErrorLog
@@ -48,6 +48,9 @@ def build_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/v1/streams/{stream:.+}/ws", consume_ws)
     app.router.add_get("/v1/streams/{stream:.+}/events", events)
     app.router.add_get("/v1/streams/{stream:.+}/whole", whole)
+    app.router.add_post("/v1/streams/{stream:.+}/append", http_ingest.append)  # HTTP producers
+    app.router.add_post("/v1/streams/{stream:.+}/open", http_ingest.open_stream)
+    app.router.add_post("/v1/streams/{stream:.+}/end", http_ingest.end)
     app.router.add_get("/v1/client.js", client_js())
     app.router.add_post("/v1/tokens", mint_token)
     app.router.add_get("/healthz", ops.healthz)
