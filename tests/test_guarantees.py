@@ -292,8 +292,10 @@ def watch_outbox(server: Relayd, stream: str) -> list[dict[str, int]]:
         for name in ("offer", "control"):
             method = getattr(outbox, name)
 
-            def spy(data: bytes, _method: Any = method, _outbox: Any = outbox, _seen: dict[str, int] = seen) -> Any:
-                result = _method(data)
+            def spy(
+                data: bytes, *rest: int, _method: Any = method, _outbox: Any = outbox, _seen: dict[str, int] = seen
+            ) -> Any:
+                result = _method(data, *rest)  # offer() also takes the frame's chunk count
                 _seen["peak"] = max(_seen["peak"], _outbox._size)
                 return result
 
