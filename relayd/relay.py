@@ -19,6 +19,7 @@ from typing import Any
 from relayd import catalog
 from relayd.broker import Broker, LocalBroker
 from relayd.config import Config
+from relayd.durable.engine import DurableStreams
 from relayd.errors import StoreError
 from relayd.hub import Hub, Publication
 from relayd.metrics import Metrics
@@ -48,6 +49,8 @@ class Relay:
         self._holders: dict[str, ProducerSession] = {}
         self._cancel_timers: dict[str, asyncio.TimerHandle] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        # the Durable Streams protocol (relayd/web/durable.py) on the same store and hub
+        self.durable = DurableStreams(store, self._hub, metrics, config.consumer.catchup_page)
 
     async def start(self) -> None:
         await self._broker.start(self._hub, self._on_remote_cancel)
