@@ -3,8 +3,9 @@
 # (Python 3.11 or newer), then runs it. Extra arguments go to pytest.
 #
 #   - Debian's chromium (browser client tests, driven by Playwright's Python package),
-#     prometheus/promtool (metrics tests) and systemd's systemd-analyze (deploy/ unit checks),
-#     installed with apt-get when missing;
+#     prometheus/promtool (metrics tests), systemd's systemd-analyze (deploy/ unit checks) and
+#     Node.js with npm (tests/test_durable_conformance.py runs an npm test suite), installed with
+#     apt-get when missing;
 #   - relayd with its dev extras (pytest, websockets, playwright, openai, ...), in the active
 #     virtual environment or else in ./.venv, made on first use (scripts/venv.sh): a system
 #     Python refuses `pip install` outside one.
@@ -17,6 +18,7 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # deploy/systemd unit checks
+command -v npm >/dev/null 2>&1 || need+=(nodejs npm)  # the Durable Streams conformance suite (vitest 4: node >= 20.19)
 if ((${#need[@]})); then
     sudo=""
     [[ $(id -u) -eq 0 ]] || sudo="sudo"
