@@ -9,8 +9,11 @@ consumers read the same stream):
 - anything else (bytes): one entry per append, the bytes base64-encoded in a JSON string (also
   a relayd ``text`` stream, whose chunks relayd's consumers see as base64 text).
 
-An offset is ``<generation>_<entry offset>``, both zero-padded to 16 digits, so offsets sort as
-strings, also across a stream deleted and created again (a generation is its creation time, ms).
+An offset is a relayd cursor, ``<generation>-<entry offset>`` (``1764950000000-0000000042``): a
+Durable Streams reader and relayd's own consumers (``cursor``, ``Last-Event-ID``) resume from the
+same strings. They sort as strings: a generation is the stream's creation time in ms (13 digits
+until the year 2286), the entry offset is zero-padded to 10 digits; a stream deleted and created
+again gets a later generation.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import orjson
 
 from relayd.errors import ProtocolError
 from relayd.model import Entry
+from relayd.protocol import format_cursor
 
 START = "-1"
 NOW = "now"
-_OFFSET_RE = re.compile(r"([0-9]{16})_([0-9]{16})")
+_OFFSET_RE = re.compile(r"([0-9]{1,16})-([0-9]{10,16})")
 _TTL_RE = re.compile(r"0|[1-9][0-9]{0,15}")
 _UINT_RE = re.compile(r"[0-9]{1,16}")
 _RFC3339_RE = re.compile(
@@ -60,7 +64,7 @@ class Offset:
 
 
 def format_offset(gen: int, after: int) -> str:
-    return f"{gen:016d}_{after:016d}"
+    return format_cursor(gen, after)
 
 
 def parse_offset(values: list[str]) -> Offset:
@@ -158,11 +162,8 @@ def chunks_of(media: str, body: bytes, *, create: bool = False) -> list[bytes]:
 
 
 def _load_json(body: bytes) -> object:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        pass
-    # orjson refuses integers beyond 64 bits, which are valid JSON: the standard library reads them
+    # The standard library, not orjson: orjson reads an integer beyond 64 bits as a float, and a
+    # stored message must keep its value.
     try:
         return json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:

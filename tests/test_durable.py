@@ -1,0 +1,92 @@
+"""relayd/web/durable.py: the Durable Streams mount over HTTP, and the same streams through
+relayd's own producers and consumers. (The protocol itself: tests/test_durable_conformance.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+
+from relayd.config import Config
+from tests.helpers import API_KEY, Relayd, collect_chunks
+
+
+@pytest.fixture
+async def open_mount(config_factory: Callable[..., Config]) -> AsyncIterator[Relayd]:
+    async with Relayd(config_factory(durable={"enabled": True, "auth": "none", "long_poll_timeout_ms": 5000})) as rd:
+        yield rd
+
+
+def ds(server: Relayd, stream: str) -> str:
+    return f"{server.url}/ds/v1/stream/{stream}"
+
+
+async def test_relayds_consumers_follow_a_durable_stream_live_through_its_close(open_mount: Relayd) -> None:
+    """Appends through the mount reach a relayd websocket consumer live; the close is its end."""
+    http = open_mount.session
+    assert http is not None
+    put = await http.put(ds(open_mount, "chat-1"), headers={"Content-Type": "application/json"}, data=b'[{"t":"a"}]')
+    assert put.status == 201
+    async with await open_mount.consumer("chat-1") as consumer:
+        await consumer.expect("subscribed")
+        assert (await consumer.expect("chunk"))["data"] == {"t": "a"}
+        headers = {"Content-Type": "application/json", "Stream-Closed": "true"}
+        post = await http.post(ds(open_mount, "chat-1"), headers=headers, data=b'[{"t":"b"}, 2]')
+        assert post.status == 204
+        chunks, end = await collect_chunks(consumer, "chat-1")
+    assert [c["data"] for c in chunks] == [{"t": "b"}, 2]  # a JSON array appends its items
+    assert end["reason"] == "completed"
+
+
+async def test_a_stream_of_relayds_producer_reads_through_the_mount_and_wakes_its_long_poll(
+    open_mount: Relayd,
+) -> None:
+    """A websocket producer's text stream is a text/plain Durable Stream, its offsets are relayd's
+    cursors, its appends wake a long-poll, its end closes it."""
+    http = open_mount.session
+    assert http is not None
+    async with await open_mount.producer() as producer:
+        await producer.open("gen-7", content_type="text")
+        ack = await producer.append("gen-7", 1, "Hel", "lo")
+        read = await http.get(ds(open_mount, "gen-7"))
+        assert (read.status, await read.text()) == (200, "Hello")
+        assert read.headers["Content-Type"] == "text/plain"
+        assert read.headers["Stream-Next-Offset"] == ack["cursor"]  # offsets are relayd cursors
+        poll = asyncio.ensure_future(
+            http.get(
+                ds(open_mount, "gen-7"), params={"offset": read.headers["Stream-Next-Offset"], "live": "long-poll"}
+            )
+        )
+        await producer.append("gen-7", 3, "!")  # (seq counts chunks)
+        woken = await poll
+        assert (woken.status, await woken.text()) == (200, "!")  # the append, not the 5 s timeout
+        await producer.end("gen-7")
+    tail = await http.get(ds(open_mount, "gen-7"), params={"offset": woken.headers["Stream-Next-Offset"]})
+    assert (tail.status, await tail.text(), tail.headers["Stream-Closed"]) == (200, "", "true")
+
+
+async def test_by_default_writes_take_an_api_key_and_reads_also_a_read_token(
+    config_factory: Callable[..., Config],
+) -> None:
+    async with Relayd(config_factory(durable={"enabled": True})) as server, aiohttp.ClientSession() as http:
+        url = ds(server, "t/1")
+        key = {"Authorization": f"Bearer {API_KEY}"}
+        reader = {"Authorization": f"Bearer {server.token(['t/*'])}"}
+        other = {"Authorization": f"Bearer {server.token(['u/*'])}"}
+        assert (await http.put(url, headers={"Content-Type": "text/plain"})).status == 401
+        assert (await http.put(url, headers={"Content-Type": "text/plain", **reader})).status == 401
+        assert (await http.put(url, headers={"Content-Type": "text/plain", **key}, data=b"hi")).status == 201
+        assert (await http.get(url)).status == 401
+        read = await http.get(url, headers=reader)
+        assert (read.status, await read.text(), read.headers["X-Content-Type-Options"]) == (200, "hi", "nosniff")
+        assert (await http.head(url, headers=reader)).status == 200
+        assert (await http.get(url, headers=other)).status == 403
+        assert (await http.delete(url, headers=reader)).status == 401
+        assert (await http.delete(url, headers=key)).status == 204
+
+
+async def test_the_mount_is_off_unless_enabled(relayd: Relayd) -> None:
+    assert relayd.session is not None
+    assert (await relayd.session.put(ds(relayd, "x"), headers={"Authorization": f"Bearer {API_KEY}"})).status == 404
