@@ -90,3 +90,9 @@ async def test_by_default_writes_take_an_api_key_and_reads_also_a_read_token(
 async def test_the_mount_is_off_unless_enabled(relayd: Relayd) -> None:
     assert relayd.session is not None
     assert (await relayd.session.put(ds(relayd, "x"), headers={"Authorization": f"Bearer {API_KEY}"})).status == 404
+
+
+async def test_the_reserved_subscription_paths_are_no_streams(open_mount: Relayd) -> None:
+    assert open_mount.session is not None
+    url = ds(open_mount, "chat/__ds/subscriptions/s1")
+    assert (await open_mount.session.put(url, headers={"Content-Type": "text/plain"})).status == 404

@@ -67,6 +67,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if request.method == "OPTIONS":
             response: web.StreamResponse = _preflight()
         else:
+            if stream.startswith("__ds/") or "/__ds/" in stream or stream.endswith("/__ds"):
+                raise _Refused(404, "the reserved subscription APIs (__ds) are not supported")
             if not is_valid_stream_id(stream):
                 raise _Refused(400, "a stream id is 1-200 characters of A-Z a-z 0-9 _ - . : / @ =")
             method = _METHODS.get(request.method)
