@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from relayd.config import Config
-from tests.helpers import API_KEY, Relayd, collect_chunks
+from tests.helpers import API_KEY, Relayd, collect_chunks, poll_until
 
 
 @pytest.fixture
@@ -96,3 +96,28 @@ async def test_the_reserved_subscription_paths_are_no_streams(open_mount: Relayd
     assert open_mount.session is not None
     url = ds(open_mount, "chat/__ds/subscriptions/s1")
     assert (await open_mount.session.put(url, headers={"Content-Type": "text/plain"})).status == 404
+
+
+async def test_a_waiting_long_poll_is_answered_503_when_relayd_drains(open_mount: Relayd) -> None:
+    """A drain does not wait out the long-poll timeout (5 s here): the client is told to retry."""
+    http = open_mount.session
+    assert http is not None
+    created = await http.put(ds(open_mount, "lp"), headers={"Content-Type": "text/plain"})
+    params = {"offset": created.headers["Stream-Next-Offset"], "live": "long-poll"}
+    poll = asyncio.ensure_future(http.get(ds(open_mount, "lp"), params=params))
+    await poll_until(lambda: open_mount.relay.subscriber_count("lp") == 1, "the long-poll waiting")
+    async with asyncio.timeout(3):
+        await asyncio.gather(open_mount.server.stop(), poll)
+    assert poll.result().status == 503
+
+
+async def test_an_sse_response_ends_when_relayd_drains(open_mount: Relayd) -> None:
+    http = open_mount.session
+    assert http is not None
+    await http.put(ds(open_mount, "sse"), headers={"Content-Type": "text/plain"}, data=b"a")
+    async with http.get(ds(open_mount, "sse"), params={"offset": "-1", "live": "sse"}) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        first = await response.content.readuntil(b"upToDate")
+        assert b"event: data\ndata:a\n\nevent: control\n" in first
+        async with asyncio.timeout(3):
+            await asyncio.gather(open_mount.server.stop(), response.content.read())

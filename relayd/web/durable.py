@@ -9,8 +9,11 @@ docs/protocol.md, "Durable Streams", says what is supported and how a stream is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Coroutine
 from time import monotonic
+from typing import Any
 
 from aiohttp import web
 
@@ -239,7 +242,8 @@ async def _read(request: web.Request, rt: Runtime, stream: str) -> web.StreamRes
     if live == "sse":
         return await _sse(request, rt, stream, offset)
     if live == "long-poll":
-        read = await durable.read_live(stream, offset, cfg.read_max_bytes, cfg.long_poll_timeout_ms / 1000)
+        timeout_s = cfg.long_poll_timeout_ms / 1000
+        read = await _unless_draining(rt, durable.read_live(stream, offset, cfg.read_max_bytes, timeout_s))
     else:
         read = await durable.read(stream, offset, cfg.read_max_bytes)
     read = _found(read)
@@ -268,6 +272,23 @@ async def _read(request: web.Request, rt: Runtime, stream: str) -> web.StreamRes
             return web.Response(status=304, headers=out)
     body = codec.body_of(codec.encoding_of(state.media), data)
     return web.Response(status=200, body=body, headers=out)
+
+
+async def _unless_draining(rt: Runtime, reading: Coroutine[Any, Any, DsRead | None]) -> DsRead | None:
+    """A long-poll, answered 503 at once when relayd starts draining (the client retries elsewhere)."""
+    read = asyncio.ensure_future(reading)
+    draining = asyncio.ensure_future(rt.draining.wait())
+    try:
+        await asyncio.wait((read, draining), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        draining.cancel()
+        if not read.done():
+            read.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await read
+    if read.cancelled():
+        raise _Refused(503, "relayd is draining; retry")
+    return read.result()
 
 
 def _head(read: DsRead | None) -> web.StreamResponse:
