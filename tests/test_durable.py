@@ -121,3 +121,14 @@ async def test_an_sse_response_ends_when_relayd_drains(open_mount: Relayd) -> No
         assert b"event: data\ndata:a\n\nevent: control\n" in first
         async with asyncio.timeout(3):
             await asyncio.gather(open_mount.server.stop(), response.content.read())
+
+
+async def test_failed_credentials_count_against_the_address_as_on_relayds_other_routes(
+    config_factory: Callable[..., Config],
+) -> None:
+    config = config_factory(durable={"enabled": True}, auth={"max_failures": 2})
+    async with Relayd(config) as server, aiohttp.ClientSession() as http:
+        bad = {"Authorization": "Bearer wrong"}
+        assert [(await http.get(ds(server, "x"), headers=bad)).status for _ in range(2)] == [401, 401]
+        throttled = await http.get(ds(server, "x"), headers={"Authorization": f"Bearer {API_KEY}"})
+        assert throttled.status == 429 and int(throttled.headers["Retry-After"]) > 0

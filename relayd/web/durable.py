@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Coroutine
 from time import monotonic
 from typing import Any
@@ -26,6 +27,7 @@ from relayd.model import DsRead, DsSpec, DsWrite, now_ms
 from relayd.protocol import is_valid_stream_id
 from relayd.web.cors import origin_allowed
 from relayd.web.keys import RUNTIME, Runtime
+from relayd.web.throttle import FAILURES
 
 log = logging.getLogger("relayd.durable")
 
@@ -83,6 +85,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         response = _text(exc.status, exc.message, exc.headers)
     except AuthError as exc:
         rt.metrics.auth_failure(exc.code)
+        if exc.code == "unauthorized":  # counts against the address's budget (auth.max_failures)
+            request.app[FAILURES].failed(request.remote, monotonic())
         response = _text(exc.http_status, exc.message)
     except ClientError as exc:
         response = _text(400, exc.message)
@@ -98,6 +102,10 @@ def _authorize(request: web.Request, rt: Runtime, stream: str) -> None:
     """``durable.auth = "keys"``: writes take an API key; reads an API key or a token with ``read``."""
     if rt.config.durable.auth == "none":
         return
+    wait_s = request.app[FAILURES].retry_after(request.remote, monotonic())
+    if wait_s:
+        rt.metrics.auth_throttled()
+        raise _Refused(429, "too many failed credentials from this address", {"Retry-After": str(math.ceil(wait_s))})
     credential = parse_bearer(request.headers.get("Authorization")) or request.query.get("token")
     try:
         scope = rt.api_keys.verify(credential)
