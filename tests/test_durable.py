@@ -132,3 +132,25 @@ async def test_failed_credentials_count_against_the_address_as_on_relayds_other_
         assert [(await http.get(ds(server, "x"), headers=bad)).status for _ in range(2)] == [401, 401]
         throttled = await http.get(ds(server, "x"), headers={"Authorization": f"Bearer {API_KEY}"})
         assert throttled.status == 429 and int(throttled.headers["Retry-After"]) > 0
+
+
+async def test_appends_on_one_instance_wake_long_polls_and_sse_on_another(
+    config_factory: Callable[..., Config],
+) -> None:
+    """Two relayd on one Valkey (one deployment): the ds_append script's notification reaches the
+    other instance's waiting readers through its broker (a long-poll of 5 s answers at once)."""
+    config = config_factory(durable={"enabled": True, "auth": "none", "long_poll_timeout_ms": 5000})
+    async with Relayd(config) as a, Relayd(config) as b:
+        assert a.session is not None and b.session is not None
+        created = await a.session.put(ds(a, "x"), headers={"Content-Type": "application/json"})
+        params = {"offset": created.headers["Stream-Next-Offset"], "live": "long-poll"}
+        poll = asyncio.ensure_future(b.session.get(ds(b, "x"), params=params))
+        async with b.session.get(ds(b, "x"), params={**params, "live": "sse"}) as sse:
+            await sse.content.readuntil(b"upToDate")  # caught up: live from here
+            await poll_until(lambda: b.relay.subscriber_count("x") == 2, "both readers waiting on b")
+            posted = await a.session.post(ds(a, "x"), headers={"Content-Type": "application/json"}, data=b"[1,2]")
+            assert posted.status == 204
+            async with asyncio.timeout(3):
+                woken = await poll
+                assert (woken.status, await woken.json()) == (200, [1, 2])
+                assert b"event: data\ndata:[1,2]\n" in await sse.content.readuntil(b"event: control")
