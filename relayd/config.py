@@ -227,6 +227,28 @@ class ConsumerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DurableConfig:
+    """The Durable Streams HTTP protocol, mounted at ``base_path`` (docs/protocol.md)."""
+
+    enabled: bool = False
+    base_path: str = "/ds"  # streams at <base_path>/v1/stream/<stream id>
+    auth: str = "keys"  # keys: writes take an API key, reads an API key or a read token; none: open
+    long_poll_timeout_ms: int = 20_000  # a long-poll at the tail answers 204 after this
+    sse_max_s: float = 60.0  # an SSE response ends after this (clients resume from their offset)
+    read_max_bytes: int = 1024 * 1024  # data in one catch-up or long-poll response (one entry at least)
+
+    def check(self) -> None:
+        path = self.base_path
+        if path and (not path.startswith("/") or path.endswith("/") or "{" in path or "}" in path):
+            raise ConfigError("durable.base_path", f"must start with '/' and not end with one, got {path!r}")
+        if self.auth not in ("keys", "none"):
+            raise ConfigError("durable.auth", f"must be keys or none, got {self.auth!r}")
+        _range("durable.long_poll_timeout_ms", self.long_poll_timeout_ms, 1, 3_600_000)
+        _positive("durable.sse_max_s", self.sse_max_s)
+        _positive("durable.read_max_bytes", self.read_max_bytes)
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
     format: str = "text"
@@ -249,6 +271,7 @@ class Config:
     streams: StreamsConfig = field(default_factory=StreamsConfig)
     consumer: ConsumerConfig = field(default_factory=ConsumerConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    durable: DurableConfig = field(default_factory=DurableConfig)
     # Plain API keys from RELAYD_API_KEYS or auth.api_keys_file; resolved once, never logged.
     api_key_secrets: tuple[str, ...] = field(default=(), repr=False)
     # Plain admin keys from RELAYD_ADMIN_KEYS; resolved once, never logged.

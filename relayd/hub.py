@@ -10,15 +10,12 @@ subscriber and loses its last, so that an instance follows only the streams it s
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from relayd.metrics import Metrics
 from relayd.model import Entry
 from relayd.ports import History
 from relayd.protocol import FrameCodec
-
-if TYPE_CHECKING:
-    from relayd.subscription import Subscriber
 
 
 class Publication:
@@ -67,6 +64,19 @@ class Publication:
         return codec.entries(self.stream, self.gen, rest, self.text)
 
 
+class Follower(Protocol):
+    """What the hub holds per stream: a subscription (relayd.subscription.Subscriber), or a
+    Durable Streams reader waiting at the tail (relayd.durable.engine.Waiter)."""
+
+    @property
+    def stream(self) -> str: ...
+
+    def on_publication(self, pub: Publication) -> None: ...
+    def on_poke(self, gen: int, last: int) -> None: ...
+    def on_resync(self) -> None: ...
+    def on_created(self) -> None: ...
+
+
 Interest = Callable[[str, bool], None]
 """``(stream, followed)``: the first local subscriber of ``stream`` arrived (True) or the last left."""
 
@@ -83,9 +93,9 @@ class Hub:
         self.metrics = metrics
         self.catchup_page = catchup_page
         self.on_interest: Interest = _no_interest
-        self._subs: dict[str, list[Subscriber]] = {}
+        self._subs: dict[str, list[Follower]] = {}
 
-    def add(self, sub: Subscriber) -> None:
+    def add(self, sub: Follower) -> None:
         subs = self._subs.get(sub.stream)
         if subs is None:
             subs = self._subs[sub.stream] = []
@@ -93,7 +103,7 @@ class Hub:
         subs.append(sub)
         self.metrics.subscriptions(1)
 
-    def remove(self, sub: Subscriber) -> None:
+    def remove(self, sub: Follower) -> None:
         subs = self._subs.get(sub.stream)
         if subs is not None and sub in subs:
             subs.remove(sub)

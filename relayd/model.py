@@ -153,3 +153,70 @@ OpenOutcome = Opened | Refused
 AppendOutcome = Appended | Refused
 EndOutcome = Ended | Refused
 WriteOutcome = Written | Refused
+
+
+# -- the Durable Streams mount (relayd/durable/) ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DsSpec:
+    """A Durable Streams stream's configuration, as a PUT asks for it.
+
+    ``media`` is the content type's media type, lowercased, without parameters: what appends are
+    matched against. ``kind`` is how its entries are stored (relayd's ``ct``): ``json`` (one JSON
+    message per entry) or ``text`` (one JSON string per append: the text, or the bytes base64).
+    """
+
+    content_type: str
+    media: str
+    kind: str
+    ttl_s: int | None = None
+    expires_at: str = ""  # as given (RFC 3339)
+    expires_ms: int | None = None
+    closed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DsState:
+    """A stream as the Durable Streams mount sees it. ``tail``: offset of its last data entry."""
+
+    gen: int
+    tail: int
+    closed: bool
+    content_type: str
+    media: str
+    ttl_s: int | None
+    expires_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class DsRead:
+    """Entries after ``after`` (data entries, and the end entry when the read reaches it)."""
+
+    state: DsState
+    after: int
+    entries: list[Entry]
+
+
+@dataclass(frozen=True, slots=True)
+class DsWrite:
+    """The outcome of a Durable Streams create or append.
+
+    ``code``: create: ``created``, ``exists`` (same config), ``conflict``; append: ``ok``,
+    ``closed`` (refused: the stream is closed), ``duplicate`` (a producer's retry: nothing
+    written), ``content_type``, ``stale_epoch`` (``value``: the current epoch), ``epoch_seq`` (a
+    new epoch must start at seq 0), ``seq_gap`` (``value``: expected, ``received``),
+    ``stream_seq`` (Stream-Seq not above the last one); both: ``not_found``,
+    ``store_unavailable``. ``first..last``: the data entries written; ``tail``: the stream's last
+    data offset after the call; ``closed``: whether it is closed now.
+    """
+
+    code: str
+    gen: int = 0
+    first: int = 0
+    last: int = 0
+    tail: int = 0
+    closed: bool = False
+    value: int = 0
+    received: int = 0
+    message: str = ""

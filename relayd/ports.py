@@ -14,7 +14,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from relayd.model import AppendOutcome, EndOutcome, Entry, OpenOutcome, StreamMeta, StreamStats
+from relayd.model import (
+    AppendOutcome,
+    DsRead,
+    DsSpec,
+    DsWrite,
+    EndOutcome,
+    Entry,
+    OpenOutcome,
+    StreamMeta,
+    StreamStats,
+)
 
 
 class History(Protocol):
@@ -39,7 +49,46 @@ class Catalog(Protocol):
     async def delete_stream(self, stream: str) -> bool: ...
 
 
-class Store(History, Catalog, Protocol):
+class DurableStore(Protocol):
+    """The Durable Streams mount's writes and reads (relayd/durable/): each one atomic in the store.
+
+    Entries are relayd's own (``<gen>-<offset>``, one chunk each, the end entry when closed), so
+    the streams stay readable by relayd's consumers. A stream past its Durable Streams deadline
+    (``Stream-TTL`` without access, ``Stream-Expires-At``) is gone: these calls remove it.
+    """
+
+    async def ds_create(self, stream: str, spec: DsSpec, chunks: list[bytes], now: int) -> DsWrite:
+        """Create ``stream`` with ``chunks`` (closed if ``spec.closed``), or compare with it."""
+        ...
+
+    async def ds_append(
+        self,
+        stream: str,
+        media: str,
+        chunks: list[bytes],
+        now: int,
+        *,
+        close: bool = False,
+        stream_seq: str = "",
+        producer: tuple[str, int, int] | None = None,
+    ) -> DsWrite:
+        """Append ``chunks`` (``media``: the body's media type, "" for a close only); checks in
+        the protocol's order: closed, content type, producer (id, epoch, seq), Stream-Seq."""
+        ...
+
+    async def ds_read(
+        self, stream: str, gen: int | None, after: int, count: int, now: int, *, touch: bool = True
+    ) -> DsRead | None:
+        """Up to ``count`` entries after offset ``after`` of generation ``gen`` (None, or an older
+        generation: from the start). An offset the stream never issued (a newer generation, past
+        the tail) answers ``after`` -1 and no entries. ``touch``: a read that restarts a sliding
+        TTL (not HEAD). None: no such stream."""
+        ...
+
+    async def ds_delete(self, stream: str, now: int) -> bool: ...
+
+
+class Store(History, Catalog, DurableStore, Protocol):
     """Durable streams: typed writes with outcome callbacks, reads, lifecycle."""
 
     on_reconnect: Callable[[], None]

@@ -20,6 +20,7 @@ from relayd import catalog
 from relayd.broker import Broker, LocalBroker
 from relayd.budget import Budget
 from relayd.config import Config
+from relayd.durable.engine import DurableStreams
 from relayd.errors import StoreError
 from relayd.hub import Hub, Publication
 from relayd.leases import Leases
@@ -74,6 +75,8 @@ class Relay:
             publish=self._publish_appended,
             end=self._end,
         )
+        # the Durable Streams protocol (relayd/web/durable.py) on the same store and hub
+        self.durable = DurableStreams(store, self._hub, metrics, config.consumer.catchup_page)
 
     async def start(self) -> None:
         await self._broker.start(self._hub, self._on_remote_cancel)

@@ -7,7 +7,8 @@
 #     installed with apt-get when missing;
 #   - Node.js and npm (Debian's nodejs/npm; Node >= 18), installed with apt-get when `node` is missing,
 #     then the TypeScript SDK's development packages and the AI SDK example's (`npm ci` in clients/js
-#     and examples/ai-chat) for their tests;
+#     and examples/ai-chat) for their tests; tests/test_durable_conformance.py runs the Durable
+#     Streams conformance suite (vitest 4: Node >= 20.19) with npm;
 #   - relayd with its dev extras (pytest, websockets, playwright, openai, ...), in the active
 #     virtual environment or else in ./.venv, made on first use (scripts/venv.sh): a system
 #     Python refuses `pip install` outside one.
@@ -20,7 +21,8 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # deploy/systemd unit checks
-command -v node >/dev/null 2>&1 || need+=(nodejs npm)  # the TypeScript SDK (clients/js) and its tests
+command -v node >/dev/null 2>&1 || need+=(nodejs npm)  # the TypeScript SDK (clients/js), the Durable Streams conformance suite
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if ((${#need[@]})); then
     sudo=""
     [[ $(id -u) -eq 0 ]] || sudo="sudo"

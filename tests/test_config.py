@@ -14,6 +14,7 @@ from relayd.config import (
     BatchConfig,
     Config,
     ConsumerConfig,
+    DurableConfig,
     EmbeddedConfig,
     LimitsConfig,
     LogConfig,
@@ -51,6 +52,7 @@ def test_defaults() -> None:
     assert config.streams.producer_timeout_ms == 30_000 and config.streams.cancel_grace_ms == 5000
     assert config.consumer.sse_keepalive_s == 15.0
     assert config.log == LogConfig()
+    assert not config.durable.enabled and config.durable.auth == "keys" and config.durable.base_path == "/ds"
     for table in (
         ServerConfig(),
         RedisConfig(),
@@ -61,6 +63,7 @@ def test_defaults() -> None:
         StreamsConfig(),
         ConsumerConfig(),
         LogConfig(),
+        DurableConfig(),
     ):
         table.check()  # the defaults are valid
 
@@ -132,6 +135,12 @@ def test_values_are_read_and_ints_widen_to_floats() -> None:
         ({"consumer": {"sse_keepalive_s": 0}}, "consumer.sse_keepalive_s"),
         ({"log": {"level": "loud"}}, "log.level"),
         ({"log": {"format": "xml"}}, "log.format"),
+        ({"durable": {"base_path": "ds"}}, "durable.base_path"),
+        ({"durable": {"base_path": "/ds/"}}, "durable.base_path"),
+        ({"durable": {"auth": "open"}}, "durable.auth"),
+        ({"durable": {"long_poll_timeout_ms": 0}}, "durable.long_poll_timeout_ms"),
+        ({"durable": {"sse_max_s": 0}}, "durable.sse_max_s"),
+        ({"durable": {"enabled": "yes"}}, "durable.enabled"),
         ({"bogus": {}}, "bogus"),
         ({"server": {"prot": 80}}, "server.prot"),
         ({"server": 8080}, "server"),

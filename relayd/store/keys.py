@@ -8,6 +8,11 @@ so the per-stream Lua scripts touch one slot:
     <prefix>:{<stream id>}:meta   Hash: status, gen, epoch, base, seq, n, ct, created, updated,
                                   ended, message
 
+and, for a stream written through the Durable Streams mount, its producers' state (hash: producer
+id -> "<epoch> <seq>"), in the same slot:
+
+    <prefix>:{<stream id>}:dsp
+
 plus one index of open streams (a sorted set scored by last producer activity, ms), read by the
 producer-lost sweeper:
 
@@ -43,6 +48,9 @@ class Keys:
 
     def meta(self, stream: str) -> str:
         return f"{self.prefix}:{{{stream}}}:meta"
+
+    def ds_producers(self, stream: str) -> str:
+        return f"{self.prefix}:{{{stream}}}:dsp"
 
     def channel(self, stream: str) -> str:
         return f"{self.prefix}:{{{stream}}}:live"

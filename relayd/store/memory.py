@@ -28,6 +28,10 @@ from relayd.config import Config
 from relayd.model import (
     Appended,
     AppendOutcome,
+    DsRead,
+    DsSpec,
+    DsState,
+    DsWrite,
     Ended,
     EndOutcome,
     Entry,
@@ -63,6 +67,16 @@ class _Stream:
     pidep: int | None = None
     log: list[Entry] = field(default_factory=list)
     expires: int = 0  # when the keys expire (ms); every write that creates them sets it
+    # the Durable Streams mount's fields (ds_*.lua): content type, media type, TTL, Expires-At,
+    # deadline (ms), last Stream-Seq, the producer tuple that closed it; producers' (epoch, seq)
+    dct: str | None = None
+    dmt: str | None = None
+    dttl: int | None = None
+    dexp: str = ""
+    ddl: int | None = None
+    dsq: str | None = None
+    dcl: tuple[str, int, int] | None = None
+    producers: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def meta(self, stream: str) -> StreamMeta:
         return StreamMeta(
@@ -70,10 +84,15 @@ class _Stream:
             self.created, self.updated, self.ended, self.message,
         )  # fmt: skip
 
+    def ds_media(self) -> str:
+        """The media type Durable Streams appends must have (a relayd stream's by its ct)."""
+        return self.dmt or ("text/plain" if self.ct == "text" else "application/json")
+
     def head(self, code: str) -> Opened:
         return Opened(code, self.gen, self.epoch, self.seq, self.n, self.status, self.ct)  # type: ignore[arg-type]
 
 
+_NEVER = 2**62  # the expiry of keys without one (ms)
 _MAX_EPOCH = 2**53 - 1  # the largest integer Lua's doubles (and so open.lua) count exactly
 
 
@@ -309,5 +328,152 @@ class MemoryStore:
     async def delete_stream(self, stream: str) -> bool:
         self._index.pop(stream, None)
         existed = self._get(stream) is not None
+        self._streams.pop(stream, None)
+        return existed
+
+    # the Durable Streams mount: ds_create.lua, ds_append.lua, ds_read.lua, ds_delete.lua -------
+
+    def _ds_get(self, stream: str, now: int) -> _Stream | None:
+        s = self._get(stream)
+        if s is not None and s.ddl is not None and s.ddl <= now:
+            del self._streams[stream]
+            return None
+        return s
+
+    async def _ds_call(self, apply: Callable[[], Any]) -> Any:
+        """Through the write queue, as the scripts go through the pipeline."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def done(outcome: Any) -> None:
+            if isinstance(outcome, Refused):  # the store closed with the write queued
+                outcome = DsWrite("store_unavailable", message=outcome.message)
+            if not future.done():
+                future.set_result(outcome)
+
+        self._submit(apply, done)
+        return await future
+
+    async def ds_create(self, stream: str, spec: DsSpec, chunks: list[bytes], now: int) -> DsWrite:
+        return await self._ds_call(partial(self._ds_create, stream, spec, chunks, now))  # type: ignore[no-any-return]
+
+    def _ds_create(self, stream: str, spec: DsSpec, chunks: list[bytes], now: int) -> DsWrite:
+        s = self._ds_get(stream, now)
+        if s is not None:
+            closed = s.status != "open"
+            same = (
+                s.ds_media() == spec.media
+                and s.dttl == spec.ttl_s
+                and s.dexp == spec.expires_at
+                and closed == spec.closed
+            )
+            return DsWrite("exists" if same else "conflict", s.gen, tail=s.n - closed, closed=closed)
+        s = _Stream(now, 0, spec.kind, now, updated=now, dct=spec.content_type, dmt=spec.media)
+        s.dttl, s.dexp = spec.ttl_s, spec.expires_at
+        s.log = [Entry(i + 1, chunk) for i, chunk in enumerate(chunks)]
+        s.n = len(chunks)
+        if spec.closed:
+            s.n += 1
+            s.log.append(Entry(s.n, None, "completed", ""))
+            s.status, s.ended = "completed", now
+        s.ddl = now + spec.ttl_s * 1000 if spec.ttl_s is not None else spec.expires_ms
+        s.expires = _NEVER if s.ddl is None else s.ddl
+        self._streams[stream] = s
+        return DsWrite("created", now, tail=len(chunks), closed=spec.closed)
+
+    async def ds_append(
+        self,
+        stream: str,
+        media: str,
+        chunks: list[bytes],
+        now: int,
+        *,
+        close: bool = False,
+        stream_seq: str = "",
+        producer: tuple[str, int, int] | None = None,
+    ) -> DsWrite:
+        apply = partial(self._ds_append, stream, media, chunks, now, close, stream_seq, producer)
+        return await self._ds_call(apply)  # type: ignore[no-any-return]
+
+    def _ds_append(
+        self,
+        stream: str,
+        media: str,
+        chunks: list[bytes],
+        now: int,
+        close: bool,
+        stream_seq: str,
+        producer: tuple[str, int, int] | None,
+    ) -> DsWrite:
+        s = self._ds_get(stream, now)
+        if s is None:
+            return DsWrite("not_found")
+        if s.dttl is not None:
+            s.ddl = s.expires = now + s.dttl * 1000
+        gen, n = s.gen, s.n
+        if s.status != "open":
+            if producer is not None and s.dcl == producer:
+                return DsWrite("duplicate", gen, tail=n - 1, closed=True, value=producer[2])
+            return DsWrite("closed", gen, tail=n - 1, closed=True)
+        if media and media != s.ds_media():
+            return DsWrite("content_type", gen, tail=n)
+        if producer is not None:
+            pid, epoch, seq = producer
+            state = s.producers.get(pid)
+            if state is None:
+                if seq != 0:
+                    return DsWrite("seq_gap", gen, tail=n, value=0, received=seq)
+            elif epoch < state[0]:
+                return DsWrite("stale_epoch", gen, tail=n, value=state[0])
+            elif epoch > state[0]:
+                if seq != 0:
+                    return DsWrite("epoch_seq", gen, tail=n)
+            elif seq <= state[1]:
+                return DsWrite("duplicate", gen, tail=n, value=state[1])
+            elif seq != state[1] + 1:
+                return DsWrite("seq_gap", gen, tail=n, value=state[1] + 1, received=seq)
+        if stream_seq and s.dsq is not None and stream_seq.encode() <= s.dsq.encode():
+            return DsWrite("stream_seq", gen, tail=n)
+        first = n + 1
+        for chunk in chunks:
+            n += 1
+            s.log.append(Entry(n, chunk))
+        last = n
+        s.n, s.updated = n, now
+        if stream_seq:
+            s.dsq = stream_seq
+        if producer is not None:
+            s.producers[producer[0]] = (producer[1], producer[2])
+        if close:
+            s.n += 1
+            s.log.append(Entry(s.n, None, "completed", ""))
+            s.status, s.ended = "completed", now
+            s.dcl = producer
+        return DsWrite("ok", gen, first, last, last, close)
+
+    async def ds_read(
+        self, stream: str, gen: int | None, after: int, count: int, now: int, *, touch: bool = True
+    ) -> DsRead | None:
+        s = self._ds_get(stream, now)
+        if s is None:
+            return None
+        if touch and s.dttl is not None:
+            s.ddl = s.expires = now + s.dttl * 1000
+        start = 0 if gen is None or gen < s.gen else (-1 if gen > s.gen else after)
+        if start > s.n:
+            start = -1
+        closed = s.status != "open"
+        media = s.ds_media()
+        state = DsState(s.gen, s.n - closed, closed, s.dct or media, media, s.dttl, s.dexp)
+        entries: list[Entry] = []
+        if start >= 0 and count > 0:
+            first = bisect.bisect_left(s.log, start + 1, key=lambda e: e.offset)
+            entries = s.log[first : first + count]
+        return DsRead(state, start, entries)
+
+    async def ds_delete(self, stream: str, now: int) -> bool:
+        return await self._ds_call(partial(self._ds_delete, stream, now))  # type: ignore[no-any-return]
+
+    def _ds_delete(self, stream: str, now: int) -> bool:
+        existed = self._ds_get(stream, now) is not None
         self._streams.pop(stream, None)
         return existed

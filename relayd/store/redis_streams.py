@@ -36,6 +36,10 @@ from relayd.metrics import Metrics
 from relayd.model import (
     Appended,
     AppendOutcome,
+    DsRead,
+    DsSpec,
+    DsState,
+    DsWrite,
     Ended,
     EndOutcome,
     Entry,
@@ -53,7 +57,7 @@ from relayd.store.slots import key_slot
 from relayd.store.topology import is_cluster_url, parse_cluster_url
 from relayd.store.wire import ClusterWire, NodeWire
 
-SCRIPTS = ("open", "append", "end", "touch")
+SCRIPTS = ("open", "append", "end", "touch", "ds_create", "ds_append", "ds_read", "ds_delete")
 _MAX_SEQ = 2**64 - 1  # the largest sequence part of a Redis stream entry id
 _MASTER_BITS = 10  # scan_streams on a cluster: the low bits of its cursor say which master
 _MASTER_MASK = (1 << _MASTER_BITS) - 1
@@ -76,6 +80,7 @@ class RedisStore:
         scripts = {name: (lua / f"{name}.lua").read_text() for name in SCRIPTS}
         # The SHA1 of a script's body is its EVALSHA name; the wire loads the scripts on each connection.
         self._sha = {name: hashlib.sha1(body.encode()).hexdigest().encode() for name, body in scripts.items()}
+        self._ds_read_body = scripts["ds_read"]
         self._wire: NodeWire | ClusterWire
         self._client: aioredis.Redis | aioredis.RedisCluster
         self._reads: asyncio.Semaphore | _Unbounded = _Unbounded()
@@ -494,6 +499,104 @@ class RedisStore:
             raise _translate(exc) from exc
         return int(deleted) > 0
 
+    # the Durable Streams mount (relayd/durable/) ------------------------------------------------
+
+    def _ds_keys(self, stream: str) -> list[RespArg]:
+        keys = self.keys
+        return [keys.meta(stream), keys.log(stream), keys.ds_producers(stream)]
+
+    async def _ds_write(self, stream: str, script: str, args: list[RespArg]) -> Any:
+        """Run a ds_* script through the write pipeline (group commit); its reply."""
+        keys = self._ds_keys(stream)
+        nkeys = len(keys) + (script != "ds_delete")
+        if script != "ds_delete":
+            keys.append(self.keys.channel(stream))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def done(reply: Any, exc: BaseException | None) -> None:
+            if not future.done():
+                future.set_result(_failed(reply, exc, "not written") or reply)
+
+        self._submit(
+            encode_command(["EVALSHA", self._sha[script], str(nkeys), *keys, *args]),
+            done,
+            self._slot_of(self.keys.meta(stream)),
+        )
+        return await future
+
+    async def ds_create(self, stream: str, spec: DsSpec, chunks: list[bytes], now: int) -> DsWrite:
+        reply = await self._ds_write(
+            stream,
+            "ds_create",
+            [
+                str(now),
+                spec.content_type,
+                spec.media,
+                spec.kind,
+                "" if spec.ttl_s is None else str(spec.ttl_s),
+                spec.expires_at,
+                _deadline(spec, now),
+                "1" if spec.closed else "0",
+                *self._notify_args,
+                *chunks,
+            ],
+        )
+        if isinstance(reply, Refused):
+            return DsWrite("store_unavailable", message=reply.message)
+        return DsWrite(_s(reply[0]), gen=int(reply[1]), tail=int(reply[2]), closed=bool(int(reply[3])))
+
+    async def ds_append(
+        self,
+        stream: str,
+        media: str,
+        chunks: list[bytes],
+        now: int,
+        *,
+        close: bool = False,
+        stream_seq: str = "",
+        producer: tuple[str, int, int] | None = None,
+    ) -> DsWrite:
+        pid, epoch, seq = producer or ("", 0, 0)
+        reply = await self._ds_write(
+            stream,
+            "ds_append",
+            [
+                str(now),
+                media,
+                "1" if close else "0",
+                stream_seq,
+                pid,
+                str(epoch),
+                str(seq),
+                *self._notify_args,
+                *chunks,
+            ],
+        )
+        if isinstance(reply, Refused):
+            return DsWrite("store_unavailable", message=reply.message)
+        return ds_write_outcome([_s(v) if isinstance(v, bytes) else v for v in reply])
+
+    async def ds_read(
+        self, stream: str, gen: int | None, after: int, count: int, now: int, *, touch: bool = True
+    ) -> DsRead | None:
+        keys = self._ds_keys(stream)
+        args = [str(now), "" if gen is None else str(gen), str(after), str(count), "1" if touch else "0"]
+        try:
+            async with self._reads:
+                try:
+                    reply = await self._client.evalsha(self._sha["ds_read"].decode(), 3, *keys, *args)
+                except redis.exceptions.NoScriptError:
+                    reply = await self._client.eval(self._ds_read_body, 3, *keys, *args)
+        except redis.exceptions.RedisError as exc:
+            raise _translate(exc) from exc
+        return parse_ds_read(reply)
+
+    async def ds_delete(self, stream: str, now: int) -> bool:
+        reply = await self._ds_write(stream, "ds_delete", [str(now)])
+        if isinstance(reply, Refused):
+            raise StoreUnavailable(reply.message)
+        return bool(int(reply))
+
 
 def parse_meta(stream: str, raw: dict[bytes, bytes]) -> StreamMeta:
     def num(name: bytes, default: int = 0) -> int:
@@ -610,3 +713,46 @@ class _Unbounded:
 
 def _ignore(reply: Any, exc: BaseException | None) -> None:
     """Background writes (touch, index): a failure shows in the pipeline's metrics and log."""
+
+
+def _deadline(spec: DsSpec, now: int) -> str:
+    if spec.ttl_s is not None:
+        return str(now + spec.ttl_s * 1000)
+    return "" if spec.expires_ms is None else str(spec.expires_ms)
+
+
+def ds_write_outcome(reply: list[Any]) -> DsWrite:
+    """ds_append.lua's answer (strings and integers) as a :class:`DsWrite`."""
+    code = reply[0]
+    if code == "not_found":
+        return DsWrite("not_found")
+    gen, n = int(reply[1]), int(reply[2])
+    if code == "ok":
+        closed = bool(int(reply[4]))
+        return DsWrite("ok", gen, int(reply[2]), int(reply[3]), int(reply[3]), closed)
+    if code == "closed":
+        return DsWrite("closed", gen, tail=n, closed=True)
+    if code == "duplicate":
+        closed = bool(int(reply[3]))
+        return DsWrite("duplicate", gen, tail=n, closed=closed, value=int(reply[4]))
+    if code == "stale_epoch":
+        return DsWrite("stale_epoch", gen, tail=n, value=int(reply[3]))
+    if code == "seq_gap":
+        return DsWrite("seq_gap", gen, tail=n, value=int(reply[3]) + 1, received=int(reply[4]))
+    return DsWrite(code, gen, tail=n)  # content_type | epoch_seq | stream_seq
+
+
+def parse_ds_read(reply: list[Any]) -> DsRead | None:
+    """ds_read.lua's answer as a :class:`DsRead`; None for no stream."""
+    if not reply:
+        return None
+    gen, n, status, dct, dmt, ct, ttl, exp, after = (_s(v) for v in reply[:9])
+    closed = status != "open"
+    media = dmt or ("text/plain" if ct == "text" else "application/json")
+    state = DsState(int(gen), int(n) - closed, closed, dct or media, media, int(ttl) if ttl else None, exp)
+    rows = reply[9:]
+    entries = []
+    for i in range(0, len(rows), 2):
+        flat = rows[i + 1]
+        entries.append(parse_entry(rows[i], dict(zip(flat[::2], flat[1::2], strict=True))))
+    return DsRead(state, int(after), entries)

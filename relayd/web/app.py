@@ -9,7 +9,7 @@ from aiohttp import web
 
 from relayd.auth import FailureLimiter
 from relayd.logs import install_redaction
-from relayd.web import admin, http_ingest, ops
+from relayd.web import admin, durable, http_ingest, ops
 from relayd.web.consume import consume_ws
 from relayd.web.cors import cors_middleware
 from relayd.web.http_log import RequestErrorLog
@@ -57,6 +57,7 @@ def build_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/readyz", ops.readyz)
     app.router.add_get("/metrics", ops.metrics)
     admin.setup(app)  # /v1/admin/...: relayd streams, relayd status (admin keys)
+    durable.setup(app, cfg.durable)  # <durable.base_path>/v1/stream/...: the Durable Streams protocol
     app.on_shutdown.append(drain_connections)
     return app
 

@@ -1,0 +1,156 @@
+"""relayd/web/durable.py: the Durable Streams mount over HTTP, and the same streams through
+relayd's own producers and consumers. (The protocol itself: tests/test_durable_conformance.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+
+from relayd.config import Config
+from tests.helpers import API_KEY, Relayd, collect_chunks, poll_until
+
+
+@pytest.fixture
+async def open_mount(config_factory: Callable[..., Config]) -> AsyncIterator[Relayd]:
+    async with Relayd(config_factory(durable={"enabled": True, "auth": "none", "long_poll_timeout_ms": 5000})) as rd:
+        yield rd
+
+
+def ds(server: Relayd, stream: str) -> str:
+    return f"{server.url}/ds/v1/stream/{stream}"
+
+
+async def test_relayds_consumers_follow_a_durable_stream_live_through_its_close(open_mount: Relayd) -> None:
+    """Appends through the mount reach a relayd websocket consumer live; the close is its end."""
+    http = open_mount.session
+    assert http is not None
+    put = await http.put(ds(open_mount, "chat-1"), headers={"Content-Type": "application/json"}, data=b'[{"t":"a"}]')
+    assert put.status == 201
+    async with await open_mount.consumer("chat-1") as consumer:
+        await consumer.expect("subscribed")
+        assert (await consumer.expect("chunk"))["data"] == {"t": "a"}
+        headers = {"Content-Type": "application/json", "Stream-Closed": "true"}
+        post = await http.post(ds(open_mount, "chat-1"), headers=headers, data=b'[{"t":"b"}, 2]')
+        assert post.status == 204
+        chunks, end = await collect_chunks(consumer, "chat-1")
+    assert [c["data"] for c in chunks] == [{"t": "b"}, 2]  # a JSON array appends its items
+    assert end["reason"] == "completed"
+
+
+async def test_a_stream_of_relayds_producer_reads_through_the_mount_and_wakes_its_long_poll(
+    open_mount: Relayd,
+) -> None:
+    """A websocket producer's text stream is a text/plain Durable Stream, its offsets are relayd's
+    cursors, its appends wake a long-poll, its end closes it."""
+    http = open_mount.session
+    assert http is not None
+    async with await open_mount.producer() as producer:
+        await producer.open("gen-7", content_type="text")
+        ack = await producer.append("gen-7", 1, "Hel", "lo")
+        read = await http.get(ds(open_mount, "gen-7"))
+        assert (read.status, await read.text()) == (200, "Hello")
+        assert read.headers["Content-Type"] == "text/plain"
+        assert read.headers["Stream-Next-Offset"] == ack["cursor"]  # offsets are relayd cursors
+        poll = asyncio.ensure_future(
+            http.get(
+                ds(open_mount, "gen-7"), params={"offset": read.headers["Stream-Next-Offset"], "live": "long-poll"}
+            )
+        )
+        await producer.append("gen-7", 3, "!")  # (seq counts chunks)
+        woken = await poll
+        assert (woken.status, await woken.text()) == (200, "!")  # the append, not the 5 s timeout
+        await producer.end("gen-7")
+    tail = await http.get(ds(open_mount, "gen-7"), params={"offset": woken.headers["Stream-Next-Offset"]})
+    assert (tail.status, await tail.text(), tail.headers["Stream-Closed"]) == (200, "", "true")
+
+
+async def test_by_default_writes_take_an_api_key_and_reads_also_a_read_token(
+    config_factory: Callable[..., Config],
+) -> None:
+    async with Relayd(config_factory(durable={"enabled": True})) as server, aiohttp.ClientSession() as http:
+        url = ds(server, "t/1")
+        key = {"Authorization": f"Bearer {API_KEY}"}
+        reader = {"Authorization": f"Bearer {server.token(['t/*'])}"}
+        other = {"Authorization": f"Bearer {server.token(['u/*'])}"}
+        assert (await http.put(url, headers={"Content-Type": "text/plain"})).status == 401
+        assert (await http.put(url, headers={"Content-Type": "text/plain", **reader})).status == 401
+        assert (await http.put(url, headers={"Content-Type": "text/plain", **key}, data=b"hi")).status == 201
+        assert (await http.get(url)).status == 401
+        read = await http.get(url, headers=reader)
+        assert (read.status, await read.text(), read.headers["X-Content-Type-Options"]) == (200, "hi", "nosniff")
+        assert (await http.head(url, headers=reader)).status == 200
+        assert (await http.get(url, headers=other)).status == 403
+        assert (await http.delete(url, headers=reader)).status == 401
+        assert (await http.delete(url, headers=key)).status == 204
+
+
+async def test_the_mount_is_off_unless_enabled(relayd: Relayd) -> None:
+    assert relayd.session is not None
+    assert (await relayd.session.put(ds(relayd, "x"), headers={"Authorization": f"Bearer {API_KEY}"})).status == 404
+
+
+async def test_the_reserved_subscription_paths_are_no_streams(open_mount: Relayd) -> None:
+    assert open_mount.session is not None
+    url = ds(open_mount, "chat/__ds/subscriptions/s1")
+    assert (await open_mount.session.put(url, headers={"Content-Type": "text/plain"})).status == 404
+
+
+async def test_a_waiting_long_poll_is_answered_503_when_relayd_drains(open_mount: Relayd) -> None:
+    """A drain does not wait out the long-poll timeout (5 s here): the client is told to retry."""
+    http = open_mount.session
+    assert http is not None
+    created = await http.put(ds(open_mount, "lp"), headers={"Content-Type": "text/plain"})
+    params = {"offset": created.headers["Stream-Next-Offset"], "live": "long-poll"}
+    poll = asyncio.ensure_future(http.get(ds(open_mount, "lp"), params=params))
+    await poll_until(lambda: open_mount.relay.subscriber_count("lp") == 1, "the long-poll waiting")
+    async with asyncio.timeout(3):
+        await asyncio.gather(open_mount.server.stop(), poll)
+    assert poll.result().status == 503
+
+
+async def test_an_sse_response_ends_when_relayd_drains(open_mount: Relayd) -> None:
+    http = open_mount.session
+    assert http is not None
+    await http.put(ds(open_mount, "sse"), headers={"Content-Type": "text/plain"}, data=b"a")
+    async with http.get(ds(open_mount, "sse"), params={"offset": "-1", "live": "sse"}) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        first = await response.content.readuntil(b"upToDate")
+        assert b"event: data\ndata:a\n\nevent: control\n" in first
+        async with asyncio.timeout(3):
+            await asyncio.gather(open_mount.server.stop(), response.content.read())
+
+
+async def test_failed_credentials_count_against_the_address_as_on_relayds_other_routes(
+    config_factory: Callable[..., Config],
+) -> None:
+    config = config_factory(durable={"enabled": True}, auth={"max_failures": 2})
+    async with Relayd(config) as server, aiohttp.ClientSession() as http:
+        bad = {"Authorization": "Bearer wrong"}
+        assert [(await http.get(ds(server, "x"), headers=bad)).status for _ in range(2)] == [401, 401]
+        throttled = await http.get(ds(server, "x"), headers={"Authorization": f"Bearer {API_KEY}"})
+        assert throttled.status == 429 and int(throttled.headers["Retry-After"]) > 0
+
+
+async def test_appends_on_one_instance_wake_long_polls_and_sse_on_another(
+    config_factory: Callable[..., Config],
+) -> None:
+    """Two relayd on one Valkey (one deployment): the ds_append script's notification reaches the
+    other instance's waiting readers through its broker (a long-poll of 5 s answers at once)."""
+    config = config_factory(durable={"enabled": True, "auth": "none", "long_poll_timeout_ms": 5000})
+    async with Relayd(config) as a, Relayd(config) as b:
+        assert a.session is not None and b.session is not None
+        created = await a.session.put(ds(a, "x"), headers={"Content-Type": "application/json"})
+        params = {"offset": created.headers["Stream-Next-Offset"], "live": "long-poll"}
+        poll = asyncio.ensure_future(b.session.get(ds(b, "x"), params=params))
+        async with b.session.get(ds(b, "x"), params={**params, "live": "sse"}) as sse:
+            await sse.content.readuntil(b"upToDate")  # caught up: live from here
+            await poll_until(lambda: b.relay.subscriber_count("x") == 2, "both readers waiting on b")
+            posted = await a.session.post(ds(a, "x"), headers={"Content-Type": "application/json"}, data=b"[1,2]")
+            assert posted.status == 204
+            async with asyncio.timeout(3):
+                woken = await poll
+                assert (woken.status, await woken.json()) == (200, [1, 2])
+                assert b"event: data\ndata:[1,2]\n" in await sse.content.readuntil(b"event: control")
