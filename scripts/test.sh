@@ -5,7 +5,8 @@
 #   - Debian's chromium (browser client tests, driven by Playwright's Python package),
 #     prometheus/promtool (metrics tests) and systemd's systemd-analyze (deploy/ unit checks),
 #     installed with apt-get when missing;
-#   - Node.js and npm (Debian's nodejs/npm; Node >= 18), installed with apt-get when `node` is missing,
+#   - Node.js and npm (Debian's nodejs/npm), installed with apt-get when `node` is missing (and a
+#     Node 22 from the npm registry when it is older than 20.19, as Debian bookworm's is),
 #     then the TypeScript SDK's development packages and the AI SDK example's (`npm ci` in clients/js
 #     and examples/ai-chat) for their tests; tests/test_durable_conformance.py runs the Durable
 #     Streams conformance suite (vitest 4: Node >= 20.19) with npm;
@@ -29,6 +30,22 @@ if ((${#need[@]})); then
     echo "scripts/test.sh: installing ${need[*]} with apt-get" >&2
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Node >= 20.19 (vitest 4, in the Durable Streams conformance suite). Debian bookworm's nodejs is
+# 18: then a newer Node comes from the npm registry (the node-linux-<arch> package carries the
+# binary), once, into a cache, first on PATH for the rest of this script and the tests.
+node_ok() { node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a == 20 && b >= 19) ? 0 : 1)'; }
+if ! node_ok; then
+    arch=$(node -p process.arch)
+    node_dir="${XDG_CACHE_HOME:-$HOME/.cache}/relayd-tests/node-22"
+    node_bin="$node_dir/node_modules/node-linux-$arch/bin"
+    if [[ ! -x "$node_bin/node" ]]; then
+        echo "scripts/test.sh: node $(node --version) is older than 20.19: installing node-linux-$arch@22 from npm" >&2
+        npm install --prefix "$node_dir" --no-audit --no-fund --loglevel=error "node-linux-$arch@22" >/dev/null
+    fi
+    export PATH="$node_bin:$PATH"
+    node_ok
 fi
 
 # The TypeScript SDK's build and test packages, exactly as package-lock.json pins them.
