@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One stored entry of a stream: a chunk (``data`` is its JSON) or the end."""
+class Entry(NamedTuple):
+    """One stored entry of a stream: a chunk (``data`` is its JSON) or the end.
+
+    The objects made per chunk on the hot path (this, :class:`Appended`, ``protocol.AppendOp``)
+    are named tuples: immutable like a frozen dataclass, created in a third of its time.
+    """
 
     offset: int
     data: bytes | None = None
@@ -107,8 +110,7 @@ class Opened:
     content_type: str
 
 
-@dataclass(frozen=True, slots=True)
-class Appended:
+class Appended(NamedTuple):
     """Chunks ``first..last`` are durable (``first > last``: all were stored before: a resend)."""
 
     gen: int

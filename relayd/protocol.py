@@ -7,9 +7,9 @@ tested without one. Messages are NDJSON: one or more JSON objects separated by `
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -107,8 +107,9 @@ class OpenOp:
 CHUNK_OVERHEAD_BYTES = 300
 
 
-@dataclass(frozen=True, slots=True)
-class AppendOp:
+class AppendOp(NamedTuple):
+    """An append (the hot path: a named tuple, see relayd.model.Entry)."""
+
     stream: str
     seq: int
     chunks: list[bytes]  # each chunk already JSON-encoded, ready to store
@@ -259,16 +260,22 @@ class ProducerDecoder:
         self.allows = allows
 
     def decode(
-        self, line: bytes | str, text_streams: set[str] | frozenset[str] = frozenset()
+        self,
+        line: bytes | str,
+        text_streams: set[str] | frozenset[str] = frozenset(),
+        opened: Container[str] = frozenset(),
     ) -> ProducerOp | FrameError:
+        """``opened``: streams this connection holds, whose id and scope its open checked."""
         stream: str | None = None
         seq: int | None = None
         try:
             obj = _load_object(line)
             op = obj.get("op")
             if op == "append":
-                stream = check_stream_id(obj.get("stream"))
-                self._check_scope(stream)
+                stream = obj.get("stream")
+                if type(stream) is not str or stream not in opened:
+                    stream = check_stream_id(stream)
+                    self._check_scope(stream)
                 seq = _positive_int(obj, "seq", required=True)
                 assert seq is not None
                 return self._append(obj, stream, seq, stream in text_streams)
@@ -649,8 +656,13 @@ def opened_frame(
     )
 
 
-def ack_frame(stream: str, seq: int, cursor: str) -> bytes:
-    return b'{"type":"ack","stream":%s,"seq":%d,"cursor":"%s"}' % (orjson.dumps(stream), seq, cursor.encode())
+def ack_prefix(stream: str) -> bytes:
+    """The part of ``stream``'s acks before the seq: a producer connection keeps it per stream."""
+    return b'{"type":"ack","stream":%s,"seq":' % orjson.dumps(stream)
+
+
+def ack_frame_with(prefix: bytes, seq: int, cursor: str) -> bytes:
+    return b'%s%d,"cursor":"%s"}' % (prefix, seq, cursor.encode())
 
 
 def ended_frame(stream: str, reason: str, cursor: str, message: str = "") -> bytes:

@@ -172,10 +172,11 @@ class Relay:
             else:
                 session.peer.refused(op.stream, "not_open", "open the stream on this connection first", op.seq)
             return
-        session.charge(op.cost)
+        cost = op.cost
+        session.charge(cost)
 
         def done(outcome: AppendOutcome) -> None:
-            session.credit(op.cost)
+            session.credit(cost)
             if type(outcome) is Appended:
                 self._appended(session, op, held, outcome, received)
             else:
@@ -201,9 +202,14 @@ class Relay:
             # never published here. Live subscribers short of them read them from Redis.
             self._hub.poke(stream, gen, last)
             return False
-        new = chunks[len(chunks) - (last - first + 1) :]
-        entries = [Entry(first + i, chunk) for i, chunk in enumerate(new)]
-        nbytes = sum(len(c) for c in new)
+        if first == last:  # one new chunk: most appends
+            new = chunks[-1:]
+            entries = [Entry(first, new[0])]
+            nbytes = len(new[0])
+        else:
+            new = chunks[len(chunks) - (last - first + 1) :]
+            entries = [Entry(first + i, chunk) for i, chunk in enumerate(new)]
+            nbytes = sum(map(len, new))
         self.metrics.chunks_stored(len(new), nbytes)
         self._hub.publish(Publication(stream, gen, entries, text, received, nbytes))
         return True

@@ -21,7 +21,8 @@ from relayd.protocol import (
     OpenOp,
     PingOp,
     ProducerDecoder,
-    ack_frame,
+    ack_frame_with,
+    ack_prefix,
     cancel_frame,
     ended_frame,
     error_frame,
@@ -46,16 +47,18 @@ from relayd.web.transport import (
 
 log = logging.getLogger("relayd.ingest")
 
+_ACK_PREFIXES = 1000  # streams whose ack prefix a connection keeps (then it starts again)
 _LINES_PER_TURN = 256  # lines of one message handled before other connections get a turn
 
 
 class FramePeer:
     """The relay's producer outcomes as wire frames on this connection's outbox."""
 
-    __slots__ = ("_control",)
+    __slots__ = ("_ack_prefixes", "_control")
 
     def __init__(self, outbox: Outbox) -> None:
         self._control = outbox.control
+        self._ack_prefixes: dict[str, bytes] = {}  # stream -> its acks' constant start
 
     def opened(self, stream: str, outcome: Opened, producer: str | None) -> None:
         cursor = format_cursor(outcome.gen, outcome.n) if outcome.n else None
@@ -72,7 +75,12 @@ class FramePeer:
         )
 
     def acked(self, stream: str, seq: int, gen: int, offset: int) -> None:
-        self._control(ack_frame(stream, seq, format_cursor(gen, offset)))
+        prefix = self._ack_prefixes.get(stream)
+        if prefix is None:
+            if len(self._ack_prefixes) >= _ACK_PREFIXES:
+                self._ack_prefixes.clear()
+            prefix = self._ack_prefixes[stream] = ack_prefix(stream)
+        self._control(ack_frame_with(prefix, seq, format_cursor(gen, offset)))
 
     def ended(self, stream: str, reason: str, gen: int, offset: int, message: str = "") -> None:
         self._control(ended_frame(stream, reason, format_cursor(gen, offset), message))
@@ -160,7 +168,7 @@ async def ingest(request: web.Request) -> web.StreamResponse:
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
                 session.received_at = monotonic()  # once per message: the start of ack and delivery latency
                 for n, line in enumerate(split_message(msg.data), 1):
-                    op = decoder.decode(line, session.text_streams)
+                    op = decoder.decode(line, session.text_streams, session.held)
                     ops += 1
                     if type(op) is AppendOp:
                         chunks += len(op.chunks)
