@@ -7,7 +7,7 @@ tested without one. Messages are NDJSON: one or more JSON objects separated by `
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -145,18 +145,15 @@ class FrameError:
     seq: int | None = None
 
 
-def split_message(data: bytes | str) -> Iterator[bytes | str]:
-    """Yield the non-empty NDJSON lines of one websocket message."""
+def split_message(data: bytes | str) -> Sequence[bytes | str]:
+    """The non-empty NDJSON lines of one websocket message (most messages are one line)."""
     if isinstance(data, str):
         if "\n" not in data:
-            yield data
-            return
-        yield from (line for line in data.split("\n") if line.strip())
-        return
+            return (data,)
+        return [line for line in data.split("\n") if line.strip()]
     if b"\n" not in data:
-        yield data
-        return
-    yield from (line for line in data.split(b"\n") if line.strip())
+        return (data,)
+    return [line for line in data.split(b"\n") if line.strip()]
 
 
 def _load_object(line: bytes | str) -> dict[str, Any]:
@@ -190,6 +187,8 @@ def too_deep(value: object, limit: int) -> bool:
 
 def _positive_int(obj: dict[str, Any], name: str, *, required: bool) -> int | None:
     value = obj.get(name)
+    if type(value) is int and 0 < value <= MAX_EXACT_INT:  # the common case, first
+        return value
     if value is None:
         if required:
             raise ProtocolError("bad_frame", f"'{name}' is required")

@@ -661,6 +661,8 @@ def _open_outcome(reply: Any, exc: BaseException | None) -> OpenOutcome:
 
 
 def _append_outcome(reply: Any, exc: BaseException | None) -> AppendOutcome:
+    if exc is None and type(reply) is list and reply[0] == b"ok":  # the hot path: stored
+        return Appended(int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]))
     failed = _failed(reply, exc, "append not stored")
     if failed is not None:
         return failed
