@@ -207,3 +207,19 @@ async def test_durable_writes_count_against_the_producers_backlog_and_are_refuse
         assert budget.used == 0
         read = await http.get(url)
         assert await read.text() == "a" * 3000  # the refused append stored nothing
+
+
+async def test_long_polls_and_sse_responses_count_against_limits_max_sse_connections(
+    config_factory: Callable[..., Config],
+) -> None:
+    """Readers held open at the tail are SSE-like connections: capped as relayd's own SSE."""
+    config = config_factory(durable={"enabled": True, "auth": "none"}, limits={"max_sse_connections": 1})
+    async with Relayd(config) as server, aiohttp.ClientSession() as http:
+        url = ds(server, "capped")
+        created = await http.put(url, headers={"Content-Type": "text/plain"}, data=b"a")
+        async with http.get(url, params={"offset": "-1", "live": "sse"}) as sse:
+            await sse.content.readuntil(b"upToDate")
+            tail = created.headers["Stream-Next-Offset"]
+            poll = await http.get(url, params={"offset": tail, "live": "long-poll"})
+            assert (poll.status, poll.headers.get("Retry-After")) == (503, "1")
+            assert (await http.get(url)).status == 200  # a catch-up read is no held connection

@@ -27,6 +27,7 @@ from relayd.leases import write_cost
 from relayd.model import DsRead, DsSpec, DsWrite, now_ms
 from relayd.protocol import is_valid_stream_id
 from relayd.web.cors import origin_allowed
+from relayd.web.gate import limited
 from relayd.web.keys import RUNTIME, Runtime
 from relayd.web.throttle import FAILURES
 
@@ -81,7 +82,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
             if method is None:
                 raise _Refused(405, "method not allowed")
             _authorize(request, rt, stream)
-            response = await method(request, rt, stream)
+            if request.method == "GET" and request.query.get("live") in ("long-poll", "sse"):
+                # held open at the tail: counted as relayd's own SSE (limits.max_sse_connections)
+                response = await limited("consumer_sse")(lambda r: method(r, rt, stream))(request)
+            else:
+                response = await method(request, rt, stream)
     except _Refused as exc:
         response = _text(exc.status, exc.message, exc.headers)
     except AuthError as exc:
