@@ -329,12 +329,15 @@ class Leases:
 
 
 def _ended_or_resent(head: Opened, epoch: int, last_seq: int, end: tuple[str, str] | None) -> WriteOutcome:
-    """A write found its stream ended: the answer it got the first time if it is a resend of the
-    write that ended it (same epoch, its chunks stored, the same reason), else ``stream_ended``."""
-    if end is not None and head.status == end[0] and head.epoch == epoch and head.seq >= last_seq:
+    """A write found its stream ended: the answer it got the first time if it is a resend (same
+    epoch, its chunks stored) of the write that ended it (the same reason) or of an append before
+    it (pipelined: the end overtook its answer), else ``stream_ended``."""
+    resent_end = end is not None and head.status == end[0]
+    if head.epoch == epoch and head.seq >= last_seq and (resent_end or (end is None and last_seq)):
         # Within an epoch seq s sits at offset base + s, and the end right after the last chunk.
         seq = last_seq or head.seq
-        return Written(head.gen, epoch, seq, head.n - 1 - (head.seq - seq), 0, False, head.n, head.status)
+        written = Written(head.gen, epoch, seq, head.n - 1 - (head.seq - seq), 0, False)
+        return replace(written, ended=head.n, reason=head.status) if resent_end else written
     return Refused("stream_ended", f"stream ended ({head.status})", status=head.status)
 
 

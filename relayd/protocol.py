@@ -314,12 +314,19 @@ class ProducerDecoder:
         for value in values:
             if text and not isinstance(value, str):
                 raise ProtocolError("content_type", "a text stream takes string chunks only")
-            raw = orjson.dumps(value)
+            raw = right_sized(orjson.dumps(value))
             if len(raw) > limit:
                 raise ProtocolError("chunk_too_large", f"a chunk is {len(raw)} bytes; the limit is {limit}")
             chunks.append(raw)
             nbytes += len(raw)
         return AppendOp(stream, seq, chunks, nbytes)
+
+
+def right_sized(raw: bytes) -> bytes:
+    """A copy of orjson's answer holding its own size: orjson (3.12+) over-allocates the bytes it
+    returns (4 KiB for one byte) and never shrinks them, which a chunk held until Redis has it must
+    not carry (flow control counts 2 x its size + CHUNK_OVERHEAD_BYTES). ~90 ns; the fastest copy."""
+    return b"".join((raw, b""))
 
 
 # -- connectionless producer requests (HTTP ingest) --------------------------------------------

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from relayd.config import Config
-from tests.helpers import API_KEY, Relayd, collect_chunks, poll_until
+from relayd.embedded import EmbeddedRedis
+from relayd.protocol import MAX_WRITE_CHUNKS
+from tests.helpers import API_KEY, Relayd, collect_chunks, make_config, poll_until
 
 
 @pytest.fixture
@@ -154,3 +158,68 @@ async def test_appends_on_one_instance_wake_long_polls_and_sse_on_another(
                 woken = await poll
                 assert (woken.status, await woken.json()) == (200, [1, 2])
                 assert b"event: data\ndata:[1,2]\n" in await sse.content.readuntil(b"event: control")
+
+
+async def test_an_append_of_more_messages_than_one_write_takes_is_413_and_stores_nothing(open_mount: Relayd) -> None:
+    """A 1 MB body of "[0,0,...]" would be 500,000 entries in one Redis script (seconds of a blocked
+    Redis, gigabytes here): at most protocol.MAX_WRITE_CHUNKS per append, as for HTTP ingest."""
+    http = open_mount.session
+    assert http is not None
+    json = {"Content-Type": "application/json"}
+    assert (await http.put(ds(open_mount, "many"), headers=json)).status == 201
+    body = ("[" + ",".join(["0"] * (MAX_WRITE_CHUNKS + 1)) + "]").encode()
+    refused = await http.post(ds(open_mount, "many"), headers=json, data=body)
+    assert refused.status == 413
+    assert "at most" in await refused.text()
+    read = await http.get(ds(open_mount, "many"))
+    assert await read.json() == []
+
+
+async def test_durable_writes_count_against_the_producers_backlog_and_are_refused_503_past_it(
+    private_redis: EmbeddedRedis, key_prefix: str, tmp_path: Path
+) -> None:
+    """While Redis does not answer, appends through the mount wait in relayd's memory as HTTP
+    ingest's do: past limits.max_producer_backlog_bytes (shared with them) one gets 503 at once."""
+    config = make_config(
+        private_redis.url,
+        key_prefix,
+        str(tmp_path),
+        durable={"enabled": True, "auth": "none"},
+        limits={"max_producer_backlog_bytes": 8 * 1024},
+        redis={"timeout_ms": 30_000, "retry_ms": 30_000},
+    )
+    admin = aioredis.from_url(private_redis.url)
+    text = {"Content-Type": "text/plain"}
+    async with Relayd(config) as server, aiohttp.ClientSession() as http:
+        url = ds(server, "held")
+        assert (await http.put(url, headers=text)).status == 201
+        budget = server.relay.producer_budget
+        await admin.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+        try:
+            first = asyncio.ensure_future(http.post(url, headers=text, data=b"a" * 3000))
+            await poll_until(lambda: budget.used > 0, "the first append waiting for Redis")
+            second = await http.post(url, headers=text, data=b"b" * 3000)
+            assert (second.status, second.headers.get("Retry-After")) == (503, "1")
+        finally:
+            await admin.execute_command("CLIENT", "UNPAUSE")
+            await admin.aclose()
+        assert (await first).status == 204
+        assert budget.used == 0
+        read = await http.get(url)
+        assert await read.text() == "a" * 3000  # the refused append stored nothing
+
+
+async def test_long_polls_and_sse_responses_count_against_limits_max_sse_connections(
+    config_factory: Callable[..., Config],
+) -> None:
+    """Readers held open at the tail are SSE-like connections: capped as relayd's own SSE."""
+    config = config_factory(durable={"enabled": True, "auth": "none"}, limits={"max_sse_connections": 1})
+    async with Relayd(config) as server, aiohttp.ClientSession() as http:
+        url = ds(server, "capped")
+        created = await http.put(url, headers={"Content-Type": "text/plain"}, data=b"a")
+        async with http.get(url, params={"offset": "-1", "live": "sse"}) as sse:
+            await sse.content.readuntil(b"upToDate")
+            tail = created.headers["Stream-Next-Offset"]
+            poll = await http.get(url, params={"offset": tail, "live": "long-poll"})
+            assert (poll.status, poll.headers.get("Retry-After")) == (503, "1")
+            assert (await http.get(url)).status == 200  # a catch-up read is no held connection

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import tracemalloc
 
 import orjson
 import pytest
@@ -11,6 +12,7 @@ from relayd.durable import codec
 from relayd.durable.codec import Offset
 from relayd.errors import ProtocolError
 from relayd.model import Entry
+from relayd.protocol import MAX_WRITE_CHUNKS
 
 
 def test_offsets_sort_as_strings_in_the_order_of_generation_then_entry() -> None:
@@ -117,3 +119,26 @@ def test_the_cursor_never_goes_back_to_or_below_the_clients() -> None:
     assert codec.cursor(now, str(int(current) - 5)) == current
     for _ in range(20):
         assert int(codec.cursor(now, current)) > int(current)
+
+
+def test_the_entries_of_a_json_array_hold_their_size_not_orjsons_buffer() -> None:
+    """orjson (3.12+) hands back bytes over-allocated to 4 KiB and more; the entries of a JSON
+    array are kept until Redis has them, so each is right-sized (else 1 MB of "[0,0,...]" held 2 GB)."""
+    body = ("[" + ",".join(["0"] * 1000) + "]").encode()
+    tracemalloc.start()
+    try:
+        chunks = codec.chunks_of("application/json", body)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(chunks) == 1000
+    assert held < 1000 * 200  # a 1-byte entry is a ~34-byte bytes object, not 4 KiB
+
+
+def test_an_append_of_more_messages_than_one_write_takes_is_refused_before_encoding() -> None:
+    """As an HTTP ingest append (protocol.MAX_WRITE_CHUNKS): one Redis script per append stays bounded."""
+    body = ("[" + ",".join(["0"] * (MAX_WRITE_CHUNKS + 1)) + "]").encode()
+    with pytest.raises(ProtocolError) as refused:
+        codec.chunks_of("application/json", body)
+    assert refused.value.code == "too_many_messages"
+    assert len(codec.chunks_of("application/json", body[:-3] + b"]")) == MAX_WRITE_CHUNKS

@@ -262,3 +262,18 @@ async def test_the_sdk_http_append_writes_resends_and_raises_the_refusal(relayd:
     async with await relayd.consumer(stream) as consumer:
         chunks, end = await collect_chunks(consumer, stream)
     assert [c["data"] for c in chunks] == ["a", {"b": 2}] and end["reason"] == "completed"
+
+
+async def test_a_pipelined_append_resent_after_the_end_overtook_it_is_answered_as_the_first_time(
+    relayd: Relayd,
+) -> None:
+    """Pipelined requests: seq 1-2 stored (its answer lost), then seq 3 with the end; the resend of
+    seq 1-2 is acknowledged the same, not refused stream_ended, as before the end."""
+    status, first = await append(relayd, seq=1, chunks=["a", "b"])
+    assert status == 200
+    status, ended = await append(relayd, seq=3, chunk="c", end={"reason": "completed"})
+    assert status == 200 and ended["ended"]["reason"] == "completed"
+    status, again = await append(relayd, seq=1, chunks=["a", "b"])
+    assert (status, again) == (200, {**first, "stored": 0})
+    status, late = await append(relayd, seq=4, chunk="d")  # new data after the end: refused
+    assert (status, late["error"]["code"]) == (409, "stream_ended")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import orjson
 import pytest
 
 from relayd.errors import ProtocolError
 from relayd.protocol import (
+    CHUNK_OVERHEAD_BYTES,
     MAX_EXACT_INT,
     MAX_JSON_DEPTH,
     SSE_CODEC,
@@ -24,6 +27,7 @@ from relayd.protocol import (
     SubscribeOp,
     UnsubscribeOp,
     decode_consumer,
+    decode_write,
     encode_sse_entries,
     format_cursor,
     is_valid_stream_id,
@@ -248,3 +252,17 @@ def test_sse_error_events_cannot_be_taken_for_eventsource_errors_and_say_when_to
     )
     assert SSE_CODEC.error("s", "shutting_down", "bye").startswith(b"retry: 1000\nevent: relayd-error\n")
     assert SSE_LEGACY_CODEC.error("s", "internal", "x").startswith(b"retry: 10000\nevent: error\n")
+
+
+def test_the_chunks_of_an_append_hold_their_size_not_orjsons_buffer() -> None:
+    """orjson (3.12+) hands back bytes over-allocated to 4 KiB and more; chunks wait in memory for
+    Redis, counted by flow control at 2 x their size + CHUNK_OVERHEAD_BYTES, so each is right-sized."""
+    body = orjson.dumps({"epoch": 1, "seq": 1, "chunks": ["a"] * 1000})
+    tracemalloc.start()
+    try:
+        op = decode_write(body, "s", 1 << 20)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(op.chunks) == 1000
+    assert held < 1000 * CHUNK_OVERHEAD_BYTES  # a 3-byte chunk is a ~36-byte bytes object, not 4 KiB

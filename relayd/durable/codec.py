@@ -30,7 +30,7 @@ import orjson
 
 from relayd.errors import ProtocolError
 from relayd.model import Entry
-from relayd.protocol import format_cursor
+from relayd.protocol import MAX_WRITE_CHUNKS, format_cursor, right_sized
 
 START = "-1"
 NOW = "now"
@@ -150,6 +150,10 @@ def chunks_of(media: str, body: bytes, *, create: bool = False) -> list[bytes]:
         if isinstance(value, list):
             if not value and not create:
                 raise bad("an empty JSON array appends nothing")
+            if len(value) > MAX_WRITE_CHUNKS:  # one store script per append: bounded as an HTTP ingest append
+                raise ProtocolError(
+                    "too_many_messages", f"a JSON array of {len(value)} messages; at most {MAX_WRITE_CHUNKS} per append"
+                )
             return [_dump_json(item) for item in value]
         return [_dump_json(value)]
     if encoding == "text":
@@ -157,7 +161,7 @@ def chunks_of(media: str, body: bytes, *, create: bool = False) -> list[bytes]:
             text = body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise bad("a text stream takes UTF-8 text") from exc
-        return [orjson.dumps(text)]
+        return [right_sized(orjson.dumps(text))]
     return [b'"' + base64.b64encode(body) + b'"']
 
 
@@ -176,7 +180,8 @@ def _no_constant(name: str) -> object:
 
 def _dump_json(value: object) -> bytes:
     try:
-        return orjson.dumps(value)
+        # held until Redis has it: right-sized (1 MB of "[0,0,...]" held 2 GB as orjson answers it)
+        return right_sized(orjson.dumps(value))
     except orjson.JSONEncodeError:
         pass
     try:  # an integer beyond 64 bits, or nesting deeper than orjson writes

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from time import monotonic
 from typing import Any
 
@@ -23,9 +23,11 @@ from relayd.config import DurableConfig
 from relayd.durable import codec
 from relayd.durable.codec import Offset
 from relayd.errors import AuthError, ClientError, StoreError
+from relayd.leases import write_cost
 from relayd.model import DsRead, DsSpec, DsWrite, now_ms
 from relayd.protocol import is_valid_stream_id
 from relayd.web.cors import origin_allowed
+from relayd.web.gate import limited
 from relayd.web.keys import RUNTIME, Runtime
 from relayd.web.throttle import FAILURES
 
@@ -80,7 +82,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
             if method is None:
                 raise _Refused(405, "method not allowed")
             _authorize(request, rt, stream)
-            response = await method(request, rt, stream)
+            if request.method == "GET" and request.query.get("live") in ("long-poll", "sse"):
+                # held open at the tail: counted as relayd's own SSE (limits.max_sse_connections)
+                response = await limited("consumer_sse")(lambda r: method(r, rt, stream))(request)
+            else:
+                response = await method(request, rt, stream)
     except _Refused as exc:
         response = _text(exc.status, exc.message, exc.headers)
     except AuthError as exc:
@@ -89,7 +95,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             request.app[FAILURES].failed(request.remote, monotonic())
         response = _text(exc.http_status, exc.message)
     except ClientError as exc:
-        response = _text(400, exc.message)
+        response = _text(413 if exc.code == "too_many_messages" else 400, exc.message)
     except StoreError as exc:
         response = _text(503, f"store unavailable: {exc}")
     if not response.prepared:
@@ -139,8 +145,9 @@ async def _create(request: web.Request, rt: Runtime, stream: str) -> web.StreamR
         None if expires is None else codec.parse_expires_at(expires),
         _closing(request),
     )
-    chunks = codec.chunks_of(media, await request.read(), create=True)
-    outcome = await rt.relay.durable.create(stream, spec, chunks)
+    chunks = codec.chunks_of(media, await _body(request, rt), create=True)
+    with _charged(rt, chunks):
+        outcome = await rt.relay.durable.create(stream, spec, chunks)
     if outcome.code == "conflict":
         raise _Refused(409, "the stream exists with another configuration")
     _unavailable(outcome)
@@ -162,7 +169,7 @@ async def _append(request: web.Request, rt: Runtime, stream: str) -> web.StreamR
     producer = codec.parse_producer(
         headers.get("Producer-Id"), headers.get("Producer-Epoch"), headers.get("Producer-Seq")
     )
-    body = await request.read()
+    body = await _body(request, rt)
     media = ""
     chunks: list[bytes] = []
     if body:
@@ -176,10 +183,10 @@ async def _append(request: web.Request, rt: Runtime, stream: str) -> web.StreamR
             raise
     elif not close:
         raise _Refused(400, "an empty append (close a stream with Stream-Closed: true)")
-    durable = rt.relay.durable
-    outcome = await durable.append(
-        stream, media, chunks, close=close, stream_seq=headers.get("Stream-Seq", ""), producer=producer
-    )
+    with _charged(rt, chunks):
+        outcome = await rt.relay.durable.append(
+            stream, media, chunks, close=close, stream_seq=headers.get("Stream-Seq", ""), producer=producer
+        )
     return _append_response(outcome, close, bool(body), producer)
 
 
@@ -408,6 +415,26 @@ _METHODS = {"PUT": _create, "POST": _append, "GET": _read, "HEAD": _read, "DELET
 
 
 # helpers --------------------------------------------------------------------------------------------
+
+
+async def _body(request: web.Request, rt: Runtime) -> bytes:
+    """The body of a write, unless the producers' appends waiting for the store (HTTP ingest's and
+    the websocket's too) already hold ``limits.max_producer_backlog_bytes``: 503, before it is read."""
+    if not rt.relay.write_admits(2 * (request.content_length or 0)):
+        raise _Refused(503, "relayd has too many appends waiting for the store; retry later", {"Retry-After": "1"})
+    return await request.read()  # at most client_max_size (limits.max_frame_bytes): 413 above
+
+
+@contextlib.contextmanager
+def _charged(rt: Runtime, chunks: list[bytes]) -> Iterator[None]:
+    """``chunks`` count against the producers' backlog while the store has not answered."""
+    cost = write_cost(chunks)
+    budget = rt.relay.producer_budget
+    budget.charge(cost)
+    try:
+        yield
+    finally:
+        budget.release(cost)
 
 
 def _closing(request: web.Request) -> bool:
