@@ -25,6 +25,7 @@ from relayd.store.memory import MemoryStore
 from relayd.store.redis_streams import RedisStore
 from relayd.subscription import State, Subscriber
 from tests.doubles import Owner, RecordingPeer, RecordingSink, until
+from tests.helpers import poll_until
 from tests.test_producer import Clock, append_op
 
 S = "http-1"
@@ -53,7 +54,7 @@ class Engine:
         sub = relay.subscribe(stream, sink, WS_CODEC, cursor=None, wait_s=10, owner=owner)
         sub.start()
         self.subs.append(sub)
-        await until(lambda: sub.state is State.LIVE, 2000)
+        await poll_until(lambda: sub.state is State.LIVE, "the subscription live")  # Redis reads: time, not ticks
         return sink, owner
 
     async def entries(self, stream: str = S) -> list[Entry]:
@@ -283,7 +284,7 @@ async def test_a_write_whose_caller_went_away_is_still_published_live(engine: En
     request = asyncio.ensure_future(relay.write(S, epoch=1, seq=2, chunks=js("b")))
     await until(lambda: not relay.write_admits(1 << 40))  # submitted: its bytes are pending
     request.cancel()
-    await until(lambda: sink.chunks() == ["a", "b"], 2000)
+    await poll_until(lambda: sink.chunks() == ["a", "b"], "both chunks delivered")
     assert relay.write_admits(1 << 40)  # and its bytes were released
 
 
