@@ -26,33 +26,33 @@ _RESUME = 0.75  # a spent budget opens again below this fraction of its limit
 class Budget:
     """Bytes held for peers, counted against one limit."""
 
-    __slots__ = ("_open", "_resume", "limit", "peak", "used")
+    __slots__ = ("_open", "_resume", "limit", "peak", "spent", "used")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
         self.peak = 0
+        # No more may be admitted until enough is released (hysteresis: see ``_RESUME``). A plain
+        # attribute: every delivery reads it.
+        self.spent = False
         self._resume = int(limit * _RESUME)
         self._open = asyncio.Event()
         self._open.set()
-
-    @property
-    def spent(self) -> bool:
-        """No more may be admitted until enough is released (hysteresis: see ``_RESUME``)."""
-        return not self._open.is_set()
 
     def charge(self, nbytes: int) -> None:
         used = self.used + nbytes
         self.used = used
         if used > self.peak:
             self.peak = used
-        if used >= self.limit and self._open.is_set():
+        if used >= self.limit and not self.spent:
+            self.spent = True
             self._open.clear()
 
     def release(self, nbytes: int) -> None:
         used = self.used - nbytes
         self.used = used
-        if used <= self._resume and not self._open.is_set():
+        if self.spent and used <= self._resume:
+            self.spent = False
             self._open.set()
 
     async def wait(self) -> None:

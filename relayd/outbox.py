@@ -124,8 +124,8 @@ class Outbox:
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
-        self._empty = asyncio.Event()
-        self._empty.set()
+        self._waiting_room = False  # _room was cleared: the next _take sets it
+        self._drained: asyncio.Event | None = None  # made by flush() when it has to wait
         self._closed = False
         self.stalled = ""  # why the watchdog gave up on the peer ("" while it has not)
         self._writer: asyncio.Task[None] | None = None
@@ -163,6 +163,7 @@ class Outbox:
         self._queue(data, 0, chunks)
         if self._size >= self._max_bytes:
             self._room.clear()
+            self._waiting_room = True
         return True
 
     def control(self, data: bytes) -> None:
@@ -183,6 +184,7 @@ class Outbox:
             and not self._closed
         ):
             self._room.clear()
+            self._waiting_room = True
             await self._room.wait()
         if not self._closed:
             self._queue(data, 2, chunks)
@@ -202,7 +204,6 @@ class Outbox:
 
     def _schedule(self) -> None:
         self._scheduled = True
-        self._empty.clear()
         self._tick_end.add(self)
 
     def _take(self) -> tuple[list[bytes], list[int]]:
@@ -212,7 +213,9 @@ class Outbox:
             self._budget.release(self._size)
         self._size = 0
         self._queued = [0, 0, 0, 0]
-        self._room.set()
+        if self._waiting_room:
+            self._waiting_room = False
+            self._room.set()
         return batch, queued
 
     def _wrote(self, batch: list[bytes], queued: list[int], oldest: float) -> None:
@@ -243,7 +246,8 @@ class Outbox:
             except (ConnectionError, RuntimeError):
                 self.close()  # the peer is gone; the reading side notices too
                 return
-            self._empty.set()
+            if self._drained is not None:
+                self._drained.set()
             self._wrote(batch, queued, oldest)
             return
         self._sending = True
@@ -259,8 +263,8 @@ class Outbox:
             while not self._closed:
                 if not self._items:
                     self._sending = False
-                    if not self._scheduled:
-                        self._empty.set()
+                    if not self._scheduled and self._drained is not None:
+                        self._drained.set()
                     self._ready.clear()
                     await self._ready.wait()
                     continue
@@ -336,11 +340,18 @@ class Outbox:
         elif self._probe is not None:
             self._probe.abort()
 
+    @property
+    def _empty(self) -> bool:
+        """Nothing queued, nothing waiting for the end of the tick or the writer task."""
+        return self._closed or not (self._items or self._scheduled or self._sending)
+
     async def flush(self, timeout_s: float) -> None:
         """Best effort: let what is queued go out (before a close)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
-                await self._empty.wait()
+                while not self._empty:
+                    self._drained = drained = asyncio.Event()
+                    await drained.wait()
 
     def close(self) -> None:
         self._closed = True
@@ -350,7 +361,8 @@ class Outbox:
         self._size = 0
         self._ready.set()
         self._room.set()
-        self._empty.set()
+        if self._drained is not None:
+            self._drained.set()
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
