@@ -278,3 +278,26 @@ async def test_a_reader_that_stops_reading_is_cut_off_after_the_send_timeout(
             await poll_until(admitted, "the stalled reader's slot")
         finally:
             writer.close()
+
+
+async def test_an_api_key_is_taken_from_the_header_only_and_token_in_the_url_is_a_read_token(
+    config_factory: Callable[..., Config],
+) -> None:
+    """As on relayd's other routes: a producer key in ?token= (it would land in access logs) is
+    refused, with a message saying where it goes; ?token= carries a consumer JWT for reads."""
+    async with Relayd(config_factory(durable={"enabled": True})) as server, aiohttp.ClientSession() as http:
+        url = ds(server, "q/1")
+        text = {"Content-Type": "text/plain"}
+        assert (await http.put(url, headers={**text, "Authorization": f"Bearer {API_KEY}"}, data=b"hi")).status == 201
+        for method in ("POST", "DELETE"):
+            async with http.request(method, url, params={"token": API_KEY}, headers=text, data=b"!") as refused:
+                assert refused.status == 401
+                assert "Authorization header" in await refused.text()
+        async with http.get(url, params={"token": API_KEY}) as refused:
+            assert refused.status == 401  # not a consumer token
+        async with http.get(url, params={"token": server.token(["q/*"])}) as read:
+            assert (read.status, await read.text()) == (200, "hi")  # nothing was appended
+        async with http.head(url, params={"token": server.token(["q/*"])}) as head:
+            assert head.status == 200
+        async with http.get(url, params={"token": server.token(["other/*"])}) as other:
+            assert other.status == 403

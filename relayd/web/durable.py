@@ -111,18 +111,33 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 def _authorize(request: web.Request, rt: Runtime, stream: str) -> None:
-    """``durable.auth = "keys"``: writes take an API key; reads an API key or a token with ``read``."""
+    """``durable.auth = "keys"``: writes take an API key; reads an API key or a token with ``read``.
+
+    As on relayd's other routes, an API key is taken from the ``Authorization`` header only (a
+    URL ends up in access logs and browser history); ``?token=`` may carry a consumer token, for
+    reads (``GET``, ``HEAD``) only.
+    """
     if rt.config.durable.auth == "none":
         return
     wait_s = request.app[FAILURES].retry_after(request.remote, monotonic())
     if wait_s:
         rt.metrics.auth_throttled()
         raise _Refused(429, "too many failed credentials from this address", {"Retry-After": str(math.ceil(wait_s))})
-    credential = parse_bearer(request.headers.get("Authorization")) or request.query.get("token")
+    reading = request.method in ("GET", "HEAD")
+    in_url = request.query.get("token")
+    if in_url is not None and not reading:
+        raise AuthError(
+            "unauthorized",
+            "?token= carries a consumer token, for reads only; send the API key in the Authorization header",
+        )
+    credential = parse_bearer(request.headers.get("Authorization"))
+    if credential is None and in_url is not None:
+        rt.tokens.verify(in_url).require(stream, "read")
+        return
     try:
         scope = rt.api_keys.verify(credential)
     except AuthError:
-        if request.method not in ("GET", "HEAD"):
+        if not reading:
             raise
         rt.tokens.verify(credential).require(stream, "read")
         return
