@@ -4,6 +4,8 @@ relayd's own producers and consumers. (The protocol itself: tests/test_durable_c
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from relayd.config import Config
 from relayd.embedded import EmbeddedRedis
 from relayd.protocol import MAX_WRITE_CHUNKS
 from tests.helpers import API_KEY, Relayd, collect_chunks, make_config, poll_until
+from tests.test_guarantees import metric
 
 
 @pytest.fixture
@@ -220,6 +223,81 @@ async def test_long_polls_and_sse_responses_count_against_limits_max_sse_connect
         async with http.get(url, params={"offset": "-1", "live": "sse"}) as sse:
             await sse.content.readuntil(b"upToDate")
             tail = created.headers["Stream-Next-Offset"]
-            poll = await http.get(url, params={"offset": tail, "live": "long-poll"})
-            assert (poll.status, poll.headers.get("Retry-After")) == (503, "1")
-            assert (await http.get(url)).status == 200  # a catch-up read is no held connection
+            async with http.get(url, params={"offset": tail, "live": "long-poll"}) as poll:
+                assert (poll.status, poll.headers.get("Retry-After")) == (503, "1")
+            async with http.get(url) as read:
+                assert read.status == 200  # a catch-up read is no held connection
+
+
+async def stalled_get(server: Relayd, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A GET on a raw socket with a tiny receive buffer, then never read: the kernel buffers fill
+    and relayd sees a reader that takes nothing (aiohttp's client would read ahead)."""
+    host, port = server.config.server.host, server.server.port
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    return reader, writer
+
+
+@pytest.mark.parametrize("live", ["sse", "long-poll"])
+async def test_a_reader_that_stops_reading_is_cut_off_after_the_send_timeout(
+    config_factory: Callable[..., Config], live: str
+) -> None:
+    """As relayd's own SSE: a durable SSE or long-poll reader that takes nothing for
+    consumer.send_timeout_ms is dropped, and its limits.max_sse_connections slot is free again
+    (before, the answer's write waited forever, past durable.sse_max_s)."""
+    config = config_factory(
+        durable={"enabled": True, "auth": "none", "sse_max_s": 1.0, "read_max_bytes": 16 * 1024 * 1024},
+        consumer={"send_timeout_ms": 300},
+        limits={"max_sse_connections": 1},
+    )
+    async with Relayd(config) as server, aiohttp.ClientSession() as http:
+        url = ds(server, "stuck")
+        assert (await http.put(url, headers={"Content-Type": "text/plain"})).status == 201
+        for _ in range(8):  # far more than the kernel buffers between relayd and the reader hold
+            assert (await http.post(url, headers={"Content-Type": "text/plain"}, data=b"x" * 1_000_000)).status == 204
+        reader, writer = await stalled_get(server, f"/ds/v1/stream/stuck?offset=-1&live={live}")
+        try:
+            cut = 'relayd_forced_closes_total{reason="slow_consumer",role="consumer_sse"}'
+            await poll_until(lambda: metric(server, cut), "relayd to cut the stalled reader off", timeout=5.0)
+            assert await metric(server, "relayd_slow_consumer_disconnects_total") == 1
+            received = 0
+            with contextlib.suppress(ConnectionResetError):  # (aborted: an EOF or a reset, as the kernel tells it)
+                async with asyncio.timeout(5):
+                    while data := await reader.read(65536):
+                        received += len(data)
+            assert received < 8_000_000  # the connection ended without the rest
+
+            async def admitted() -> bool:  # limits.max_sse_connections = 1: the stalled one is gone
+                async with http.get(url, params={"offset": "now", "live": "sse"}) as again:
+                    return again.status == 200
+
+            await poll_until(admitted, "the stalled reader's slot")
+        finally:
+            writer.close()
+
+
+async def test_an_api_key_is_taken_from_the_header_only_and_token_in_the_url_is_a_read_token(
+    config_factory: Callable[..., Config],
+) -> None:
+    """As on relayd's other routes: a producer key in ?token= (it would land in access logs) is
+    refused, with a message saying where it goes; ?token= carries a consumer JWT for reads."""
+    async with Relayd(config_factory(durable={"enabled": True})) as server, aiohttp.ClientSession() as http:
+        url = ds(server, "q/1")
+        text = {"Content-Type": "text/plain"}
+        assert (await http.put(url, headers={**text, "Authorization": f"Bearer {API_KEY}"}, data=b"hi")).status == 201
+        for method in ("POST", "DELETE"):
+            async with http.request(method, url, params={"token": API_KEY}, headers=text, data=b"!") as refused:
+                assert refused.status == 401
+                assert "Authorization header" in await refused.text()
+        async with http.get(url, params={"token": API_KEY}) as refused:
+            assert refused.status == 401  # not a consumer token
+        async with http.get(url, params={"token": server.token(["q/*"])}) as read:
+            assert (read.status, await read.text()) == (200, "hi")  # nothing was appended
+        async with http.head(url, params={"token": server.token(["q/*"])}) as head:
+            assert head.status == 200
+        async with http.get(url, params={"token": server.token(["other/*"])}) as other:
+            assert other.status == 403

@@ -3,7 +3,8 @@
 The node tests (clients/js/test/sdk.test.mjs) cover: a producer's stream reaching a consumer in
 order and once, text streams and error ends, consumer resume after a dropped socket, several
 streams over one websocket, abort that cancels the generation (and one that cannot), producer
-resend after a dropped socket without duplicates, and minted tokens. Their TAP output is shown
+resend after a dropped socket without duplicates, the producer's ack window (send() waits
+while acks are held back by a proxy), and minted tokens. Their TAP output is shown
 when they fail.
 """
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from time import monotonic
 from typing import Any
 
@@ -25,11 +25,13 @@ from relayd.durable.codec import Offset
 from relayd.errors import AuthError, ClientError, StoreError
 from relayd.leases import write_cost
 from relayd.model import DsRead, DsSpec, DsWrite, now_ms
+from relayd.outbox import Outbox
 from relayd.protocol import is_valid_stream_id
 from relayd.web.cors import origin_allowed
 from relayd.web.gate import limited
 from relayd.web.keys import RUNTIME, Runtime
 from relayd.web.throttle import FAILURES
+from relayd.web.transport import backlog_of, writing
 
 log = logging.getLogger("relayd.durable")
 
@@ -44,6 +46,10 @@ _ALLOW_HEADERS = (
     "Producer-Id, Producer-Epoch, Producer-Seq"
 )
 _IMMUTABLE = "public, max-age=60, stale-while-revalidate=300"  # a range before the tail never changes
+# An answer the transport takes whole without pausing (its high-water mark is 64 KiB), so its write
+# cannot wait on the reader: a plain response (headers and body in one write). Larger ones go
+# through an outbox, whose watchdog drops a reader that takes nothing.
+_SMALL_ANSWER = 32 * 1024
 
 
 def setup(app: web.Application, cfg: DurableConfig) -> None:
@@ -105,18 +111,33 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 def _authorize(request: web.Request, rt: Runtime, stream: str) -> None:
-    """``durable.auth = "keys"``: writes take an API key; reads an API key or a token with ``read``."""
+    """``durable.auth = "keys"``: writes take an API key; reads an API key or a token with ``read``.
+
+    As on relayd's other routes, an API key is taken from the ``Authorization`` header only (a
+    URL ends up in access logs and browser history); ``?token=`` may carry a consumer token, for
+    reads (``GET``, ``HEAD``) only.
+    """
     if rt.config.durable.auth == "none":
         return
     wait_s = request.app[FAILURES].retry_after(request.remote, monotonic())
     if wait_s:
         rt.metrics.auth_throttled()
         raise _Refused(429, "too many failed credentials from this address", {"Retry-After": str(math.ceil(wait_s))})
-    credential = parse_bearer(request.headers.get("Authorization")) or request.query.get("token")
+    reading = request.method in ("GET", "HEAD")
+    in_url = request.query.get("token")
+    if in_url is not None and not reading:
+        raise AuthError(
+            "unauthorized",
+            "?token= carries a consumer token, for reads only; send the API key in the Authorization header",
+        )
+    credential = parse_bearer(request.headers.get("Authorization"))
+    if credential is None and in_url is not None:
+        rt.tokens.verify(in_url).require(stream, "read")
+        return
     try:
         scope = rt.api_keys.verify(credential)
     except AuthError:
-        if request.method not in ("GET", "HEAD"):
+        if not reading:
             raise
         rt.tokens.verify(credential).require(stream, "read")
         return
@@ -286,7 +307,15 @@ async def _read(request: web.Request, rt: Runtime, stream: str) -> web.StreamRes
         if request.headers.get("If-None-Match") == tag:
             return web.Response(status=304, headers=out)
     body = codec.body_of(codec.encoding_of(state.media), data)
-    return web.Response(status=200, body=body, headers=out)
+    if len(body) <= _SMALL_ANSWER:
+        return web.Response(status=200, body=body, headers=out)
+    response = web.StreamResponse(headers={**out, **_SECURITY, **_cors(request, rt)})
+    response.content_length = len(body)
+    await response.prepare(request)
+    async with _watched(request, rt, response) as reader:
+        await reader.write(body)
+        await reader.sent()
+    return response
 
 
 async def _unless_draining(rt: Runtime, reading: Coroutine[Any, Any, DsRead | None]) -> DsRead | None:
@@ -347,9 +376,12 @@ async def _sse(request: web.Request, rt: Runtime, stream: str, offset: Offset) -
         await response.prepare(request)
         stopping = asyncio.Event()
 
-        async def drain_close() -> None:
+        def stop() -> None:
             stopping.set()
             waiter.event.set()
+
+        async def drain_close() -> None:
+            stop()
 
         rt.consumers.add(drain_close)
         cursor = codec.cursor(now_ms(), request.query.get("cursor"))
@@ -357,38 +389,95 @@ async def _sse(request: web.Request, rt: Runtime, stream: str, offset: Offset) -
         gen = state.gen
         first = True
         try:
-            while True:
-                data = [e for e in read.entries if e.data is not None]
-                end = data[-1].offset if data else read.after
-                at_tail = end >= state.tail
-                eof = state.closed and at_tail
-                next_offset = codec.format_offset(gen, end)
-                if data or eof or first:  # (a wake-up without news says nothing)
-                    out = [codec.sse_event("data", codec.sse_data(encoding, data))] if data else []
-                    out.append(codec.sse_control(next_offset, cursor, up_to_date=at_tail, closed=eof))
-                    await response.write(b"".join(out))
-                first = False
-                if eof:
-                    break
-                position = Offset(gen, end)
-                while at_tail:
-                    remaining = deadline - monotonic()
-                    if remaining <= 0 or stopping.is_set():
-                        return response
-                    if await waiter.wait(min(keepalive_s, remaining)):
+            async with _watched(request, rt, response, gone=stop) as reader:
+                while True:
+                    data = [e for e in read.entries if e.data is not None]
+                    end = data[-1].offset if data else read.after
+                    at_tail = end >= state.tail
+                    eof = state.closed and at_tail
+                    next_offset = codec.format_offset(gen, end)
+                    if data or eof or first:  # (a wake-up without news says nothing)
+                        out = [codec.sse_event("data", codec.sse_data(encoding, data))] if data else []
+                        out.append(codec.sse_control(next_offset, cursor, up_to_date=at_tail, closed=eof))
+                        await reader.write(b"".join(out))
+                    first = False
+                    if eof or stopping.is_set():
                         break
-                    await response.write(codec.sse_control(next_offset, cursor, up_to_date=True, closed=False))
-                if stopping.is_set():
-                    break
-                later = await durable.read(stream, position, cfg.read_max_bytes)
-                if later is None or later.after < 0 or later.state.gen != gen:
-                    break  # deleted (and maybe created again): the client's next request says so
-                read, state = later, later.state
-        except (ConnectionResetError, StoreError) as exc:
+                    position = Offset(gen, end)
+                    while at_tail and not stopping.is_set():
+                        remaining = deadline - monotonic()
+                        if remaining <= 0:
+                            stop()  # durable.sse_max_s: the client resumes from its offset
+                        elif await waiter.wait(min(keepalive_s, remaining)):
+                            break
+                        else:
+                            await reader.write(codec.sse_control(next_offset, cursor, up_to_date=True, closed=False))
+                    if stopping.is_set():
+                        break
+                    later = await durable.read(stream, position, cfg.read_max_bytes)
+                    if later is None or later.after < 0 or later.state.gen != gen:
+                        break  # deleted (and maybe created again): the client's next request says so
+                    read, state = later, later.state
+                await reader.sent()  # what is queued goes out (or the reader is cut off)
+        except StoreError as exc:
             log.debug("durable SSE of %s ended: %s", stream, exc)
         finally:
             rt.consumers.discard(drain_close)
     return response
+
+
+class _Reader:
+    """A prepared response's writes, through an :class:`~relayd.outbox.Outbox`: its watchdog drops a
+    reader that takes nothing for ``consumer.send_timeout_ms`` (as relayd's own SSE)."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self._queued = 0
+
+    async def write(self, data: bytes) -> None:
+        """Queue ``data``, waiting while the queue is full (paced by the reader); dropped once the
+        reader is gone."""
+        await self.outbox.put(data)
+        self._queued += len(data)
+
+    async def sent(self) -> None:
+        """Wait until what was written reached the transport, or the reader is gone."""
+        outbox = self.outbox
+        while outbox.written < self._queued and not outbox.closed:
+            await outbox.flush(_FLUSH_CHECK_S)  # returns as soon as the queue is empty or closed
+
+
+_FLUSH_CHECK_S = 60.0  # (a bound for mypy's sake: the watchdog ends a stalled flush long before)
+
+
+@contextlib.asynccontextmanager
+async def _watched(
+    request: web.Request, rt: Runtime, response: web.StreamResponse, gone: Callable[[], None] | None = None
+) -> AsyncIterator[_Reader]:
+    """Write ``response`` through an outbox for the block; ``gone()`` when the reader is (it
+    disconnected, or was cut off: its transport aborted, counted as relayd's SSE's are)."""
+    consumer = rt.config.consumer
+
+    async def send(batch: list[bytes]) -> None:
+        await response.write(b"".join(batch))
+        await request.writer.drain()  # after every batch, so the transport's buffer stays bounded
+
+    outbox = Outbox(
+        send,
+        consumer.max_queue_bytes,
+        consumer.send_timeout_ms / 1000,
+        backlog_of(request),  # a stuck reader: the transport is aborted
+        budget=rt.relay.consumer_budget,
+    )
+    async with writing(outbox, "relayd-durable-writer") as writer:
+        if gone is not None:
+            writer.add_done_callback(lambda _: gone())
+        yield _Reader(outbox)
+    if outbox.stalled:
+        rt.metrics.forced_close("consumer_sse", outbox.stalled)
+        rt.metrics.slow_consumer()
+        stream = request.match_info["stream"]
+        log.info("durable reader of %s from %s cut off: %s", stream, request.remote, outbox.stalled)
 
 
 # DELETE, OPTIONS ------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import contextlib
 import socket
 import struct
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import WSMessage, WSMsgType, web
 
@@ -177,6 +177,20 @@ def _abort_if_stuck(transport: asyncio.Transport) -> None:
         transport.abort()
 
 
+@contextlib.asynccontextmanager
+async def writing(outbox: Outbox, name: str) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``outbox``'s writer task (its watchdog with it) for the block; on the way out the
+    outbox closes and the task is cancelled and awaited, so it never outlives the response."""
+    writer = asyncio.create_task(outbox.run(), name=name)
+    try:
+        yield writer
+    finally:
+        outbox.close()
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, SlowConsumer, ConnectionError, RuntimeError):
+            await writer
+
+
 async def deliver(
     outbox: Outbox,
     done: asyncio.Event,
@@ -195,24 +209,22 @@ async def deliver(
     awaited, so none outlives the response. Returns why the outbox gave up on the reader
     (``slow_consumer``, ``queue_full``), "" if it did not.
     """
-    writer = asyncio.create_task(outbox.run(), name=name)
-    pinger = asyncio.create_task(_keepalive(outbox, keepalive, every_s), name=f"{name}-keepalive")
-    waiter = asyncio.create_task(done.wait(), name=f"{name}-waiter")
-    try:
-        await asyncio.wait([waiter, writer], return_when=asyncio.FIRST_COMPLETED)
-        if not writer.done():
-            await outbox.flush(1.0)
-    finally:
-        waiter.cancel()
-        pinger.cancel()
+    async with writing(outbox, name) as writer:
+        pinger = asyncio.create_task(_keepalive(outbox, keepalive, every_s), name=f"{name}-keepalive")
+        waiter = asyncio.create_task(done.wait(), name=f"{name}-waiter")
         try:
-            await stop()
+            await asyncio.wait([waiter, writer], return_when=asyncio.FIRST_COMPLETED)
+            if not writer.done():
+                await outbox.flush(1.0)
         finally:
-            outbox.close()
-            writer.cancel()
-            for task in (waiter, writer, pinger):
-                with contextlib.suppress(asyncio.CancelledError, SlowConsumer, ConnectionError, RuntimeError):
-                    await task
+            waiter.cancel()
+            pinger.cancel()
+            try:
+                await stop()
+            finally:
+                for task in (waiter, pinger):
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
     return outbox.stalled
 
 

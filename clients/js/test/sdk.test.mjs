@@ -1,11 +1,12 @@
 // The TypeScript SDK against a real relayd (started by tests/test_js_sdk.py): producer and
-// consumer together, resume, multiplexing, cancel by abort, producer resend, minted tokens.
+// consumer together, resume, multiplexing, cancel by abort, producer resend and ack window,
+// minted tokens.
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { RelaydError, connect, openConnection } from "../dist/index.js";
 import { Producer, mintToken } from "../dist/producer.js";
-import { API_KEY, JWT_SECRET, RELAYD_URL, dropProxy, streamId, until } from "./helpers.mjs";
+import { API_KEY, JWT_SECRET, RELAYD_URL, tcpProxy, streamId, until } from "./helpers.mjs";
 
 const token = (streams, rights = ["read"]) => mintToken(JWT_SECRET, streams, { rights, ttlS: 60 });
 const backoff = { initialMs: 20, maxMs: 200 };
@@ -59,7 +60,7 @@ test("text streams, typed chunks through a decoder, and an error end with its me
 
 test("a consumer whose socket drops resumes from its cursor: nothing lost, nothing twice", async () => {
   const id = streamId("resume");
-  const proxy = await dropProxy();
+  const proxy = await tcpProxy();
   const producer = new Producer({ url: RELAYD_URL, apiKey: API_KEY });
   const writer = producer.writer(id);
   const sub = connect({ url: proxy.url, streamId: id, token: token([id]), backoff, waitMs: 5000 });
@@ -150,7 +151,7 @@ test("aborting without the cancel right only closes the subscription", async () 
 
 test("a producer whose socket drops resends what was not acknowledged, stored once", async () => {
   const id = streamId("resend");
-  const proxy = await dropProxy();
+  const proxy = await tcpProxy();
   const producer = new Producer({ url: proxy.url, apiKey: API_KEY, backoff });
   const result = await producer.stream(id, counted(300, async (i) => {
     if (i % 100 !== 0) return;
@@ -164,6 +165,49 @@ test("a producer whose socket drops resends what was not acknowledged, stored on
   assert.ok(proxy.connections >= 3, `reconnected: ${proxy.connections} connections`);
   const got = await collect(connect({ url: RELAYD_URL, streamId: id, token: token([id]) }));
   assert.deepEqual(got.map((c) => c.n), Array.from({ length: 300 }, (_, i) => i + 1));
+});
+
+test("send() waits while maxUnackedBytes are unacknowledged, and goes on as acks free room", async () => {
+  const id = streamId("window");
+  const proxy = await tcpProxy();
+  const window = 1000;
+  const producer = new Producer({ url: proxy.url, apiKey: API_KEY, maxUnackedBytes: window });
+  const sub = connect({ url: RELAYD_URL, streamId: id, token: token([id]), waitMs: 5000 });
+  const got = [];
+  const reading = (async () => { for await (const chunk of sub) got.push(chunk); })();
+  try {
+    const writer = producer.writer(id);
+    const chunk = (n) => ({ n, pad: "x".repeat(90) }); // ~100 bytes of JSON: ~10 fit the window
+    await writer.send(chunk(1));
+    await producer.flush(); // connected, opened and acknowledged; from here relayd's acks are held back
+    proxy.hold();
+    const total = 40;
+    let queued = 1;
+    let peak = 0;
+    const sending = (async () => {
+      for (let n = 2; n <= total; n++) {
+        await writer.send(chunk(n));
+        queued = n;
+        peak = Math.max(peak, producer.unackedBytes);
+      }
+    })();
+    // relayd stored everything send() let through and acknowledged it, but no ack reached the producer
+    await until(() => got.length === queued && producer.unackedBytes + 100 > window, "a full window, stored");
+    await until(() => proxy.heldBytes > 0, "acks held back");
+    assert.ok(queued < total, `send() waits for room: ${queued} of ${total} queued`);
+    assert.ok(queued >= 5, `the window was used: ${queued} queued`);
+    proxy.release();
+    await sending;
+    assert.equal((await writer.end("completed")).reason, "completed");
+    await reading;
+    assert.ok(peak <= window, `at most maxUnackedBytes unacknowledged: ${peak}`);
+    assert.deepEqual(got.map((c) => c.n), Array.from({ length: total }, (_, i) => i + 1)); // once each, in order
+  } finally {
+    proxy.release();
+    sub.close();
+    await producer.close().catch(() => {});
+    await proxy.close();
+  }
 });
 
 test("mintToken's tokens are accepted by relayd; a wrong secret is refused", async () => {
