@@ -25,7 +25,6 @@ from importlib import resources
 from types import TracebackType
 from typing import Any
 
-import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import ClusterNode
@@ -34,16 +33,12 @@ from relayd.config import Config
 from relayd.errors import StoreError, StoreUnavailable
 from relayd.metrics import Metrics
 from relayd.model import (
-    Appended,
     AppendOutcome,
     DsRead,
     DsSpec,
-    DsState,
     DsWrite,
-    Ended,
     EndOutcome,
     Entry,
-    Opened,
     OpenOutcome,
     Refused,
     StreamMeta,
@@ -52,6 +47,17 @@ from relayd.model import (
 )
 from relayd.store.keys import Keys
 from relayd.store.pipeline import Pipeline, Write
+from relayd.store.replies import (
+    append_outcome,
+    ds_write_outcome,
+    end_outcome,
+    failed_write,
+    open_outcome,
+    parse_ds_read,
+    parse_entry,
+    parse_meta,
+    text_of,
+)
 from relayd.store.resp import RespArg, encode_command
 from relayd.store.slots import key_slot
 from relayd.store.topology import is_cluster_url, parse_cluster_url
@@ -202,7 +208,7 @@ class RedisStore:
                 *self._notify_args,
             ]
         )
-        self._submit(payload, lambda reply, exc: done(_open_outcome(reply, exc)), self._slot_of(meta))
+        self._submit(payload, lambda reply, exc: done(open_outcome(reply, exc)), self._slot_of(meta))
 
     def append_handle(self, stream: str, epoch: int, gen: int = 0) -> tuple[bytes, int]:
         """What :meth:`append` needs to know of ``stream`` in ``epoch``: the command's fixed part
@@ -225,7 +231,7 @@ class RedisStore:
         """Append ``chunks`` (seq ``seq`` on) with ``handle`` from :meth:`append_handle` (append.lua)."""
         self._submit(
             self.encode_append(handle[0], seq, chunks, now_ms()),
-            lambda reply, exc: done(_append_outcome(reply, exc)),
+            lambda reply, exc: done(append_outcome(reply, exc)),
             handle[1],
         )
 
@@ -271,7 +277,7 @@ class RedisStore:
                 *self._notify_args,
             ]
         )
-        self._submit(payload, lambda reply, exc: done(_end_outcome(reply, exc, reason)), self._slot_of(meta))
+        self._submit(payload, lambda reply, exc: done(end_outcome(reply, exc, reason)), self._slot_of(meta))
 
     def touch(self, streams: list[str]) -> None:
         """Record producer activity on open streams (touch.lua) and in the open index."""
@@ -518,7 +524,7 @@ class RedisStore:
 
         def done(reply: Any, exc: BaseException | None) -> None:
             if not future.done():
-                future.set_result(_failed(reply, exc, "not written") or reply)
+                future.set_result(failed_write(reply, exc, "not written") or reply)
 
         self._submit(
             encode_command(["EVALSHA", self._sha[script], str(nkeys), *keys, *args]),
@@ -546,7 +552,7 @@ class RedisStore:
         )
         if isinstance(reply, Refused):
             return DsWrite("store_unavailable", message=reply.message)
-        return DsWrite(_s(reply[0]), gen=int(reply[1]), tail=int(reply[2]), closed=bool(int(reply[3])))
+        return DsWrite(text_of(reply[0]), gen=int(reply[1]), tail=int(reply[2]), closed=bool(int(reply[3])))
 
     async def ds_append(
         self,
@@ -577,7 +583,7 @@ class RedisStore:
         )
         if isinstance(reply, Refused):
             return DsWrite("store_unavailable", message=reply.message)
-        return ds_write_outcome([_s(v) if isinstance(v, bytes) else v for v in reply])
+        return ds_write_outcome([text_of(v) if isinstance(v, bytes) else v for v in reply])
 
     async def ds_read(
         self, stream: str, gen: int | None, after: int, count: int, now: int, *, touch: bool = True
@@ -601,36 +607,6 @@ class RedisStore:
         return bool(int(reply))
 
 
-def parse_meta(stream: str, raw: dict[bytes, bytes]) -> StreamMeta:
-    def num(name: bytes, default: int = 0) -> int:
-        value = raw.get(name)
-        return int(value) if value is not None and value != b"" else default
-
-    ended = raw.get(b"ended")
-    return StreamMeta(
-        stream=stream,
-        status=raw.get(b"status", b"open").decode(),
-        gen=num(b"gen"),
-        epoch=num(b"epoch"),
-        seq=num(b"seq"),
-        n=num(b"n"),
-        content_type=raw.get(b"ct", b"json").decode(),
-        created_ms=num(b"created"),
-        updated_ms=num(b"updated"),
-        ended_ms=int(ended) if ended else None,
-        message=raw.get(b"message", b"").decode(),
-    )
-
-
-def parse_entry(entry_id: bytes, fields: list[bytes]) -> Entry:
-    """An XRANGE row as hiredis gives it: ``[id, [field, value, ...]]``."""
-    offset = int(entry_id.partition(b"-")[2])
-    if fields[0] == b"d":  # a chunk: its only field
-        return Entry(offset, fields[1])
-    named = dict(zip(fields[::2], fields[1::2], strict=True))
-    return Entry(offset, None, named.get(b"e", b"error").decode(), named.get(b"m", b"").decode())
-
-
 def _as_is(response: Any, **options: Any) -> Any:
     return response
 
@@ -639,65 +615,6 @@ def _translate(exc: redis.exceptions.RedisError) -> StoreError:
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return StoreUnavailable(f"Redis unavailable: {exc}")
     return StoreError(f"Redis error: {exc}")
-
-
-# Lua replies -> outcomes ---------------------------------------------------------------------------
-# The scripts answer positional arrays (documented at the top of each .lua file); this is the one
-# place that knows their layout.
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _failed(reply: Any, exc: BaseException | None, what: str) -> Refused | None:
-    if exc is not None:
-        return Refused("store_unavailable", f"{what}: {exc}")
-    if isinstance(reply, hiredis.ReplyError):
-        return Refused("store_unavailable", f"{what}: {reply}")
-    return None
-
-
-def _open_outcome(reply: Any, exc: BaseException | None) -> OpenOutcome:
-    failed = _failed(reply, exc, "open failed")
-    if failed is not None:
-        return failed
-    code, gen, epoch, seq, n, status, content_type = (_s(v) for v in reply)
-    if code == "fenced":
-        return Refused("fenced", f"stream is held by a newer producer (epoch {epoch})", int(epoch))
-    return Opened(code, int(gen), int(epoch), int(seq), int(n), status, content_type)  # type: ignore[arg-type]
-
-
-def _append_outcome(reply: Any, exc: BaseException | None) -> AppendOutcome:
-    if exc is None and type(reply) is list and reply[0] == b"ok":  # the hot path: stored
-        return Appended(int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]))
-    failed = _failed(reply, exc, "append not stored")
-    if failed is not None:
-        return failed
-    code = _s(reply[0])
-    if code == "ok":
-        return Appended(int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]))
-    if code == "seq_gap":
-        return Refused("seq_gap", f"expected seq {int(reply[1]) + 1}", int(reply[1]))
-    if code == "fenced":
-        return Refused("fenced", "a newer producer took the stream over", int(reply[1]))
-    if code == "ended":
-        return Refused("ended", f"stream ended ({_s(reply[1])})", status=_s(reply[1]))
-    return Refused("not_found", "stream expired or was removed")
-
-
-def _end_outcome(reply: Any, exc: BaseException | None, reason: str) -> EndOutcome:
-    failed = _failed(reply, exc, "end failed")
-    if failed is not None:
-        return failed
-    result = _s(reply[0])
-    if result == "ok":
-        return Ended("ok", int(reply[1]), int(reply[2]), reason)
-    if result == "already":
-        return Ended("already", int(reply[1]), int(reply[2]), _s(reply[3]))
-    if result == "fenced":
-        return Refused("fenced", "a newer producer took the stream over", int(reply[1]))
-    return Refused(result, f"end failed: {result}")  # not_found | alive
 
 
 def _nothing() -> None:
@@ -729,37 +646,3 @@ def _deadline(spec: DsSpec, now: int) -> str:
     if spec.ttl_s is not None:
         return str(now + spec.ttl_s * 1000)
     return "" if spec.expires_ms is None else str(spec.expires_ms)
-
-
-def ds_write_outcome(reply: list[Any]) -> DsWrite:
-    """ds_append.lua's answer (strings and integers) as a :class:`DsWrite`."""
-    code = reply[0]
-    if code == "not_found":
-        return DsWrite("not_found")
-    gen, n = int(reply[1]), int(reply[2])
-    if code == "ok":
-        closed = bool(int(reply[4]))
-        return DsWrite("ok", gen, int(reply[2]), int(reply[3]), int(reply[3]), closed)
-    if code == "closed":
-        return DsWrite("closed", gen, tail=n, closed=True)
-    if code == "duplicate":
-        closed = bool(int(reply[3]))
-        return DsWrite("duplicate", gen, tail=n, closed=closed, value=int(reply[4]))
-    if code == "stale_epoch":
-        return DsWrite("stale_epoch", gen, tail=n, value=int(reply[3]))
-    if code == "seq_gap":
-        return DsWrite("seq_gap", gen, tail=n, value=int(reply[3]) + 1, received=int(reply[4]))
-    return DsWrite(code, gen, tail=n)  # content_type | epoch_seq | stream_seq
-
-
-def parse_ds_read(reply: list[Any]) -> DsRead | None:
-    """ds_read.lua's answer as a :class:`DsRead`; None for no stream."""
-    if not reply:
-        return None
-    gen, n, status, dct, dmt, ct, ttl, exp, after = (_s(v) for v in reply[:9])
-    closed = status != "open"
-    media = dmt or ("text/plain" if ct == "text" else "application/json")
-    state = DsState(int(gen), int(n) - closed, closed, dct or media, media, int(ttl) if ttl else None, exp)
-    rows = reply[9:]
-    entries = [parse_entry(rows[i], rows[i + 1]) for i in range(0, len(rows), 2)]
-    return DsRead(state, int(after), entries)
