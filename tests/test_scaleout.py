@@ -16,13 +16,22 @@ import orjson
 import redis.asyncio as aioredis
 
 from relayd.config import Config
-from tests.helpers import Relayd, collect_chunks, poll_until
+from tests.helpers import Peer, Relayd, collect_chunks, poll_until
 
 
 @asynccontextmanager
 async def instances(config: Config, count: int) -> AsyncIterator[list[Relayd]]:
     async with AsyncExitStack() as stack:
         yield [await stack.enter_async_context(Relayd(config)) for _ in range(count)]
+
+
+async def registered(server: Relayd, stream: str, **params: str) -> Peer:
+    """A websocket consumer of ``stream`` on ``server``, subscribed and known to its hub (so its
+    instance follows the stream from now on)."""
+    consumer = await server.consumer(stream, **params)
+    await consumer.expect("subscribed")
+    await poll_until(lambda: server.relay.subscriber_count(stream) == 1, f"{stream} registered")
+    return consumer
 
 
 async def sse_events(server: Relayd, stream: str, **params: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
@@ -79,9 +88,7 @@ async def test_a_consumer_waiting_on_b_is_woken_when_a_creates_the_stream(
 ) -> None:
     """Waiting for a stream that does not exist yet works across instances (before: stream_not_found)."""
     async with instances(config_factory(), 2) as (a, b):
-        consumer = await b.consumer("later", wait_ms="10000")
-        await consumer.expect("subscribed")
-        await poll_until(lambda: b.relay.subscriber_count("later") == 1, "registered")
+        consumer = await registered(b, "later", wait_ms="10000")
         producer = await a.producer()
         await producer.open("later")
         await producer.append("later", 1, "first")
@@ -136,9 +143,7 @@ async def test_a_dropped_pubsub_connection_loses_nothing(
     async with instances(config_factory(), 2) as (a, b):
         producer = await a.producer()
         await producer.open("cut")
-        consumer = await b.consumer("cut")
-        await consumer.expect("subscribed")
-        await poll_until(lambda: b.relay.subscriber_count("cut") == 1, "registered")
+        consumer = await registered(b, "cut")
         for seq in range(1, 21):
             await producer.append("cut", seq, seq)
         resubscribes = b.relay.metrics._broker_resubscribes._value.get()
@@ -162,9 +167,7 @@ async def test_metrics_and_readyz_show_the_broker(config_factory: Callable[..., 
     async with instances(config_factory(), 2) as (a, b):
         producer = await a.producer()
         await producer.open("m")
-        consumer = await b.consumer("m")
-        await consumer.expect("subscribed")
-        await poll_until(lambda: b.relay.subscriber_count("m") == 1, "registered")
+        consumer = await registered(b, "m")
         await producer.append("m", 1, "x")
         await consumer.expect("chunk")
         assert b.session is not None
@@ -217,15 +220,11 @@ async def test_a_lone_instance_publishes_no_chunks_and_starts_when_another_follo
     async with instances(config_factory(), 2) as (a, b):
         producer = await a.producer()
         await producer.open("solo")
-        local = await a.consumer("solo")
-        await local.expect("subscribed")
-        await poll_until(lambda: a.relay.subscriber_count("solo") == 1, "the local subscriber")
+        local = await registered(a, "solo")
         for seq in range(1, 6):
             await producer.append("solo", seq, seq)
             await local.expect("chunk")
-        remote = await b.consumer("solo")
-        await remote.expect("subscribed")
-        await poll_until(lambda: b.relay.subscriber_count("solo") == 1, "the remote subscriber")
+        remote = await registered(b, "solo")
         await remote.expect("chunk")  # history: 1..5 (one frame or several)
         admin = aioredis.Redis.from_url(redis_server)
         await poll_until(
