@@ -52,14 +52,15 @@ def meta_key(prefix: str, stream: str) -> str:
 
 
 def entry_id(cursor: str) -> str:
-    """The Redis entry id behind a cursor (the key layout is ``<generation>-<offset>``)."""
+    """The Redis entry id behind a cursor of a chunk written before any takeover or end (the key
+    layout is ``<generation>-<lane * 2^32 + offset>``, lane 0 until the first fence)."""
     gen, _, offset = cursor.partition("-")
     return f"{gen}-{int(offset)}"
 
 
 def offset_of(entry: bytes | str) -> int:
     text = entry.decode() if isinstance(entry, bytes) else entry
-    return int(text.partition("-")[2])
+    return int(text.partition("-")[2]) % 2**32  # the offset, without the lane
 
 
 def gen_of(cursor: str) -> str:

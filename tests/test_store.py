@@ -5,24 +5,41 @@ from __future__ import annotations
 import pytest
 
 from relayd.config import Config, RedisConfig, StreamsConfig
+from relayd.store.appends import Appender
 from relayd.store.keys import Keys
+from relayd.store.pipeline import Write
 from relayd.store.redis_streams import RedisStore
 from relayd.store.resp import encode_command
 from relayd.store.slots import key_slot
+
+
+def _appender(url: str) -> tuple[Appender, list[Write]]:
+    config = Config(redis=RedisConfig(key_prefix="p"), streams=StreamsConfig(max_chunks=50, open_ttl_s=60))
+    store = RedisStore(config, url, instance="i1")
+    sent: list[Write] = []
+    appender = Appender(
+        sent.append,
+        store.keys,
+        b"a" * 40,
+        store._slot_of,
+        max_chunks=b"50",
+        open_ttl=b"60",
+        publish=store._publish,
+        instance=b"i1",
+    )
+    return appender, sent
 
 
 @pytest.mark.parametrize(
     ("url", "publish", "slot"),
     [("redis://127.0.0.1:1", "PUBLISH", 0), ("redis+cluster://127.0.0.1:1", "SPUBLISH", key_slot("chat-1"))],
 )
-def test_cached_append_command_equals_the_generic_encoding(url: str, publish: str, slot: int) -> None:
-    """An append built from the per-stream cached head is byte-for-byte the plain RESP command;
-    on a cluster it publishes with SPUBLISH and goes to the stream's slot."""
-    config = Config(redis=RedisConfig(key_prefix="p"), streams=StreamsConfig(max_chunks=50, open_ttl_s=60))
-    store = RedisStore(config, url, instance="i1")
-    store._sha = {"append": b"a" * 40}
-    head, head_slot = store.append_handle("chat-1", 3, 1700000000000)
-    assert head_slot == slot
+def test_cached_append_commands_equal_the_generic_encoding(url: str, publish: str, slot: int) -> None:
+    """The script and the plain XADDs built from a handle's cached heads are byte-for-byte the
+    plain RESP commands; on a cluster they publish with SPUBLISH and go to the stream's slot."""
+    appender, sent = _appender(url)
+    h = appender.handle("chat-1", 3, 1700000000000)
+    assert h.slot == slot
     for chunks in ([b'{"x":1}'], [b'"y"', b"1", b"[" + b"9" * 300 + b"]"]):
         expected = encode_command(
             [
@@ -44,7 +61,33 @@ def test_cached_append_command_equals_the_generic_encoding(url: str, publish: st
                 *chunks,
             ]
         )
-        assert store.encode_append(head, 17, chunks, 123) == expected
+        assert appender.encode_script(h.script_head, 17, chunks, 123) == expected
+    # a sure handle in lane 2, epoch base 40, expecting seq 5: plain XADDs and the followers probe
+    h.ready, h.wire, h.next, h.base, h.id_prefix, h.lane_base = True, appender.wire, 5, 40, b"1700000000000-", 2 << 32
+    chunks = [b'"y"', b"[" + b"9" * 300 + b"]"]
+    appender.append(h, 5, chunks, lambda outcome: None)
+    assert [w.payload for w in sent] == [
+        *[
+            encode_command(
+                [
+                    *("XADD", "p:{chat-1}:log", "NOMKSTREAM", "MAXLEN", "~", "50"),
+                    *(f"1700000000000-{(2 << 32) + 45 + i}", "d", c),
+                ]
+            )
+            for i, c in enumerate(chunks)
+        ],
+        encode_command(["SRANDMEMBER", "p:{chat-1}:fol", "2"]),
+    ]
+    assert {w.slot for w in sent} == {slot} and h.next == 7
+    sent.clear()
+    h.ct = b"text"
+    appender.publish(h, 45, chunks)
+    (message,) = sent
+    body = message.payload.split(b"\r\n")[-2]
+    assert message.payload == encode_command([publish, "p:{chat-1}:live", body])
+    _, _, _, gen, first, ct, count, rest = body.split(b"|", 7)
+    assert (gen, first, ct, count) == (b"1700000000000", b"45", b"text", b"2")
+    assert rest == b'3:"y"|302:' + chunks[1]
 
 
 def test_every_key_of_a_stream_shares_one_cluster_hash_tag() -> None:

@@ -487,3 +487,88 @@ async def test_append_for_a_deleted_and_recreated_stream_is_fenced(store: Store)
     assert isinstance(stale, Refused) and stale.code == "fenced"
     fresh = await answer(lambda done: store.append(store.append_handle("g", new.epoch, new.gen), 1, [b'"b"'], done))
     assert isinstance(fresh, Appended) and fresh.first == 1
+
+
+# A held handle: what the relay does (one handle per open, reused by every append) ----------------
+
+
+class Holder:
+    """A producer's hold on a stream as the relay keeps it: one handle for every append."""
+
+    def __init__(self, store: Store, stream: str, opened: Opened) -> None:
+        self.store, self.stream, self.handle = store, stream, store.append_handle(stream, opened.epoch, opened.gen)
+
+    async def append(self, seq: int, *chunks: bytes) -> Any:
+        return await answer(lambda done: self.store.append(self.handle, seq, list(chunks), done))
+
+
+async def holding(store: Store, stream: str, epoch: int | None = None) -> Holder:
+    opened = await open_(store, stream, epoch)
+    assert isinstance(opened, Opened) and opened.code in ("created", "opened", "resumed")
+    return Holder(store, stream, opened)
+
+
+async def test_a_held_handle_appends_at_the_next_offsets_and_dedupes_resends(store: Store) -> None:
+    """Appends through one handle land at consecutive offsets; a resend, a partial overlap and a
+    gap are answered as for a fresh handle, and the handle goes on appending afterwards."""
+    a = await holding(store, "h")
+    gen = (await store.read_meta("h")).gen  # type: ignore[union-attr]
+    for seq in range(1, 6):
+        assert await a.append(seq, b"%d" % seq) == Appended(gen, seq, seq, seq)
+    assert await a.append(3, b"3", b"4") == Appended(gen, 6, 4, 4)  # a resend: nothing stored
+    assert await a.append(5, b"5", b"6", b"7") == Appended(gen, 6, 7, 7)  # overlap: 6 and 7 are new
+    gap = await a.append(9, b"9")
+    assert isinstance(gap, Refused) and (gap.code, gap.value) == ("seq_gap", 7)
+    assert await a.append(8, b"8") == Appended(gen, 8, 8, 8)
+    assert [e.data for e in await store.read_entries("h", gen, 1, 100)] == [b"%d" % i for i in range(1, 9)]
+    meta = await store.read_meta("h")
+    assert meta is not None and (meta.n, meta.seq) == (8, 8)
+
+
+async def test_a_takeover_fences_the_held_handle_and_offsets_stay_consecutive(store: Store) -> None:
+    """Once a new epoch took the stream over, the old holder's appends are fenced (with any seq);
+    the new epoch's chunks follow at the next offsets, and reads across the takeover have no hole."""
+    a = await holding(store, "t")
+    for seq in (1, 2, 3):
+        assert isinstance(await a.append(seq, b"a%d" % seq), Appended)
+    b = await holding(store, "t")  # takes over: epoch 2
+    for seq in (4, 1):
+        late = await a.append(seq, b"late")
+        assert isinstance(late, Refused) and (late.code, late.value) == ("fenced", 2)
+    gen = (await store.read_meta("t")).gen  # type: ignore[union-attr]
+    assert await b.append(1, b"b1") == Appended(gen, 4, 4, 1)
+    assert await b.append(2, b"b2", b"b3") == Appended(gen, 5, 6, 3)
+    c = await holding(store, "t")  # epoch 3, and again
+    assert isinstance(await b.append(4, b"late"), Refused)
+    assert await c.append(1, b"c1") == Appended(gen, 7, 7, 1)
+    expected = [b"a1", b"a2", b"a3", b"b1", b"b2", b"b3", b"c1"]
+    for first in range(1, 8):
+        entries = await store.read_entries("t", gen, first, 100)
+        assert [(e.offset, e.data) for e in entries] == list(enumerate(expected, 1))[first - 1 :]
+    assert [e.offset for e in await store.read_entries("t", gen, 5, 1)] == [5]
+    meta = await store.read_meta("t")
+    assert meta is not None and (meta.epoch, meta.n, meta.seq) == (3, 7, 1)
+    assert await end(store, "t", epoch=3) == Ended("ok", gen, 8, "completed")
+    assert [e.offset for e in await store.read_entries("t", gen, 7, 100)] == [7, 8]
+
+
+async def test_an_end_fences_the_held_handle(store: Store) -> None:
+    """An operator's end (or the producer-lost sweep's) while the holder still appends: the
+    holder's next append says how the stream ended and nothing lands after the end entry."""
+    a = await holding(store, "e")
+    assert isinstance(await a.append(1, b"1"), Appended)
+    ended = await end(store, "e", "cancelled")
+    assert isinstance(ended, Ended) and ended.offset == 2
+    late = await a.append(2, b"2")
+    assert isinstance(late, Refused) and (late.code, late.status) == ("ended", "cancelled")
+    entries = await store.read_entries("e", ended.gen, 1, 100)
+    assert [e.offset for e in entries] == [1, 2] and entries[-1].is_end
+
+
+async def test_a_removed_stream_is_not_recreated_by_its_held_handle(store: Store) -> None:
+    a = await holding(store, "r")
+    assert isinstance(await a.append(1, b"1"), Appended)
+    assert await store.delete_stream("r")
+    gone = await a.append(2, b"2")
+    assert isinstance(gone, Refused) and gone.code == "not_found"
+    assert await store.read_meta("r") is None and await store.log_edges("r") is None

@@ -72,16 +72,30 @@ class _Batch:
                 self.timer.cancel()
 
 
-class _Cmd:
-    __slots__ = ("ask", "batch", "index", "payload", "seq", "slot")
+Fallback = Callable[[], bytes | None]
 
-    def __init__(self, seq: int, slot: int, payload: bytes, batch: _Batch, index: int) -> None:
+
+def _no_fallback() -> bytes | None:
+    return None
+
+
+class _Cmd:
+    __slots__ = ("ask", "batch", "fallback", "index", "payload", "seq", "slot")
+
+    def __init__(self, seq: int, slot: int, payload: bytes, batch: _Batch, index: int, fallback: Fallback) -> None:
         self.seq = seq
         self.slot = slot
         self.payload = payload
         self.batch = batch
         self.index = index
+        self.fallback = fallback
         self.ask: Addr | None = None  # send once to this node, after ASKING
+
+    def use_fallback(self) -> None:
+        """To be sent later than planned, maybe to a node made again: its fallback command instead."""
+        alt = self.fallback()
+        if alt is not None:
+            self.payload = alt
 
 
 class _Node:
@@ -166,11 +180,18 @@ class ClusterWriter:
 
     # the write path ----------------------------------------------------------------------------
 
-    def send(self, commands: Sequence[tuple[int, bytes]], timeout_s: float | None = None) -> asyncio.Future[list[Any]]:
+    def send(
+        self,
+        commands: Sequence[tuple[int, bytes]],
+        timeout_s: float | None = None,
+        fallbacks: Sequence[Fallback] | None = None,
+    ) -> asyncio.Future[list[Any]]:
         """Send ``(slot, encoded command)`` pairs; the future gets their replies in this order.
 
         Fails with StoreUnavailable if they are not all answered within ``timeout_s`` (default:
-        the writer's), or at once if the writer is closed.
+        the writer's), or at once if the writer is closed. ``fallbacks``: per command, what to
+        send instead if it has to wait for a resend or a connection made again (see
+        relayd.store.pipeline.Write.fallback).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
@@ -187,10 +208,14 @@ class ClusterWriter:
         held = self._held
         groups: dict[_Node, list[_Cmd | None]] = {}
         seq = self._seq
+        reconnected = self._reconnected  # a node was made again and the caller does not know yet
         for index, (slot, payload) in enumerate(commands):
             seq += 1
-            cmd = _Cmd(seq, slot, payload, batch, index)
+            cmd = _Cmd(seq, slot, payload, batch, index, fallbacks[index] if fallbacks else _no_fallback)
+            if reconnected:
+                cmd.use_fallback()
             if held and slot in held:
+                cmd.use_fallback()
                 self._queue.append(cmd)
                 continue
             addr = owners[slot]
@@ -273,6 +298,7 @@ class ClusterWriter:
 
     def _hold(self, cmd: _Cmd) -> None:
         if not cmd.batch.future.done():
+            cmd.use_fallback()
             self._queue.append(cmd)
             self._held.add(cmd.slot)
 

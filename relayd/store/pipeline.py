@@ -51,6 +51,21 @@ class Write:
         self.done = done
         self.slot = slot
 
+    def fallback(self) -> bytes | None:
+        """The command to send instead if this one has to be sent again (its connection was lost,
+        or it waited for one to be made again): the server may then have lost writes it had
+        acknowledged, which a plain XADD cannot notice and its script can (store/appends.py).
+        None: send it as it is."""
+        return None
+
+
+def use_fallbacks(writes: Any) -> None:
+    """Writes about to be sent on a connection made again: their fallback commands instead."""
+    for write in writes:
+        alt = write.fallback()
+        if alt is not None:
+            write.payload = alt
+
 
 class Wire(Protocol):
     """The connection side of the store that the pipeline drives (store/wire.py)."""
@@ -206,6 +221,7 @@ class Pipeline:
             _fail_all(batch, StoreUnavailable("relayd is shutting down"))
             return
         self._metrics.redis_error()
+        use_fallbacks(batch)
         self._failed.append(batch)
         if self._recovery is None:
             log.warning("redis write failed, retrying: %s", exc)
@@ -234,6 +250,7 @@ class Pipeline:
                         _resolve(batch, replies)
                     self._metrics.redis_health(True)
                     log.info("redis writes recovered")
+                    use_fallbacks(self._queue)  # encoded before the store learns of the reconnect
                     self._recovered()
                     return
                 except (StoreUnavailable, StoreError) as exc:

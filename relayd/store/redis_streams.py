@@ -45,10 +45,11 @@ from relayd.model import (
     StreamStats,
     now_ms,
 )
+from relayd.store.appends import Appender, AppendHandle
 from relayd.store.keys import Keys
 from relayd.store.pipeline import Pipeline, Write
 from relayd.store.replies import (
-    append_outcome,
+    LANE,
     ds_write_outcome,
     end_outcome,
     failed_write,
@@ -83,7 +84,8 @@ class RedisStore:
         self._streams = streams_cfg
         self.cluster = is_cluster_url(url)
         lua = resources.files("relayd.store") / "lua"
-        scripts = {name: (lua / f"{name}.lua").read_text() for name in SCRIPTS}
+        lib = (lua / "lib.lua").read_text()  # shared helpers, in front of every script
+        scripts = {name: lib + (lua / f"{name}.lua").read_text() for name in SCRIPTS}
         # The SHA1 of a script's body is its EVALSHA name; the wire loads the scripts on each connection.
         self._sha = {name: hashlib.sha1(body.encode()).hexdigest().encode() for name, body in scripts.items()}
         self._ds_read_body = scripts["ds_read"]
@@ -134,7 +136,16 @@ class RedisStore:
         self.instance = instance
         self._publish = (b"SPUBLISH" if self.cluster else b"PUBLISH") if redis_cfg.notify else b""
         self._notify_args = [self._publish, instance.encode()]
-        self._append_tail = encode_command([self._max_chunks, self._open_ttl, *self._notify_args])[4:]
+        self._appender = Appender(
+            self._submit_write,
+            self.keys,
+            self._sha["append"],
+            self._slot_of,
+            max_chunks=self._max_chunks,
+            open_ttl=self._open_ttl,
+            publish=self._publish,
+            instance=instance.encode(),
+        )
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -163,6 +174,7 @@ class RedisStore:
 
     def recovered(self) -> None:
         """Writes flow again after a lost connection: Redis may have restarted or failed over."""
+        self._appender.reconnected()
         self.on_reconnect()
 
     async def ping(self) -> None:
@@ -173,11 +185,14 @@ class RedisStore:
             raise _translate(exc) from exc
 
     def _submit(self, payload: bytes, done: Callable[[Any, BaseException | None], None], slot: int) -> None:
+        self._submit_write(Write(payload, done, slot))
+
+    def _submit_write(self, write: Write) -> None:
         pipeline = self._pipeline
         if pipeline is None:
-            done(None, StoreUnavailable("store not started"))
+            write.done(None, StoreUnavailable("store not started"))
             return
-        pipeline.submit(Write(payload, done, slot))
+        pipeline.submit(write)
 
     # typed writes ----------------------------------------------------------------------------
 
@@ -210,42 +225,16 @@ class RedisStore:
         )
         self._submit(payload, lambda reply, exc: done(open_outcome(reply, exc)), self._slot_of(meta))
 
-    def append_handle(self, stream: str, epoch: int, gen: int = 0) -> tuple[bytes, int]:
-        """What :meth:`append` needs to know of ``stream`` in ``epoch``: the command's fixed part
-        and the stream's hash slot.
-
-        A micro-optimisation: appends are the hot path and only their sequence number, clock and
-        chunks change from one append to the next, so the rest is encoded once per open.
-        """
-        keys = self.keys
-        meta = keys.meta(stream)
-        args: list[RespArg] = ["EVALSHA", self._sha["append"], "4", meta, keys.log(stream)]
-        head = encode_command([*args, keys.channel(stream), keys.followers(stream), str(epoch), str(gen)])[
-            4:  # without the "*9\r\n" array header: the real argument count is set per append
-        ]
-        return head, self._slot_of(meta)
+    def append_handle(self, stream: str, epoch: int, gen: int = 0) -> AppendHandle:
+        """What :meth:`append` needs of ``stream`` in ``epoch``: an :class:`AppendHandle`, which
+        keeps what the holder knows of the log between appends (store/appends.py)."""
+        return self._appender.handle(stream, epoch, gen)
 
     def append(
-        self, handle: tuple[bytes, int], seq: int, chunks: list[bytes], done: Callable[[AppendOutcome], None]
+        self, handle: AppendHandle, seq: int, chunks: list[bytes], done: Callable[[AppendOutcome], None]
     ) -> None:
-        """Append ``chunks`` (seq ``seq`` on) with ``handle`` from :meth:`append_handle` (append.lua)."""
-        self._submit(
-            self.encode_append(handle[0], seq, chunks, now_ms()),
-            lambda reply, exc: done(append_outcome(reply, exc)),
-            handle[1],
-        )
-
-    def encode_append(self, handle: bytes, seq: int, chunks: list[bytes], now: int) -> bytes:
-        seq_b = b"%d" % seq
-        now_b = b"%d" % now
-        parts = [
-            b"*%d\r\n" % (15 + len(chunks)),
-            handle,
-            b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(seq_b), seq_b, len(now_b), now_b),
-            self._append_tail,
-        ]
-        parts.extend([b"$%d\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks])
-        return b"".join(parts)
+        """Append ``chunks`` (seq ``seq`` on): plain XADDs, or append.lua when in doubt (store/appends.py)."""
+        self._appender.append(handle, seq, chunks, done)
 
     def end(
         self,
@@ -331,25 +320,44 @@ class RedisStore:
     # read path --------------------------------------------------------------------------------
 
     async def read_meta(self, stream: str) -> StreamMeta | None:
+        """The meta, with the last offset taken from the log (appends do not move the meta's)."""
+        keys = self.keys
         try:
-            async with self._reads:
-                raw: dict[bytes, bytes] = await self._client.hgetall(self.keys.meta(stream))  # type: ignore[assignment]
+            async with self._reads, self._client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keys.meta(stream))
+                pipe.xinfo_stream(keys.log(stream))
+                raw, info = await pipe.execute(raise_on_error=False)
         except redis.exceptions.RedisError as exc:
             raise _translate(exc) from exc
-        return parse_meta(stream, raw) if raw else None
+        if isinstance(raw, Exception):
+            raise _translate(raw) if isinstance(raw, redis.exceptions.RedisError) else StoreError(str(raw))
+        return parse_meta(stream, raw, _last_id(info)) if raw else None
 
     async def read_entries(self, stream: str, gen: int, first: int, count: int) -> list[Entry]:
-        """Up to ``count`` entries of generation ``gen`` from offset ``first`` on."""
-        try:
-            # One key holds one generation: a new one starts only after the key vanished. A reader
-            # still on an old generation must not take the new one's entries for its own: bound it.
-            async with self._reads:
-                rows: list[list[Any]] = await self._client.xrange(  # type: ignore[assignment]
-                    self.keys.log(stream), f"{gen}-{first}", f"{gen}-{_MAX_SEQ}", count=count
-                )
-        except redis.exceptions.RedisError as exc:
-            raise _translate(exc) from exc
-        return [parse_entry(entry_id, fields) for entry_id, fields in rows]
+        """Up to ``count`` entries of generation ``gen`` from offset ``first`` on.
+
+        The lane of ``first`` (store/lua/lib.lua) is not known here: a read starts in lane 0, and
+        a row of a later lane below ``first`` moves the start to that lane (a takeover's worth of
+        round trips, and only for readers past a takeover).
+        """
+        log = self.keys.log(stream)
+        lane = 0
+        while True:
+            try:
+                # One key holds one generation: a new one starts only after the key vanished. A reader
+                # still on an old generation must not take the new one's entries for its own: bound it.
+                async with self._reads:
+                    rows: list[list[Any]] = await self._client.xrange(  # type: ignore[assignment]
+                        log, f"{gen}-{lane * LANE + first}", f"{gen}-{_MAX_SEQ}", count=count
+                    )
+            except redis.exceptions.RedisError as exc:
+                raise _translate(exc) from exc
+            if not rows:
+                return []
+            seq = int(rows[0][0].partition(b"-")[2])
+            if seq % LANE >= first:
+                return [parse_entry(entry_id, fields) for entry_id, fields in rows]
+            lane = seq // LANE
 
     async def stale_open_streams(self, before_ms: int, limit: int = 500, skip: int = 0) -> list[str]:
         try:
@@ -459,6 +467,7 @@ class RedisStore:
                 for stream in streams:
                     meta_key, log_key = self.keys.meta(stream), self.keys.log(stream)
                     pipe.hgetall(meta_key)
+                    pipe.xinfo_stream(log_key)
                     pipe.xlen(log_key)
                     pipe.memory_usage(log_key)
                     pipe.memory_usage(meta_key)
@@ -468,7 +477,7 @@ class RedisStore:
             raise _translate(exc) from exc
         out: list[StreamStats | None] = []
         for i, stream in enumerate(streams):
-            raw, entries, log_mem, meta_mem, ttl = replies[5 * i : 5 * i + 5]
+            raw, last, entries, log_mem, meta_mem, ttl = replies[6 * i : 6 * i + 6]
             if isinstance(raw, Exception) or isinstance(entries, Exception) or isinstance(ttl, Exception):
                 raise StoreError(f"Redis error: {raw if isinstance(raw, Exception) else entries}")
             if not raw:
@@ -477,7 +486,7 @@ class RedisStore:
             memory = None
             if not isinstance(log_mem, Exception) and not isinstance(meta_mem, Exception):
                 memory = int(log_mem or 0) + int(meta_mem or 0)
-            out.append(StreamStats(parse_meta(stream, raw), int(entries), memory, int(ttl)))
+            out.append(StreamStats(parse_meta(stream, raw, _last_id(last)), int(entries), memory, int(ttl)))
         return out
 
     async def log_edges(self, stream: str) -> tuple[int, int] | None:
@@ -492,7 +501,7 @@ class RedisStore:
             raise _translate(exc) from exc
         if not first or not last:
             return None
-        return int(first[0][0].partition(b"-")[2]), int(last[0][0].partition(b"-")[2])
+        return int(first[0][0].partition(b"-")[2]) % LANE, int(last[0][0].partition(b"-")[2]) % LANE
 
     async def delete_stream(self, stream: str) -> bool:
         """Delete a stream's keys and its index entry; False if it did not exist.
@@ -609,6 +618,11 @@ class RedisStore:
 
 def _as_is(response: Any, **options: Any) -> Any:
     return response
+
+
+def _last_id(info: Any) -> bytes | None:
+    """The log's last-generated-id from redis-py's XINFO STREAM answer (an error: no log)."""
+    return info.get("last-generated-id") if isinstance(info, dict) else None
 
 
 def _translate(exc: redis.exceptions.RedisError) -> StoreError:

@@ -26,20 +26,33 @@ from relayd.model import (
     StreamMeta,
 )
 
+LANE = 1 << 32  # entry ids are "<gen>-<lane * LANE + offset>" (store/lua/lib.lua, store/appends.py)
 
-def parse_meta(stream: str, raw: dict[bytes, bytes]) -> StreamMeta:
+
+def parse_meta(stream: str, raw: dict[bytes, bytes], last_id: bytes | None = None) -> StreamMeta:
+    """A meta hash; ``last_id``: the log's last-generated-id (XINFO STREAM), None if no log.
+
+    Appends are plain XADDs (store/appends.py): while a stream is open its meta's ``n`` and
+    ``seq`` are those of its last open or takeover, and the log's last id says where it is.
+    """
+
     def num(name: bytes, default: int = 0) -> int:
         value = raw.get(name)
         return int(value) if value is not None and value != b"" else default
 
     ended = raw.get(b"ended")
+    status = raw.get(b"status", b"open").decode()
+    n, seq = num(b"n"), num(b"seq")
+    if status == "open" and last_id:
+        n = max(n, int(last_id.partition(b"-")[2]) % LANE)
+        seq = max(n - num(b"base"), 0)
     return StreamMeta(
         stream=stream,
-        status=raw.get(b"status", b"open").decode(),
+        status=status,
         gen=num(b"gen"),
         epoch=num(b"epoch"),
-        seq=num(b"seq"),
-        n=num(b"n"),
+        seq=seq,
+        n=n,
         content_type=raw.get(b"ct", b"json").decode(),
         created_ms=num(b"created"),
         updated_ms=num(b"updated"),
@@ -50,7 +63,7 @@ def parse_meta(stream: str, raw: dict[bytes, bytes]) -> StreamMeta:
 
 def parse_entry(entry_id: bytes, fields: list[bytes]) -> Entry:
     """An XRANGE row as hiredis gives it: ``[id, [field, value, ...]]``."""
-    offset = int(entry_id.partition(b"-")[2])
+    offset = int(entry_id.partition(b"-")[2]) % LANE  # the sequence part is lane * LANE + offset
     if fields[0] == b"d":  # a chunk: its only field
         return Entry(offset, fields[1])
     named = dict(zip(fields[::2], fields[1::2], strict=True))
@@ -94,6 +107,12 @@ def append_outcome(reply: Any, exc: BaseException | None) -> AppendOutcome:
         return Refused("fenced", "a newer producer took the stream over", int(reply[1]))
     if code == "ended":
         return Refused("ended", f"stream ended ({text_of(reply[1])})", status=text_of(reply[1]))
+    if code == "lost":
+        return Refused(
+            "store_unavailable",
+            f"Redis lost chunks of this resend that it had stored before later ones (stored up to seq "
+            f"{int(reply[1])}); consumers are told of the gap",
+        )
     return Refused("not_found", "stream expired or was removed")
 
 

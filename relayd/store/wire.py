@@ -63,7 +63,7 @@ class ClusterWire:
         self._started = False
 
     def send(self, writes: list[Write]) -> asyncio.Future[list[Any]]:
-        return self._writer.send([(w.slot, w.payload) for w in writes])
+        return self._writer.send([(w.slot, w.payload) for w in writes], fallbacks=[w.fallback for w in writes])
 
     async def reconnect(self) -> None:
         """Read the topology and connect to every master, once: afterwards the writer reconnects

@@ -15,7 +15,7 @@
 -- '<id> <epoch> <seq>' that closed the stream. Every answer but not_found restarts a sliding TTL.
 -- Notifications as append.lua and end.lua write them (a|... for the chunks, e|... for the close).
 local now = tonumber(ARGV[1])
-local m = redis.call('HMGET', KEYS[1], 'status', 'gen', 'n', 'dmt', 'ct', 'ddl', 'dttl', 'dsq', 'dcl')
+local m = redis.call('HMGET', KEYS[1], 'status', 'gen', 'n', 'dmt', 'ct', 'ddl', 'dttl', 'dsq', 'dcl', 'k')
 if not m[1] then return {'not_found'} end
 if m[6] and tonumber(m[6]) <= now then
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
@@ -31,7 +31,9 @@ local function expire()
     for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], ddl) end
   end
 end
-local gen, n = m[2], tonumber(m[3])
+-- (a relayd producer may have written it too: its appends do not move the meta's 'n')
+local gen, n = m[2], math.max(tonumber(m[3]), log_top(KEYS[2]) or 0)
+local lane = tonumber(m[10]) or 0
 local pid = ARGV[5]
 local tuple = pid .. ' ' .. ARGV[6] .. ' ' .. ARGV[7]
 if m[1] ~= 'open' then
@@ -71,7 +73,7 @@ end
 local first = n + 1
 for i = 10, #ARGV do
   n = n + 1
-  redis.call('XADD', KEYS[2], gen .. '-' .. n, 'd', ARGV[i])
+  redis.call('XADD', KEYS[2], entry_id(gen, lane, n), 'd', ARGV[i])
 end
 local last = n
 redis.call('HSET', KEYS[1], 'n', n, 'updated', ARGV[1])
@@ -86,8 +88,8 @@ end
 local closed = 0
 if ARGV[3] == '1' then
   n = n + 1
-  redis.call('XADD', KEYS[2], gen .. '-' .. n, 'e', 'completed', 'm', '')
-  redis.call('HSET', KEYS[1], 'status', 'completed', 'n', n, 'ended', ARGV[1])
+  redis.call('XADD', KEYS[2], entry_id(gen, lane + 1, n), 'e', 'completed', 'm', '')
+  redis.call('HSET', KEYS[1], 'status', 'completed', 'n', n, 'k', lane + 1, 'ended', ARGV[1])
   if pid ~= '' then redis.call('HSET', KEYS[1], 'dcl', tuple) end
   if publish ~= '' then
     redis.call(publish, KEYS[4], table.concat({'e', ARGV[9], gen, n, 'completed', ''}, '|'))

@@ -18,7 +18,7 @@ if ARGV[5] == '1' and m[7] then
   redis.call('HSET', KEYS[1], 'ddl', ddl)
   for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], ddl) end
 end
-local gen, n = m[2], tonumber(m[3])
+local gen, n = m[2], math.max(tonumber(m[3]), log_top(KEYS[2]) or 0)
 local after = 0
 if ARGV[2] ~= '' then
   local g = tonumber(ARGV[2])
@@ -31,8 +31,7 @@ end
 if after > n then after = -1 end
 local reply = {gen, n, m[1], m[4] or '', m[5] or '', m[6] or 'json', m[7] or '', m[8] or '', after}
 if after >= 0 and after < n and tonumber(ARGV[4]) > 0 then
-  local rows = redis.call('XRANGE', KEYS[2], gen .. '-' .. (after + 1), gen .. '-18446744073709551615',
-    'COUNT', ARGV[4])
+  local rows = range_from(KEYS[2], gen, after + 1, ARGV[4])
   for _, row in ipairs(rows) do
     reply[#reply + 1] = row[1]
     reply[#reply + 1] = row[2]

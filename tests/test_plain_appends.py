@@ -1,0 +1,119 @@
+"""The plain-XADD write path (relayd/store/appends.py) on a real Valkey: what Redis runs per
+append, how a fence reaches appends already encoded, and what a lost chunk is answered.
+
+The outcomes themselves are the store contract's (tests/test_store_contract.py, "a held handle"),
+run against both stores; these tests look at Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from relayd.config import Config, RedisConfig, StreamsConfig
+from relayd.embedded import EmbeddedRedis
+from relayd.metrics import Metrics
+from relayd.model import Appended, Opened, Refused
+from relayd.store.redis_streams import RedisStore
+
+
+@pytest.fixture
+async def stores(private_redis: EmbeddedRedis) -> AsyncIterator[tuple[RedisStore, RedisStore, aioredis.Redis]]:
+    """Two instances' stores on one server (each its own write connection) and a raw client."""
+    config = Config(redis=RedisConfig(key_prefix="p"), streams=StreamsConfig(max_chunks=1000))
+    a = RedisStore(config, private_redis.url, Metrics(), instance="a")
+    b = RedisStore(config, private_redis.url, Metrics(), instance="b")
+    await a.start()
+    await b.start()
+    raw = aioredis.Redis.from_url(private_redis.url)
+    try:
+        yield a, b, raw
+    finally:
+        await raw.aclose()
+        await a.close()
+        await b.close()
+
+
+async def answer(submit: Any) -> Any:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    submit(future.set_result)
+    return await future
+
+
+async def calls(raw: aioredis.Redis) -> dict[str, int]:
+    stats = await raw.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+async def test_after_its_first_append_a_holder_writes_plain_xadds(
+    stores: tuple[RedisStore, RedisStore, aioredis.Redis],
+) -> None:
+    """One script for the first append of a hold (it learns the log's lane and base), then one
+    XADD per chunk and one SRANDMEMBER per append: no script, no meta write."""
+    a, _, raw = stores
+    opened = await answer(lambda done: a.open("s", None, "json", None, done))
+    assert isinstance(opened, Opened)
+    handle = a.append_handle("s", opened.epoch, opened.gen)
+    await raw.config_resetstat()
+    for seq in range(1, 51):
+        outcome = await answer(lambda done, seq=seq: a.append(handle, seq, [b"%d" % seq], done))
+        assert outcome == Appended(opened.gen, seq, seq, seq)
+    multi = await answer(lambda done: a.append(handle, 51, [b"51", b"52", b"53"], done))
+    assert multi == Appended(opened.gen, 51, 53, 53)
+    counted = await calls(raw)
+    # the script's own XADD and HMGET (Redis counts commands run by scripts), then plain XADDs
+    assert counted.get("evalsha") == 1 and counted.get("xadd") == 1 + 52 and counted.get("srandmember") == 50
+    assert counted.get("hmget") == 1 and "hset" not in counted
+    rows = await raw.xrange("p:{s}:log")
+    assert [int(r[0].split(b"-")[1]) for r in rows] == list(range(1, 54)) and rows[-1][1] == {b"d": b"53"}
+
+
+async def test_an_append_encoded_before_a_takeover_is_refused_by_redis_itself(
+    stores: tuple[RedisStore, RedisStore, aioredis.Redis],
+) -> None:
+    """A's appends are queued (encoded as plain XADDs for its sure handle) while B's takeover
+    runs on B's connection first: every one of them is below the log's new lane and refused, so
+    the log holds nothing of A after the takeover, and A is told fenced."""
+    a, b, raw = stores
+    opened = await answer(lambda done: a.open("t", None, "json", None, done))
+    handle = a.append_handle("t", opened.epoch, opened.gen)
+    assert isinstance(await answer(lambda done: a.append(handle, 1, [b"1"], done)), Appended)
+    # B takes over; then A, not knowing, appends 2..6 in one batch
+    taken = await answer(lambda done: b.open("t", None, "json", None, done))
+    assert isinstance(taken, Opened) and taken.epoch == 2
+    await raw.config_resetstat()
+    futures = []
+    for seq in range(2, 7):
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        a.append(handle, seq, [b"late"], future.set_result)
+        futures.append(future)
+    outcomes = await asyncio.gather(*futures)
+    assert all(isinstance(o, Refused) and o.code == "fenced" for o in outcomes), outcomes
+    counted = await calls(raw)
+    assert counted.get("xadd") == 5 and counted.get("evalsha") == 5  # each refused by Redis, then the script says why
+    rows = await raw.xrange("p:{t}:log")
+    assert [r[1] for r in rows] == [{b"d": b"1"}]
+    b_handle = b.append_handle("t", taken.epoch, taken.gen)
+    assert await answer(lambda done: b.append(b_handle, 1, [b"b1"], done)) == Appended(taken.gen, 2, 2, 1)
+
+
+async def test_a_resent_chunk_that_redis_lost_is_not_acknowledged(
+    stores: tuple[RedisStore, RedisStore, aioredis.Redis],
+) -> None:
+    """Chunk 3 vanished from the log while 4 and 5 are there (what an OOM between two writes of a
+    batch could leave): its resend is not a duplicate to acknowledge but an error."""
+    a, _, raw = stores
+    opened = await answer(lambda done: a.open("l", None, "json", None, done))
+    handle = a.append_handle("l", opened.epoch, opened.gen)
+    for seq in range(1, 6):
+        assert isinstance(await answer(lambda done, seq=seq: a.append(handle, seq, [b"x"], done)), Appended)
+    assert await raw.xdel("p:{l}:log", f"{opened.gen}-3") == 1
+    lost = await answer(lambda done: a.append(handle, 3, [b"x"], done))
+    assert isinstance(lost, Refused) and lost.code == "store_unavailable" and "lost" in lost.message
+    again = await answer(lambda done: a.append(handle, 4, [b"x"], done))
+    assert again == Appended(opened.gen, 6, 4, 4)  # 4 and 5 are there: a duplicate
+    assert await answer(lambda done: a.append(handle, 6, [b"x"], done)) == Appended(opened.gen, 6, 6, 6)
