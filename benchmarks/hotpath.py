@@ -5,8 +5,9 @@ The fleet and firehose benchmarks measure everything a chunk costs (syscalls, ai
 reader, Valkey), and on a shared machine their run-to-run spread (+-10%) hides a 5% change. This
 drives the code relayd runs per append, in process, with the store's answers made up:
 
-    producer line -> ProducerDecoder.decode -> Relay.append -> RedisStore.encode_append ->
-    (the pipeline's reply, synthesised) -> _append_outcome -> Relay._appended -> Hub.publish ->
+    producer line -> ProducerDecoder.decode -> Relay.append -> RedisStore.append (the plain
+    XADD and the followers probe; append.lua for a hold's first append) -> (the pipeline's
+    replies, synthesised) -> the outcome -> Relay._appended -> Hub.publish ->
     Subscriber._deliver -> Outbox.offer ... end-of-tick flush (the transport write is a no-op)
     and the ack: FramePeer.acked -> the producer's Outbox
 
@@ -71,7 +72,6 @@ async def _measure(streams: int, subscribers: int, appends: int, runs: int) -> f
     names = [f"bench-{i}" for i in range(streams)]
     subs = []
     for name in names:
-        session.hold(name, Held(1, gen, False, store.append_handle(name, 1, gen)))
         for _ in range(subscribers):
             sink = Outbox(nothing, 1 << 30, 10.0, None, discard)
             sub = Subscriber(relay._hub, name, sink, WS_CODEC, cursor=None, wait_s=0.0, owner=_Owner())
@@ -85,11 +85,14 @@ async def _measure(streams: int, subscribers: int, appends: int, runs: int) -> f
     except TypeError:  # a relayd from before the decoder knew the connection's streams
         known = (session.text_streams,)
     best = float("inf")
+    appender = getattr(store, "_appender", None)  # a relayd whose appends are plain XADDs
     for _ in range(runs):
+        for name in names:  # new holds: each run's seqs start at 1
+            session.hold(name, Held(1, gen, False, store.append_handle(name, 1, gen)))
         for sub in subs:
             sub.next = 1
         lines = [
-            orjson.dumps({"op": "append", "stream": names[i % streams], "seq": i + 1, "chunk": CHUNK})
+            orjson.dumps({"op": "append", "stream": names[i % streams], "seq": i // streams + 1, "chunk": CHUNK})
             for i in range(appends)
         ]
         # what append.lua answers for a new chunk, as hiredis hands it over; each stream's offsets
@@ -101,7 +104,23 @@ async def _measure(streams: int, subscribers: int, appends: int, runs: int) -> f
             n = _per[key] = _per[key] + 1
             done([b"ok", gen, n, n, n], None)
 
-        store._submit = submit_for  # type: ignore[method-assign]
+        def submit_write(write: Any, _per: dict[str, int] = per_stream) -> None:
+            # the plain path: XADD answers the id, SRANDMEMBER no other follower; the script
+            # (each hold's first append) what append.lua answers for a new chunk
+            payload = write.payload
+            if payload.startswith(b"*9\r\n$4\r\nXADD"):
+                write.done(b"0-1", None)  # (the id it answers is not read)
+            elif payload.startswith(b"*3\r\n$11\r\nSRANDMEMBER"):
+                write.done([], None)
+            else:
+                key = payload[payload.index(b"{") + 1 : payload.index(b"}")].decode()
+                n = _per[key] = _per[key] + 1
+                write.done([b"ok", gen, n, n, n, 0, 0, n, b"json", 0], None)
+
+        if appender is None:
+            store._submit = submit_for  # type: ignore[method-assign]
+        else:
+            appender._submit = submit_write
         start = time.perf_counter()
         for i, line in enumerate(lines):
             op = decoder.decode(line, *known)

@@ -7,9 +7,9 @@ chunk with ::
 
     XADD <log> NOMKSTREAM MAXLEN ~ <max_chunks> <gen>-<lane * 2^32 + offset> d <chunk>
 
-and, when other instances may follow the stream (``redis.notify``), ``SRANDMEMBER <fol> 2`` to
-learn whether one does. Every guarantee still holds, by Redis's own rule that an entry id must
-be above the log's last one:
+and, when other instances may follow the stream (``redis.notify``), now and then (at most every
+``PROBE_INTERVAL_S``) ``SRANDMEMBER <fol> 2`` to learn whether one does. Every guarantee still
+holds, by Redis's own rule that an entry id must be above the log's last one:
 
 - **fencing**: a takeover or an end moves the log to the next *lane* (open.lua, end.lua), so
   every XADD the old holder still has on the wire is below the last id and refused;
@@ -28,12 +28,14 @@ the wire answered ``ok``. A handle starts unsure (its first append is a script: 
 lane, the base offset of its epoch and the content type), and all handles become unsure when the
 write connection was made again (Redis may have restarted or failed over). Chunks reach other
 instances by a ``PUBLISH`` sent once the XADDs are answered; a follower that reads Redis after
-joining, and sees holes by offset, misses nothing (store/broker.py).
+joining and again ``FOLLOWER_REREAD_S`` later, and sees holes by offset, misses nothing
+(store/broker.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 from relayd.model import Appended, AppendOutcome, Refused, now_ms
@@ -43,6 +45,14 @@ from relayd.store.replies import LANE, append_outcome
 from relayd.store.resp import encode_command
 
 Submit = Callable[[Write], None]
+
+PROBE_INTERVAL_S = 0.1
+"""How often, at most, a holder's plain appends ask whether another instance follows the stream
+(``SRANDMEMBER`` of its followers Set). A follower joining in between misses the notifications
+of at most this long: it reads the stream again ``FOLLOWER_REREAD_S`` after joining
+(store/broker.py), and any later notification shows it the hole."""
+
+FOLLOWER_REREAD_S = 3 * PROBE_INTERVAL_S
 
 
 class AppendHandle:
@@ -58,6 +68,7 @@ class AppendHandle:
         "lane_base",
         "next",
         "probe",
+        "probe_due",
         "publish_head",
         "ready",
         "script_head",
@@ -85,6 +96,7 @@ class AppendHandle:
         self.script_head = b""
         self.xadd_head = b""
         self.probe = b""
+        self.probe_due = 0.0  # when (monotonic) the next plain append asks who follows
         self.publish_head = b""
 
 
@@ -140,24 +152,36 @@ class Appender:
 
     def _plain(self, h: AppendHandle, seq: int, chunks: list[bytes], done: Callable[[AppendOutcome], None]) -> None:
         first = h.base + seq
-        h.next = seq + len(chunks)
-        op = _Plain(self, h, seq, chunks, done, first)
-        submit, slot, head, prefix = self._submit, h.slot, h.xadd_head, h.id_prefix
-        last, at = len(chunks) - 1, h.lane_base + first
-        for i, chunk in enumerate(chunks):
-            entry = b"%s%d" % (prefix, at + i)
-            callback = op.chunk if i < last or h.probe else op.last_chunk
-            submit(
-                _XAdd(
-                    b"%s$%d\r\n%s\r\n$1\r\nd\r\n$%d\r\n%s\r\n" % (head, len(entry), entry, len(chunk), chunk),
-                    callback,
-                    slot,
-                    op,
-                    i,
-                )
-            )
+        count = len(chunks)
+        h.next = seq + count
+        head, prefix, at = h.xadd_head, h.id_prefix, h.lane_base + first
+        probe = False
         if h.probe:
-            submit(Write(h.probe, op.probed, slot))
+            now = monotonic()
+            if now >= h.probe_due:
+                h.probe_due, probe = now + PROBE_INTERVAL_S, True
+        submit = self._submit
+        chunk = chunks[-1]
+        entry = b"%s%d" % (prefix, at + count - 1)
+        op = _Plain(
+            b"%s$%d\r\n%s\r\n$1\r\nd\r\n$%d\r\n%s\r\n" % (head, len(entry), entry, len(chunk), chunk),
+            h.slot,
+            self,
+            h,
+            seq,
+            chunks,
+            done,
+            probe,
+        )
+        for i in range(count - 1):  # the chunks before the last: writes that report to the op
+            chunk = chunks[i]
+            entry = b"%s%d" % (prefix, at + i)
+            submit(
+                _Chunk(b"%s$%d\r\n%s\r\n$1\r\nd\r\n$%d\r\n%s\r\n" % (head, len(entry), entry, len(chunk), chunk), op, i)
+            )
+        submit(op)
+        if probe:
+            submit(Write(h.probe, op.probed, h.slot))
 
     def publish(self, h: AppendHandle, first: int, chunks: list[bytes]) -> None:
         """Tell other instances (store/broker.py parses this) of chunks just stored."""
@@ -184,6 +208,7 @@ class Appender:
                 h.gen, h.base, h.ct, h.followed = int(gen), int(base), bytes(ct), followed == 1
                 h.id_prefix, h.lane_base = b"%d-" % h.gen, int(lane) * LANE
                 h.next = int(stored) + 1
+                h.probe_due = monotonic() + PROBE_INTERVAL_S  # the script told who follows
                 if h.scripts == 0 and wire == self.wire:
                     h.ready, h.wire = True, wire
             done(outcome)
@@ -203,53 +228,54 @@ class Appender:
         return b"".join(parts)
 
 
-class _XAdd(Write):
-    """One chunk's XADD. Sent again after a lost connection, it is the script for that chunk: the
-    server may have lost acknowledged writes (a failover), which an XADD would write past."""
+class _Plain(Write):
+    """One append sent as plain XADDs, and the write of its last chunk: answers the append once
+    that write (or the followers probe after it) is answered.
 
-    __slots__ = ("index", "op")
+    Sent again after a lost connection, a chunk's XADD becomes the script for that chunk (see
+    :meth:`Write.fallback`): the server may have lost acknowledged writes (a failover), which an
+    XADD would write past."""
 
-    def __init__(
-        self, payload: bytes, done: Callable[[Any, BaseException | None], None], slot: int, op: _Plain, index: int
-    ) -> None:
-        super().__init__(payload, done, slot)
-        self.op = op
-        self.index = index
-
-    def fallback(self) -> bytes | None:
-        op = self.op
-        return op.appender.encode_script(op.h.script_head, op.seq + self.index, [op.chunks[self.index]], now_ms())
-
-
-class _Plain:
-    """One append sent as plain XADDs: collects their replies, answers after the last one."""
-
-    __slots__ = ("appender", "chunks", "done", "failed", "first", "h", "seq")
+    __slots__ = ("appender", "chunks", "failed", "h", "probe", "seq", "then")
 
     def __init__(
         self,
+        payload: bytes,
+        slot: int,
         appender: Appender,
         h: AppendHandle,
         seq: int,
         chunks: list[bytes],
-        done: Callable[[AppendOutcome], None],
-        first: int,
+        then: Callable[[AppendOutcome], None],
+        probe: bool,
     ) -> None:
+        self.payload = payload
+        self.slot = slot
+        self.done = self._written
         self.appender = appender
         self.h = h
         self.seq = seq
         self.chunks = chunks
-        self.done = done
-        self.first = first
+        self.then = then
+        self.probe = probe
         self.failed: BaseException | bool = False
 
-    def chunk(self, reply: Any, exc: BaseException | None) -> None:
+    def fallback(self) -> bytes | None:
+        return self.script_for(len(self.chunks) - 1)
+
+    def script_for(self, index: int) -> bytes:
+        h = self.h
+        return self.appender.encode_script(h.script_head, self.seq + index, [self.chunks[index]], now_ms())
+
+    def chunk_written(self, reply: Any, exc: BaseException | None) -> None:
         if type(reply) is not bytes and not self.failed:
             self.failed = exc or True  # a nil (no log) or an error reply (id too small, OOM...)
 
-    def last_chunk(self, reply: Any, exc: BaseException | None) -> None:
-        self.chunk(reply, exc)
-        self.finish(False)
+    def _written(self, reply: Any, exc: BaseException | None) -> None:
+        if type(reply) is not bytes and not self.failed:
+            self.failed = exc or True
+        if not self.probe:
+            self.finish(self.h.followed)
 
     def probed(self, reply: Any, exc: BaseException | None) -> None:
         followed = False
@@ -262,15 +288,32 @@ class _Plain:
         failed, h = self.failed, self.h
         if not failed:
             n = len(self.chunks)
+            first = h.base + self.seq
             if followed:
-                self.appender.publish(h, self.first, self.chunks)
-            self.done(Appended(h.gen, self.first, self.first + n - 1, self.seq + n - 1))
+                self.appender.publish(h, first, self.chunks)
+            self.then(Appended(h.gen, first, first + n - 1, self.seq + n - 1))
             return
         h.ready = False
         if isinstance(failed, BaseException):  # the pipeline gave up (Redis unreachable past retry_ms)
-            self.done(Refused("store_unavailable", f"append not stored: {failed}"))
+            self.then(Refused("store_unavailable", f"append not stored: {failed}"))
             return
-        self.appender.script(h, self.seq, self.chunks, self.done)  # the exact answer
+        self.appender.script(h, self.seq, self.chunks, self.then)  # the exact answer
+
+
+class _Chunk(Write):
+    """The XADD of a chunk before an append's last one: reports to the append's :class:`_Plain`."""
+
+    __slots__ = ("index", "op")
+
+    def __init__(self, payload: bytes, op: _Plain, index: int) -> None:
+        self.payload = payload
+        self.slot = op.slot
+        self.done = op.chunk_written
+        self.op = op
+        self.index = index
+
+    def fallback(self) -> bytes | None:
+        return self.op.script_for(self.index)
 
 
 def _ignore(reply: Any, exc: BaseException | None) -> None:

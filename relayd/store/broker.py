@@ -37,6 +37,7 @@ from relayd.broker import CancelHandler
 from relayd.hub import Hub, Publication
 from relayd.metrics import Metrics
 from relayd.model import Entry, now_ms
+from relayd.store.appends import FOLLOWER_REREAD_S
 from relayd.store.keys import Keys
 from relayd.store.pubsub import PubSub, RedisPubSub
 
@@ -69,6 +70,7 @@ class RedisBroker:
         self._publish = publish
         self._follow = follow or _no_follow
         self._refollow: asyncio.TimerHandle | None = None
+        self._rereads: dict[str, asyncio.TimerHandle] = {}  # the second read after following a stream
         self._metrics = metrics
         self._hub: Hub | None = None
         self._on_cancel: CancelHandler | None = None
@@ -93,6 +95,8 @@ class RedisBroker:
     async def close(self) -> None:
         if self._refollow is not None:
             self._refollow.cancel()
+        for timer in self._rereads.values():
+            timer.cancel()
         await self._pubsub.close()
 
     @property
@@ -119,8 +123,19 @@ class RedisBroker:
             self._pubsub.unsubscribe(channel)
 
     def _followed(self, stream: str) -> None:
-        """Redis has this instance among the stream's followers: appends publish from now on."""
+        """Redis has this instance among the stream's followers: the holder's appends publish
+        once it has asked who follows (at most PROBE_INTERVAL_S from now, store/appends.py), so
+        the subscribers read Redis now and once more after that."""
         if self._hub is not None:
+            self._hub.resync(stream)
+            previous = self._rereads.pop(stream, None)
+            if previous is not None:
+                previous.cancel()
+            self._rereads[stream] = asyncio.get_running_loop().call_later(FOLLOWER_REREAD_S, self._reread, stream)
+
+    def _reread(self, stream: str) -> None:
+        self._rereads.pop(stream, None)
+        if self._hub is not None and self._hub.subscriber_count(stream):
             self._hub.resync(stream)
 
     def _follow_all(self) -> None:
