@@ -3,10 +3,13 @@
 Per relayd stream there are two keys sharing a Redis Cluster hash tag (the stream id in braces),
 so the per-stream Lua scripts touch one slot:
 
-    <prefix>:{<stream id>}:log    Redis Stream; entry ids "<generation>-<offset>"; fields
-                                  d=<chunk JSON> for a chunk, e=<reason> m=<message> for the end
-    <prefix>:{<stream id>}:meta   Hash: status, gen, epoch, base, seq, n, ct, created, updated,
-                                  ended, message
+    <prefix>:{<stream id>}:log    Redis Stream; entry ids "<generation>-<lane * 2^32 + offset>"
+                                  (the lane goes up at each takeover and end: store/appends.py);
+                                  fields d=<chunk JSON> for a chunk, e=<reason> m=<message> for
+                                  the end
+    <prefix>:{<stream id>}:meta   Hash: status, gen, epoch, base, seq, n, k (the lane), ct,
+                                  created, updated, ended, message; n and seq as of the last
+                                  open or end (appends do not write the meta)
 
 and, for a stream written through the Durable Streams mount, its producers' state (hash: producer
 id -> "<epoch> <seq>"), in the same slot:
@@ -24,8 +27,8 @@ notifications its scripts publish; for the deployment, control requests between 
     <prefix>:{<stream id>}:live   (SPUBLISH on a cluster, PUBLISH otherwise)
     <prefix>:ctl
 
-and, per stream, the instances that follow its channel (a Set of instance ids): the append
-script publishes only when an instance other than the writer is in it.
+and, per stream, the instances that follow its channel (a Set of instance ids): the holder
+publishes appended chunks only when an instance other than itself is in it.
 
     <prefix>:{<stream id>}:fol
 
