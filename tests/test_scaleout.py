@@ -202,21 +202,25 @@ async def test_a_lone_instance_publishes_no_chunks_and_starts_when_another_follo
     config_factory: Callable[..., Config], redis_server: str, key_prefix: str
 ) -> None:
     """With the producer and the consumers on one instance nobody else needs the chunks: the
-    append script publishes none (Redis saves the publish, the instance its own echo). Once a
-    second instance follows the stream, they are published again."""
+    holder publishes none (Redis saves the publish, the instance its own echo). Once a second
+    instance follows the stream, the holder learns it (it asks at most every PROBE_INTERVAL_S)
+    and publishes again; the second instance's consumer gets every chunk once either way."""
     channel = f"{key_prefix}:{{solo}}:live"
     listener = aioredis.Redis.from_url(redis_server).pubsub()
     await listener.subscribe(channel)
     assert (await listener.get_message(timeout=5))["type"] == "subscribe"
+    seen: list[bytes] = []
+    published = asyncio.Event()
 
-    async def kinds_until(kind: bytes) -> list[bytes]:
-        seen: list[bytes] = []
-        while not seen or seen[-1] != kind:
+    async def listen() -> None:
+        while not seen or seen[-1][:1] != b"e":
             message = await listener.get_message(timeout=5)
             if message is not None:
-                seen.append(message["data"][:1])
-        return seen
+                seen.append(message["data"])
+                if message["data"][:1] == b"a":
+                    published.set()
 
+    listening = asyncio.create_task(listen())
     async with instances(config_factory(), 2) as (a, b):
         producer = await a.producer()
         await producer.open("solo")
@@ -225,14 +229,38 @@ async def test_a_lone_instance_publishes_no_chunks_and_starts_when_another_follo
             await producer.append("solo", seq, seq)
             await local.expect("chunk")
         remote = await registered(b, "solo")
-        await remote.expect("chunk")  # history: 1..5 (one frame or several)
         admin = aioredis.Redis.from_url(redis_server)
         await poll_until(
             lambda: admin.sismember(f"{key_prefix}:{{solo}}:fol", b.server.store.instance), "B among the followers"
         )
         await admin.aclose()
-        await producer.append("solo", 6, 6)
+        seq = 5
+        while not published.is_set():  # until the holder has asked again who follows
+            seq += 1
+            await producer.append("solo", seq, seq)
         await producer.end("solo")
-    # the creation, no chunk before B followed, the sixth chunk, the end
-    assert await kinds_until(b"e") == [b"c", b"a", b"e"]
+        chunks, end = await collect_chunks(remote, "solo")
+        assert [f["data"] for f in chunks] == list(range(1, seq + 1)) and end["reason"] == "completed"
+    await asyncio.wait_for(listening, 10)
+    # the creation, no chunk before B followed, then chunks, the end
+    kinds = [m[:1] for m in seen]
+    assert kinds[0] == b"c" and kinds[-1] == b"e" and set(kinds[1:-1]) == {b"a"}
+    assert int(seen[1].split(b"|")[4]) > 5  # the first chunk published came after B followed
     await listener.aclose()
+
+
+async def test_a_chunk_written_as_another_instance_starts_following_reaches_it_with_nothing_after(
+    config_factory: Callable[..., Config],
+) -> None:
+    """The holder learns of a new follower only when it next asks (at most PROBE_INTERVAL_S), so
+    a chunk written just after B followed may not be published; the stream then goes quiet. B's
+    consumer still gets it: B reads the stream again FOLLOWER_REREAD_S after following."""
+    async with instances(config_factory(), 2) as (a, b):
+        producer = await a.producer()
+        await producer.open("quiet")
+        await producer.append("quiet", 1, 1)  # the hold's first append: it asked who follows now
+        remote = await registered(b, "quiet")
+        assert (await remote.expect("chunk"))["data"] == 1
+        await producer.append("quiet", 2, 2)  # within the interval: B is not known to A yet
+        frame = await remote.expect("chunk", timeout=5)
+        assert frame["data"] == 2
