@@ -21,6 +21,7 @@ from relayd.metrics import Metrics
 from relayd.model import Appended, Opened, Refused
 from relayd.store.appends import PROBE_INTERVAL_S
 from relayd.store.redis_streams import RedisStore
+from tests.helpers import poll_until
 
 
 @pytest.fixture
@@ -122,3 +123,39 @@ async def test_a_resent_chunk_that_redis_lost_is_not_acknowledged(
     again = await answer(lambda done: a.append(handle, 4, [b"x"], done))
     assert again == Appended(opened.gen, 6, 4, 4)  # 4 and 5 are there: a duplicate
     assert await answer(lambda done: a.append(handle, 6, [b"x"], done)) == Appended(opened.gen, 6, 6, 6)
+
+
+async def test_appends_caught_by_a_lost_connection_are_sent_again_as_their_script(private_redis: EmbeddedRedis) -> None:
+    """XADDs on the wire when the connection is lost (writes paused past redis.timeout_ms: the
+    writer drops the connection, and the server the unexecuted commands with it) go as the
+    script for their chunk once it is made again: a server without an acknowledged write (here
+    chunk 2, as after a failover to a replica that lacked it) answers seq_gap, and nothing is
+    written past the hole; the producer resends and the log has no hole."""
+    config = Config(redis=RedisConfig(key_prefix="p", timeout_ms=300, retry_ms=20_000))
+    a = RedisStore(config, private_redis.url, Metrics(), instance="a")
+    await a.start()
+    raw = aioredis.Redis.from_url(private_redis.url)
+    try:
+        opened = await answer(lambda done: a.open("c", None, "json", None, done))
+        handle = a.append_handle("c", opened.epoch, opened.gen)
+        for seq in (1, 2):
+            assert isinstance(await answer(lambda done, seq=seq: a.append(handle, seq, [b"%d" % seq], done)), Appended)
+        await raw.delete("p:{c}:log")  # the server loses acknowledged chunk 2
+        await raw.xadd("p:{c}:log", {"d": b"1"}, id=f"{opened.gen}-1")
+        await raw.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")  # writes wait, unanswered
+        try:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            a.append(handle, 3, [b"3"], future.set_result)  # a plain XADD, caught on the wire
+            await poll_until(lambda: a._pipeline is not None and a._pipeline._recovery is not None, "the recovery")
+        finally:
+            await raw.execute_command("CLIENT", "UNPAUSE")
+        gap = await future
+        assert isinstance(gap, Refused) and (gap.code, gap.value) == ("seq_gap", 1)
+        for seq in (2, 3):
+            outcome = await answer(lambda done, seq=seq: a.append(handle, seq, [b"%d" % seq], done))
+            assert outcome == Appended(opened.gen, seq, seq, seq)
+        rows = await raw.xrange("p:{c}:log")
+        assert [(r[0], r[1][b"d"]) for r in rows] == [(f"{opened.gen}-{i}".encode(), b"%d" % i) for i in (1, 2, 3)]
+    finally:
+        await raw.aclose()
+        await a.close()

@@ -268,12 +268,13 @@ class _Plain(Write):
         return self.appender.encode_script(h.script_head, self.seq + index, [self.chunks[index]], now_ms())
 
     def chunk_written(self, reply: Any, exc: BaseException | None) -> None:
-        if type(reply) is not bytes and not self.failed:
-            self.failed = exc or True  # a nil (no log) or an error reply (id too small, OOM...)
+        # the entry id; or, sent again as its script (fallback), 'ok': stored now or before.
+        # Else a nil (no log), an error reply (id too small, OOM...) or the script's refusal.
+        if type(reply) is not bytes and not (type(reply) is list and reply[0] == b"ok") and not self.failed:
+            self.failed = exc or True
 
     def _written(self, reply: Any, exc: BaseException | None) -> None:
-        if type(reply) is not bytes and not self.failed:
-            self.failed = exc or True
+        self.chunk_written(reply, exc)
         if not self.probe:
             self.finish(self.h.followed)
 
