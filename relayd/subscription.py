@@ -220,12 +220,19 @@ class Subscriber:
             self._wake.clear()
             meta = await store.read_meta(self.stream)  # re-check after registering for wake-ups
             if meta is None and self.wait_s > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.wait_s):
-                        while meta is None and self.state is not State.DONE:
+                # The deadline bounds the waits for a wake-up only, never a Redis read: a read
+                # cancelled by a timeout can lose the cancellation inside redis-py, and the
+                # subscriber would then wait for a wake-up that never comes.
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + self.wait_s
+                while meta is None and self.state is not State.DONE:
+                    try:
+                        async with asyncio.timeout_at(deadline):
                             await self._wake.wait()
-                            self._wake.clear()
-                            meta = await store.read_meta(self.stream)
+                    except TimeoutError:
+                        break
+                    self._wake.clear()
+                    meta = await store.read_meta(self.stream)
             if meta is None:
                 if self.state is not State.DONE:
                     self._not_found()

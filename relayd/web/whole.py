@@ -154,11 +154,13 @@ async def whole(request: web.Request) -> web.StreamResponse:
         # Not ended in time: answer with at least what was stored when the read began (wait_ms=0:
         # a snapshot). A stream that did not exist then is looked at again; the subscription says
         # stream_not_found at the same moment if it still does not.
+        # (The read is bounded by the store's own timeout, not by a cancellation: a Redis read
+        # cancelled by a timeout can lose the cancellation inside redis-py.)
+        if meta is None and not collector.done.is_set():
+            with contextlib.suppress(StoreError):
+                collector.expect(await rt.relay.read_meta(stream))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(cfg.send_timeout_ms / 1000):
-                if meta is None and not collector.done.is_set():
-                    with contextlib.suppress(StoreError):
-                        collector.expect(await rt.relay.read_meta(stream))
                 await collector.caught_up.wait()
     finally:
         rt.consumers.discard(drain_close)
