@@ -405,15 +405,12 @@ class Relay:
         one on another instance learns it from its next append.
         """
         future: asyncio.Future[EndOutcome] = asyncio.get_running_loop().create_future()
-        holder = self._holders.get(stream)
 
         def then(outcome: EndOutcome) -> None:
-            if isinstance(outcome, Ended) and outcome.result == "ok" and holder is not None and not holder.closed:
-                holder.peer.ended(stream, reason, outcome.gen, outcome.offset, message)
             if not future.done():
                 future.set_result(outcome)
 
-        self._end(stream, reason, message, epoch=None, then=then)
+        self._end(stream, reason, message, epoch=None, then=then, tell_holder=True)
         return await future
 
     async def list_streams(self, which: str, prefix: str, limit: int) -> dict[str, Any]:
@@ -464,7 +461,10 @@ class Relay:
         epoch: int | None,
         then: Any,
         stale_before: int | None = None,
+        tell_holder: bool = False,
     ) -> None:
+        """``tell_holder``: send the holder, if here, an unsolicited ``ended`` (the end is not its own)."""
+
         def done(outcome: EndOutcome) -> None:
             if isinstance(outcome, Ended):
                 if outcome.result == "ok":
@@ -474,9 +474,14 @@ class Relay:
                     timer = self._cancel_timers.pop(stream, None)
                     if timer is not None:
                         timer.cancel()
+                    # The holder as of now, not as of the request: an open answered after the end
+                    # was written (its appends queued behind the end) made one that must be told,
+                    # before the store refuses those appends ``stream_ended``.
                     holder = self._holders.get(stream)
                     if holder is not None:
                         self._release(stream, holder, ended=True)
+                        if tell_holder and not holder.closed:
+                            holder.peer.ended(stream, reason, outcome.gen, outcome.offset, message)
                 else:
                     self._hub.poke(stream, outcome.gen, outcome.offset)  # the end may be the reply a failover lost
             if isinstance(outcome, Ended) or outcome.code == "not_found":

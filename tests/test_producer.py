@@ -316,6 +316,31 @@ async def test_an_operator_end_tells_the_holder_and_every_consumer(harness: Harn
     assert isinstance(missing, Refused) and missing.code == "not_found"
 
 
+async def test_an_operator_end_during_the_open_tells_the_holder_the_open_made(harness: Harness) -> None:
+    """The operator's end reaches the store right after a producer's open (its appends pipelined
+    behind it), before the open is answered: the connection the open made the holder is told
+    ``ended``, with the message, before the refusal of its appends."""
+    relay = harness.relay()
+    session, peer = harness.session()
+
+    async def open_and_append() -> None:
+        relay.open(session, OpenOp(S, None, "json"))
+        relay.append(session, append_op(S, 1, "a"))
+
+    opening = asyncio.create_task(open_and_append())
+    ending = asyncio.create_task(relay.end_stream(S, "cancelled", "by ops"))  # runs right after the open
+    await opening
+    outcome = await ending
+    await harness.store.drain()
+    assert isinstance(outcome, Ended) and outcome.result == "ok"
+    assert peer.take() == [
+        ("opened", S, "created", 1),
+        ("ended", S, "cancelled", 1, "by ops"),
+        ("refused", S, "stream_ended", 1),
+    ]
+    assert session.held == {} and S in session.ended
+
+
 async def test_a_lost_producer_is_ended_once_when_two_relays_sweep_at_the_same_time(harness: Harness) -> None:
     """Two instances on one store sweep concurrently: exactly one producer_lost end is written,
     and the consumers of both instances get it once."""

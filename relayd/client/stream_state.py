@@ -169,7 +169,15 @@ class StreamState:
     def on_error(self, frame: dict[str, Any]) -> None:
         code = frame.get("code")
         seq = frame.get("seq")
-        if code in _TERMINAL_CODES:
+        if code == "stream_ended" and seq is not None and self.epoch is not None:
+            # An append refused because someone else ended the stream (an operator, the cancel
+            # grace, the sweep). relayd may send its unsolicited ``ended`` after this refusal, or
+            # never (the end was made on another instance): re-open rather than fail now. The
+            # ``opened`` comes after any such ``ended``, which settles the stream as ended by
+            # relayd; if none came, ``opened`` reports the end and the stream fails as before.
+            if not self.open_inflight and not self.open_pending:
+                self.resync()
+        elif code in _TERMINAL_CODES:
             self.fail(refused_from_frame(frame), terminal=True)
         elif code in _RESYNC_CODES:
             if seq is None and self.end_sent and code == "store_unavailable":
