@@ -6,7 +6,7 @@ reader, Valkey), and on a shared machine their run-to-run spread (+-10%) hides a
 drives the code relayd runs per append, in process, with the store's answers made up:
 
     producer line -> ProducerDecoder.decode -> Relay.append -> RedisStore.encode_append ->
-    (the pipeline's reply, synthesised) -> _append_outcome -> Relay._appended -> Hub.publish ->
+    (the pipeline's reply, synthesised) -> _append_outcome -> Relay.append's done -> Hub.publish ->
     Subscriber._deliver -> Outbox.offer ... end-of-tick flush (the transport write is a no-op)
     and the ack: FramePeer.acked -> the producer's Outbox
 

@@ -83,7 +83,7 @@ class FramePeer:
             if len(self._ack_prefixes) >= _ACK_PREFIXES:
                 self._ack_prefixes.clear()
             prefix = self._ack_prefixes[stream] = ack_prefix(stream)
-        self._control(ack_frame_with(prefix, seq, format_cursor(gen, offset)))
+        self._control(ack_frame_with(prefix, seq, gen, offset))
 
     def ended(self, stream: str, reason: str, gen: int, offset: int, message: str = "") -> None:
         self._control(ended_frame(stream, reason, format_cursor(gen, offset), message))
