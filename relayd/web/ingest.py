@@ -198,6 +198,7 @@ async def ingest(request: web.Request) -> web.StreamResponse:
             chunks_in=reader.chunks,
             streams=reader.streams,
             refused=reader.refused,
+            messages_inline=reader.inline,
         )
     return ws
 
@@ -218,6 +219,7 @@ class _Reader:
         "_ws",
         "busy",
         "chunks",
+        "inline",
         "ops",
         "refused",
         "streams",
@@ -245,6 +247,7 @@ class _Reader:
         self._debug = log.isEnabledFor(logging.DEBUG)  # decided once per connection
         self.busy = False  # the handler task holds a queued message: later ones queue behind it
         self.ops = self.chunks = self.streams = self.refused = 0
+        self.inline = 0  # data messages taken as parsed (the others went through the queue)
 
     def take(self, data: bytes | str) -> bool:
         """A data message as the parser completes it, in the transport's ``data_received``: handled
@@ -259,6 +262,7 @@ class _Reader:
         lines = split_message(data)
         if len(lines) > _LINES_PER_TURN:
             return False
+        self.inline += 1
         self._outbox.heard()
         self._session.received_at = monotonic()  # the start of ack and delivery latency
         try:
