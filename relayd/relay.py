@@ -203,15 +203,17 @@ class Relay:
             self._hub.poke(stream, gen, last)
             return False
         if first == last:  # one new chunk: most appends
-            new = chunks[-1:]
-            entries = [Entry(first, new[0])]
-            nbytes = len(new[0])
-        else:
-            new = chunks[len(chunks) - (last - first + 1) :]
-            entries = [Entry(first + i, chunk) for i, chunk in enumerate(new)]
-            nbytes = sum(map(len, new))
+            chunk = chunks[-1]
+            self.metrics.chunks_stored(1, len(chunk))
+            if self._hub.subscriber_count(stream):  # nobody follows it here: nothing to build
+                self._hub.publish(Publication(stream, gen, [Entry(first, chunk)], text, received, len(chunk)))
+            return True
+        new = chunks[len(chunks) - (last - first + 1) :]
+        nbytes = sum(map(len, new))
         self.metrics.chunks_stored(len(new), nbytes)
-        self._hub.publish(Publication(stream, gen, entries, text, received, nbytes))
+        if self._hub.subscriber_count(stream):
+            entries = [Entry(first + i, chunk) for i, chunk in enumerate(new)]
+            self._hub.publish(Publication(stream, gen, entries, text, received, nbytes))
         return True
 
     def _append_refused(self, session: ProducerSession, op: AppendOp, held: Held, outcome: Any) -> None:
