@@ -10,7 +10,9 @@ pings between fragments, invalid UTF-8, oversized messages, bursts in one TCP wr
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,7 +23,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from relayd.config import Config
-from tests.helpers import API_KEY, Relayd, collect_chunks
+from tests.helpers import API_KEY, Relayd, collect_chunks, poll_until
 
 
 def _append(stream: str, seq: int, **chunk: Any) -> str:
@@ -55,9 +57,10 @@ def _close_line(caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
 
 
 async def _closed_logged(caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
-    async with asyncio.timeout(10):
-        while not any(r.getMessage().startswith("producer closed") for r in caplog.records):
-            await asyncio.sleep(0.01)  # the handler logs after the client saw the close: poll the log
+    """The close line (written after the peer is gone: no event to wait on, so polled)."""
+    await poll_until(
+        lambda: any(r.getMessage().startswith("producer closed") for r in caplog.records), "the close line"
+    )
     return _close_line(caplog)
 
 
@@ -118,7 +121,10 @@ async def test_invalid_utf8_text_fails_the_connection_1007(relayd: Relayd) -> No
 
 async def test_oversized_message_from_websockets_closes_1009(config_factory: Callable[..., Config]) -> None:
     """limits.max_frame_bytes holds for the inline path too: a larger message closes with 1009."""
-    async with Relayd(config_factory(limits={"max_frame_bytes": 4096, "max_chunk_bytes": 1024})) as relayd, _connect(relayd) as ws:
+    async with (
+        Relayd(config_factory(limits={"max_frame_bytes": 4096, "max_chunk_bytes": 1024})) as relayd,
+        _connect(relayd) as ws,
+    ):
         await ws.send(orjson.dumps({"op": "ping", "id": "x" * 5000}).decode())
         with pytest.raises(ConnectionClosed) as closed:
             async with asyncio.timeout(10):
@@ -169,3 +175,41 @@ async def test_long_message_is_handled_by_the_task_and_the_next_one_after_it(rel
         await producer.send_raw(_append("inline-long", 601))
         acks = [(await producer.expect("ack"))["seq"] for _ in range(601)]
         assert acks == list(range(1, 602))
+
+
+def _masked_text(payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    assert len(payload) < 126
+    return bytes((0x81, 0x80 | len(payload))) + mask + body
+
+
+async def test_frames_sent_with_the_handshake_take_the_ordinary_path(
+    relayd: Relayd, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends frames before the 101 (in the handshake's own write) keeps aiohttp's reader:
+    nothing it sent is lost or reordered, and no message is taken inline."""
+    caplog.set_level(logging.INFO, logger="relayd.ingest")
+    host, port = relayd.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    request = (
+        f"GET /v1/ingest HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {API_KEY}\r\n\r\n"
+    ).encode()
+    ping = _masked_text(b'{"op":"ping","id":1}')
+    writer.write(request + ping + _masked_text(b'{"op":"ping","id":2}'))
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        pongs: list[int] = []
+        while len(pongs) < 2:
+            first, length = await reader.readexactly(2)
+            assert first == 0x81 and length < 126
+            pongs.extend(orjson.loads(line)["id"] for line in (await reader.readexactly(length)).splitlines())
+    assert pongs == [1, 2]
+    writer.write(bytes((0x88, 0x82)) + b"\0\0\0\0" + (1000).to_bytes(2, "big"))  # close, masked with zeros
+    await writer.drain()
+    writer.close()
+    record = await _closed_logged(caplog)
+    assert record.frames_in == 2 and record.messages_inline == 0  # type: ignore[attr-defined]
