@@ -111,12 +111,13 @@ async def test_fragmented_message_with_a_ping_between_fragments(relayd: Relayd) 
 
 async def test_invalid_utf8_text_fails_the_connection_1007(relayd: Relayd) -> None:
     """A text message that is not UTF-8 closes the connection with 1007, as RFC 6455 8.1 asks."""
-    async with _connect(relayd) as ws:
-        await ws.send(b'{"op":"ping","id":"\xff\xfe"}', text=True)
-        with pytest.raises(ConnectionClosed) as closed:
-            async with asyncio.timeout(10):
-                await ws.recv()
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
+    reader, writer = await _raw_connect(relayd, b"")
+    writer.write(_masked_text(b'{"op":"ping","id":"\xff\xfe"}'))
+    async with asyncio.timeout(10):
+        first, length = await reader.readexactly(2)
+        assert first == 0x88 and length >= 2  # a close frame
+        assert int.from_bytes((await reader.readexactly(length))[:2], "big") == 1007
+    writer.close()
 
 
 async def test_oversized_message_from_websockets_closes_1009(config_factory: Callable[..., Config]) -> None:
@@ -184,12 +185,8 @@ def _masked_text(payload: bytes) -> bytes:
     return bytes((0x81, 0x80 | len(payload))) + mask + body
 
 
-async def test_frames_sent_with_the_handshake_take_the_ordinary_path(
-    relayd: Relayd, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A client that sends frames before the 101 (in the handshake's own write) keeps aiohttp's reader:
-    nothing it sent is lost or reordered, and no message is taken inline."""
-    caplog.set_level(logging.INFO, logger="relayd.ingest")
+async def _raw_connect(relayd: Relayd, early: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A producer websocket on a plain socket, ``early`` sent in the handshake's own write; after the 101."""
     host, port = relayd.url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     request = (
@@ -197,11 +194,22 @@ async def test_frames_sent_with_the_handshake_take_the_ordinary_path(
         f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
         f"Authorization: Bearer {API_KEY}\r\n\r\n"
     ).encode()
-    ping = _masked_text(b'{"op":"ping","id":1}')
-    writer.write(request + ping + _masked_text(b'{"op":"ping","id":2}'))
+    writer.write(request + early)
     async with asyncio.timeout(10):
         head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def test_frames_sent_with_the_handshake_take_the_ordinary_path(
+    relayd: Relayd, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends frames before the 101 (in the handshake's own write) keeps aiohttp's reader:
+    nothing it sent is lost or reordered, and no message is taken inline."""
+    caplog.set_level(logging.INFO, logger="relayd.ingest")
+    ping = _masked_text(b'{"op":"ping","id":1}')
+    reader, writer = await _raw_connect(relayd, ping + _masked_text(b'{"op":"ping","id":2}'))
+    async with asyncio.timeout(10):
         pongs: list[int] = []
         while len(pongs) < 2:
             first, length = await reader.readexactly(2)
