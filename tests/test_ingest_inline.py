@@ -178,11 +178,14 @@ async def test_long_message_is_handled_by_the_task_and_the_next_one_after_it(rel
         assert acks == list(range(1, 602))
 
 
-def _masked_text(payload: bytes) -> bytes:
+def _masked_text(payload: bytes, first: int = 0x81) -> bytes:
+    """A client frame: ``first`` is FIN and the opcode (0x81: a whole text message)."""
     mask = os.urandom(4)
     body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    assert len(payload) < 126
-    return bytes((0x81, 0x80 | len(payload))) + mask + body
+    n = len(payload)
+    assert n < 65536
+    length = bytes((0x80 | n,)) if n < 126 else bytes((0x80 | 126,)) + n.to_bytes(2, "big")
+    return bytes((first,)) + length + mask + body
 
 
 async def _raw_connect(relayd: Relayd, early: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -221,3 +224,30 @@ async def test_frames_sent_with_the_handshake_take_the_ordinary_path(
     writer.close()
     record = await _closed_logged(caplog)
     assert record.frames_in == 2 and record.messages_inline == 0  # type: ignore[attr-defined]
+
+
+async def test_a_message_parsed_while_the_task_takes_a_queued_one_waits_for_it(relayd: Relayd) -> None:
+    """A message over aiohttp's queue limit stalls its parser; the parser resumes inside the task's
+    read of that message, and what it parses then must queue behind it, not overtake it inline."""
+    reader, writer = await _raw_connect(relayd, b"")
+    writer.write(_masked_text(b'{"op":"open","stream":"inline-stall"}'))
+    # 300 lines (the task's: more than one turn) of ~2 KB, over the queue's 512 KiB, so the
+    # parser stalls before the one-line message written right behind it; sent in 60 KB fragments
+    long = "\n".join(_append("inline-stall", seq, pad="p" * 2000) for seq in range(1, 301)).encode()
+    parts = [long[i : i + 60_000] for i in range(0, len(long), 60_000)]
+    opcodes = [0x01] + [0x00] * (len(parts) - 2) + [0x80]  # text, continuations, FIN continuation
+    message = b"".join(_masked_text(part, first) for part, first in zip(parts, opcodes, strict=True))
+    writer.write(message + _masked_text(_append("inline-stall", 301).encode()))
+    seqs: list[int] = []
+    async with asyncio.timeout(10):
+        while len(seqs) < 302:
+            first, length = await reader.readexactly(2)
+            assert first == 0x81
+            if length == 126:
+                length = int.from_bytes(await reader.readexactly(2), "big")
+            for line in (await reader.readexactly(length)).splitlines():
+                frame = orjson.loads(line)
+                assert frame["type"] in ("opened", "ack"), frame
+                seqs.append(frame.get("seq", 0))
+    assert seqs == [0, *range(1, 302)]
+    writer.close()

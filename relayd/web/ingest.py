@@ -166,7 +166,10 @@ async def ingest(request: web.Request) -> web.StreamResponse:
             # the ones it left queued (no room, a long message, ...) and every control message.
             msg = await next_message(ws, outbox)
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                await reader.queued(msg.data)
+                try:
+                    await reader.queued(msg.data)
+                finally:
+                    ws.handled()
             elif msg.type is WSMsgType.ERROR:
                 ended_by = "message_too_big" if ws.close_code == CloseCode.MESSAGE_TOO_BIG else "error"
                 conn_log.event(logging.INFO, "connection error", error=str(ws.exception()))
@@ -217,7 +220,6 @@ class _Reader:
         "_room",
         "_session",
         "_ws",
-        "busy",
         "chunks",
         "inline",
         "ops",
@@ -245,7 +247,6 @@ class _Reader:
         self._room = room
         self._ws = ws
         self._debug = log.isEnabledFor(logging.DEBUG)  # decided once per connection
-        self.busy = False  # the handler task holds a queued message: later ones queue behind it
         self.ops = self.chunks = self.streams = self.refused = 0
         self.inline = 0  # data messages taken as parsed (the others went through the queue)
 
@@ -257,7 +258,7 @@ class _Reader:
         bytes and the producers' global budget; a message long enough to yield the loop goes the
         task's way, as does everything while relayd closes the connection.
         """
-        if self.busy or not self._room.is_set() or self._budget.spent or self._outbox.closed or self._ws.closed:
+        if not self._room.is_set() or self._budget.spent or self._outbox.closed or self._ws.closed:
             return False
         lines = split_message(data)
         if len(lines) > _LINES_PER_TURN:
@@ -275,21 +276,18 @@ class _Reader:
         return True
 
     async def queued(self, data: bytes | str) -> None:
-        """A data message the handler task read: wait for room, then handle it in turns."""
-        self.busy = True
-        try:
-            if not self._room.is_set():
-                await self._room.wait()  # flow control: stop reading until Redis acknowledged
-            if self._budget.spent:
-                await self._budget.wait()  # all producers together hold too much: everyone waits
-            self._session.received_at = monotonic()  # once per message
-            lines = split_message(data)
-            start = self._lines(lines, 0)
-            while start < len(lines):
-                await asyncio.sleep(0)  # a long message does not hold the loop from others
-                start = self._lines(lines, start)
-        finally:
-            self.busy = False
+        """A data message the handler task read (later ones queue behind it until it is handled):
+        wait for room, then handle it in turns."""
+        if not self._room.is_set():
+            await self._room.wait()  # flow control: stop reading until Redis acknowledged
+        if self._budget.spent:
+            await self._budget.wait()  # all producers together hold too much: everyone waits
+        self._session.received_at = monotonic()  # once per message
+        lines = split_message(data)
+        start = self._lines(lines, 0)
+        while start < len(lines):
+            await asyncio.sleep(0)  # a long message does not hold the loop from others
+            start = self._lines(lines, start)
 
     def _lines(self, lines: Sequence[bytes | str], start: int) -> int:
         """Handle up to ``_LINES_PER_TURN`` lines from ``start``; where to go on (len(lines): done)."""

@@ -256,17 +256,24 @@ if _DataQueue is not None:
 
         ``take(data)`` handles the message and returns True, or returns False and the message is
         queued for ``receive()`` as aiohttp would queue it. Control messages (ping, pong, close,
-        the close handshake's own) are always queued, and once anything is queued every later
-        message is too, so the handler task sees them in the order the peer sent them.
+        the close handshake's own) are always queued. Once a data message is queued, every later
+        message is too until the handler task has handled it (:meth:`handled`), so the task sees
+        them in the order the peer sent them. (Not only until it has *read* it: aiohttp's parser
+        stalls while its queue is over its limit and resumes inside the read that brings it under,
+        so the next message is parsed while the one just read is not handled yet.)
         """
 
-        __slots__ = ("take",)
+        __slots__ = ("pending", "take")
         take: Take | None
+        pending: int  # data messages queued and not yet handled
 
         def feed_data(self, data: Any, size: int) -> None:
-            take = self.take
-            if take is not None and not self._buffer and (data[0] is _TEXT or data[0] is _BINARY) and take(data[1]):
-                return
+            kind = data[0]
+            if kind is _TEXT or kind is _BINARY:
+                take = self.take
+                if take is not None and not self.pending and not self._buffer and take(data[1]):
+                    return
+                self.pending += 1
             super().feed_data(data, size)
 
     _TEXT, _BINARY = WSMsgType.TEXT, WSMsgType.BINARY
@@ -278,7 +285,8 @@ class InlineWebSocketResponse(web.WebSocketResponse):
     A micro-optimisation for producers that send one message at a time: aiohttp queues each message
     and wakes the handler task for it (a future, a task step through the whole middleware chain).
     Here the message goes to :meth:`take_inline`'s callback from the transport's ``data_received``
-    instead; only what the callback refuses (and every control message) takes the ordinary path.
+    instead; only what the callback refuses (and every control message) takes the ordinary path,
+    and the handler task says when it is done with such a message (:meth:`handled`).
     The frames are parsed by aiohttp's own reader (RFC 6455: masking, fragmentation, control frames
     between fragments, ``max_msg_size``, UTF-8 of text, close codes), so nothing of the websocket
     protocol is reimplemented: only the queue its messages go to is relayd's.
@@ -299,7 +307,7 @@ class InlineWebSocketResponse(web.WebSocketResponse):
         try:
             assert self._reader is not None and self._loop is not None
             queue = _InlineQueue(handler, self._reader._limit // 2, loop=self._loop)
-            queue.take = None
+            queue.take, queue.pending = None, 0
             parser = _Parser(queue, self._max_msg_size, compress=bool(self._compress), decode_text=self._decode_text)
         except (AttributeError, TypeError):  # pragma: no cover - another aiohttp: its own reader stays
             return
@@ -315,3 +323,8 @@ class InlineWebSocketResponse(web.WebSocketResponse):
         """Offer every data message to ``take`` first (None: no more)."""
         if self._inline is not None:
             self._inline.take = take
+
+    def handled(self) -> None:
+        """The handler task is done with the data message it read: the next one may be taken inline."""
+        if self._inline is not None:
+            self._inline.pending -= 1
