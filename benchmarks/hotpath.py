@@ -7,7 +7,7 @@ drives the code relayd runs per append, in process, with the store's answers mad
 
     producer line -> ProducerDecoder.decode -> Relay.append -> RedisStore.append (the plain
     XADD and the followers probe; append.lua for a hold's first append) -> (the pipeline's
-    replies, synthesised) -> the outcome -> Relay._appended -> Hub.publish ->
+    replies, synthesised) -> the outcome -> Relay.append's done -> Hub.publish ->
     Subscriber._deliver -> Outbox.offer ... end-of-tick flush (the transport write is a no-op)
     and the ack: FramePeer.acked -> the producer's Outbox
 

@@ -79,20 +79,22 @@ class ProducerSession:
         return self.unacked_bytes < self.max_unacked_bytes
 
     def charge(self, nbytes: int) -> None:
-        had_room = self.has_room
-        self.unacked_bytes += nbytes
+        unacked = self.unacked_bytes + nbytes
+        self.unacked_bytes = unacked
         if self.budget is not None:
             self.budget.charge(nbytes)
-        if had_room and not self.has_room and self._on_room is not None:
-            self._on_room(False)
+        limit = self.max_unacked_bytes
+        if unacked >= limit and unacked - nbytes < limit and self._on_room is not None:
+            self._on_room(False)  # crossed: no room now
 
     def credit(self, nbytes: int) -> None:
-        had_room = self.has_room
-        self.unacked_bytes -= nbytes
+        unacked = self.unacked_bytes - nbytes
+        self.unacked_bytes = unacked
         if self.budget is not None:
             self.budget.release(nbytes)
-        if not had_room and self.has_room and self._on_room is not None:
-            self._on_room(True)
+        limit = self.max_unacked_bytes
+        if unacked < limit and unacked + nbytes >= limit and self._on_room is not None:
+            self._on_room(True)  # crossed: room again
 
     def hold(self, stream: str, held: Held) -> None:
         self.ended.pop(stream, None)

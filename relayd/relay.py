@@ -163,34 +163,34 @@ class Relay:
         """``received``: when the append was read, if not the message being handled now."""
         if received is None:
             received = session.received_at
-        if op.stream in session.opening and session.defer(op):
+        stream = op.stream
+        if session.opening and stream in session.opening and session.defer(op):
             return  # an open (or re-open) of this stream is on its way: after it, with its epoch
-        held = session.held.get(op.stream)
+        held = session.held.get(stream)
         if held is None:
-            if op.stream in session.ended:
-                session.peer.refused(op.stream, "stream_ended", "the stream has ended", op.seq)
+            if stream in session.ended:
+                session.peer.refused(stream, "stream_ended", "the stream has ended", op.seq)
             else:
-                session.peer.refused(op.stream, "not_open", "open the stream on this connection first", op.seq)
+                session.peer.refused(stream, "not_open", "open the stream on this connection first", op.seq)
             return
         cost = op.cost
         session.charge(cost)
 
+        # One closure per append, its reply handled in it: the hot path of every chunk (a
+        # micro-optimisation: no further call to get from the store's answer to the ack).
         def done(outcome: AppendOutcome) -> None:
             session.credit(cost)
-            if type(outcome) is Appended:
-                self._appended(session, op, held, outcome, received)
-            else:
+            if type(outcome) is not Appended:
                 self._append_refused(session, op, held, outcome)
+                return
+            if self._publish_appended(stream, op.chunks, outcome, held.text, received) and held.first_chunk_due:
+                self.metrics.first_chunk(monotonic() - held.first_chunk_due)
+                held.first_chunk_due = 0.0
+            session.peer.acked(stream, outcome.last_seq, outcome.gen, outcome.last)
+            if received:
+                self.metrics.ack_latency(monotonic() - received)
 
         self._store.append(held.handle, op.seq, op.chunks, done)
-
-    def _appended(self, session: ProducerSession, op: AppendOp, held: Held, outcome: Appended, received: float) -> None:
-        if self._publish_appended(op.stream, op.chunks, outcome, held.text, received) and held.first_chunk_due:
-            self.metrics.first_chunk(monotonic() - held.first_chunk_due)
-            held.first_chunk_due = 0.0
-        session.peer.acked(op.stream, outcome.last_seq, outcome.gen, outcome.last)
-        if received:
-            self.metrics.ack_latency(monotonic() - received)
 
     def _publish_appended(
         self, stream: str, chunks: list[bytes], outcome: Appended, text: bool, received: float
@@ -203,15 +203,17 @@ class Relay:
             self._hub.poke(stream, gen, last)
             return False
         if first == last:  # one new chunk: most appends
-            new = chunks[-1:]
-            entries = [Entry(first, new[0])]
-            nbytes = len(new[0])
-        else:
-            new = chunks[len(chunks) - (last - first + 1) :]
-            entries = [Entry(first + i, chunk) for i, chunk in enumerate(new)]
-            nbytes = sum(map(len, new))
+            chunk = chunks[-1]
+            self.metrics.chunks_stored(1, len(chunk))
+            if self._hub.subscriber_count(stream):  # nobody follows it here: nothing to build
+                self._hub.publish(Publication(stream, gen, [Entry(first, chunk)], text, received, len(chunk)))
+            return True
+        new = chunks[len(chunks) - (last - first + 1) :]
+        nbytes = sum(map(len, new))
         self.metrics.chunks_stored(len(new), nbytes)
-        self._hub.publish(Publication(stream, gen, entries, text, received, nbytes))
+        if self._hub.subscriber_count(stream):
+            entries = [Entry(first + i, chunk) for i, chunk in enumerate(new)]
+            self._hub.publish(Publication(stream, gen, entries, text, received, nbytes))
         return True
 
     def _append_refused(self, session: ProducerSession, op: AppendOp, held: Held, outcome: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from time import monotonic
 
 from aiohttp import WSMsgType, web
@@ -14,6 +15,7 @@ from relayd.errors import AuthError, CloseCode
 from relayd.logs import ConnectionLog, Pairs
 from relayd.model import Opened
 from relayd.outbox import Outbox, SlowConsumer
+from relayd.producer import ProducerSession
 from relayd.protocol import (
     AppendOp,
     EndOp,
@@ -33,9 +35,10 @@ from relayd.protocol import (
 )
 from relayd.web.errors import client_error_response
 from relayd.web.gate import limited
-from relayd.web.keys import RUNTIME
+from relayd.web.keys import RUNTIME, Runtime
 from relayd.web.transport import (
     CLOSED_ABNORMALLY,
+    InlineWebSocketResponse,
     abort,
     backlog_of,
     close_stuck,
@@ -80,7 +83,7 @@ class FramePeer:
             if len(self._ack_prefixes) >= _ACK_PREFIXES:
                 self._ack_prefixes.clear()
             prefix = self._ack_prefixes[stream] = ack_prefix(stream)
-        self._control(ack_frame_with(prefix, seq, format_cursor(gen, offset)))
+        self._control(ack_frame_with(prefix, seq, gen, offset))
 
     def ended(self, stream: str, reason: str, gen: int, offset: int, message: str = "") -> None:
         self._control(ended_frame(stream, reason, format_cursor(gen, offset), message))
@@ -107,7 +110,7 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         return client_error_response(exc)
 
     # No aiohttp heartbeat: the outbox's watchdog pings (see consume.py).
-    ws = web.WebSocketResponse(autoping=False, max_msg_size=cfg.limits.max_frame_bytes, compress=False)
+    ws = InlineWebSocketResponse(autoping=False, max_msg_size=cfg.limits.max_frame_bytes, compress=False)
     await ws.prepare(request)
     rt.metrics.connection_opened("producer")
     conn_log = ConnectionLog(log, "producer", request.remote)
@@ -143,12 +146,10 @@ async def ingest(request: web.Request) -> web.StreamResponse:
     room.set()
     relay = rt.relay
     session = relay.session(FramePeer(outbox), lambda has_room: room.set() if has_room else room.clear())
-    budget = relay.producer_budget
     writer = asyncio.create_task(_write(outbox), name="relayd-producer-writer")
     decoder = ProducerDecoder(cfg.limits.max_chunk_bytes, scope.allows if scope else None)  # auth.api_key_streams
-    ops = chunks = streams = refused = 0
+    reader = _Reader(rt, session, decoder, outbox, conn_log, room, ws)
     ended_by = "connection_lost"
-    debug = log.isEnabledFor(logging.DEBUG)  # decided once per connection
 
     async def drain_close() -> None:
         # Drain: everything this producer sent is acknowledged before it is told to go.
@@ -158,40 +159,17 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         await asyncio.wait([close(CloseCode.SERVICE_RESTART, "shutting_down")])
 
     rt.producers.add(drain_close)
+    ws.take_inline(reader.take)
     try:
         while True:
-            if not room.is_set():
-                await room.wait()  # flow control: stop reading until Redis acknowledged
-            if budget.spent:
-                await budget.wait()  # all producers together hold too much: everyone waits
+            # Data messages are mostly handled inline, as they are parsed (reader.take); here come
+            # the ones it left queued (no room, a long message, ...) and every control message.
             msg = await next_message(ws, outbox)
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                session.received_at = monotonic()  # once per message: the start of ack and delivery latency
-                for n, line in enumerate(split_message(msg.data), 1):
-                    op = decoder.decode(line, session.text_streams, session.held)
-                    ops += 1
-                    if type(op) is AppendOp:
-                        chunks += len(op.chunks)
-                        relay.append(session, op)
-                    elif type(op) is OpenOp:
-                        streams += 1
-                        if debug:
-                            conn_log.event(logging.DEBUG, "open", stream=op.stream, epoch=op.epoch)
-                        relay.open(session, op)
-                    elif type(op) is EndOp:
-                        relay.end(session, op)
-                    elif type(op) is PingOp:
-                        outbox.control(pong_frame(op.id))
-                    elif isinstance(op, FrameError):
-                        rt.metrics.bad_frame(op.error.code)
-                        if not refused:  # the first one per connection; the close line counts them all
-                            conn_log.event(logging.INFO, "refused frame", code=op.error.code, error=op.error.message)
-                        refused += 1
-                        session.peer.refused(op.stream, op.error.code, op.error.message, op.seq)
-                    if outbox.closed:
-                        break  # closed for what it sent (its replies piled up): read no further
-                    if not n % _LINES_PER_TURN:
-                        await asyncio.sleep(0)  # a long message does not hold the loop from others
+                try:
+                    await reader.queued(msg.data)
+                finally:
+                    ws.handled()
             elif msg.type is WSMsgType.ERROR:
                 ended_by = "message_too_big" if ws.close_code == CloseCode.MESSAGE_TOO_BIG else "error"
                 conn_log.event(logging.INFO, "connection error", error=str(ws.exception()))
@@ -201,6 +179,7 @@ async def ingest(request: web.Request) -> web.StreamResponse:
                     ended_by = "client_closed"
                 break
     finally:
+        ws.take_inline(None)
         rt.producers.discard(drain_close)
         relay.release_session(session)
         await outbox.flush(1.0)
@@ -215,8 +194,129 @@ async def ingest(request: web.Request) -> web.StreamResponse:
             code = closing[0].result()
         elif outbox.stalled:
             code = CLOSED_ABNORMALLY
-        conn_log.closed(code, ended_by, frames_in=ops, chunks_in=chunks, streams=streams, refused=refused)
+        conn_log.closed(
+            code,
+            ended_by,
+            frames_in=reader.ops,
+            chunks_in=reader.chunks,
+            streams=reader.streams,
+            refused=reader.refused,
+            messages_inline=reader.inline,
+        )
     return ws
+
+
+class _Reader:
+    """The reading side of one producer connection: messages -> ops -> the relay."""
+
+    __slots__ = (
+        "_budget",
+        "_conn_log",
+        "_debug",
+        "_decoder",
+        "_metrics",
+        "_outbox",
+        "_relay",
+        "_room",
+        "_session",
+        "_ws",
+        "chunks",
+        "inline",
+        "ops",
+        "refused",
+        "streams",
+    )
+
+    def __init__(
+        self,
+        rt: Runtime,
+        session: ProducerSession,
+        decoder: ProducerDecoder,
+        outbox: Outbox,
+        conn_log: ConnectionLog,
+        room: asyncio.Event,
+        ws: InlineWebSocketResponse,
+    ) -> None:
+        self._relay = rt.relay
+        self._metrics = rt.metrics
+        self._budget = rt.relay.producer_budget
+        self._session = session
+        self._decoder = decoder
+        self._outbox = outbox
+        self._conn_log = conn_log
+        self._room = room
+        self._ws = ws
+        self._debug = log.isEnabledFor(logging.DEBUG)  # decided once per connection
+        self.ops = self.chunks = self.streams = self.refused = 0
+        self.inline = 0  # data messages taken as parsed (the others went through the queue)
+
+    def take(self, data: bytes | str) -> bool:
+        """A data message as the parser completes it, in the transport's ``data_received``: handled
+        now if the connection may read on (False: queued for :meth:`queued`, in order).
+
+        The same checks as before each message the handler task reads: the connection's unacked
+        bytes and the producers' global budget; a message long enough to yield the loop goes the
+        task's way, as does everything while relayd closes the connection.
+        """
+        if not self._room.is_set() or self._budget.spent or self._outbox.closed or self._ws.closed:
+            return False
+        lines = split_message(data)
+        if len(lines) > _LINES_PER_TURN:
+            return False
+        self.inline += 1
+        self._outbox.heard()
+        self._session.received_at = monotonic()  # the start of ack and delivery latency
+        try:
+            self._lines(lines, 0)
+        except Exception:
+            # Raised into aiohttp's parser, which fails the connection (the handler task reads an
+            # error): as an exception in the handler's own loop would.
+            log.exception("producer message failed")
+            raise
+        return True
+
+    async def queued(self, data: bytes | str) -> None:
+        """A data message the handler task read (later ones queue behind it until it is handled):
+        wait for room, then handle it in turns."""
+        if not self._room.is_set():
+            await self._room.wait()  # flow control: stop reading until Redis acknowledged
+        if self._budget.spent:
+            await self._budget.wait()  # all producers together hold too much: everyone waits
+        self._session.received_at = monotonic()  # once per message
+        lines = split_message(data)
+        start = self._lines(lines, 0)
+        while start < len(lines):
+            await asyncio.sleep(0)  # a long message does not hold the loop from others
+            start = self._lines(lines, start)
+
+    def _lines(self, lines: Sequence[bytes | str], start: int) -> int:
+        """Handle up to ``_LINES_PER_TURN`` lines from ``start``; where to go on (len(lines): done)."""
+        session, decoder, relay, outbox = self._session, self._decoder, self._relay, self._outbox
+        stop = min(len(lines), start + _LINES_PER_TURN)
+        for i in range(start, stop):
+            op = decoder.decode(lines[i], session.text_streams, session.held)
+            self.ops += 1
+            if type(op) is AppendOp:
+                self.chunks += len(op.chunks)
+                relay.append(session, op)
+            elif type(op) is OpenOp:
+                self.streams += 1
+                if self._debug:
+                    self._conn_log.event(logging.DEBUG, "open", stream=op.stream, epoch=op.epoch)
+                relay.open(session, op)
+            elif type(op) is EndOp:
+                relay.end(session, op)
+            elif type(op) is PingOp:
+                outbox.control(pong_frame(op.id))
+            elif isinstance(op, FrameError):
+                self._metrics.bad_frame(op.error.code)
+                if not self.refused:  # the first one per connection; the close line counts them all
+                    self._conn_log.event(logging.INFO, "refused frame", code=op.error.code, error=op.error.message)
+                self.refused += 1
+                session.peer.refused(op.stream, op.error.code, op.error.message, op.seq)
+            if outbox.closed:
+                return len(lines)  # closed for what it sent (its replies piled up): read no further
+        return stop
 
 
 async def _write(outbox: Outbox) -> None:
