@@ -62,9 +62,10 @@ class HotHistogram:
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.total = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
+    def observe(self, value: float, times: int = 1) -> None:
+        """``times`` observations of ``value`` (a fan-out's writes of one publication)."""
+        self.counts[bisect_left(self.bounds, value)] += times
+        self.total += value * times
 
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
         buckets: list[tuple[str, float]] = []

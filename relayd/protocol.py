@@ -517,13 +517,12 @@ def ws_chunk_prefix(stream: str) -> bytes:
 
 def encode_ws_entries(prefix: bytes, stream: str, gen: int, entries: list[Entry]) -> list[bytes]:
     """Websocket frames for ``entries``, one per entry. Chunks are spliced, not re-encoded."""
-    out: list[bytes] = []
-    gen_b = str(gen).encode()
-    for entry in entries:
-        if entry.data is not None:
-            out.append(b"".join((prefix, gen_b, b"-%010d" % entry.offset, b'","data":', entry.data, b"}")))
-        else:
-            out.append(end_frame(stream, format_cursor(gen, entry.offset), entry.reason or "", entry.message))
+    # One %-format per chunk, its constant head escaped into the format (a replay runs this per chunk).
+    chunk = (prefix + b"%d-" % gen).replace(b"%", b"%%") + b'%010d","data":%s}'
+    end = entries[-1] if entries and entries[-1].data is None else None
+    out = [chunk % (entry.offset, entry.data) for entry in (entries[:-1] if end is not None else entries)]
+    if end is not None:
+        out.append(end_frame(stream, format_cursor(gen, end.offset), end.reason or "", end.message))
     return out
 
 

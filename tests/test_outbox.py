@@ -19,6 +19,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from relayd.outbox import Outbox
+from relayd.web.transport import ws_text_frame
 from tests.helpers import API_KEY, Relayd
 from tests.test_guarantees import (
     ConfigFactory,
@@ -260,3 +262,98 @@ async def test_a_ping_id_is_bounded(relayd: Relayd) -> None:
     await producer.expect("error", code="bad_frame")
     await consumer.ws.close()
     await producer.ws.close()
+
+
+# --- one publication, many connections ---------------------------------------------------------
+
+
+async def test_one_tick_frames_a_batch_once_for_every_connection_that_queued_it() -> None:
+    """Outboxes flushed in one tick with the same batch get one message built once, byte for
+    byte; an outbox with another batch gets its own; big payloads get the longer length forms."""
+    accepted: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put(writer)
+
+    framed: list[list[bytes]] = []
+
+    def framer(batch: list[bytes]) -> bytes:  # one pure function shared by every outbox, counted
+        framed.append(batch)
+        return ws_text_frame(batch)
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+    ends = [await accepted.get() for _ in clients]  # relayd's side of each connection
+    outboxes = [Outbox(_never, 1 << 20, 10.0, None, framer=framer, write_frame=end.transport.write) for end in ends]
+    pub, control, medium, big = b'{"i":1}', b'{"type":"pong"}', b'"' + b"m" * 300 + b'"', b'"' + b"b" * 70_000 + b'"'
+    a, c, b, d, e = outboxes  # queued in this order: a and c share a batch, b, d and e do not
+    assert a.offer(pub, 1) and c.offer(pub, 1)
+    b.control(control)
+    assert b.offer(pub, 1) and d.offer(medium, 1) and e.offer(big, 1)
+    for outbox in outboxes:
+        await outbox.flush(5.0)
+    assert framed == [[pub], [control, pub], [medium], [big]]  # c reused a's message
+
+    async def message(reader: asyncio.StreamReader) -> bytes:
+        b0, b1 = await reader.readexactly(2)
+        assert b0 == 0x81 and not b1 & 0x80  # one unmasked, unfragmented text frame
+        n = b1 & 0x7F
+        if n >= 126:
+            n = int.from_bytes(await reader.readexactly(2 if n == 126 else 8), "big")
+        return await reader.readexactly(n)
+
+    got = [await message(reader) for reader, _ in clients]
+    assert got == [pub, pub, b"\n".join([control, pub]), medium, big]  # the clients of a, c, b, d, e
+    for outbox in outboxes:
+        assert outbox.written > 0 and outbox.chunks_written == 1
+        outbox.close()
+    for writer in [*ends, *(writer for _, writer in clients)]:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+
+
+async def _never(batch: list[bytes]) -> None:
+    raise AssertionError("the fast path writes every batch here")
+
+
+async def test_a_fan_out_reaches_every_reader_intact_while_a_stalled_one_falls_back_and_catches_up(
+    config_factory: ConfigFactory,
+) -> None:
+    """One stream to many consumers: each reading one gets every chunk once, in order, the same
+    bytes as the others (small, 16-bit and 64-bit websocket lengths); one that reads nothing
+    meanwhile is held to its queue, reads the rest from Redis, and gets everything once too."""
+    stream = "fan"
+    config = config_factory(consumer={"max_queue_bytes": 64 * 1024, "send_timeout_ms": 30_000})
+    sizes = [1, 300, 70_000]
+    total = 45
+    expected = [{"i": i, "pad": "x" * sizes[i % 3]} for i in range(1, total + 1)]
+    async with Relayd(config) as server, contextlib.AsyncExitStack() as stack:
+        path = f"/v1/streams/{stream}/ws?token={server.token()}"
+        readers = [await stack.enter_async_context(await raw_ws(server, path, rcvbuf=256 * 1024)) for _ in range(12)]
+        stalled = await stack.enter_async_context(await raw_ws(server, path))
+        stalled.gate = asyncio.Queue()  # reads nothing until told
+
+        async def registered() -> bool:
+            return server.relay._hub.subscriber_count(stream) == 13
+
+        await poll_until(registered, "the subscriptions")
+        followed = [asyncio.create_task(r.follow(stream, timeout=30)) for r in readers]
+        producer = await server.producer()
+        await producer.open(stream)
+        ops = [{"op": "append", "stream": stream, "seq": i, "chunk": c} for i, c in enumerate(expected, 1)]
+        await pump(producer, ops, window=8, per_message=1)
+        await producer.end(stream)
+        results = await asyncio.gather(*followed)
+        first = results[0][0]
+        assert [f["data"] for f in first] == expected
+        assert all(frames == first and end["reason"] == "completed" for frames, end in results)
+        assert await metric(server, "relayd_consumer_catchups_total") >= 1  # the stalled one fell back
+        stalled.gate.put_nowait(-1)  # now it reads freely
+        frames, end = await stalled.follow(stream, timeout=30)
+        assert [f["data"] for f in frames] == expected and end["reason"] == "completed"
+        assert [f["cursor"] for f in frames] == [f["cursor"] for f in first]
+        await producer.ws.close()

@@ -477,3 +477,94 @@ async def test_a_live_subscriber_whose_stream_vanished_is_told_and_finishes(worl
     await world.owner.finished.wait()
     assert sink.chunks() == ["a"]
     assert [f["code"] for f in sink.frames if f["type"] == "error"] == ["stream_not_found"]
+
+
+# history in pages, each next page read while the last one is handed over ----------------------------
+
+
+class HeldFrom(GatedHistory):
+    """Holds the first read that starts at ``first`` until released, and notes if it was cancelled."""
+
+    def __init__(self, store: MemoryStore, first: int) -> None:
+        super().__init__(store)
+        self.first = first
+        self.reading = asyncio.Event()
+        self.released = asyncio.Event()
+        self.cancelled = False
+
+    async def read_entries(self, stream: str, gen: int, first: int, count: int) -> list[Entry]:
+        if first != self.first or self.reading.is_set():
+            return await super().read_entries(stream, gen, first, count)
+        self.reads.append(first)
+        self.reading.set()
+        try:
+            await self.released.wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        return await self.store.read_entries(stream, gen, first, count)
+
+
+async def read_all(sink: RecordingSink, finished: asyncio.Event) -> None:
+    """Play a peer that reads everything queued, until the subscription finished."""
+    while not finished.is_set():
+        sink.take()
+        await asyncio.sleep(0)
+
+
+async def paged_world(hold_from: int, *values: Any) -> World:
+    """Pages of 3 entries; ``values`` stored as one append each; the read from ``hold_from`` held."""
+    world = make_world()
+    world.history = HeldFrom(world.store, hold_from)
+    world.hub = Hub(world.history, Metrics(), catchup_page=3)
+    await world.open()
+    for value in values:
+        await world.append(value)
+    return world
+
+
+async def test_a_history_of_many_pages_is_read_ahead_and_delivered_once_with_what_was_published_meanwhile() -> None:
+    """The next page is read while the last one waits for room in the queue; chunks published
+    meanwhile come once, in order, whether a page read them or the live buffer did."""
+    values = [f"{i:02d}" + "x" * 48 for i in range(1, 14)]
+    world = await paged_world(7, *values[:10])
+    history = world.history
+    assert isinstance(history, HeldFrom)
+    sink = RecordingSink(max_bytes=460)  # a page (~300 bytes) fits whole; two do not
+    sub = world.subscribe(sink)
+    await history.reading.wait()  # page 3 is read while page 2 waits for the peer
+    assert len(sink.frames) == 3 and history.reads == [1, 4, 7]
+    await world.append(values[10])
+    await world.append(values[11])
+    history.released.set()
+    reader = asyncio.create_task(read_all(sink, world.owner.finished))
+    await live(sub)
+    await world.append(values[12])
+    await world.end()
+    await reader
+    assert sink.offsets() == list(range(1, 15))
+    assert sink.chunks() == [*values, ("end", "completed")]
+    assert history.reads == [1, 4, 7, 10, 13] and world.catchups() == 0
+    await sub.stop()
+
+
+async def test_a_resync_while_the_next_page_is_read_drops_that_read_and_checks_history_first() -> None:
+    """A read ahead is not used once the subscriber must check Redis again: it is cancelled, the
+    last delivered entry is checked, and the history follows from there, once."""
+    world = await paged_world(7, *("x" * 50 for _ in range(9)))
+    history = world.history
+    assert isinstance(history, HeldFrom)
+    sink = RecordingSink(max_bytes=460)  # a page (~300 bytes) fits whole; two do not
+    sub = world.subscribe(sink)
+    await history.reading.wait()  # page 2 is being handed over (it waits for room), page 3 read
+    await until(lambda: len(sink.frames) == 3)
+    world.hub.resync(S)
+    sink.take()
+    await until(lambda: history.cancelled)
+    reader = asyncio.create_task(read_all(sink, world.owner.finished))
+    await live(sub)
+    assert history.reads == [1, 4, 7, 6, 7, 10]  # 6: the last entry delivered, checked
+    await world.end()
+    await reader
+    assert sink.offsets() == list(range(1, 11))
+    await sub.stop()

@@ -42,7 +42,9 @@ from relayd.web.transport import (
     close_stuck,
     drained,
     next_message,
+    ws_frame_writer,
     ws_pinger,
+    ws_text_frame,
     ws_text_writer,
 )
 
@@ -83,13 +85,15 @@ class ConsumerConnection:
             cfg.consumer.max_queue_bytes,
             cfg.consumer.send_timeout_ms / 1000,
             backlog_of(request),
-            write,
+            None,  # the fast path: framer and write_frame below
             rt.metrics.delivery_latency,
             on_stuck=self._stuck,
             ping=ws_pinger(request),
             heartbeat_s=cfg.server.heartbeat_s,
             on_delivered=rt.metrics.written,
             budget=rt.relay.consumer_budget,
+            framer=ws_text_frame,  # one publication's message built once for all its consumers
+            write_frame=ws_frame_writer(request, ws),
         )
         self.subs: dict[str, Subscription] = {}
         self.close_code: int | None = None  # the code the peer got when relayd closed (1006: aborted)

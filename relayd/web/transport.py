@@ -25,29 +25,51 @@ _BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux's struct tcp_inf
 _TCP_INFO_SIZE = _BYTES_ACKED + 8
 
 
-def ws_text_writer(request: web.Request, ws: web.WebSocketResponse) -> Callable[[list[bytes]], None]:
-    """Write a batch of NDJSON frames as one websocket text message, synchronously.
+def ws_text_frame(batch: list[bytes]) -> bytes:
+    """A batch of NDJSON frames as one websocket text message, header included.
 
-    A micro-optimisation for the live path: the frame header is built here and the message goes
-    to the transport in one ``write``, skipping aiohttp's awaitable writer (and a task switch per
-    delivery). Server-to-client frames are unmasked and relayd never compresses, so a text frame
-    is just a 2-10 byte header. Control frames (ping, pong, close) still go through aiohttp; each
-    is one synchronous write, so they never interleave with these.
+    Server-to-client frames are unmasked and relayd never compresses, so a text frame is just a
+    2-10 byte header before the payload, and the same bytes serve every connection: a pure
+    function, so that the outbox can build one publication's message once for all its consumers
+    (relayd/outbox.py, ``framer``).
+    """
+    payload = b"\n".join(batch) if len(batch) > 1 else batch[0]
+    n = len(payload)
+    if n < 126:
+        return b"\x81" + _SHORT_LENGTHS[n] + payload
+    if n < 65536:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
+_SHORT_LENGTHS = [bytes((n,)) for n in range(126)]
+
+
+def ws_frame_writer(request: web.Request, ws: web.WebSocketResponse) -> Callable[[bytes], None]:
+    """Write a websocket message made by :func:`ws_text_frame`, synchronously.
+
+    A micro-optimisation for the live path: the message goes to the transport in one ``write``,
+    skipping aiohttp's awaitable writer (and a task switch per delivery). Control frames (ping,
+    pong, close) still go through aiohttp; each is one synchronous write, so they never
+    interleave with these.
     """
     transport = request.transport
 
-    def write(batch: list[bytes]) -> None:
+    def write(frame: bytes) -> None:
         if ws.closed or transport is None or transport.is_closing():
             raise ConnectionResetError("websocket closed")
-        payload = b"\n".join(batch) if len(batch) > 1 else batch[0]
-        n = len(payload)
-        if n < 126:
-            header = bytes((0x81, n))
-        elif n < 65536:
-            header = b"\x81\x7e" + n.to_bytes(2, "big")
-        else:
-            header = b"\x81\x7f" + n.to_bytes(8, "big")
-        transport.write(header + payload)
+        transport.write(frame)
+
+    return write
+
+
+def ws_text_writer(request: web.Request, ws: web.WebSocketResponse) -> Callable[[list[bytes]], None]:
+    """Write a batch of NDJSON frames as one websocket text message, synchronously
+    (:func:`ws_text_frame`, then :func:`ws_frame_writer`)."""
+    write_frame = ws_frame_writer(request, ws)
+
+    def write(batch: list[bytes]) -> None:
+        write_frame(ws_text_frame(batch))
 
     return write
 
@@ -76,10 +98,11 @@ class _Probe:
     space buffer is visible, and what the kernel accepted counts as taken.
     """
 
-    __slots__ = ("_fd", "_sock", "_transport")
+    __slots__ = ("_fd", "_sock", "_transport", "size")
 
     def __init__(self, transport: asyncio.Transport | None) -> None:
         self._transport = transport
+        self.size: Callable[[], int] = transport.get_write_buffer_size if transport is not None else _nothing
         self._fd = -1
         self._sock = sock = transport.get_extra_info("socket") if transport is not None else None
         if _TCP_INFO and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -106,6 +129,10 @@ class _Probe:
             else:
                 return struct.unpack_from("Q", info, _BYTES_ACKED)[0], backlog + outq
         return written - backlog, backlog
+
+
+def _nothing() -> int:
+    return 0
 
 
 def backlog_of(request: web.Request) -> _Probe:
