@@ -159,3 +159,31 @@ async def test_appends_caught_by_a_lost_connection_are_sent_again_as_their_scrip
     finally:
         await raw.aclose()
         await a.close()
+
+
+async def test_a_holder_kept_busy_turns_to_plain_xadds_after_its_first_answer(
+    stores: tuple[RedisStore, RedisStore, aioredis.Redis],
+) -> None:
+    """A producer that always has appends on the wire (a loaded relayd): the first script's ok is
+    enough for the appends submitted after it to be plain XADDs, though scripts are still on the
+    wire then (they carry the next seqs: nothing broke the chain)."""
+    a, _, raw = stores
+    opened = await answer(lambda done: a.open("busy", None, "json", None, done))
+    handle = a.append_handle("busy", opened.epoch, opened.gen)
+    await raw.config_resetstat()
+    waves: list[list[asyncio.Future[Any]]] = []
+    seq = 0
+    for _ in range(20):
+        wave = []
+        for _ in range(5):
+            seq += 1
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            a.append(handle, seq, [b"%d" % seq], future.set_result)
+            wave.append(future)
+        await asyncio.sleep(0)  # (a yield: the pipeline sends this wave as a batch of its own)
+        if waves:
+            await waves[-1][-1]  # the previous wave answered; this one is still on the wire
+        waves.append(wave)
+    outcomes = [await f for wave in waves for f in wave]
+    assert outcomes == [Appended(opened.gen, i, i, i) for i in range(1, 101)]
+    assert (await calls(raw)).get("evalsha", 0) <= 10  # the first two waves at most

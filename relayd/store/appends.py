@@ -61,6 +61,7 @@ class AppendHandle:
     __slots__ = (
         "base",
         "ct",
+        "doubt",
         "epoch",
         "followed",
         "gen",
@@ -72,7 +73,6 @@ class AppendHandle:
         "publish_head",
         "ready",
         "script_head",
-        "scripts",
         "slot",
         "stream",
         "wire",
@@ -85,9 +85,9 @@ class AppendHandle:
         self.gen = gen
         self.slot = slot
         self.ready = False  # plain XADDs allowed (see the module doc)
-        self.scripts = 0  # scripts on the wire
+        self.doubt = 0  # failures and seqs out of order so far: a script's ok counts if none came since
         self.wire = -1  # the write connection's incarnation this handle was sure on
-        self.next = 0  # the seq expected next, counting appends on the wire
+        self.next = 0  # the seq expected next, counting appends on the wire (0: not known)
         self.base = 0  # offset before the epoch's seq 1
         self.id_prefix = b""  # b"<gen>-"
         self.lane_base = 0  # lane * LANE: the entry id's sequence part is lane_base + offset
@@ -98,6 +98,12 @@ class AppendHandle:
         self.probe = b""
         self.probe_due = 0.0  # when (monotonic) the next plain append asks who follows
         self.publish_head = b""
+
+    def broken(self) -> None:
+        """A write failed: plain XADDs wait for a script's ok, and the seq expected next is not known."""
+        self.ready = False
+        self.doubt += 1
+        self.next = 0
 
 
 class Appender:
@@ -195,22 +201,31 @@ class Appender:
     # the script ----------------------------------------------------------------------------------
 
     def script(self, h: AppendHandle, seq: int, chunks: list[bytes], done: Callable[[AppendOutcome], None]) -> None:
-        """append.lua: exact whatever the handle knows; its answer makes the handle sure again."""
-        h.ready = False
-        h.scripts += 1
-        wire = self.wire
+        """append.lua: exact whatever the handle knows. Its ``ok`` makes the handle sure again if
+        nothing since its submission broke the chain of seqs on the wire (a failure, a seq out of
+        order): the appends after it are then the next seqs, and plain XADDs may follow them."""
+        end = seq + len(chunks)
+        if h.next == 0 or seq == h.next:
+            h.next = end  # the chain of seqs on the wire starts or goes on
+        else:
+            h.ready = False
+            h.doubt += 1  # a resend or a gap: what it finds tells
+            if seq < h.next < end:
+                h.next = end
+        doubt, wire = h.doubt, self.wire
 
         def answered(reply: Any, exc: BaseException | None) -> None:
-            h.scripts -= 1
             outcome = append_outcome(reply, exc)
             if type(outcome) is Appended and exc is None:
                 _, gen, _, _, _, lane, base, stored, ct, followed = reply
                 h.gen, h.base, h.ct, h.followed = int(gen), int(base), bytes(ct), followed == 1
                 h.id_prefix, h.lane_base = b"%d-" % h.gen, int(lane) * LANE
-                h.next = int(stored) + 1
+                h.next = max(h.next, int(stored) + 1)
                 h.probe_due = monotonic() + PROBE_INTERVAL_S  # the script told who follows
-                if h.scripts == 0 and wire == self.wire:
+                if doubt == h.doubt and wire == self.wire:
                     h.ready, h.wire = True, wire
+            else:
+                h.broken()
             done(outcome)
 
         self._submit(Write(self.encode_script(h.script_head, seq, chunks, now_ms()), answered, h.slot))
@@ -294,7 +309,7 @@ class _Plain(Write):
                 self.appender.publish(h, first, self.chunks)
             self.then(Appended(h.gen, first, first + n - 1, self.seq + n - 1))
             return
-        h.ready = False
+        h.broken()
         if isinstance(failed, BaseException):  # the pipeline gave up (Redis unreachable past retry_ms)
             self.then(Refused("store_unavailable", f"append not stored: {failed}"))
             return
