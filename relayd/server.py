@@ -88,6 +88,7 @@ class Server:
                 self.store.publish,
                 metrics,
                 follow=self.store.follow,
+                peek=self.store.peek,
                 sharded=self.store.cluster,  # on a cluster: SSUBSCRIBE on the master of each stream's slot
                 timeout_s=cfg.redis.timeout_ms / 1000,
             )

@@ -45,6 +45,7 @@ log = logging.getLogger("relayd.broker")
 
 Publisher = Callable[[str, bytes], None]
 Follow = Callable[[str, bool, Callable[[], None]], None]  # RedisStore.follow
+Peek = Callable[[str, Callable[[int, int], None]], None]  # RedisStore.peek: (gen, last offset)
 
 _REFOLLOW_S = 60.0  # followed streams are added to their Set again this often (heals a lost one)
 
@@ -59,6 +60,7 @@ class RedisBroker:
         metrics: Metrics,
         *,
         follow: Follow | None = None,
+        peek: Peek | None = None,
         sharded: bool = False,
         timeout_s: float = 5.0,
     ) -> None:
@@ -69,6 +71,7 @@ class RedisBroker:
         self._control = keys.control.encode()
         self._publish = publish
         self._follow = follow or _no_follow
+        self._peek = peek
         self._refollow: asyncio.TimerHandle | None = None
         self._rereads: dict[str, asyncio.TimerHandle] = {}  # the second read after following a stream
         self._metrics = metrics
@@ -125,7 +128,8 @@ class RedisBroker:
     def _followed(self, stream: str) -> None:
         """Redis has this instance among the stream's followers: the holder's appends publish
         once it has asked who follows (at most PROBE_INTERVAL_S from now, store/appends.py), so
-        the subscribers read Redis now and once more after that."""
+        the subscribers read Redis now, and look once more after that: the stream's last offset,
+        and only the subscribers short of it read (usually none: one small read per stream)."""
         if self._hub is not None:
             self._hub.resync(stream)
             previous = self._rereads.pop(stream, None)
@@ -135,8 +139,13 @@ class RedisBroker:
 
     def _reread(self, stream: str) -> None:
         self._rereads.pop(stream, None)
-        if self._hub is not None and self._hub.subscriber_count(stream):
-            self._hub.resync(stream)
+        hub = self._hub
+        if hub is None or not hub.subscriber_count(stream):
+            return
+        if self._peek is None:
+            hub.resync(stream)
+        else:
+            self._peek(stream, lambda gen, last: hub.poke(stream, gen, last))
 
     def _follow_all(self) -> None:
         self._refollow = asyncio.get_running_loop().call_later(_REFOLLOW_S, self._follow_all)

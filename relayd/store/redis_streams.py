@@ -310,6 +310,18 @@ class RedisStore:
         self._submit(encode_command(["SADD", key, self.instance]), added, slot)
         self._submit(encode_command(["EXPIRE", key, self._open_ttl]), _ignore, slot)
 
+    def peek(self, stream: str, done: Callable[[int, int], None]) -> None:
+        """``done(gen, offset)`` of the log's newest entry, read through the write pipeline (in
+        order with the writes); nothing if the log is empty or gone."""
+        log = self.keys.log(stream)
+
+        def answered(reply: Any, exc: BaseException | None) -> None:
+            if exc is None and type(reply) is list and reply:
+                gen, _, seq = reply[0][0].partition(b"-")
+                done(int(gen), int(seq) % LANE)
+
+        self._submit(encode_command(["XREVRANGE", log, "+", "-", "COUNT", "1"]), answered, self._slot_of(log))
+
     def publish(self, channel: str, message: bytes) -> None:
         """PUBLISH through the write pipeline (control requests between instances; not per chunk).
 
