@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from refs import run_at_ref  # benchmarks/refs.py
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = b'{"id":"chatcmpl-3f9a1c","choices":[{"index":0,"delta":{"content":" token"}}],"i":42}'
@@ -141,24 +139,9 @@ def main() -> None:
         f" per tick, min of {args.runs} x {args.publications}): {figure:.3f} us"
     )
     if args.ref:
-        with tempfile.TemporaryDirectory() as tree:
-            archive = subprocess.run(
-                ["git", "-C", str(ROOT), "archive", args.ref, "relayd"], check=True, capture_output=True
-            )
-            subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
-            argv = [sys.executable, __file__, "--json", "--consumers", str(args.consumers)]
-            argv += [
-                "--publications",
-                str(args.publications),
-                "--per-tick",
-                str(args.per_tick),
-                "--runs",
-                str(args.runs),
-            ]
-            out = subprocess.run(
-                argv, env={**os.environ, "PYTHONPATH": tree}, check=True, capture_output=True, text=True
-            )
-            old = float(out.stdout.strip().splitlines()[-1])
+        argv = ["--json", "--consumers", str(args.consumers), "--publications", str(args.publications)]
+        argv += ["--per-tick", str(args.per_tick), "--runs", str(args.runs)]
+        old = float(run_at_ref(args.ref, __file__, argv))
         line += f"; {args.ref}: {old:.3f} us (now x{figure / old:.2f})"
     print(line)
 

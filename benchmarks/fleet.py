@@ -71,6 +71,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import valkey_stats
+from refs import extract_relayd  # benchmarks/refs.py
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out"
@@ -1029,10 +1030,7 @@ class Spawned:
             # a snapshot of relayd/ at a git commit (read-only: git archive), first on PYTHONPATH
             snap = self.tmp / "src"
             snap.mkdir()
-            archive = subprocess.run(
-                ["git", "-C", str(HERE.parent), "archive", a.relayd_ref, "relayd"], check=True, capture_output=True
-            ).stdout
-            subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
+            extract_relayd(a.relayd_ref, snap)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(snap), env.get("PYTHONPATH", "")]))
             self.source = relayd_source(snap, a.relayd_ref)
         else:

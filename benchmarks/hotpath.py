@@ -25,15 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+from refs import run_at_ref  # benchmarks/refs.py
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = {"id": "chatcmpl-3f9a1c", "choices": [{"index": 0, "delta": {"content": " token"}}], "i": 42}
@@ -153,28 +150,9 @@ def main() -> None:
         f" min of {args.runs} x {args.appends}): {figure:.2f} us"
     )
     if args.ref:
-        with tempfile.TemporaryDirectory() as tree:
-            archive = subprocess.run(
-                ["git", "-C", str(ROOT), "archive", args.ref, "relayd"], check=True, capture_output=True
-            )
-            subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
-            argv = [
-                sys.executable,
-                __file__,
-                "--json",
-                "--streams",
-                str(args.streams),
-                "--subscribers",
-                str(args.subscribers),
-                "--appends",
-                str(args.appends),
-                "--runs",
-                str(args.runs),
-            ]
-            out = subprocess.run(
-                argv, env={**os.environ, "PYTHONPATH": tree}, check=True, capture_output=True, text=True
-            )
-            old = float(out.stdout.strip().splitlines()[-1])
+        argv = ["--json", "--streams", str(args.streams), "--subscribers", str(args.subscribers)]
+        argv += ["--appends", str(args.appends), "--runs", str(args.runs)]
+        old = float(run_at_ref(args.ref, __file__, argv))
         line += f"; {args.ref}: {old:.2f} us (now x{figure / old:.2f})"
     print(line)
 

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from refs import extract_relayd  # benchmarks/refs.py
+
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "rk_bench_ingest_path_0123456789"
 CHUNK = {"id": "chatcmpl-3f9a1c", "choices": [{"index": 0, "delta": {"content": " token"}}], "i": 42}
@@ -146,10 +148,7 @@ def main() -> None:
             for ref in args.ref:
                 tree = Path(scratch) / f"ref-{ref}"
                 tree.mkdir()
-                archive = subprocess.run(
-                    ["git", "-C", str(ROOT), "archive", ref, "relayd"], check=True, capture_output=True
-                )
-                subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+                extract_relayd(ref, tree)
                 trees[ref] = str(tree)
             best = dict.fromkeys(trees, float("inf"))
             for _ in range(args.runs):

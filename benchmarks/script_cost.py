@@ -28,13 +28,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from refs import run_at_ref  # benchmarks/refs.py
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = b'{"id":"chatcmpl-3f9a1c","choices":[{"index":0,"delta":{"content":" token"}}],"i":42,"t":1763745600123}'
@@ -146,35 +146,10 @@ def main() -> None:
         return
     old: dict[str, float] = {}
     if args.ref:
-        with tempfile.TemporaryDirectory() as tree:
-            archive = subprocess.run(
-                ["git", "-C", str(ROOT), "archive", args.ref, "relayd"], check=True, capture_output=True
-            )
-            subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
-            relayd_modes = ",".join(m for m in modes if m != "xadd")
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--json",
-                    "--modes",
-                    relayd_modes,
-                    "--streams",
-                    str(args.streams),
-                    "--chunks",
-                    str(args.chunks),
-                    "--batch",
-                    str(args.batch),
-                    "--runs",
-                    str(args.runs),
-                    *(["--server-cpu", args.server_cpu] if args.server_cpu else []),
-                ],
-                env={**os.environ, "PYTHONPATH": tree},
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            old = json.loads(out.stdout.strip().splitlines()[-1])
+        argv = ["--json", "--modes", ",".join(m for m in modes if m != "xadd"), "--streams", str(args.streams)]
+        argv += ["--chunks", str(args.chunks), "--batch", str(args.batch), "--runs", str(args.runs)]
+        argv += ["--server-cpu", args.server_cpu] if args.server_cpu else []
+        old = json.loads(run_at_ref(args.ref, __file__, argv))
     print(
         f"Valkey CPU per chunk, medians of {args.runs} runs; {args.streams} streams, {args.chunks} chunks, "
         f"one chunk per append, ~{args.batch} in flight"
