@@ -167,10 +167,8 @@ class Appender:
             if now >= h.probe_due:
                 h.probe_due, probe = now + PROBE_INTERVAL_S, True
         submit = self._submit
-        chunk = chunks[-1]
-        entry = b"%s%d" % (prefix, at + count - 1)
         op = _Plain(
-            b"%s$%d\r\n%s\r\n$1\r\nd\r\n$%d\r\n%s\r\n" % (head, len(entry), entry, len(chunk), chunk),
+            _xadd(head, b"%s%d" % (prefix, at + count - 1), chunks[-1]),
             h.slot,
             self,
             h,
@@ -180,11 +178,7 @@ class Appender:
             probe,
         )
         for i in range(count - 1):  # the chunks before the last: writes that report to the op
-            chunk = chunks[i]
-            entry = b"%s%d" % (prefix, at + i)
-            submit(
-                _Chunk(b"%s$%d\r\n%s\r\n$1\r\nd\r\n$%d\r\n%s\r\n" % (head, len(entry), entry, len(chunk), chunk), op, i)
-            )
+            submit(_Chunk(_xadd(head, b"%s%d" % (prefix, at + i), chunks[i]), op, i))
         submit(op)
         if probe:
             submit(Write(h.probe, op.probed, h.slot))
@@ -332,6 +326,11 @@ class _Chunk(Write):
 
     def fallback(self) -> bytes | None:
         return self.op.script_for(self.index)
+
+
+def _xadd(head: bytes, entry: bytes, chunk: bytes) -> bytes:
+    """``head`` (XADD <log> NOMKSTREAM MAXLEN ~ <max>, encoded) with the entry id and the chunk."""
+    return b"%s$%d\r\n%s\r\n$1\r\nd\r\n$%d\r\n%s\r\n" % (head, len(entry), entry, len(chunk), chunk)
 
 
 def _ignore(reply: Any, exc: BaseException | None) -> None:
