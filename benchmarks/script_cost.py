@@ -31,6 +31,7 @@ import json
 import statistics
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,9 @@ def _server_cpu(info: dict[str, Any]) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-async def _run(mode: str, streams: int, chunks: int, batch: int, server_cpu: str | None) -> dict[str, Any]:
+async def _run(
+    mode: str, streams: int, chunks: int, batch: int, server_cpu: str | None, per_append: int = 1
+) -> dict[str, Any]:
     import redis.asyncio as aioredis
 
     from relayd.config import Config, RedisConfig, StreamsConfig
@@ -92,6 +95,7 @@ async def _run(mode: str, streams: int, chunks: int, batch: int, server_cpu: str
                 outcome = await opened
                 handles.append(store.append_handle(name, outcome.epoch, outcome.gen))
             before = _server_cpu(await admin.info("cpu"))
+            started = time.process_time()
             answered = 0
 
             def done(_: Any) -> None:
@@ -99,33 +103,37 @@ async def _run(mode: str, streams: int, chunks: int, batch: int, server_cpu: str
                 answered += 1
 
             sent = 0
-            for seq in range(1, per_stream + 1):
+            appends = [CHUNK] * per_append
+            for seq in range(1, per_stream + 1, per_append):
                 for handle in handles:
-                    store.append(handle, seq, [CHUNK], done)
+                    store.append(handle, seq, appends, done)
                     sent += 1
-                if sent - answered > batch * 4:
+                if sent - answered > max(1, batch * 4 // per_append):
                     await store.drain()
                     if listener is not None:
                         while await listener.get_message(timeout=0) is not None:
                             pass
             await store.drain()
+            own = time.process_time() - started
             after = _server_cpu(await admin.info("cpu"))
             assert answered == sent, (answered, sent)
             if listener is not None:
                 await listener.aclose()
             await store.close()
             await admin.aclose()
-            return {"mode": mode, "us_per_chunk": (after - before) * 1e6 / sent}
+            stored = sent * per_append
+            return {"mode": mode, "us_per_chunk": (after - before) * 1e6 / stored, "own_us": own * 1e6 / stored}
         finally:
             server.stop()
 
 
-def _median_of(mode: str, args: argparse.Namespace) -> float:
-    figures = [
-        asyncio.run(_run(mode, args.streams, args.chunks, args.batch, args.server_cpu))["us_per_chunk"]
+def _median_of(mode: str, args: argparse.Namespace) -> tuple[float, float]:
+    """Medians of Valkey's CPU and of this process's own CPU (the write path's Python) per chunk."""
+    runs = [
+        asyncio.run(_run(mode, args.streams, args.chunks, args.batch, args.server_cpu, args.per_append))
         for _ in range(args.runs)
     ]
-    return statistics.median(figures)
+    return statistics.median(r["us_per_chunk"] for r in runs), statistics.median(r.get("own_us", 0.0) for r in runs)
 
 
 def main() -> None:
@@ -137,6 +145,9 @@ def main() -> None:
     parser.add_argument("--server-cpu", default=None, help="taskset core list for Valkey")
     parser.add_argument("--modes", default="xadd,relayd,relayd-followed,relayd-nonotify")
     parser.add_argument("--ref", default=None, help="also run the relayd modes with relayd/ from this commit")
+    parser.add_argument(
+        "--per-append", type=int, default=1, help="chunks per append (relayd modes; xadd: one XADD per chunk)"
+    )
     parser.add_argument("--json", action="store_true", help="(internal) print one JSON object of medians")
     args = parser.parse_args()
     modes = args.modes.split(",")
@@ -144,23 +155,27 @@ def main() -> None:
     if args.json:
         print(json.dumps(results))
         return
-    old: dict[str, float] = {}
+    old: dict[str, list[float]] = {}
     if args.ref:
         argv = ["--json", "--modes", ",".join(m for m in modes if m != "xadd"), "--streams", str(args.streams)]
         argv += ["--chunks", str(args.chunks), "--batch", str(args.batch), "--runs", str(args.runs)]
+        argv += ["--per-append", str(args.per_append)] if args.per_append != 1 else []
         argv += ["--server-cpu", args.server_cpu] if args.server_cpu else []
         old = json.loads(run_at_ref(args.ref, __file__, argv))
     print(
-        f"Valkey CPU per chunk, medians of {args.runs} runs; {args.streams} streams, {args.chunks} chunks, "
-        f"one chunk per append, ~{args.batch} in flight"
+        f"Valkey CPU per chunk (and this process's own: the write path's Python), medians of {args.runs} runs; "
+        f"{args.streams} streams, {args.chunks} chunks, {args.per_append} chunk(s) per append, ~{args.batch} in flight"
     )
-    base = results.get("xadd")
+    base = results["xadd"][0] if "xadd" in results else 0.0
     for mode in modes:
-        line = f"  {mode:18s} {results[mode]:6.2f} us"
+        valkey, own = results[mode]
+        line = f"  {mode:18s} {valkey:6.2f} us (own {own:5.2f})"
         if base and mode != "xadd":
-            line += f"  x{results[mode] / base:.2f} of xadd"
+            line += f"  x{valkey / base:.2f} of xadd"
         if mode in old:
-            line += f"  | {args.ref}: {old[mode]:6.2f} us  (now x{results[mode] / old[mode]:.2f})"
+            old_valkey, old_own = old[mode]
+            line += f"  | {args.ref}: {old_valkey:6.2f} us  now x{valkey / old_valkey:.2f}"
+            line += f" (own x{own / old_own:.2f})" if old_own else ""
         print(line)
 
 
