@@ -47,6 +47,7 @@ log = logging.getLogger("relayd.relay")
 Subscription = Subscriber  # what web/ holds of a subscription: start(), stop(), stream, chunks
 
 _SWEEP_PAGE = 500  # stale streams read per round trip; the sweep reads pages until none are left
+_new_tuple = tuple.__new__
 
 
 class Relay:
@@ -206,7 +207,9 @@ class Relay:
             chunk = chunks[-1]
             self.metrics.chunks_stored(1, len(chunk))
             if self._hub.subscriber_count(stream):  # nobody follows it here: nothing to build
-                self._hub.publish(Publication(stream, gen, [Entry(first, chunk)], text, received, len(chunk)))
+                # tuple.__new__: a named tuple's own __new__ is a Python function (one per append)
+                entry = _new_tuple(Entry, (first, chunk, None, ""))
+                self._hub.publish(Publication(stream, gen, [entry], text, received, len(chunk)))
             return True
         new = chunks[len(chunks) - (last - first + 1) :]
         nbytes = sum(map(len, new))

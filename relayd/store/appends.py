@@ -285,7 +285,8 @@ class _Plain(Write):
         """The last chunk's XADD answered. (A method, not the base class's attribute: a bound
         method of this object kept on it would be a reference cycle, freed only by the cyclic
         GC; at tens of thousands of appends a second that held hundreds of MiB.)"""
-        self.chunk_written(reply, exc)
+        if type(reply) is not bytes:  # not an entry id: see chunk_written (the usual case inlined)
+            self.chunk_written(reply, exc)
         if not self.probe:
             self.finish(self.h.followed)
 
@@ -303,7 +304,8 @@ class _Plain(Write):
             first = h.base + self.seq
             if followed:
                 self.appender.publish(h, first, self.chunks)
-            self.then(Appended(h.gen, first, first + n - 1, self.seq + n - 1))
+            # tuple.__new__: a named tuple's own __new__ is a Python function (one per append)
+            self.then(_new_tuple(Appended, (h.gen, first, first + n - 1, self.seq + n - 1)))
             return
         h.broken()
         if isinstance(failed, BaseException):  # the pipeline gave up (Redis unreachable past retry_ms)
@@ -326,6 +328,9 @@ class _Chunk(Write):
 
     def fallback(self) -> bytes | None:
         return self.op.script_for(self.index)
+
+
+_new_tuple = tuple.__new__
 
 
 def _xadd(head: bytes, entry: bytes, chunk: bytes) -> bytes:
