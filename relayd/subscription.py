@@ -24,7 +24,7 @@ from operator import itemgetter
 from typing import Protocol
 
 from relayd.errors import StoreError
-from relayd.hub import Hub, Publication
+from relayd.hub import Fan, Hub, Publication
 from relayd.model import Entry, StreamMeta
 from relayd.protocol import FrameCodec
 
@@ -72,6 +72,17 @@ class Sink(Protocol):
         ...
 
 
+class LiveSink(Sink, Protocol):
+    """A sink that can also take a fan-out's message directly (relayd.outbox.Outbox over a websocket)."""
+
+    @property
+    def writes_live(self) -> bool: ...
+
+    def write_live(self, batch: Fan) -> bool:
+        """Write ``batch`` now if nothing waits ahead of it and the peer keeps up; else False."""
+        ...
+
+
 class Subscriber:
     """One stream followed by one connection: history from Redis, then the live tail."""
 
@@ -108,6 +119,9 @@ class Subscriber:
         self._verify = False
         self._wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        # The connection can take a fan-out's message directly: the hub gives this subscriber the
+        # tick's publications at its end, as one Fan (on_fan_out).
+        self._live: LiveSink | None = outbox if getattr(outbox, "writes_live", False) else None  # type: ignore[assignment]
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"relayd-sub-{self.stream}")
@@ -148,6 +162,22 @@ class Subscriber:
                 self._overflow = True
         elif state is State.WAITING:
             self._wake.set()
+
+    def on_fan_out(self, fan: Fan) -> bool:
+        """The tick's publications of the stream, at its end: written straight to the connection when
+        this subscriber is live, next in line, and its connection has nothing queued and keeps up.
+        False: nothing was done, and the hub hands over each publication (on_publication)."""
+        if self.state is not _LIVE or self.next != fan.first or self.gen != fan.gen or self.codec is not fan.codec:
+            return False
+        live = self._live
+        if live is None or not live.write_live(fan):
+            return False
+        self.chunks += fan.chunks
+        self.next = fan.next
+        self._last = fan.last_entry
+        if fan.end:
+            self._finish()
+        return True
 
     def _deliver(self, pub: Publication) -> bool:
         """Hand ``pub`` (or the part this subscriber lacks) to the sink; False on a hole or a full sink."""
@@ -207,7 +237,7 @@ class Subscriber:
         self._wake.set()
 
     async def _run(self) -> None:
-        self.hub.add(self)
+        self.hub.add(self, self if self._live is not None else None)
         try:
             meta = await self._resolve_start()
             if meta is None or self.state is State.DONE:  # DONE: stopped meanwhile
