@@ -47,6 +47,17 @@ class Entry(NamedTuple):
         return self.reason is not None
 
 
+class FramedPage(NamedTuple):
+    """A page of history whose chunks the store framed itself, from a codec's template
+    (:meth:`relayd.protocol.FrameCodec.chunk_template`): a replay makes no :class:`Entry` per chunk."""
+
+    frames: list[bytes]  # one per chunk, in order
+    first: int  # the offset of the page's first entry
+    last: Entry | None  # its last entry, a chunk or the end (None: the page is empty)
+    n: int  # entries read (the chunks and the end)
+    end: Entry | None  # the stream's end when the page holds it (then ``last``; not in ``frames``)
+
+
 @dataclass(frozen=True, slots=True)
 class StreamMeta:
     stream: str

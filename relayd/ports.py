@@ -21,6 +21,7 @@ from relayd.model import (
     DsWrite,
     EndOutcome,
     Entry,
+    FramedPage,
     OpenOutcome,
     StreamMeta,
     StreamStats,
@@ -34,6 +35,15 @@ class History(Protocol):
 
     async def read_entries(self, stream: str, gen: int, first: int, count: int) -> list[Entry]:
         """Up to ``count`` entries of generation ``gen`` from offset ``first`` on, in order."""
+        ...
+
+
+class FramedHistory(History, Protocol):
+    """A history that can also frame a page of chunks itself (the Redis store)."""
+
+    async def read_frames(self, stream: str, gen: int, first: int, count: int, template: bytes) -> FramedPage | None:
+        """As :meth:`History.read_entries`, each chunk framed as ``template % (offset, data)``, the
+        offset as 10 ASCII digits; None when this page cannot be framed so (read it as entries)."""
         ...
 
 

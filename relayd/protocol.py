@@ -577,6 +577,15 @@ class FrameCodec:
     def entries(self, stream: str, gen: int, entries: list[Entry], text: bool) -> bytes:
         raise NotImplementedError
 
+    def chunk_template(self, stream: str, gen: int, text: bool) -> bytes | None:
+        """A chunk's frame as ``template % (offset, data)`` (the offset as 10 ASCII digits, the
+        chunk's stored JSON), for a store to frame a replayed page itself; None: not this codec."""
+        return None
+
+    def framed(self, stream: str, gen: int, frames: list[bytes], end: Entry | None, text: bool) -> bytes:
+        """Frames made from :meth:`chunk_template`, then the end if given, as :meth:`entries` joins them."""
+        raise NotImplementedError
+
     def error(self, stream: str, code: str, message: str) -> bytes:
         raise NotImplementedError
 
@@ -594,6 +603,15 @@ class WsCodec(FrameCodec):
 
     def entries(self, stream: str, gen: int, entries: list[Entry], text: bool) -> bytes:
         return b"\n".join(encode_ws_entries(ws_chunk_prefix(stream), stream, gen, entries))
+
+    def chunk_template(self, stream: str, gen: int, text: bool) -> bytes | None:
+        # encode_ws_entries' chunk format, the offset already formatted
+        return (ws_chunk_prefix(stream) + b"%d-" % gen).replace(b"%", b"%%") + b'%s","data":%s}'
+
+    def framed(self, stream: str, gen: int, frames: list[bytes], end: Entry | None, text: bool) -> bytes:
+        if end is not None:
+            frames = [*frames, end_frame(stream, format_cursor(gen, end.offset), end.reason or "", end.message)]
+        return b"\n".join(frames)
 
     def error(self, stream: str, code: str, message: str) -> bytes:
         return error_frame(code, message, stream)

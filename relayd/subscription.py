@@ -18,20 +18,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from enum import Enum
 from operator import itemgetter
 from typing import Protocol
 
 from relayd.errors import StoreError
-from relayd.hub import Hub, Publication
-from relayd.model import Entry, StreamMeta
+from relayd.hub import Fan, Hub, Publication
+from relayd.model import Entry, FramedPage, StreamMeta
 from relayd.protocol import FrameCodec
 
 log = logging.getLogger("relayd.subscription")
 
 _ENTRY_OVERHEAD = 100  # framing bytes per replayed entry, for sizing catch-up pieces
 _DATA = itemgetter(1)  # Entry.data, as a C callable (sizing a page: every replayed chunk)
+
+
+ReadFrames = Callable[[str, int, int, int, bytes], Awaitable[FramedPage | None]]
+"""relayd.ports.FramedHistory.read_frames"""
 
 
 class State(Enum):
@@ -72,6 +76,17 @@ class Sink(Protocol):
         ...
 
 
+class LiveSink(Sink, Protocol):
+    """A sink that can also take a fan-out's message directly (relayd.outbox.Outbox over a websocket)."""
+
+    @property
+    def writes_live(self) -> bool: ...
+
+    def write_live(self, batch: Fan) -> bool:
+        """Write ``batch`` now if nothing waits ahead of it and the peer keeps up; else False."""
+        ...
+
+
 class Subscriber:
     """One stream followed by one connection: history from Redis, then the live tail."""
 
@@ -108,6 +123,11 @@ class Subscriber:
         self._verify = False
         self._wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        # The connection can take a fan-out's message directly: the hub gives this subscriber the
+        # tick's publications at its end, as one Fan (on_fan_out).
+        self._live: LiveSink | None = outbox if getattr(outbox, "writes_live", False) else None  # type: ignore[assignment]
+        # The history can frame replayed pages itself (relayd.ports.FramedHistory): no Entry per chunk.
+        self._read_frames: ReadFrames | None = getattr(hub.history, "read_frames", None)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"relayd-sub-{self.stream}")
@@ -148,6 +168,22 @@ class Subscriber:
                 self._overflow = True
         elif state is State.WAITING:
             self._wake.set()
+
+    def on_fan_out(self, fan: Fan) -> bool:
+        """The tick's publications of the stream, at its end: written straight to the connection when
+        this subscriber is live, next in line, and its connection has nothing queued and keeps up.
+        False: nothing was done, and the hub hands over each publication (on_publication)."""
+        if self.state is not _LIVE or self.next != fan.first or self.gen != fan.gen or self.codec is not fan.codec:
+            return False
+        live = self._live
+        if live is None or not live.write_live(fan):
+            return False
+        self.chunks += fan.chunks
+        self.next = fan.next
+        self._last = fan.last_entry
+        if fan.end:
+            self._finish()
+        return True
 
     def _deliver(self, pub: Publication) -> bool:
         """Hand ``pub`` (or the part this subscriber lacks) to the sink; False on a hole or a full sink."""
@@ -207,7 +243,7 @@ class Subscriber:
         self._wake.set()
 
     async def _run(self) -> None:
-        self.hub.add(self)
+        self.hub.add(self, self if self._live is not None else None)
         try:
             meta = await self._resolve_start()
             if meta is None or self.state is State.DONE:  # DONE: stopped meanwhile
@@ -276,7 +312,8 @@ class Subscriber:
         # The next page, read while this one is handed over (only when this one fits the queue
         # whole, so at most about a queue's worth more is held): the read's round trip and Redis's
         # work overlap relayd's, instead of following them.
-        ahead: asyncio.Future[list[Entry]] | None = None
+        ahead: asyncio.Future[list[Entry] | FramedPage] | None = None
+        framed = True  # pages framed by the store, until one is too large for the queue
         try:
             while True:
                 if ahead is not None and (self._new_gen is not None or self._verify):
@@ -292,16 +329,35 @@ class Subscriber:
                     if self._new_gen is not None:
                         continue  # the reset to the new generation, at the top
                 if ahead is None:
-                    entries = await self._read(self.next, count)
+                    read = await self._read(self.next, count, framed)
                 else:
-                    entries, ahead = await ahead, None
+                    read, ahead = await ahead, None
                 if self.state is State.DONE:  # stopped meanwhile
                     return
-                exhausted = len(entries) < count
-                if entries and entries[0].offset > self.next:
+                if type(read) is FramedPage:
+                    data = self.codec.framed(self.stream, self.gen, read.frames, read.end, self.text) if read.n else b""
+                    if len(data) > self.outbox.max_bytes:
+                        # Too large to hand over whole: read it again as entries, handed over in pieces.
+                        framed = False
+                        count = max(1, read.n * self.outbox.max_bytes // len(data))
+                        continue
+                    n, first = read.n, read.first
+                else:
+                    entries: list[Entry] = read  # type: ignore[assignment]
+                    n, first = len(entries), entries[0].offset if entries else 0
+                exhausted = n < count
+                if n and first > self.next:
                     self.hub.metrics.gap()
-                    self.outbox.control(self.codec.gap(self.stream, self.gen, self.next - 1, entries[0].offset))
-                if entries:
+                    self.outbox.control(self.codec.gap(self.stream, self.gen, self.next - 1, first))
+                if type(read) is FramedPage and read.last is not None:  # (it fits the queue: checked above)
+                    count = page
+                    if not exhausted and read.end is None:
+                        ahead = asyncio.ensure_future(self._read(read.last.offset + 1, count, framed))
+                    await self._put_framed(data, len(read.frames), read.last)
+                    if read.end is not None:
+                        self.state = State.DONE
+                        return
+                elif n:
                     # Hand the page over in pieces that fit the bounded queue; read about a queue's worth next.
                     limit = self.outbox.max_bytes  # smaller while the consumers' global budget is spent
                     end = entries[-1].is_end
@@ -311,7 +367,7 @@ class Subscriber:
                     if nbytes <= limit:
                         count = page
                         if not exhausted and not end:
-                            ahead = asyncio.ensure_future(self._read(entries[-1].offset + 1, count))
+                            ahead = asyncio.ensure_future(self._read(entries[-1].offset + 1, count, framed))
                         await self._put_replay(entries)
                     else:
                         count = max(1, len(entries) * limit // nbytes)
@@ -327,12 +383,31 @@ class Subscriber:
             if ahead is not None:
                 await _dropped(ahead)
 
-    def _read(self, first: int, count: int) -> Awaitable[list[Entry]]:
-        """Read history from ``first``. What was buffered so far is durable before this read starts,
-        so the read (or a later one) returns it: the buffer starts again."""
+    def _read(self, first: int, count: int, framed: bool = False) -> Awaitable[list[Entry] | FramedPage]:
+        """Read history from ``first``, framed by the store if ``framed`` and it can. What was
+        buffered so far is durable before this read starts, so the read (or a later one) returns
+        it: the buffer starts again."""
         self._clear_buffer()
         self._overflow = False
+        if framed and self._read_frames is not None:
+            template = self.codec.chunk_template(self.stream, self.gen, self.text)
+            if template is not None:
+                return self._read_framed(self._read_frames, self.gen, first, count, template)
         return self.hub.history.read_entries(self.stream, self.gen, first, count)
+
+    async def _read_framed(
+        self, read_frames: ReadFrames, gen: int, first: int, count: int, template: bytes
+    ) -> list[Entry] | FramedPage:
+        page = await read_frames(self.stream, gen, first, count, template)
+        if page is None:  # not one the store can frame (past a takeover): as entries
+            return await self.hub.history.read_entries(self.stream, gen, first, count)
+        return page
+
+    async def _put_framed(self, data: bytes, chunks: int, last: Entry) -> None:
+        await self.outbox.put(data, chunks)
+        self.chunks += chunks
+        self.next = last.offset + 1
+        self._last = last
 
     async def _put_pieces(self, entries: list[Entry], limit: int) -> None:
         """A page larger than the queue: hand it over in pieces that fit."""
@@ -416,7 +491,7 @@ class Subscriber:
         self._buffered = 0
 
 
-async def _dropped(read: asyncio.Future[list[Entry]]) -> None:
+async def _dropped(read: asyncio.Future[list[Entry] | FramedPage]) -> None:
     """Cancel a read ahead whose page is not wanted any more, and let it end."""
     read.cancel()
     with contextlib.suppress(asyncio.CancelledError, StoreError):

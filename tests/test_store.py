@@ -1,16 +1,20 @@
-"""The store's command encoding: the cached fast path says exactly what the generic encoder says."""
+"""The store's command encoding and its framed reads: each fast path says exactly what the generic one says."""
 
 from __future__ import annotations
 
 import pytest
 
 from relayd.config import Config, RedisConfig, StreamsConfig
+from relayd.metrics import Metrics
+from relayd.model import Appended
+from relayd.protocol import WS_CODEC
 from relayd.store.appends import Appender
 from relayd.store.keys import Keys
 from relayd.store.pipeline import Write
 from relayd.store.redis_streams import RedisStore
 from relayd.store.resp import encode_command
 from relayd.store.slots import key_slot
+from tests.test_store_contract import append, created, end, open_
 
 
 def _appender(url: str) -> tuple[Appender, list[Write]]:
@@ -95,3 +99,35 @@ def test_every_key_of_a_stream_shares_one_cluster_hash_tag() -> None:
     keys = Keys("relayd")
     assert keys.log("a/b") == "relayd:{a/b}:log" and keys.meta("a/b") == "relayd:{a/b}:meta"
     assert keys.followers("a/b") == "relayd:{a/b}:fol" and keys.channel("a/b") == "relayd:{a/b}:live"
+
+
+async def test_a_framed_page_is_byte_for_byte_what_the_codec_makes_of_the_same_entries(
+    redis_server: str, key_prefix: str
+) -> None:
+    """read_frames (the replay's path) frames a page of chunks, an end, or nothing exactly as the
+    websocket codec frames read_entries' page; past a takeover (lane > 0) it declines (None)."""
+    config = Config(redis=RedisConfig(key_prefix=key_prefix), streams=StreamsConfig(max_chunks=1000))
+    store = RedisStore(config, redis_server, Metrics())
+    await store.start()
+    try:
+        chunks = [b'{"i":%d,"s":"100%%"}' % i for i in range(1, 13)]
+        opened = await created(store, "s", *chunks)
+        await end(store, "s", "error", "it broke")
+        gen, template = opened.gen, WS_CODEC.chunk_template("s", opened.gen, False)
+        assert template is not None
+        for first, count in [(1, 5), (6, 7), (6, 8), (13, 5), (14, 5)]:  # chunks; chunks then the end; the end; none
+            page = await store.read_frames("s", gen, first, count, template)
+            entries = await store.read_entries("s", gen, first, count)
+            assert page is not None and page.n == len(entries)
+            assert WS_CODEC.framed("s", gen, page.frames, page.end, False) == (
+                WS_CODEC.entries("s", gen, entries, False) if entries else b""
+            )
+            assert page.last == (entries[-1] if entries else None)
+            assert page.first == (entries[0].offset if entries else first)
+        taken = await created(store, "t", b"1", b"2")
+        await open_(store, "t")  # a takeover: its appends go to the next lane
+        assert isinstance(await append(store, "t", 2, 1, b"3"), Appended)
+        assert await store.read_frames("t", taken.gen, 1, 10, template) is None
+        assert [e.offset for e in await store.read_entries("t", taken.gen, 1, 10)] == [1, 2, 3]
+    finally:
+        await store.close()

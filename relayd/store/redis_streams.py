@@ -39,6 +39,7 @@ from relayd.model import (
     DsWrite,
     EndOutcome,
     Entry,
+    FramedPage,
     OpenOutcome,
     Refused,
     StreamMeta,
@@ -66,6 +67,7 @@ from relayd.store.wire import ClusterWire, NodeWire
 
 SCRIPTS = ("open", "append", "end", "touch", "ds_create", "ds_append", "ds_read", "ds_delete")
 _MAX_SEQ = 2**64 - 1  # the largest sequence part of a Redis stream entry id
+_new_entry = tuple.__new__  # an Entry without its named tuple's Python __new__ (see replies.parse_entry)
 _MASTER_BITS = 10  # scan_streams on a cluster: the low bits of its cursor say which master
 _MASTER_MASK = (1 << _MASTER_BITS) - 1
 
@@ -346,7 +348,50 @@ class RedisStore:
         return parse_meta(stream, raw, _last_id(info)) if raw else None
 
     async def read_entries(self, stream: str, gen: int, first: int, count: int) -> list[Entry]:
-        """Up to ``count`` entries of generation ``gen`` from offset ``first`` on.
+        """Up to ``count`` entries of generation ``gen`` from offset ``first`` on."""
+        rows, pos = await self._read_rows(stream, gen, first, count)
+        if not rows:
+            return []
+        end = _end_of(rows)
+        if end is not None:
+            rows = rows[:-1]
+        if rows and int(rows[-1][0][pos:]) >= LANE:  # past a takeover
+            entries = [parse_entry(entry_id, fields) for entry_id, fields in rows]
+        else:
+            # Chunks of lane 0 (the ids grow: the last one's lane is the highest): the offset is the
+            # id's sequence part. One comprehension instead of a call per row (a micro-optimisation:
+            # a replay reads every chunk here); only a takeover moves appends to lane > 0.
+            entries = [_new_entry(Entry, (int(entry_id[pos:]), fields[1], None, "")) for entry_id, fields in rows]
+        if end is not None:
+            entries.append(end)
+        return entries
+
+    async def read_frames(self, stream: str, gen: int, first: int, count: int, template: bytes) -> FramedPage | None:
+        """As :meth:`read_entries`, each chunk framed as ``template % (offset, data)`` straight from
+        its XRANGE row (relayd.ports.FramedHistory); None for a page past a takeover (lane > 0).
+
+        The replay's path: in lane 0 an entry id is ``<gen>-<offset>``, so the offset's 10 digits
+        are the id's sequence part, zero-padded: no ``int()``, no :class:`Entry` per chunk (a
+        micro-optimisation, ~x0.3 of parsing and framing a chunk the other way).
+        """
+        rows, pos = await self._read_rows(stream, gen, first, count)
+        if not rows:
+            return FramedPage([], first, None, 0, None)
+        end = _end_of(rows)
+        if end is not None:
+            rows = rows[:-1]
+            if not rows:
+                return FramedPage([], end.offset, end, 1, end)
+        if int(rows[-1][0][pos:]) >= LANE:
+            return None
+        zero = b"0"
+        frames = [template % (entry_id[pos:].rjust(10, zero), fields[1]) for entry_id, fields in rows]
+        last = end if end is not None else _new_entry(Entry, (int(rows[-1][0][pos:]), rows[-1][1][1], None, ""))
+        return FramedPage(frames, int(rows[0][0][pos:]), last, len(rows) + (end is not None), end)
+
+    async def _read_rows(self, stream: str, gen: int, first: int, count: int) -> tuple[list[list[Any]], int]:
+        """XRANGE rows of up to ``count`` entries from offset ``first`` on, and where an id's
+        sequence part starts (every id of them is ``<gen>-<seq>``).
 
         The lane of ``first`` (store/lua/lib.lua) is not known here: a read starts in lane 0, and
         a row of a later lane below ``first`` moves the start to that lane (a takeover's worth of
@@ -365,10 +410,12 @@ class RedisStore:
             except redis.exceptions.RedisError as exc:
                 raise _translate(exc) from exc
             if not rows:
-                return []
-            seq = int(rows[0][0].partition(b"-")[2])
+                return rows, 0
+            head = rows[0][0]
+            pos = head.index(b"-") + 1
+            seq = int(head[pos:])
             if seq % LANE >= first:
-                return [parse_entry(entry_id, fields) for entry_id, fields in rows]
+                return rows, pos
             lane = seq // LANE
 
     async def stale_open_streams(self, before_ms: int, limit: int = 500, skip: int = 0) -> list[str]:
@@ -626,6 +673,13 @@ class RedisStore:
         if isinstance(reply, Refused):
             raise StoreUnavailable(reply.message)
         return bool(int(reply))
+
+
+def _end_of(rows: list[list[Any]]) -> Entry | None:
+    """The stream's end when it is the last of ``rows`` (only a stream's last entry can be its end;
+    end.lua writes it in the next lane, so its offset is parsed the long way)."""
+    last_id, fields = rows[-1]
+    return parse_entry(last_id, fields) if fields[0] != b"d" else None
 
 
 def _as_is(response: Any, **options: Any) -> Any:
