@@ -1,4 +1,4 @@
-"""store/pages.py: history pages over relayd's own pipelined connection, against real Valkey."""
+"""store/pages.py: history pages on relayd's own connections, against real Valkey."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from relayd.store.resp import encode_command
 async def test_pages_are_the_rows_redis_py_reads_and_pipelined_reads_each_get_their_own(
     redis_server: str, key_prefix: str
 ) -> None:
-    """XRANGE rows as hiredis parses them (as the store reads them through redis-py), and reads
-    sent together on the one connection each get their own page, whatever order they are awaited in."""
+    """XRANGE rows as hiredis parses them (as the store reads them through redis-py); reads sent
+    together each get their own page, whatever order they are awaited in, on at most as many
+    connections as allowed, kept for the next reads."""
     key = f"{key_prefix}:log"
     client = aioredis.Redis.from_url(redis_server)
     reader = PageReader(redis_server, 5.0, 4)
@@ -30,6 +31,7 @@ async def test_pages_are_the_rows_redis_py_reads_and_pipelined_reads_each_get_th
         assert [[int(row[0][2:]) for row in page] for page in pages] == [
             list(range(first, first + 10)) for first in range(1, 101, 10)
         ]
+        assert len(reader._idle) == 4  # (the bound)
         assert await reader.xrange(f"{key_prefix}:none", "7-1", "7-9", 10) == []
     finally:
         reader.close()
@@ -48,12 +50,11 @@ async def test_a_read_after_the_server_dropped_the_connection_is_answered_on_a_n
     try:
         await client.xadd(key, {"d": b"1"}, id="1-1")
         assert len(await reader.xrange(key, "1-1", "1-9", 10)) == 1
-        conn = reader._conn
-        assert conn is not None
+        (conn,) = reader._idle  # kept for the next read
         (client_id,) = await conn.execute(encode_command(["CLIENT", "ID"]), 1)
         assert await client.client_kill_filter(_id=client_id) == 1
         assert len(await reader.xrange(key, "1-1", "1-9", 10)) == 1
-        assert reader._conn is not conn
+        assert reader._idle and reader._idle[0] is not conn
         await client.set(f"{key_prefix}:str", "x")
         with pytest.raises(StoreError, match="WRONGTYPE"):
             await reader.xrange(f"{key_prefix}:str", "1-1", "1-9", 10)

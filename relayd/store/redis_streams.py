@@ -126,7 +126,7 @@ class RedisStore:
             )
             self._client = aioredis.Redis.from_pool(pool)  # owns and closes the pool
             self._slot_of = _no_slot
-            # History pages (catch-ups, replays) on a pipelined connection of relayd's own (store/pages.py).
+            # History pages (catch-ups, replays) on connections of relayd's own (store/pages.py).
             self._pages = PageReader(url, self._timeout_s, redis_cfg.max_connections)
         # XRANGE answers as hiredis parsed it: redis-py's callback turns every entry into a tuple
         # and a dict in Python first (half the CPU of a replay), then parse_entry built an Entry.
