@@ -60,6 +60,10 @@ class PageReader:
                 return reply  # type: ignore[no-any-return]
         raise AssertionError("unreachable")
 
+    async def warm(self) -> None:
+        """Make one connection now (at start): the first catch-up does not wait for it."""
+        self._idle.append(await self._connection())
+
     async def _connection(self) -> RespConnection:
         if self._closed:
             raise StoreUnavailable("store closed")

@@ -156,9 +156,12 @@ class RedisStore:
     # lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the write connection(s) and load the scripts; a store for reads only needs neither."""
+        """Open the write connection(s) and load the scripts (and a first connection for history pages);
+        a store for reads only needs none of them."""
         try:
             await self._wire.reconnect()
+            if self._pages is not None:
+                await self._pages.warm()
         except StoreUnavailable:
             await self._wire.close()
             raise
