@@ -21,7 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from enum import Enum
 from operator import itemgetter
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from relayd.errors import StoreError
 from relayd.hub import Fan, Hub, Publication
@@ -307,17 +307,19 @@ class Subscriber:
         return meta
 
     async def _catch_up(self) -> None:
-        page = count = self.hub.catchup_page
+        page = count = self.hub.catchup_page  # count: entries asked of the read in hand
         self.state = State.CATCHUP
-        # The next page, read while this one is handed over (only when this one fits the queue
-        # whole, so at most about a queue's worth more is held): the read's round trip and Redis's
-        # work overlap relayd's, instead of following them.
-        ahead: asyncio.Future[list[Entry] | FramedPage] | None = None
+        # The next page, read while this one is read, parsed and handed over: Redis works on it
+        # while relayd works on this one, instead of after. Sent before this page is awaited, from
+        # where this page ends if it is full (in lane 0 offsets are consecutive); used only if this
+        # page did end there (see _Ahead).
+        ahead: _Ahead | None = None
+        per_chunk = 0  # framed bytes per chunk of the last framed page (0: none yet), to size the read ahead
         framed = True  # pages framed by the store, until one is too large for the queue
         try:
             while True:
                 if ahead is not None and (self._new_gen is not None or self._verify):
-                    await _dropped(ahead)  # read from where the reset or the check says
+                    await _dropped(ahead.read)  # read from where the reset or the check says
                     ahead = None
                 if self._new_gen is not None:
                     await self._reset_to_new_generation()
@@ -328,10 +330,19 @@ class Subscriber:
                         return
                     if self._new_gen is not None:
                         continue  # the reset to the new generation, at the top
-                if ahead is None:
-                    read = await self._read(self.next, count, framed)
+                reading: Awaitable[list[Entry] | FramedPage]
+                if ahead is not None and ahead.first == self.next:
+                    reading, count, ahead = ahead.read, ahead.entries, None
                 else:
-                    read, ahead = await ahead, None
+                    if ahead is not None:  # this page did not end where the read ahead starts
+                        await _dropped(ahead.read)
+                        ahead = None
+                    reading = self._read(self.next, count, framed)
+                if per_chunk and framed:
+                    more = self._ahead_count(page, per_chunk, count)
+                    if more:
+                        ahead = self._read_ahead(self.next + count, more)
+                read = await reading
                 if self.state is State.DONE:  # stopped meanwhile
                     return
                 if type(read) is FramedPage:
@@ -341,6 +352,8 @@ class Subscriber:
                         framed = False
                         count = max(1, read.n * self.outbox.max_bytes // len(data))
                         continue
+                    if read.n:
+                        per_chunk = len(data) // read.n + 1
                     n, first = read.n, read.first
                 else:
                     entries: list[Entry] = read  # type: ignore[assignment]
@@ -351,8 +364,10 @@ class Subscriber:
                     self.outbox.control(self.codec.gap(self.stream, self.gen, self.next - 1, first))
                 if type(read) is FramedPage and read.last is not None:  # (it fits the queue: checked above)
                     count = page
-                    if not exhausted and read.end is None:
-                        ahead = asyncio.ensure_future(self._read(read.last.offset + 1, count, framed))
+                    if ahead is None and not exhausted and read.end is None:  # (after a first page)
+                        more = self._ahead_count(page, per_chunk, read.n)
+                        if more:
+                            ahead = self._read_ahead(read.last.offset + 1, more)
                     await self._put_framed(data, len(read.frames), read.last)
                     if read.end is not None:
                         self.state = State.DONE
@@ -366,8 +381,9 @@ class Subscriber:
                     )
                     if nbytes <= limit:
                         count = page
-                        if not exhausted and not end:
-                            ahead = asyncio.ensure_future(self._read(entries[-1].offset + 1, count, framed))
+                        if ahead is None and not exhausted and not end:
+                            first = entries[-1].offset + 1
+                            ahead = _Ahead(asyncio.ensure_future(self._read(first, count, framed)), first, count)
                         await self._put_replay(entries)
                     else:
                         count = max(1, len(entries) * limit // nbytes)
@@ -381,7 +397,7 @@ class Subscriber:
                     return
         finally:
             if ahead is not None:
-                await _dropped(ahead)
+                await _dropped(ahead.read)
 
     def _read(self, first: int, count: int, framed: bool = False) -> Awaitable[list[Entry] | FramedPage]:
         """Read history from ``first``, framed by the store if ``framed`` and it can. What was
@@ -389,6 +405,21 @@ class Subscriber:
         it: the buffer starts again."""
         self._clear_buffer()
         self._overflow = False
+        return self._fetch(first, count, framed)
+
+    def _ahead_count(self, page: int, per_chunk: int, in_hand: int) -> int:
+        """Entries to read ahead (0: none) with ``in_hand`` in hand: the two pages together fit the
+        queue's bound, estimated at ``per_chunk`` bytes a chunk. (The bound is a trickle while the
+        consumers' global budget is spent: then nothing is read ahead.)"""
+        return max(0, min(page, self.outbox.max_bytes // per_chunk - in_hand))
+
+    def _read_ahead(self, first: int, count: int) -> _Ahead:
+        """Start reading the framed page at ``first`` now. The buffer is kept: this read may not
+        be used (the page before it ended elsewhere), and then what was buffered since the read
+        before it still counts."""
+        return _Ahead(asyncio.ensure_future(self._fetch(first, count, True)), first, count)
+
+    def _fetch(self, first: int, count: int, framed: bool) -> Awaitable[list[Entry] | FramedPage]:
         if framed and self._read_frames is not None:
             template = self.codec.chunk_template(self.stream, self.gen, self.text)
             if template is not None:
@@ -489,6 +520,17 @@ class Subscriber:
     def _clear_buffer(self) -> None:
         self._buffer.clear()
         self._buffered = 0
+
+
+class _Ahead(NamedTuple):
+    """A page read ahead: the read, and the offset and the number of entries it asked for. It is the next page only
+    if the page before it ends at ``first - 1``; else it is dropped. A read ahead leaves the
+    subscriber's buffer of live publications alone (the buffer starts again only with a read of
+    the page in hand), so a dropped one costs nothing but its read."""
+
+    read: asyncio.Future[list[Entry] | FramedPage]
+    first: int
+    entries: int
 
 
 async def _dropped(read: asyncio.Future[list[Entry] | FramedPage]) -> None:

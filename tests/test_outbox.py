@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from relayd.outbox import Outbox
+from relayd.subscription import State
 from relayd.web.transport import ws_text_frame
 from tests.helpers import API_KEY, Relayd
 from tests.test_guarantees import (
@@ -344,6 +345,11 @@ async def test_a_fan_out_reaches_every_reader_intact_while_a_stalled_one_falls_b
         followed = [asyncio.create_task(r.follow(stream, timeout=30)) for r in readers]
         producer = await server.producer()
         await producer.open(stream)
+
+        async def live() -> bool:  # the empty stream read: every chunk goes the live way from here
+            return all(sub.state is State.LIVE for sub in server.relay._hub._subs[stream])
+
+        await poll_until(live, "the subscriptions live")
         ops = [{"op": "append", "stream": stream, "seq": i, "chunk": c} for i, c in enumerate(expected, 1)]
         await pump(producer, ops, window=8, per_message=1)
         await producer.end(stream)

@@ -48,6 +48,7 @@ from relayd.model import (
 )
 from relayd.store.appends import Appender, AppendHandle
 from relayd.store.keys import Keys
+from relayd.store.pages import PageReader
 from relayd.store.pipeline import Pipeline, Write
 from relayd.store.replies import (
     LANE,
@@ -94,6 +95,7 @@ class RedisStore:
         self._wire: NodeWire | ClusterWire
         self._client: aioredis.Redis | aioredis.RedisCluster
         self._reads: asyncio.Semaphore | _Unbounded = _Unbounded()
+        self._pages: PageReader | None = None
         if self.cluster:
             cluster = parse_cluster_url(url)
             self._wire = ClusterWire(url, self._timeout_s, list(scripts.values()), self.recovered)
@@ -124,6 +126,8 @@ class RedisStore:
             )
             self._client = aioredis.Redis.from_pool(pool)  # owns and closes the pool
             self._slot_of = _no_slot
+            # History pages (catch-ups, replays) on connections of relayd's own (store/pages.py).
+            self._pages = PageReader(url, self._timeout_s, redis_cfg.max_connections)
         # XRANGE answers as hiredis parsed it: redis-py's callback turns every entry into a tuple
         # and a dict in Python first (half the CPU of a replay), then parse_entry built an Entry.
         self._client.set_response_callback("XRANGE", _as_is)
@@ -152,9 +156,12 @@ class RedisStore:
     # lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the write connection(s) and load the scripts; a store for reads only needs neither."""
+        """Open the write connection(s) and load the scripts (and a first connection for history pages);
+        a store for reads only needs none of them."""
         try:
             await self._wire.reconnect()
+            if self._pages is not None:
+                await self._pages.warm()
         except StoreUnavailable:
             await self._wire.close()
             raise
@@ -172,6 +179,8 @@ class RedisStore:
         if self._pipeline is not None:
             await self._pipeline.close()
         await self._wire.close()
+        if self._pages is not None:
+            self._pages.close()
         await self._client.aclose()
 
     def recovered(self) -> None:
@@ -399,16 +408,19 @@ class RedisStore:
         """
         log = self.keys.log(stream)
         lane = 0
+        pages = self._pages
         while True:
-            try:
-                # One key holds one generation: a new one starts only after the key vanished. A reader
-                # still on an old generation must not take the new one's entries for its own: bound it.
-                async with self._reads:
-                    rows: list[list[Any]] = await self._client.xrange(  # type: ignore[assignment]
-                        log, f"{gen}-{lane * LANE + first}", f"{gen}-{_MAX_SEQ}", count=count
-                    )
-            except redis.exceptions.RedisError as exc:
-                raise _translate(exc) from exc
+            # One key holds one generation: a new one starts only after the key vanished. A reader
+            # still on an old generation must not take the new one's entries for its own: bound it.
+            start, end = f"{gen}-{lane * LANE + first}", f"{gen}-{_MAX_SEQ}"
+            if pages is not None:
+                rows = await pages.xrange(log, start, end, count)
+            else:
+                try:
+                    async with self._reads:
+                        rows = await self._client.xrange(log, start, end, count=count)  # type: ignore[assignment]
+                except redis.exceptions.RedisError as exc:
+                    raise _translate(exc) from exc
             if not rows:
                 return rows, 0
             head = rows[0][0]

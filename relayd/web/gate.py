@@ -64,7 +64,8 @@ def fd_limit() -> int:
 def max_connections(config: Config, fds: int) -> int:
     """``limits.max_connections``, or what ``fds`` descriptors leave room for when it is 0."""
     configured = config.limits.max_connections
-    needed = RESERVE + _OWN_FDS + config.redis.max_connections
+    # Reads: redis-py's pool, and on a single server as many more for history pages (store/pages.py).
+    needed = RESERVE + _OWN_FDS + 2 * config.redis.max_connections
     if not configured:
         return max(fds - needed, 16)
     if configured + needed > fds:
