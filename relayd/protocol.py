@@ -312,10 +312,13 @@ class ProducerDecoder:
             _check_object(obj, line)
             op = obj.get("op")
             if op == "append":
-                stream = obj.get("stream")
-                if type(stream) is not str or stream not in opened:
-                    stream = check_stream_id(stream)
-                    self._check_scope(stream)
+                # ``stream`` names the op in an error only once it is a valid id (not the JSON value
+                # as sent: a number, a list, a string of any length)
+                named = obj.get("stream")
+                if type(named) is not str or named not in opened:
+                    named = check_stream_id(named)
+                    self._check_scope(named)
+                stream = named
                 seq = _positive_int(obj, "seq", required=True)
                 assert seq is not None
                 return self._append(obj, stream, seq, stream in text_streams)

@@ -127,6 +127,15 @@ def test_bad_producer_frames_get_precise_codes(line: str, code: str) -> None:
     assert _error(DECODER.decode(line)) == code
 
 
+@pytest.mark.parametrize("stream", ["42", "[1, 2]", '{"a": 1}', '"has space"', '"' + "x" * 201 + '"'])
+def test_an_invalid_stream_id_is_not_echoed_in_the_error(stream: str) -> None:
+    """The error's ``stream`` is a stream id or nothing: never the JSON value as sent (a number or a
+    list would break a client matching errors to streams; an over-long string would come back whole)."""
+    result = DECODER.decode('{"op":"append","stream":' + stream + ',"seq":3,"chunk":1}')
+    assert isinstance(result, FrameError) and result.error.code == "invalid_stream_id"
+    assert result.stream is None, result
+
+
 def test_errors_name_the_stream_and_seq_when_known() -> None:
     """An error on an append carries its stream and seq so the producer can match it."""
     result = DECODER.decode('{"op":"append","stream":"s","seq":9,"chunk":"' + "x" * 200 + '"}')
