@@ -44,6 +44,8 @@ from collections.abc import Awaitable, Callable
 from time import monotonic
 from typing import Any, Protocol
 
+from mypy_extensions import mypyc_attr
+
 from relayd.budget import Budget
 
 log = logging.getLogger("relayd.outbox")
@@ -91,6 +93,8 @@ class LiveBatch(Protocol):
     received: float  # when (monotonic) the oldest chunk was read; 0: unknown
 
 
+# (mypyc: web/sse.py's and the tests' outboxes are subclasses defined in interpreted modules)
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Outbox:
     def __init__(
         self,
@@ -145,6 +149,7 @@ class Outbox:
         self._on_delivered = on_delivered
         self._items: list[bytes] = []
         self._size = 0
+        self.peak = 0  # the most bytes ever queued at once (the bound's check in tests)
         # chunks and bytes queued since the last write: live, then replayed
         self._queued = [0, 0, 0, 0]
         self.written = 0  # bytes handed to the transport
@@ -200,6 +205,8 @@ class Outbox:
             budget.charge(n)
         self._items.append(data)
         self._size = size = size + n
+        if size > self.peak:
+            self.peak = size
         queued = self._queued
         queued[0] += chunks
         queued[1] += n
@@ -290,6 +297,8 @@ class Outbox:
         self._items.append(data)
         size = len(data)
         self._size += size
+        if self._size > self.peak:
+            self.peak = self._size
         if self._budget is not None:
             self._budget.charge(size)
         if path >= 0:

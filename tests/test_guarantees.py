@@ -25,6 +25,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from relayd.config import Config
+from relayd.outbox import Outbox
 from tests.helpers import ConnectionClosed, Peer, Relayd, poll_until
 
 ConfigFactory = Callable[..., Config]
@@ -284,25 +285,9 @@ class RawWs:
                     frames.append(frame)
 
 
-def watch_outbox(server: Relayd, stream: str) -> list[dict[str, int]]:
-    """Record the peak queued bytes of each outbox subscribed to ``stream`` (a read-only spy)."""
-    peaks: list[dict[str, int]] = []
-    for sub in server.relay._hub._subs[stream]:
-        outbox = sub.outbox
-        seen = {"peak": 0, "cap": outbox._max_bytes}
-        for name in ("offer", "control"):
-            method = getattr(outbox, name)
-
-            def spy(
-                data: bytes, *rest: int, _method: Any = method, _outbox: Any = outbox, _seen: dict[str, int] = seen
-            ) -> Any:
-                result = _method(data, *rest)  # offer() also takes the frame's chunk count
-                _seen["peak"] = max(_seen["peak"], _outbox._size)
-                return result
-
-            setattr(outbox, name, spy)
-        peaks.append(seen)
-    return peaks
+def watch_outbox(server: Relayd, stream: str) -> list[Outbox]:
+    """The outboxes subscribed to ``stream``: their ``peak`` is the most they ever queued."""
+    return [sub.outbox for sub in server.relay._hub._subs[stream]]
 
 
 # --- 1. order -----------------------------------------------------------------------------------
@@ -806,8 +791,8 @@ async def test_consumer_that_never_reads_is_closed_4008_and_others_get_everythin
         assert stuck.received < total * len(chunk)
         assert any("code=4008" in r.getMessage() for r in caplog.records), "no log line for the 4008 close"
         frame_overhead = 200
-        for seen in peaks:
-            assert seen["peak"] <= seen["cap"] + len(chunk) + frame_overhead, seen
+        for outbox in peaks:
+            assert outbox.peak <= outbox._max_bytes + len(chunk) + frame_overhead, (outbox.peak, outbox._max_bytes)
         await good.ws.close()
         await producer.ws.close()
 
@@ -847,8 +832,8 @@ async def test_slow_reader_catches_up_from_redis_without_gap_or_duplicate(config
         assert [f["type"] for f in frames] == ["chunk"] * total
         assert data_of(frames) == list(range(1, total + 1))
         assert await metric(server, "relayd_consumer_catchups_total") > catchups
-        for seen in peaks:
-            assert seen["peak"] <= seen["cap"] + len(chunk) + 200, seen
+        for outbox in peaks:
+            assert outbox.peak <= outbox._max_bytes + len(chunk) + 200, (outbox.peak, outbox._max_bytes)
         await producer.ws.close()
 
 

@@ -322,9 +322,11 @@ class _Chunk(Write):
     def __init__(self, payload: bytes, op: _Plain, index: int) -> None:
         self.payload = payload
         self.slot = op.slot
-        self.done = op.chunk_written
         self.op = op
         self.index = index
+
+    def done(self, reply: Any, exc: BaseException | None) -> None:
+        self.op.chunk_written(reply, exc)
 
     def fallback(self) -> bytes | None:
         return self.op.script_for(self.index)

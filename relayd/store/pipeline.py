@@ -44,12 +44,18 @@ class Write:
     """One command, its cluster hash slot, and what to do with its reply (or the exception that
     replaced it)."""
 
-    __slots__ = ("done", "payload", "slot")
+    __slots__ = ("callback", "payload", "slot")
 
     def __init__(self, payload: bytes, done: WriteCallback, slot: int) -> None:
         self.payload = payload
-        self.done = done
+        self.callback = done
         self.slot = slot
+
+    def done(self, reply: Any, exc: BaseException | None) -> None:
+        """The reply (or the exception that replaced it). A method, which subclasses override
+        (store/appends.py), not an attribute they replace with one: compiled by mypyc, the pipeline
+        would read the attribute's slot and never see the override."""
+        self.callback(reply, exc)
 
     def fallback(self) -> bytes | None:
         """The command to send instead if this one has to be sent again (its connection was lost,

@@ -480,7 +480,10 @@ class RedisStore:
         index, node_cursor = cursor & _MASTER_MASK, cursor >> _MASTER_BITS
         if index >= len(masters):
             return 0, []
-        cursors, found = await client.scan(node_cursor, match=match, count=count, target_nodes=masters[index])
+        # (through Any: redis-py's stub says the cluster client answers a tuple, and code compiled by
+        # mypyc checks that; it answers {node name: cursor} and the keys)
+        scan: Any = client.scan
+        cursors, found = await scan(node_cursor, match=match, count=count, target_nodes=masters[index])
         # redis-py's cluster client answers the cursor as {node name: cursor}
         (node_cursor,) = cursors.values() if isinstance(cursors, dict) else (cursors,)
         if node_cursor == 0:
