@@ -27,6 +27,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from mypy_extensions import mypyc_attr
 from redis.asyncio.cluster import ClusterNode
 
 from relayd.config import Config
@@ -73,6 +74,7 @@ _MASTER_BITS = 10  # scan_streams on a cluster: the low bits of its cursor say w
 _MASTER_MASK = (1 << _MASTER_BITS) - 1
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # (mypyc: tests record its reads in a subclass)
 class RedisStore:
     """Owns the Redis connections of one relayd process: the write pipeline and the read pool."""
 

@@ -1,0 +1,36 @@
+"""relayd's build backend: setuptools', plus mypyc when ``RELAYD_MYPYC=1`` (setup.py).
+
+The only addition is the build requirement: mypyc comes with mypy, pinned here because the C it
+generates is tied to its release. Editable installs are never compiled (a stale extension module
+would shadow the edited ``.py`` file): ``RELAYD_MYPYC`` is ignored for them, with a note.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from setuptools import build_meta as _setuptools
+from setuptools.build_meta import *  # noqa: F403  (the backend's hooks, unchanged unless below)
+
+MYPYC_REQUIRES = ["mypy==2.4.1"]
+
+
+def _compiled() -> bool:
+    return os.environ.get("RELAYD_MYPYC") == "1"
+
+
+def get_requires_for_build_wheel(config_settings: Any = None) -> list[str]:
+    if _compiled():
+        # (not setuptools' own answer: it runs setup.py, which needs mypyc then; setuptools >= 77,
+        # in [build-system] requires, needs nothing more to build a wheel)
+        return list(MYPYC_REQUIRES)
+    return _setuptools.get_requires_for_build_wheel(config_settings)  # type: ignore[no-any-return]
+
+
+def build_editable(wheel_directory: str, config_settings: Any = None, metadata_directory: str | None = None) -> str:
+    if _compiled():
+        print("relayd: RELAYD_MYPYC=1 is ignored for an editable install (pure Python)", file=sys.stderr)
+        del os.environ["RELAYD_MYPYC"]
+    return _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
