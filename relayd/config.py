@@ -28,7 +28,8 @@ _HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _LEVELS = ("debug", "info", "warning", "error")
 # RELAYD_* variables read besides RELAYD_<TABLE>_<KEY>: plain keys (here), the config file (the
 # CLI), where relayd is and its admin key (the admin commands), a producer key and the JWT secret
-# (the examples). Anything else starting with RELAYD_ is a typo: a warning names the closest.
+# (the examples), the compiled build's switch. Anything else starting with RELAYD_ is a typo: a
+# warning names the closest.
 OTHER_ENV_VARS = frozenset(
     {
         "RELAYD_API_KEYS",
@@ -38,6 +39,7 @@ OTHER_ENV_VARS = frozenset(
         "RELAYD_ADMIN_KEY",
         "RELAYD_API_KEY",
         "RELAYD_JWT_SECRET",
+        "RELAYD_MYPYC",  # the build's, not relayd's: `RELAYD_MYPYC=1 pip install .` (setup.py)
     }
 )
 

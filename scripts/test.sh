@@ -79,7 +79,7 @@ if "$VENV_PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.
     echo "scripts/test.sh: building the compiled build (RELAYD_MYPYC=1) into build/compiled" >&2
     rm -rf build/compiled
     RELAYD_MYPYC=1 "$VENV_PYTHON" -m pip install --quiet --no-deps --target build/compiled . 2> >(grep -v "warning:" >&2)
-    RELAYD_EXPECT_COMPILED=1 PYTHONPATH="$PWD/build/compiled" "$VENV_PYTHON" -P -m pytest --import-mode=append \
+    TEST_COMPILED_BUILD=1 PYTHONPATH="$PWD/build/compiled" "$VENV_PYTHON" -P -m pytest --import-mode=append \
         "${COMPILED_TESTS[@]}"
 else
     echo "scripts/test.sh: no C compiler or Python headers: the compiled build (RELAYD_MYPYC=1) is not tested here" >&2

@@ -16,15 +16,15 @@ from tests.helpers import API_KEY, JWT_SECRET, Relayd, make_config
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """``RELAYD_EXPECT_COMPILED=1`` (scripts/test.sh's run against the compiled build): refuse to
+    """``TEST_COMPILED_BUILD=1`` (scripts/test.sh's run against the compiled build): refuse to
     run on pure Python, so a build that quietly came out pure cannot pass for the compiled one."""
-    if os.environ.get("RELAYD_EXPECT_COMPILED") == "1":
+    if os.environ.get("TEST_COMPILED_BUILD") == "1":
         import relayd.protocol
         import relayd.relay
 
         for module in (relayd.protocol, relayd.relay):
             if not (module.__file__ or "").endswith(".so"):
-                raise pytest.UsageError(f"RELAYD_EXPECT_COMPILED=1 but {module.__name__} is {module.__file__}")
+                raise pytest.UsageError(f"TEST_COMPILED_BUILD=1 but {module.__name__} is {module.__file__}")
 
 
 pytest_plugins = ["tests.conftest_redis", "tests.conftest_cluster"]
