@@ -26,11 +26,26 @@ def get_requires_for_build_wheel(config_settings: Any = None) -> list[str]:
         # (not setuptools' own answer: it runs setup.py, which needs mypyc then; setuptools >= 77,
         # in [build-system] requires, needs nothing more to build a wheel)
         return list(MYPYC_REQUIRES)
-    return _setuptools.get_requires_for_build_wheel(config_settings)  # type: ignore[no-any-return]
+    return _setuptools.get_requires_for_build_wheel(config_settings)
+
+
+def _pure_for_editable(say: bool = False) -> None:
+    if _compiled():
+        del os.environ["RELAYD_MYPYC"]  # (each hook runs in a process of its own)
+        if say:
+            print("relayd: RELAYD_MYPYC=1 is ignored for an editable install (pure Python)", file=sys.stderr)
+
+
+def get_requires_for_build_editable(config_settings: Any = None) -> list[str]:
+    _pure_for_editable()
+    return _setuptools.get_requires_for_build_editable(config_settings)
+
+
+def prepare_metadata_for_build_editable(metadata_directory: str, config_settings: Any = None) -> str:
+    _pure_for_editable()
+    return _setuptools.prepare_metadata_for_build_editable(metadata_directory, config_settings)
 
 
 def build_editable(wheel_directory: str, config_settings: Any = None, metadata_directory: str | None = None) -> str:
-    if _compiled():
-        print("relayd: RELAYD_MYPYC=1 is ignored for an editable install (pure Python)", file=sys.stderr)
-        del os.environ["RELAYD_MYPYC"]
+    _pure_for_editable(say=True)
     return _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
