@@ -296,9 +296,9 @@ class Outbox:
     def _queue(self, data: bytes, path: int, chunks: int) -> None:
         self._items.append(data)
         size = len(data)
-        self._size += size
-        if self._size > self.peak:
-            self.peak = self._size
+        self._size = total = self._size + size
+        if total > self.peak:
+            self.peak = total
         if self._budget is not None:
             self._budget.charge(size)
         if path >= 0:
