@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,46 @@ def test_dockerfile_is_multi_stage_non_root_and_copies_what_exists() -> None:
         for source in sources:
             assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
             assert source.rstrip("/") in allowed, f"COPY {source}: excluded by Dockerfile.dockerignore"
+
+
+def test_the_image_build_stage_has_what_building_the_wheel_reads(tmp_path: Path) -> None:
+    """The build stage's COPYs, and nothing else of the checkout, are enough to build the wheel.
+
+    No container engine runs here, so the stage is replayed: its COPY sources are copied into an
+    empty directory as the Dockerfile places them, and ``pip wheel`` builds relayd from it (pure;
+    the compiled build reads the same files). A file the build reads and the stage does not copy
+    (the licence, the build backend, setup.py) fails here as it would fail ``docker build``.
+    """
+    instructions = dockerfile_instructions(DOCKER / "Dockerfile")
+    build_stage = instructions[: [w for w, _ in instructions].index("FROM", 1)]
+    context = tmp_path / "src"
+    context.mkdir()
+    for word, args in build_stage:
+        if word != "COPY":
+            continue
+        *sources, dest = shlex.split(args)
+        for source in sources:
+            target = context / dest / Path(source).name if dest.endswith("/") else context / dest
+            if (ROOT / source).is_dir():
+                shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+            else:
+                shutil.copy2(ROOT / source, target)
+    run = [w for w, a in build_stage if w == "RUN" and "pip wheel" in a]
+    assert run, "the build stage builds the wheels with pip wheel"
+    env = {k: v for k, v in os.environ.items() if k != "RELAYD_MYPYC"}
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(tmp_path / "wheels"), "."],
+        cwd=context,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheels").glob("relayd-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "relayd/relay.py" in names and "relayd/store/lua/lib.lua" in names, names[:20]
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), [n for n in names if "dist-info" in n]
 
 
 def test_compose_builds_the_dockerfile_with_consistent_ports_and_healthy_dependencies() -> None:
