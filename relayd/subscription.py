@@ -316,6 +316,8 @@ class Subscriber:
         ahead: _Ahead | None = None
         per_chunk = 0  # framed bytes per chunk of the last framed page (0: none yet), to size the read ahead
         framed = True  # pages framed by the store, until one is too large for the queue
+        # (No `finally` with an await below: mypyc, which compiles this module in the compiled
+        # build, gets an await in a finally block wrong; tests/test_compiled_rules.py.)
         try:
             while True:
                 if ahead is not None and (self._new_gen is not None or self._verify):
@@ -327,7 +329,7 @@ class Subscriber:
                     self._verify = False
                     await self._check_history()
                     if self.state is State.DONE:
-                        return
+                        break
                     if self._new_gen is not None:
                         continue  # the reset to the new generation, at the top
                 reading: Awaitable[list[Entry] | FramedPage]
@@ -344,7 +346,7 @@ class Subscriber:
                         ahead = self._read_ahead(self.next + count, more)
                 read = await reading
                 if self.state is State.DONE:  # stopped meanwhile
-                    return
+                    break
                 if type(read) is FramedPage:
                     data = self.codec.framed(self.stream, self.gen, read.frames, read.end, self.text) if read.n else b""
                     if len(data) > self.outbox.max_bytes:
@@ -371,7 +373,7 @@ class Subscriber:
                     await self._put_framed(data, len(read.frames), read.last)
                     if read.end is not None:
                         self.state = State.DONE
-                        return
+                        break
                 elif n:
                     # Hand the page over in pieces that fit the bounded queue; read about a queue's worth next.
                     limit = self.outbox.max_bytes  # smaller while the consumers' global budget is spent
@@ -390,14 +392,17 @@ class Subscriber:
                         await self._put_pieces(entries, limit)
                     if end:
                         self.state = State.DONE
-                        return
+                        break
                 if exhausted and not self._overflow and self._new_gen is None and self._replay_buffer():
                     if self.state is State.CATCHUP:
                         self.state = State.LIVE
-                    return
-        finally:
+                    break
+        except BaseException:
             if ahead is not None:
                 await _dropped(ahead.read)
+            raise
+        if ahead is not None:
+            await _dropped(ahead.read)
 
     def _read(self, first: int, count: int, framed: bool = False) -> Awaitable[list[Entry] | FramedPage]:
         """Read history from ``first``, framed by the store if ``framed`` and it can. What was

@@ -35,10 +35,10 @@ from relayd.protocol import (
 )
 from relayd.web.errors import client_error_response
 from relayd.web.gate import limited
+from relayd.web.inline import InlineWebSocketResponse
 from relayd.web.keys import RUNTIME, Runtime
 from relayd.web.transport import (
     CLOSED_ABNORMALLY,
-    InlineWebSocketResponse,
     abort,
     backlog_of,
     close_stuck,
@@ -158,27 +158,9 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         await outbox.flush(cfg.server.drain_timeout_s)
         await asyncio.wait([close(CloseCode.SERVICE_RESTART, "shutting_down")])
 
-    rt.producers.add(drain_close)
-    ws.take_inline(reader.take)
-    try:
-        while True:
-            # Data messages are mostly handled inline, as they are parsed (reader.take); here come
-            # the ones it left queued (no room, a long message, ...) and every control message.
-            msg = await next_message(ws, outbox)
-            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                try:
-                    await reader.queued(msg.data)
-                finally:
-                    ws.handled()
-            elif msg.type is WSMsgType.ERROR:
-                ended_by = "message_too_big" if ws.close_code == CloseCode.MESSAGE_TOO_BIG else "error"
-                conn_log.event(logging.INFO, "connection error", error=str(ws.exception()))
-                break
-            else:  # CLOSE, CLOSING, CLOSED
-                if msg.type is WSMsgType.CLOSE:
-                    ended_by = "client_closed"
-                break
-    finally:
+    async def wind_up() -> None:
+        """However the connection ends. (Not a ``finally`` block: mypyc, which compiles this module
+        in the compiled build, gets an await in one wrong; tests/test_compiled_rules.py.)"""
         ws.take_inline(None)
         rt.producers.discard(drain_close)
         relay.release_session(session)
@@ -203,6 +185,31 @@ async def ingest(request: web.Request) -> web.StreamResponse:
             refused=reader.refused,
             messages_inline=reader.inline,
         )
+
+    rt.producers.add(drain_close)
+    ws.take_inline(reader.take)
+    try:
+        while True:
+            # Data messages are mostly handled inline, as they are parsed (reader.take); here come
+            # the ones it left queued (no room, a long message, ...) and every control message.
+            msg = await next_message(ws, outbox)
+            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
+                try:
+                    await reader.queued(msg.data)
+                finally:
+                    ws.handled()
+            elif msg.type is WSMsgType.ERROR:
+                ended_by = "message_too_big" if ws.close_code == CloseCode.MESSAGE_TOO_BIG else "error"
+                conn_log.event(logging.INFO, "connection error", error=str(ws.exception()))
+                break
+            else:  # CLOSE, CLOSING, CLOSED
+                if msg.type is WSMsgType.CLOSE:
+                    ended_by = "client_closed"
+                break
+    except BaseException:
+        await wind_up()
+        raise
+    await wind_up()
     return ws
 
 
