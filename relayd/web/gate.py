@@ -17,6 +17,7 @@ line per ``_LOG_EVERY_S`` with the number refused since the last one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import resource
 import socket
@@ -228,6 +229,7 @@ def limited(role: str) -> Callable[[Handler], Handler]:
     """Decorate the handler of ``role``'s connections: refused with 503 once its cap is reached."""
 
     def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)  # its name in tracebacks and task dumps; __wrapped__ to find it
         async def guarded(request: web.Request) -> web.StreamResponse:
             gate = request.app.get(GATE)
             if gate is None:  # an app built without a server (relayd.server wires the gate)

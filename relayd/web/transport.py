@@ -7,7 +7,7 @@ import contextlib
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import WSMessage, WSMsgType, web
@@ -205,18 +205,32 @@ def _abort_if_stuck(transport: asyncio.Transport) -> None:
         transport.abort()
 
 
-@contextlib.asynccontextmanager
-async def writing(outbox: Outbox, name: str) -> AsyncIterator[asyncio.Task[None]]:
+class writing:  # a function by use: ``async with writing(outbox, name) as task``
     """Run ``outbox``'s writer task (its watchdog with it) for the block; on the way out the
-    outbox closes and the task is cancelled and awaited, so it never outlives the response."""
-    writer = asyncio.create_task(outbox.run(), name=name)
-    try:
-        yield writer
-    finally:
-        outbox.close()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, SlowConsumer, ConnectionError, RuntimeError):
-            await writer
+    outbox closes and the task is cancelled and awaited, so it never outlives the response.
+
+    (A class rather than an ``asynccontextmanager`` generator: the compiled build compiles this
+    module, and mypyc does not compile async generators.)
+    """
+
+    __slots__ = ("_name", "_outbox", "_writer")
+
+    def __init__(self, outbox: Outbox, name: str) -> None:
+        self._outbox = outbox
+        self._name = name
+        self._writer: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> asyncio.Task[None]:
+        self._writer = asyncio.create_task(self._outbox.run(), name=self._name)
+        return self._writer
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        writer = self._writer
+        self._outbox.close()
+        if writer is not None:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, SlowConsumer, ConnectionError, RuntimeError):
+                await writer
 
 
 async def deliver(
@@ -237,6 +251,8 @@ async def deliver(
     awaited, so none outlives the response. Returns why the outbox gave up on the reader
     (``slow_consumer``, ``queue_full``), "" if it did not.
     """
+    # (No ``finally`` blocks with an await here: mypyc, which compiles this module in the compiled
+    # build, gets an await in one wrong; tests/test_compiled_rules.py.)
     async with writing(outbox, name) as writer:
         pinger = asyncio.create_task(_keepalive(outbox, keepalive, every_s), name=f"{name}-keepalive")
         waiter = asyncio.create_task(done.wait(), name=f"{name}-waiter")
@@ -244,114 +260,32 @@ async def deliver(
             await asyncio.wait([waiter, writer], return_when=asyncio.FIRST_COMPLETED)
             if not writer.done():
                 await outbox.flush(1.0)
-        finally:
-            waiter.cancel()
-            pinger.cancel()
-            try:
-                await stop()
-            finally:
-                for task in (waiter, pinger):
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+        except BaseException:
+            await _stop(stop, waiter, pinger)
+            raise
+        await _stop(stop, waiter, pinger)
     return outbox.stalled
+
+
+async def _stop(stop: Callable[[], Awaitable[None]], *helpers: asyncio.Task[Any]) -> None:
+    """``stop()``, with ``helpers`` cancelled before it and awaited after it, however it ends."""
+    for task in helpers:
+        task.cancel()
+    try:
+        await stop()
+    except BaseException:
+        await _reaped(helpers)
+        raise
+    await _reaped(helpers)
+
+
+async def _reaped(tasks: tuple[asyncio.Task[Any], ...]) -> None:
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _keepalive(outbox: Outbox, data: bytes, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)  # a periodic job, not a synchronisation
         outbox.control(data)
-
-
-# -- producer messages taken as they are parsed ---------------------------------------------------
-# aiohttp's private reader classes: if they are missing or changed, producers fall back to the
-# handler task's ordinary receive() (tests/test_ingest_inline.py says which path runs).
-try:
-    from aiohttp._websocket.reader import WebSocketDataQueue as _DataQueue
-    from aiohttp._websocket.reader import WebSocketReader as _Parser
-except ImportError:  # pragma: no cover - another aiohttp
-    _DataQueue = None  # type: ignore[assignment,misc]
-    _Parser = None  # type: ignore[assignment,misc]
-
-Take = Callable[[bytes | str], bool]
-
-
-if _DataQueue is not None:
-
-    class _InlineQueue(_DataQueue):
-        """aiohttp's message queue, except that a data message its parser completes is first offered
-        to ``take``, synchronously, inside the transport's ``data_received``.
-
-        ``take(data)`` handles the message and returns True, or returns False and the message is
-        queued for ``receive()`` as aiohttp would queue it. Control messages (ping, pong, close,
-        the close handshake's own) are always queued. Once a data message is queued, every later
-        message is too until the handler task has handled it (:meth:`handled`), so the task sees
-        them in the order the peer sent them. (Not only until it has *read* it: aiohttp's parser
-        stalls while its queue is over its limit and resumes inside the read that brings it under,
-        so the next message is parsed while the one just read is not handled yet.)
-        """
-
-        __slots__ = ("pending", "take")
-        take: Take | None
-        pending: int  # data messages queued and not yet handled
-
-        def feed_data(self, data: Any, size: int) -> None:
-            kind = data[0]
-            if kind is _TEXT or kind is _BINARY:
-                take = self.take
-                if take is not None and not self.pending and not self._buffer and take(data[1]):
-                    return
-                self.pending += 1
-            super().feed_data(data, size)
-
-    _TEXT, _BINARY = WSMsgType.TEXT, WSMsgType.BINARY
-
-
-class InlineWebSocketResponse(web.WebSocketResponse):
-    """A websocket whose data messages can be handled as aiohttp's parser completes them.
-
-    A micro-optimisation for producers that send one message at a time: aiohttp queues each message
-    and wakes the handler task for it (a future, a task step through the whole middleware chain).
-    Here the message goes to :meth:`take_inline`'s callback from the transport's ``data_received``
-    instead; only what the callback refuses (and every control message) takes the ordinary path,
-    and the handler task says when it is done with such a message (:meth:`handled`).
-    The frames are parsed by aiohttp's own reader (RFC 6455: masking, fragmentation, control frames
-    between fragments, ``max_msg_size``, UTF-8 of text, close codes), so nothing of the websocket
-    protocol is reimplemented: only the queue its messages go to is relayd's.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._inline: _InlineQueue | None = None
-
-    def _post_start(self, request: Any, protocol: str | None, writer: Any) -> None:
-        handler = request.protocol
-        # Bytes that came with the handshake went to aiohttp's parser: keep it then (a client must
-        # wait for the 101 before it sends, so this is never the case for a conforming one).
-        early = getattr(handler, "_message_tail", b"")
-        super()._post_start(request, protocol, writer)
-        if _DataQueue is None or early or not hasattr(handler, "_payload_parser"):
-            return
-        try:
-            assert self._reader is not None and self._loop is not None
-            queue = _InlineQueue(handler, self._reader._limit // 2, loop=self._loop)
-            queue.take, queue.pending = None, 0
-            parser = _Parser(queue, self._max_msg_size, compress=bool(self._compress), decode_text=self._decode_text)
-        except (AttributeError, TypeError):  # pragma: no cover - another aiohttp: its own reader stays
-            return
-        handler._payload_parser = parser  # nothing can have reached aiohttp's: no await since it was set
-        self._reader, self._parser, self._inline = queue, parser, queue
-
-    @property
-    def inline(self) -> bool:
-        """Whether data messages can be taken inline on this connection."""
-        return self._inline is not None
-
-    def take_inline(self, take: Take | None) -> None:
-        """Offer every data message to ``take`` first (None: no more)."""
-        if self._inline is not None:
-            self._inline.take = take
-
-    def handled(self) -> None:
-        """The handler task is done with the data message it read: the next one may be taken inline."""
-        if self._inline is not None:
-            self._inline.pending -= 1
