@@ -8,8 +8,8 @@ import os
 
 from setuptools import setup
 
-# The modules every chunk goes through; the rest of relayd (aiohttp handlers that subclass aiohttp's
-# classes among it) stays interpreted.
+# The modules every chunk goes through; the rest of relayd (aiohttp handlers, web/inline.py's
+# subclass of aiohttp's private reader queue among them) stays interpreted.
 HOT_MODULES = [
     "relayd/protocol.py",
     "relayd/relay.py",
@@ -19,13 +19,16 @@ HOT_MODULES = [
     "relayd/producer.py",
     "relayd/budget.py",
     "relayd/model.py",
+    "relayd/hot_metrics.py",
     "relayd/store/appends.py",
     "relayd/store/pipeline.py",
     "relayd/store/redis_streams.py",
     "relayd/store/replies.py",
     "relayd/store/resp.py",
+    "relayd/store/wire.py",
     "relayd/web/ingest.py",
     "relayd/web/openai_sse.py",
+    "relayd/web/transport.py",
 ]
 
 if os.environ.get("RELAYD_MYPYC") == "1":

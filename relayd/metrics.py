@@ -8,8 +8,7 @@ on, is listed in docs/operations.md ("Metrics reference").
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,18 +21,16 @@ from prometheus_client import (
 from prometheus_client import (
     ProcessCollector as _ProcessCollector,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from relayd import __version__
 from relayd.budget import Budget
 from relayd.errors import ERROR_CODES
+from relayd.hot_metrics import LATENCY_BUCKETS, HotPath
+from relayd.hot_metrics import PATHS as PATHS  # the `path` label values, named here with the others
 
 ROLES = ("producer", "consumer_ws", "consumer_sse")
 END_REASONS = ("completed", "error", "cancelled", "producer_lost")
 AUTH_REASONS = ("unauthorized", "token_expired", "forbidden")
-PATHS = ("live", "replay")
 BACKLOG_SIDES = ("producer", "consumer")  # relayd_backlog_* label values
 # slow_consumer: data waited and the peer took none for consumer.send_timeout_ms; queue_full: its
 # unread replies outgrew their bound; heartbeat_timeout: no pong (nor anything) from an idle peer
@@ -42,94 +39,9 @@ CONNECTION_LIMITS = ("max_connections", *ROLES)  # limits.max_connections, then 
 OTHER = "other"  # the label of an error code outside docs/protocol.md's table
 
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # open -> first chunk: a model's time to first token, seconds rather than milliseconds
 _FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-
-
-class HotHistogram:
-    """A histogram for the hot path: a list of bucket counts and a sum, no lock.
-
-    A micro-optimisation: ``prometheus_client.Histogram.observe`` takes a lock and runs a Python
-    loop over the buckets; this is one C ``bisect`` and two adds, on the event loop's thread.
-    """
-
-    __slots__ = ("bounds", "counts", "total")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.total = 0.0
-
-    def observe(self, value: float, times: int = 1) -> None:
-        """``times`` observations of ``value`` (a fan-out's writes of one publication)."""
-        self.counts[bisect_left(self.bounds, value)] += times
-        self.total += value * times
-
-    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
-        buckets: list[tuple[str, float]] = []
-        cumulative = 0
-        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            cumulative += count
-            buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
-        family = HistogramMetricFamily(name, documentation, unit="seconds")
-        family.add_metric([], buckets, self.total)
-        return family
-
-
-class _HotPath(Collector):
-    """Per-chunk and per-write series as plain numbers, turned into samples only when scraped.
-
-    A micro-optimisation: a prometheus_client ``Counter.inc`` takes a lock; these run several
-    times per chunk on the hot path, in one thread, so an ``int`` add is enough.
-    """
-
-    def __init__(self) -> None:
-        self.chunks_in = 0
-        self.bytes_in = 0
-        self.delivered = dict.fromkeys(PATHS, 0)
-        self.delivered_bytes = dict.fromkeys(PATHS, 0)
-        self.ack_latency = HotHistogram(_LATENCY_BUCKETS)
-        self.delivery_latency = HotHistogram(_LATENCY_BUCKETS)
-        self.redis_up = 1
-        self.draining = 0
-
-    def collect(self) -> Iterable[Metric]:
-        chunks_in = CounterMetricFamily("relayd_chunks_in", "Chunks stored (acknowledged appends)")
-        chunks_in.add_metric([], self.chunks_in)
-        bytes_in = CounterMetricFamily("relayd_bytes_in", "Chunk bytes stored")
-        bytes_in.add_metric([], self.bytes_in)
-        out = CounterMetricFamily(
-            "relayd_chunks_delivered", "Chunks written to consumer connections, by path", labels=["path"]
-        )
-        bout = CounterMetricFamily(
-            "relayd_bytes_delivered", "Bytes written to consumer connections, by path", labels=["path"]
-        )
-        for path in PATHS:
-            out.add_metric([path], self.delivered[path])
-            bout.add_metric([path], self.delivered_bytes[path])
-        up = GaugeMetricFamily(
-            "relayd_redis_up", "1 if the last Redis round trip (write batch, readiness or sweep) succeeded"
-        )
-        up.add_metric([], self.redis_up)
-        draining = GaugeMetricFamily("relayd_draining", "1 while relayd drains connections for a shutdown")
-        draining.add_metric([], self.draining)
-        return [
-            chunks_in,
-            bytes_in,
-            out,
-            bout,
-            self.ack_latency.family(
-                "relayd_ack_latency_seconds", "Producer append frame read -> its ack queued to the producer"
-            ),
-            self.delivery_latency.family(
-                "relayd_delivery_latency_seconds",
-                "Live path: append frame read -> written to a consumer socket (oldest chunk of each write)",
-            ),
-            up,
-            draining,
-        ]
 
 
 class Metrics:
@@ -144,18 +56,21 @@ class Metrics:
         self._conns = {role: conns.labels(role) for role in ROLES}
         self._opened = {role: opened.labels(role) for role in ROLES}
 
-        self._hot = _HotPath()
+        self._hot = HotPath()
         r.register(self._hot)
-        # bound methods of the hot histograms, handed to the engine once
+        # the per-chunk series: bound methods of relayd/hot_metrics.py's objects, handed out once
         self.ack_latency = self._hot.ack_latency.observe
         self.delivery_latency = self._hot.delivery_latency.observe
+        self.chunks_stored: Callable[[int, int], None] = self._hot.chunks_stored  # (count, nbytes)
+        # chunks (and their frames' bytes) written to a consumer's socket: (path, chunks, nbytes)
+        self.written: Callable[[str, int, int], None] = self._hot.written
 
         self._batch_size = Histogram(
             "relayd_redis_batch_size", "Commands per Redis pipeline", buckets=_BATCH_BUCKETS, registry=r
         )
         self._batch_bytes = Counter("relayd_redis_batch_bytes", "Bytes sent to Redis by the write path", registry=r)
         self._batch_latency = Histogram(
-            "relayd_redis_batch_seconds", "Redis pipeline round-trip time", buckets=_LATENCY_BUCKETS, registry=r
+            "relayd_redis_batch_seconds", "Redis pipeline round-trip time", buckets=LATENCY_BUCKETS, registry=r
         )
         self._redis_errors = Counter("relayd_redis_errors", "Failed Redis round trips", registry=r)
 
@@ -223,7 +138,7 @@ class Metrics:
         self._broker_lag = Histogram(
             "relayd_broker_lag_seconds",
             "Another instance's write -> its notification here (clock skew between hosts included)",
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self._tcp = Gauge("relayd_tcp_connections", "Open TCP connections, of every kind", registry=r)
@@ -255,11 +170,6 @@ class Metrics:
         self._hot.draining = 1
 
     # ingest / store ---------------------------------------------------------------------------
-    def chunks_stored(self, count: int, nbytes: int) -> None:
-        hot = self._hot
-        hot.chunks_in += count
-        hot.bytes_in += nbytes
-
     def batch_sent(self, commands: int, nbytes: int) -> None:
         self._batch_size.observe(commands)
         self._batch_bytes.inc(nbytes)
@@ -292,12 +202,6 @@ class Metrics:
         self._streams_open.inc(delta)
 
     # delivery ---------------------------------------------------------------------------------
-    def written(self, path: str, chunks: int, nbytes: int) -> None:
-        """Chunks (and their frames' bytes) written to a consumer's socket."""
-        hot = self._hot
-        hot.delivered[path] += chunks
-        hot.delivered_bytes[path] += nbytes
-
     def chunk_totals(self) -> tuple[int, int]:
         """Chunks stored and delivered since start: the status sampler's two counters, read directly."""
         hot = self._hot
