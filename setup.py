@@ -20,6 +20,7 @@ HOT_MODULES = [
     "relayd/budget.py",
     "relayd/model.py",
     "relayd/store/appends.py",
+    "relayd/store/pages.py",
     "relayd/store/pipeline.py",
     "relayd/store/redis_streams.py",
     "relayd/store/replies.py",
