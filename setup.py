@@ -21,6 +21,7 @@ HOT_MODULES = [
     "relayd/model.py",
     "relayd/hot_metrics.py",
     "relayd/store/appends.py",
+    "relayd/store/pages.py",
     "relayd/store/pipeline.py",
     "relayd/store/redis_streams.py",
     "relayd/store/replies.py",

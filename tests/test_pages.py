@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import pytest
 import redis.asyncio as aioredis
 
+from relayd.embedded import EmbeddedRedis
 from relayd.errors import StoreError, StoreUnavailable
 from relayd.store.pages import PageReader
 from relayd.store.resp import encode_command
@@ -61,6 +64,30 @@ async def test_a_read_after_the_server_dropped_the_connection_is_answered_on_a_n
         reader.close()
         with pytest.raises(StoreUnavailable):
             await reader.xrange(key, "1-1", "1-9", 10)
+    finally:
+        reader.close()
+        await client.aclose()
+
+
+async def test_a_read_not_answered_in_time_fails_and_its_connection_is_not_kept(private_redis: EmbeddedRedis) -> None:
+    """The server is frozen (SIGSTOP): the read fails with StoreUnavailable after the reader's
+    timeout, and its connection (which still owes that reply) is closed, not kept for the next
+    read; once the server answers again, so does the reader."""
+    client = aioredis.Redis.from_url(private_redis.url)
+    reader = PageReader(private_redis.url, 0.2, 4)
+    try:
+        await client.xadd("log", {"d": b"1"}, id="1-1")
+        await reader.warm()
+        (conn,) = reader._idle
+        assert private_redis.pid is not None
+        os.kill(private_redis.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUnavailable, match=r"did not answer a read within 0\.2 s"):
+                await reader.xrange("log", "1-1", "1-9", 10)
+        finally:
+            os.kill(private_redis.pid, signal.SIGCONT)
+        assert conn.closed and reader._idle == []
+        assert len(await reader.xrange("log", "1-1", "1-9", 10)) == 1
     finally:
         reader.close()
         await client.aclose()

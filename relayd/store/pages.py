@@ -47,17 +47,19 @@ class PageReader:
                 except StoreUnavailable:
                     if attempt == 2 or self._closed:
                         raise
-                    continue  # the connection was lost (a restart, a failover): once more on a new one
+                    # the connection was lost (a restart, a failover): once more on a new one (the loop
+                    # goes on; no `continue`, which mypyc does not compile inside try/finally)
                 except TimeoutError:
                     conn.close()
                     raise StoreUnavailable(f"Redis did not answer a read within {self._timeout_s} s") from None
+                else:
+                    if isinstance(reply, hiredis.ReplyError):
+                        raise StoreError(f"Redis error: {reply}")
+                    return reply  # type: ignore[no-any-return]
                 finally:
                     # (one whose read was cancelled still owes its reply: the connection drops it, in order)
                     if not conn.closed and not self._closed:
                         self._idle.append(conn)
-                if isinstance(reply, hiredis.ReplyError):
-                    raise StoreError(f"Redis error: {reply}")
-                return reply  # type: ignore[no-any-return]
         raise AssertionError("unreachable")
 
     async def warm(self) -> None:
