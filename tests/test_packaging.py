@@ -1,14 +1,19 @@
 """What ships with relayd: the license text and metadata, the install extras, the changelog.
 
-Building a wheel needs the network (setuptools>=77 in an isolated build), so the suite checks
-the inputs that decide what the wheel and sdist hold; ``python -m build`` then shows LICENSE in
-both (``relayd-*.dist-info/licenses/LICENSE``) and prints no setuptools deprecation warning.
+Most tests check the inputs that decide what the wheel and sdist hold; ``python -m build`` then
+shows LICENSE in both (``relayd-*.dist-info/licenses/LICENSE``) and prints no setuptools
+deprecation warning. The one that builds a wheel needs setuptools>=77 from the package index
+(pip's isolated build), as tests/test_deploy.py's image build check does.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,3 +53,37 @@ def test_changelog_keeps_an_unreleased_section() -> None:
     headings = [line for line in (ROOT / "CHANGELOG.md").read_text().splitlines() if line.startswith("## ")]
     assert headings[0] == "## [Unreleased]"
     assert f"## [{PROJECT['project']['version']}] - " in "\n".join(headings)
+
+
+def test_a_wheel_takes_nothing_from_an_earlier_build(tmp_path: Path) -> None:
+    """Extension modules an earlier compiled build left in build/ do not go into the next wheel.
+
+    setuptools packs whatever its build/lib holds: after a compiled build, a pure one (or one
+    with a module fewer in HOT_MODULES) would ship stale .so files that shadow the .py files. The
+    build backend starts every wheel from fresh build directories.
+    """
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, source / name)
+    for name in ("build_backend", "relayd"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for lib in ("lib", "lib.linux-x86_64-cpython-311"):  # a pure build's and a compiled build's
+        stale = source / "build" / lib / "relayd"
+        stale.mkdir(parents=True)
+        (stale / "metrics.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF stale")
+        (stale.parent / "relayd__mypyc.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF stale")
+    env = {k: v for k, v in os.environ.items() if k != "RELAYD_MYPYC"}
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(tmp_path / "wheels"), "."],
+        cwd=source,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheels").glob("relayd-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "relayd/metrics.py" in names
+    assert [n for n in names if n.endswith(".so")] == []
