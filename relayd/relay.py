@@ -386,8 +386,10 @@ class Relay:
             self._leases.cancel(stream)
 
     def _force_cancel(self, stream: str) -> None:
+        """The grace after a cancel request is over: end the stream, and tell a producer holding it
+        here (one that ignored its ``cancel``) with an unsolicited ``ended``, as for an operator's end."""
         self._cancel_timers.pop(stream, None)
-        self._end(stream, "cancelled", "cancelled by a consumer", epoch=None, then=None)
+        self._end(stream, "cancelled", "cancelled by a consumer", epoch=None, then=None, tell_holder=True)
 
     async def read_meta(self, stream: str) -> StreamMeta | None:
         return await self._store.read_meta(stream)

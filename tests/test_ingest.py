@@ -647,6 +647,10 @@ async def test_producer_ignoring_cancel_gets_the_stream_ended_after_the_grace(
         chunks, end = await collect_chunks(consumer, "stubborn")
         assert time.monotonic() - started >= 0.15  # not before the grace (less a little timer slack)
         assert [c["data"] for c in chunks] == ["x"] and end["reason"] == "cancelled", end
+        # the producer is told at once, as for an operator's end, not only by its next append's refusal
+        ended = await producer.next()
+        assert ended["type"] == "ended" and ended["stream"] == "stubborn", ended
+        assert ended["reason"] == "cancelled" and ended["cursor"] == end["cursor"], (ended, end)
         await producer.send({"op": "append", "stream": "stubborn", "seq": 2, "chunk": "too late"})
         await expect_error(producer, "stream_ended", stream="stubborn", seq=2)
         await assert_still_works(producer)

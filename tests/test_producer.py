@@ -410,8 +410,9 @@ async def test_cancel_asks_the_local_holder_then_ends_the_stream_cancelled_after
         "message": "cancelled by a consumer",
     }
     assert harness.ended_count("cancelled") == 1 and S not in session.held and S in session.ended
+    # the holder is told at once (an unsolicited ended, as for an operator's end), then refused
     relay.append(session, append_op(S, 1, "late"))
-    assert peer.take() == [("refused", S, "stream_ended", 1)]
+    assert peer.take() == [("ended", S, "cancelled", 1, "cancelled by a consumer"), ("refused", S, "stream_ended", 1)]
     assert not await relay.cancel(S)  # ended: nothing to cancel
 
 
