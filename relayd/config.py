@@ -238,6 +238,8 @@ class DurableConfig:
     long_poll_timeout_ms: int = 20_000  # a long-poll at the tail answers 204 after this
     sse_max_s: float = 60.0  # an SSE response ends after this (clients resume from their offset)
     read_max_bytes: int = 1024 * 1024  # data in one catch-up or long-poll response (one entry at least)
+    # Stream-TTL of a stream created without Stream-TTL or Stream-Expires-At (0: none, kept until DELETE)
+    default_ttl_s: int = 0
 
     def check(self) -> None:
         path = self.base_path
@@ -248,6 +250,7 @@ class DurableConfig:
         _range("durable.long_poll_timeout_ms", self.long_poll_timeout_ms, 1, 3_600_000)
         _positive("durable.sse_max_s", self.sse_max_s)
         _positive("durable.read_max_bytes", self.read_max_bytes)
+        _range("durable.default_ttl_s", self.default_ttl_s, 0, 10 * 365 * 86_400)
 
 
 @dataclass(frozen=True, slots=True)

@@ -301,3 +301,31 @@ async def test_an_api_key_is_taken_from_the_header_only_and_token_in_the_url_is_
             assert head.status == 200
         async with http.get(url, params={"token": server.token(["other/*"])}) as other:
             assert other.status == 403
+
+
+async def test_default_ttl_is_given_to_streams_created_without_one(config_factory: Callable[..., Config]) -> None:
+    """durable.default_ttl_s: a stream created without Stream-TTL or Stream-Expires-At gets it as its
+    Stream-TTL; one created with either keeps its own."""
+    config = config_factory(durable={"enabled": True, "auth": "none", "default_ttl_s": 3600})
+    async with Relayd(config) as server:
+        http = server.session
+        assert http is not None
+        plain = {"Content-Type": "text/plain"}
+        assert (await http.put(ds(server, "ttl-default"), headers=plain)).status == 201
+        head = await http.head(ds(server, "ttl-default"))
+        assert head.status == 200 and head.headers["Stream-TTL"] == "3600"
+        assert (await http.put(ds(server, "ttl-default"), headers=plain)).status == 200  # the same again: same config
+        assert (await http.put(ds(server, "ttl-own"), headers={**plain, "Stream-TTL": "60"})).status == 201
+        assert (await http.head(ds(server, "ttl-own"))).headers["Stream-TTL"] == "60"
+        expires = {**plain, "Stream-Expires-At": "2099-01-01T00:00:00Z"}
+        assert (await http.put(ds(server, "ttl-expires"), headers=expires)).status == 201
+        head = await http.head(ds(server, "ttl-expires"))
+        assert "Stream-TTL" not in head.headers and head.headers["Stream-Expires-At"] == "2099-01-01T00:00:00Z"
+
+
+async def test_without_a_default_ttl_a_stream_has_none(open_mount: Relayd) -> None:
+    http = open_mount.session
+    assert http is not None
+    assert (await http.put(ds(open_mount, "ttl-none"), headers={"Content-Type": "text/plain"})).status == 201
+    head = await http.head(ds(open_mount, "ttl-none"))
+    assert head.status == 200 and "Stream-TTL" not in head.headers and "Stream-Expires-At" not in head.headers

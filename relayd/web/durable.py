@@ -157,11 +157,14 @@ async def _create(request: web.Request, rt: Runtime, stream: str) -> web.StreamR
     ttl, expires = headers.get("Stream-TTL"), headers.get("Stream-Expires-At")
     if ttl is not None and expires is not None:
         raise _Refused(400, "Stream-TTL and Stream-Expires-At exclude each other")
+    ttl_s = None if ttl is None else codec.parse_ttl(ttl)
+    if ttl is None and expires is None and rt.config.durable.default_ttl_s:
+        ttl_s = rt.config.durable.default_ttl_s  # the operator's bound on streams nobody deletes
     spec = DsSpec(
         content_type,
         media,
         codec.kind_of(media),
-        None if ttl is None else codec.parse_ttl(ttl),
+        ttl_s,
         expires or "",
         None if expires is None else codec.parse_expires_at(expires),
         _closing(request),
