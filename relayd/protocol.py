@@ -518,10 +518,15 @@ def ws_chunk_prefix(stream: str) -> bytes:
     return b'{"type":"chunk","stream":' + orjson.dumps(stream) + b',"cursor":"'
 
 
-def encode_ws_entries(prefix: bytes, stream: str, gen: int, entries: list[Entry]) -> list[bytes]:
-    """Websocket frames for ``entries``, one per entry. Chunks are spliced, not re-encoded."""
-    # One %-format per chunk, its constant head escaped into the format (a replay runs this per chunk).
-    chunk = (prefix + b"%d-" % gen).replace(b"%", b"%%") + b'%010d","data":%s}'
+def ws_chunk_format(stream: str, gen: int) -> bytes:
+    """The websocket chunk frame of ``stream`` in ``gen`` as ``format % (offset, chunk)``: its
+    constant head escaped into a %-format, so that a chunk costs one format."""
+    return (ws_chunk_prefix(stream) + b"%d-" % gen).replace(b"%", b"%%") + b'%010d","data":%s}'
+
+
+def encode_ws_entries(chunk: bytes, stream: str, gen: int, entries: list[Entry]) -> list[bytes]:
+    """Websocket frames for ``entries``, one per entry, ``chunk`` being :func:`ws_chunk_format`'s.
+    Chunks are spliced, not re-encoded."""
     end = entries[-1] if entries and entries[-1].data is None else None
     out = [chunk % (entry.offset, entry.data) for entry in (entries[:-1] if end is not None else entries)]
     if end is not None:
@@ -599,13 +604,36 @@ class FrameCodec:
         raise NotImplementedError
 
 
+_FORMATS_KEPT = 4096  # streams whose chunk format a WsCodec keeps (all forgotten at once past it)
+
+
 class WsCodec(FrameCodec):
-    """Websocket: NDJSON frames; one item of the outbox may hold several lines."""
+    """Websocket: NDJSON frames; one item of the outbox may hold several lines.
+
+    It keeps the chunk format of the streams it encoded last (a memo, not state: the frames are
+    the same without it), as a publication of one chunk, the live path's common case, is encoded
+    once for all its subscribers and would otherwise build its stream's format each time.
+    """
 
     kind = "ws"
 
+    def __init__(self) -> None:
+        self._formats: dict[str, tuple[int, bytes]] = {}  # stream -> (gen, ws_chunk_format)
+
     def entries(self, stream: str, gen: int, entries: list[Entry], text: bool) -> bytes:
-        return b"\n".join(encode_ws_entries(ws_chunk_prefix(stream), stream, gen, entries))
+        known = self._formats.get(stream)
+        if known is not None and known[0] == gen:
+            chunk = known[1]
+        else:
+            if len(self._formats) >= _FORMATS_KEPT:
+                self._formats.clear()
+            chunk = ws_chunk_format(stream, gen)
+            self._formats[stream] = (gen, chunk)
+        if len(entries) == 1:
+            only = entries[0]
+            if only.data is not None:
+                return chunk % (only.offset, only.data)
+        return b"\n".join(encode_ws_entries(chunk, stream, gen, entries))
 
     def chunk_template(self, stream: str, gen: int, text: bool) -> bytes | None:
         # encode_ws_entries' chunk format, the offset already formatted
