@@ -43,7 +43,7 @@ from relayd.client import (
 from relayd.config import Config
 from relayd.embedded import EmbeddedRedis
 from relayd.protocol import split_message
-from tests.helpers import API_KEY, Relayd, collect_chunks, make_config
+from tests.helpers import API_KEY, Relayd, collect_chunks, make_config, poll_until
 
 ConfigFactory = Callable[..., Config]
 EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")  # fake_openai.py
@@ -843,6 +843,30 @@ async def test_operator_end_sets_the_writers_cancelled_event_and_sends_raise_it(
             assert not isinstance(raised.value, ProducerClosed)
             result = await w.end()
         assert (result.reason, result.ended_by_server) == ("cancelled", w.ended_by_server)
+
+
+async def test_a_writer_that_ignores_a_cancel_learns_when_relayd_ends_the_stream(
+    config_factory: ConfigFactory,
+) -> None:
+    """A writer that goes on after a consumer's cancel: streams.cancel_grace_ms later relayd ends the
+    stream, and the writer is told at once (ended_by_server, reason cancelled), not by a refusal."""
+    server = Relayd(config_factory(streams={"cancel_grace_ms": 200}))
+    async with server, Producer(server.url, API_KEY) as p, p.writer("cx-grace") as w:
+        await w.send({"n": 1})
+        await w.flush()
+        consumer = await server.consumer("cx-grace", token=server.token(["cx-grace"], ("read", "cancel")))
+        await consumer.expect("subscribed", stream="cx-grace")
+        await consumer.send({"op": "cancel", "stream": "cx-grace"})
+        await w.cancelled.wait()  # asked: this writer does nothing about it
+        assert w.ended_by_server is None
+        _chunks, end = await collect_chunks(consumer, "cx-grace")  # relayd ends it after the grace
+        assert end["reason"] == "cancelled"
+        await poll_until(lambda: w.ended_by_server is not None, "the writer to hear the end")
+        assert w.ended_by_server is not None
+        assert (w.ended_by_server.reason, w.ended_by_server.message) == ("cancelled", "cancelled by a consumer")
+        assert w.ended_by_server.cursor == end["cursor"]
+        with pytest.raises(StreamEndedByServer):
+            await w.send({"n": 2})
 
 
 async def test_push_example_exits_cleanly_when_an_operator_ends_its_stream(admin_relayd: Relayd) -> None:
