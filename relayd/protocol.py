@@ -681,6 +681,15 @@ class SseCodec(FrameCodec):
     def entries(self, stream: str, gen: int, entries: list[Entry], text: bool) -> bytes:
         return encode_sse_entries(gen, entries, text)
 
+    def chunk_template(self, stream: str, gen: int, text: bool) -> bytes | None:
+        # encode_sse_entries' chunk event of a JSON stream, the offset already formatted (its data
+        # is the stored JSON, one line); a text stream's events hold its strings decoded: None
+        return None if text else b"id: %d-" % gen + b"%s\nevent: chunk\ndata: %s\n\n"
+
+    def framed(self, stream: str, gen: int, frames: list[bytes], end: Entry | None, text: bool) -> bytes:
+        events = b"".join(frames)
+        return events + encode_sse_entries(gen, [end], text) if end is not None else events
+
     def error(self, stream: str, code: str, message: str) -> bytes:
         retry = _SSE_QUICK_RETRY.get(code, self.error_retry)
         return retry + sse_event(self.error_event, orjson.dumps({"code": code, "message": message}))

@@ -7,7 +7,7 @@ import pytest
 from relayd.config import Config, RedisConfig, StreamsConfig
 from relayd.metrics import Metrics
 from relayd.model import Appended
-from relayd.protocol import WS_CODEC
+from relayd.protocol import SSE_CODEC, WS_CODEC
 from relayd.store.appends import Appender
 from relayd.store.keys import Keys
 from relayd.store.pipeline import Write
@@ -105,7 +105,7 @@ async def test_a_framed_page_is_byte_for_byte_what_the_codec_makes_of_the_same_e
     redis_server: str, key_prefix: str
 ) -> None:
     """read_frames (the replay's path) frames a page of chunks, an end, or nothing exactly as the
-    websocket codec frames read_entries' page; past a takeover (lane > 0) it declines (None)."""
+    websocket and SSE codecs frame read_entries' page; past a takeover (lane > 0) it declines (None)."""
     config = Config(redis=RedisConfig(key_prefix=key_prefix), streams=StreamsConfig(max_chunks=1000))
     store = RedisStore(config, redis_server, Metrics())
     await store.start()
@@ -113,17 +113,22 @@ async def test_a_framed_page_is_byte_for_byte_what_the_codec_makes_of_the_same_e
         chunks = [b'{"i":%d,"s":"100%%"}' % i for i in range(1, 13)]
         opened = await created(store, "s", *chunks)
         await end(store, "s", "error", "it broke")
-        gen, template = opened.gen, WS_CODEC.chunk_template("s", opened.gen, False)
+        gen = opened.gen
+        for codec in (WS_CODEC, SSE_CODEC):
+            template = codec.chunk_template("s", gen, False)
+            assert template is not None
+            for first, count in [(1, 5), (6, 7), (6, 8), (13, 5), (14, 5)]:  # chunks; chunks, end; the end; none
+                page = await store.read_frames("s", gen, first, count, template)
+                entries = await store.read_entries("s", gen, first, count)
+                assert page is not None and page.n == len(entries)
+                assert codec.framed("s", gen, page.frames, page.end, False) == (
+                    codec.entries("s", gen, entries, False) if entries else b""
+                ), codec.kind
+                assert page.last == (entries[-1] if entries else None)
+                assert page.first == (entries[0].offset if entries else first)
+        assert SSE_CODEC.chunk_template("s", gen, True) is None  # a text stream's events decode its strings
+        template = WS_CODEC.chunk_template("s", gen, False)
         assert template is not None
-        for first, count in [(1, 5), (6, 7), (6, 8), (13, 5), (14, 5)]:  # chunks; chunks then the end; the end; none
-            page = await store.read_frames("s", gen, first, count, template)
-            entries = await store.read_entries("s", gen, first, count)
-            assert page is not None and page.n == len(entries)
-            assert WS_CODEC.framed("s", gen, page.frames, page.end, False) == (
-                WS_CODEC.entries("s", gen, entries, False) if entries else b""
-            )
-            assert page.last == (entries[-1] if entries else None)
-            assert page.first == (entries[0].offset if entries else first)
         taken = await created(store, "t", b"1", b"2")
         await open_(store, "t")  # a takeover: its appends go to the next lane
         assert isinstance(await append(store, "t", 2, 1, b"3"), Appended)
