@@ -9,6 +9,7 @@ per chunk, relayd's path before). Prints the medians of the wall time and of thi
 time (relayd and the client) per replay, and checks that both give the same bytes.
 
     python benchmarks/sse_replay.py                # pin it for steadier figures: taskset -c 0 ...
+    python benchmarks/sse_replay.py --openai       # the same with ?format=openai
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ import aiohttp
 
 from relayd.embedded import EmbeddedRedis
 from relayd.protocol import FrameCodec, SseCodec
+from relayd.web.openai_sse import OpenAiSseCodec
 from tests.helpers import Relayd, make_config
 
 WAYS = {"entries": FrameCodec.chunk_template, "framed": SseCodec.chunk_template}
+OPENAI_WAYS = {"entries": FrameCodec.chunk_template, "framed": OpenAiSseCodec.chunk_template}
 
 
 def cpu_s() -> float:
@@ -38,7 +41,9 @@ def cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def measure(chunks: int, rounds: int, per_round: int) -> None:
+async def measure(chunks: int, rounds: int, per_round: int, openai: bool) -> None:
+    codec = OpenAiSseCodec if openai else SseCodec
+    ways = OPENAI_WAYS if openai else WAYS
     redis = EmbeddedRedis(tempfile.mkdtemp(), appendfsync="no")
     redis.start()
     try:
@@ -51,20 +56,22 @@ async def measure(chunks: int, rounds: int, per_round: int) -> None:
                     assert (await producer.next())["seq"] == seq + len(batch) - 1
                 await producer.end("big")
             url, params = f"{server.url}/v1/streams/big/events", {"token": server.token(["big"])}
+            if openai:
+                params["format"] = "openai"
             wall: dict[str, list[float]] = {name: [] for name in WAYS}
             cpu: dict[str, list[float]] = {name: [] for name in WAYS}
             bodies: dict[str, bytes] = {}
             async with aiohttp.ClientSession() as http:
                 for n in range(rounds):
                     for name in list(WAYS) if n % 2 == 0 else list(reversed(WAYS)):
-                        SseCodec.chunk_template = WAYS[name]  # type: ignore[method-assign]
+                        codec.chunk_template = ways[name]  # type: ignore[method-assign]
                         c0, t0 = cpu_s(), time.perf_counter()
                         for _ in range(per_round):
                             async with http.get(url, params=params) as resp:
                                 bodies[name] = await resp.read()
                         wall[name].append((time.perf_counter() - t0) / per_round * 1000)
                         cpu[name].append((cpu_s() - c0) / per_round * 1000)
-            SseCodec.chunk_template = WAYS["framed"]  # type: ignore[method-assign]
+            codec.chunk_template = ways["framed"]  # type: ignore[method-assign]
     finally:
         redis.stop()
     assert bodies["entries"] == bodies["framed"], "the two ways made different events"
@@ -82,8 +89,9 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--per-round", type=int, default=5)
+    parser.add_argument("--openai", action="store_true", help="?format=openai (OpenAI-format SSE)")
     args = parser.parse_args()
-    asyncio.run(measure(args.chunks, args.rounds, args.per_round))
+    asyncio.run(measure(args.chunks, args.rounds, args.per_round, args.openai))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from relayd.store.pipeline import Write
 from relayd.store.redis_streams import RedisStore
 from relayd.store.resp import encode_command
 from relayd.store.slots import key_slot
+from relayd.web.openai_sse import OPENAI_SSE_CODEC
 from tests.test_store_contract import append, created, end, open_
 
 
@@ -105,7 +106,7 @@ async def test_a_framed_page_is_byte_for_byte_what_the_codec_makes_of_the_same_e
     redis_server: str, key_prefix: str
 ) -> None:
     """read_frames (the replay's path) frames a page of chunks, an end, or nothing exactly as the
-    websocket and SSE codecs frame read_entries' page; past a takeover (lane > 0) it declines (None)."""
+    websocket, SSE and OpenAI-format codecs frame read_entries' page; past a takeover (lane > 0) it declines (None)."""
     config = Config(redis=RedisConfig(key_prefix=key_prefix), streams=StreamsConfig(max_chunks=1000))
     store = RedisStore(config, redis_server, Metrics())
     await store.start()
@@ -114,7 +115,7 @@ async def test_a_framed_page_is_byte_for_byte_what_the_codec_makes_of_the_same_e
         opened = await created(store, "s", *chunks)
         await end(store, "s", "error", "it broke")
         gen = opened.gen
-        for codec in (WS_CODEC, SSE_CODEC):
+        for codec in (WS_CODEC, SSE_CODEC, OPENAI_SSE_CODEC):
             template = codec.chunk_template("s", gen, False)
             assert template is not None
             for first, count in [(1, 5), (6, 7), (6, 8), (13, 5), (14, 5)]:  # chunks; chunks, end; the end; none
@@ -127,6 +128,7 @@ async def test_a_framed_page_is_byte_for_byte_what_the_codec_makes_of_the_same_e
                 assert page.last == (entries[-1] if entries else None)
                 assert page.first == (entries[0].offset if entries else first)
         assert SSE_CODEC.chunk_template("s", gen, True) is None  # a text stream's events decode its strings
+        assert OPENAI_SSE_CODEC.chunk_template("s", gen, True) is None
         template = WS_CODEC.chunk_template("s", gen, False)
         assert template is not None
         taken = await created(store, "t", b"1", b"2")

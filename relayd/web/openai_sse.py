@@ -118,6 +118,15 @@ class OpenAiSseCodec(FrameCodec):
                 parts.append(_event(orjson.dumps(end_error(entry.reason or "error", entry.message)), cursor))
         return b"".join(parts)
 
+    def chunk_template(self, stream: str, gen: int, text: bool) -> bytes | None:
+        # entries' event of a JSON stream's chunk (its data the stored JSON), the offset already
+        # formatted; a text stream's events are chat.completion.chunk objects made here: None
+        return None if text else b"id: %d-" % gen + b"%s\ndata: %s\n\n"
+
+    def framed(self, stream: str, gen: int, frames: list[bytes], end: Entry | None, text: bool) -> bytes:
+        events = b"".join(frames)
+        return events + self.entries(stream, gen, [end], text) if end is not None else events
+
     def error(self, stream: str, code: str, message: str) -> bytes:
         retry = _RETRY_SOON if code in _QUICK else _RETRY_LATER
         return _event(orjson.dumps(error_object(code, message)), head=retry)
