@@ -12,8 +12,10 @@ import inspect
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
+import zipfile
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -287,3 +289,21 @@ def listening_port(lines: list[str]) -> int | None:
         if match:
             return int(match.group(1))
     return None
+
+
+def pure_wheel_files(source: Path, wheels: Path) -> list[str]:
+    """Build relayd's wheel from the checkout (or a part of one) at ``source`` as ``pip wheel .``
+    does, pure (no RELAYD_MYPYC), into ``wheels``; the names of the files it holds. Needs
+    setuptools>=77 from the package index (pip's isolated build)."""
+    env = {k: v for k, v in os.environ.items() if k != "RELAYD_MYPYC"}
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(wheels), "."],
+        cwd=source,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = wheels.glob("relayd-*.whl")
+    return zipfile.ZipFile(wheel).namelist()
