@@ -521,7 +521,12 @@ def ws_chunk_prefix(stream: str) -> bytes:
 def ws_chunk_format(stream: str, gen: int) -> bytes:
     """The websocket chunk frame of ``stream`` in ``gen`` as ``format % (offset, chunk)``: its
     constant head escaped into a %-format, so that a chunk costs one format."""
-    return (ws_chunk_prefix(stream) + b"%d-" % gen).replace(b"%", b"%%") + b'%010d","data":%s}'
+    return _ws_chunk_head(stream, gen) + b'%010d","data":%s}'
+
+
+def _ws_chunk_head(stream: str, gen: int) -> bytes:
+    """A chunk frame's constant start up to its offset, escaped for a %-format."""
+    return (ws_chunk_prefix(stream) + b"%d-" % gen).replace(b"%", b"%%")
 
 
 def encode_ws_entries(chunk: bytes, stream: str, gen: int, entries: list[Entry]) -> list[bytes]:
@@ -637,7 +642,7 @@ class WsCodec(FrameCodec):
 
     def chunk_template(self, stream: str, gen: int, text: bool) -> bytes | None:
         # encode_ws_entries' chunk format, the offset already formatted
-        return (ws_chunk_prefix(stream) + b"%d-" % gen).replace(b"%", b"%%") + b'%s","data":%s}'
+        return _ws_chunk_head(stream, gen) + b'%s","data":%s}'
 
     def framed(self, stream: str, gen: int, frames: list[bytes], end: Entry | None, text: bool) -> bytes:
         if end is not None:
