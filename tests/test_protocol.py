@@ -26,6 +26,7 @@ from relayd.protocol import (
     ProducerDecoder,
     SubscribeOp,
     UnsubscribeOp,
+    _shallow,
     decode_consumer,
     decode_write,
     encode_sse_entries,
@@ -220,6 +221,17 @@ def test_nesting_depth_counts_the_outer_value_as_level_one() -> None:
     assert too_deep({"a": [{"b": []}]}, 3) and not too_deep({"a": [{"b": 1}]}, 3)
     deep = orjson.loads("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH)
     assert not too_deep(deep, MAX_JSON_DEPTH) and too_deep([deep], MAX_JSON_DEPTH)
+
+
+def test_the_shortest_line_nested_past_the_limit_is_not_taken_for_shallow() -> None:
+    """A line shorter than any too-deep one skips the bracket count; the shortest too-deep one does not."""
+    shortest = "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)
+    assert too_deep(orjson.loads(shortest), MAX_JSON_DEPTH)
+    assert not _shallow(shortest) and not _shallow(shortest.encode())
+    at_limit = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH + " "
+    assert _shallow(at_limit) and _shallow(at_limit.encode())
+    over = b'{"op":"append","stream":"s","seq":1,"chunk":' + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH + b"}"
+    assert _error(DECODER.decode(over, opened={"s"})) == "bad_frame"
 
 
 def test_a_frame_nested_past_the_limit_is_bad_frame_even_if_brackets_hide_in_strings() -> None:
