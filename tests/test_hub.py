@@ -202,3 +202,20 @@ async def test_a_consumer_that_stops_reading_mid_fan_out_is_queued_then_caught_u
     assert all(peer.outbox.offers == 0 for peer in readers)
     assert await stalled.until_end() == expected  # it reads again: everything, once, in order
     assert world.hub.metrics.chunk_totals()[1] == 3 * len(values)
+
+
+def test_a_fan_of_one_publication_says_what_a_fan_of_several_says_of_it() -> None:
+    """``Fan`` takes a one-publication tick (nearly every one) without its generators; its fields
+    are those the general path gives: the message's lines, bytes, chunks and the oldest read time."""
+    from relayd.hub import Fan, Publication
+    from relayd.model import Entry
+
+    one = Publication(S, 3, [Entry(1, b'{"a":1}'), Entry(2, b"2")], text=False, received=5.0)
+    fan = Fan([one], WS_CODEC)
+    assert (fan.items, fan.nbytes, fan.chunks, fan.received) == ([one.encoded(WS_CODEC)], len(fan.items[0]), 2, 5.0)
+    assert (fan.gen, fan.first, fan.next, fan.end, fan.last_entry) == (3, 1, 3, False, Entry(2, b"2"))
+    unknown = Publication(S, 3, [Entry(3, b"3")], text=False)  # read time unknown: 0
+    end = Publication(S, 3, [Entry(4, b"4"), Entry(5, reason="completed")], text=False, received=7.0)
+    both = Fan([unknown, end], WS_CODEC)
+    assert (both.nbytes, both.chunks, both.received, both.next) == (sum(map(len, both.items)), 2, 7.0, 6)
+    assert Fan([unknown], WS_CODEC).received == 0.0 and both.end
