@@ -118,14 +118,7 @@ class Fan:
         self.next = last.last + 1  # the subscriber's next offset once it has the fan
         self.last_entry = last.entries[-1]
         self.end = last.end
-        if len(pubs) == 1:  # nearly every fan (a stream's one append of the tick): no generators
-            line = first.encoded(codec)
-            self.items = [line]  # the websocket message's lines
-            self.nbytes = len(line)
-            self.chunks = first.chunks
-            self.received = first.received
-            return
-        self.items = [pub.encoded(codec) for pub in pubs]
+        self.items = [pub.encoded(codec) for pub in pubs]  # the websocket message's lines
         self.nbytes = sum(map(len, self.items))
         self.chunks = sum(pub.chunks for pub in pubs)
         # the oldest known read time (as an outbox's ``oldest``: the first publication that has one)
