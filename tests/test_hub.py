@@ -204,9 +204,9 @@ async def test_a_consumer_that_stops_reading_mid_fan_out_is_queued_then_caught_u
     assert world.hub.metrics.chunk_totals()[1] == 3 * len(values)
 
 
-def test_a_fan_of_one_publication_says_what_a_fan_of_several_says_of_it() -> None:
-    """``Fan`` takes a one-publication tick (nearly every one) without its generators; its fields
-    are those the general path gives: the message's lines, bytes, chunks and the oldest read time."""
+def test_a_fan_says_its_lines_bytes_chunks_and_oldest_read_time() -> None:
+    """``Fan``'s fields, of one publication (nearly every tick) and of several: the message's
+    lines, their bytes, the chunks (an end is not one), the first known read time, the next offset."""
     from relayd.hub import Fan, Publication
     from relayd.model import Entry
 
