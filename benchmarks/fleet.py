@@ -463,6 +463,9 @@ class ConsumerStats:
     instance: int = 0  # which relayd instance it connected to (--instances)
 
 
+SLOW_NS = 20_000_000  # a live chunk later than this is "slow": when it arrived is kept (SLOW_AT)
+SLOW_AT: array.array[int] = array.array("q")  # arrival times (ns) of this process's slow chunks
+
 CURSOR_RE = re.compile(rb'"cursor":"([^"]*)"')
 SENT_AT_RE = re.compile(rb'"t":([0-9]+)\}\}')  # the generator's chunk ends with its send time
 
@@ -504,7 +507,10 @@ class Consumer:
                 self.last = cursor
                 st.chunks += 1
                 if self.lat is not None:
-                    self.lat.append(now - int(data[data.rfind(b'"t":') + 4 : -2]))
+                    late_ns = now - int(data[data.rfind(b'"t":') + 4 : -2])
+                    self.lat.append(late_ns)
+                    if late_ns > SLOW_NS:
+                        SLOW_AT.append(now)
                 elif self.late_probe and st.chunks > st.joined_at_chunk:
                     st.replay_ms = (now - self.t_connect) / 1e6
                     self.late_probe = False
@@ -517,7 +523,9 @@ class Consumer:
                 self.last = cursors[-1]
                 st.chunks += count
                 if self.lat is not None:
-                    self.lat.extend([now - int(t) for t in SENT_AT_RE.findall(data)])
+                    lats = [now - int(t) for t in SENT_AT_RE.findall(data)]
+                    self.lat.extend(lats)
+                    SLOW_AT.extend([now for late_ns in lats if late_ns > SLOW_NS])
                 elif self.late_probe and st.chunks > st.joined_at_chunk:
                     st.replay_ms = (now - self.t_connect) / 1e6  # replay over: reached the live tail
                     self.late_probe = False
@@ -538,6 +546,8 @@ class Consumer:
                     self.last = cursor
                 if self.lat is not None:
                     self.lat.append(now - obj["data"]["t"])
+                    if now - obj["data"]["t"] > SLOW_NS:
+                        SLOW_AT.append(now)
                 elif self.late_probe and obj["data"]["i"] >= st.joined_at_chunk:
                     st.replay_ms = (now - self.t_connect) / 1e6  # replay over: reached the live tail
                     self.late_probe = False
@@ -917,6 +927,8 @@ async def _worker_async(plan: Plan, index: int, conn: Connection) -> None:
             "consumers": [c.st.__dict__ for c in consumers + late],
             "producers": [{**p.st.__dict__, "errors": dict(p.st.errors), "streams": len(p.streams)} for p in producers],
             "lat": lat.tobytes(),
+            "slow_at": SLOW_AT.tobytes(),
+            "start_ns": start_ns,
             "lag": b"".join(p.lag_ns.tobytes() for p in producers),
         }
         conn.send(("result", result))
@@ -1587,6 +1599,13 @@ def summarise(args: argparse.Namespace, plan: Plan, results: list[dict[str, Any]
         lag.frombytes(r["lag"])
     lat_sorted = sorted(lat)
     lag_sorted = sorted(lag)
+    slow_by_s: dict[float, int] = {}  # when the slow chunks arrived: half seconds since the start
+    for r in results:
+        slow_at: array.array[int] = array.array("q")
+        slow_at.frombytes(r.get("slow_at", b""))
+        for at in slow_at:
+            half = max(0.0, (at - r["start_ns"]) // 500_000_000 / 2)
+            slow_by_s[half] = slow_by_s.get(half, 0) + 1
     expected_each = plan.chunks
     live = [c for c in consumers if c["live"]]
     late = [c for c in consumers if not c["live"]]
@@ -1652,6 +1671,7 @@ def summarise(args: argparse.Namespace, plan: Plan, results: list[dict[str, Any]
         "latency_p99_ms": ms(pct(lat_sorted, 0.99)),
         "latency_p999_ms": ms(pct(lat_sorted, 0.999)),
         "latency_max_ms": ms(float(lat_sorted[-1]) if lat_sorted else None),
+        "latency_slow_by_s": {f"{k:.1f}": v for k, v in sorted(slow_by_s.items())},
         "late_replay_ms_p50": round(statistics.median(replay), 1) if replay else None,
         "late_replay_ms_max": round(replay[-1], 1) if replay else None,
         "send_lag_p50_ms": ms(pct(lag_sorted, 0.5)),
@@ -1717,6 +1737,9 @@ def print_summary(s: dict[str, Any]) -> None:
         f"latency (live, {s['latency_samples']} samples): p50 {s['latency_p50_ms']} ms, p90 {s['latency_p90_ms']}, "
         f"p99 {s['latency_p99_ms']}, p99.9 {s['latency_p999_ms']}, max {s['latency_max_ms']} ms"
     )
+    if s["latency_slow_by_s"]:
+        when = ", ".join(f"{k}s {v}" for k, v in s["latency_slow_by_s"].items())
+        p(f"live chunks later than {SLOW_NS // 1_000_000} ms, by half second of the run: {when}")
     p(
         f"late joiners: catch-up to live p50 {s['late_replay_ms_p50']} ms, max {s['late_replay_ms_max']} ms; "
         f"producer send lag p50/p99/max {s['send_lag_p50_ms']}/{s['send_lag_p99_ms']}/{s['send_lag_max_ms']} ms"
