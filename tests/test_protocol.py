@@ -137,6 +137,45 @@ def test_an_invalid_stream_id_is_not_echoed_in_the_error(stream: str) -> None:
     assert result.stream is None, result
 
 
+_X = '"' + "x" * 200 + '"'
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"op":"append","stream":"s","seq":1,"chunk":{"a":[1,{"b":null}]}}',
+        '{"op":"append","stream":"s","seq":4,"chunks":[{"d":"x"},"y",1]}',
+        '{"op":"append","stream":"s","seq":4,"chunks":[{"d":"x"}],"chunk":2}',
+        '{"op":"append","stream":"s","seq":4,"chunk":2,"chunks":null}',
+        '{"op":"append","stream":"s","seq":4,"chunks":[]}',
+        '{"op":"append","stream":"s","seq":4,"chunks":{"a":1}}',
+        '{"op":"append","stream":"s","seq":4,"chunks":[1,' + _X + "]}",
+        '{"op":"append","stream":"s","seq":4,"chunk":' + _X + "}",
+        '{"op":"append","stream":"s","seq":' + str(MAX_EXACT_INT) + ',"chunks":[1,2]}',
+        '{"op":"append","stream":"s","seq":' + str(MAX_EXACT_INT) + ',"chunks":[1]}',
+        '{"op":"append","stream":"s","seq":0,"chunks":[1]}',
+        '{"op":"append","stream":"s","seq":true,"chunks":[1]}',
+        '{"op":"append","stream":"s","seq":1}',
+    ],
+)
+@pytest.mark.parametrize("text", [False, True])
+def test_appends_to_a_held_stream_decode_as_any_append_does(line: str, text: bool) -> None:
+    """An append to a stream the connection holds takes a shorter path (``chunk`` and ``chunks``);
+    it gives the op, or the error, that the general path gives the same line."""
+    streams = {"s"} if text else set()
+    held, general = DECODER.decode(line, streams, opened={"s"}), DECODER.decode(line, streams)
+    if isinstance(general, FrameError):
+        assert isinstance(held, FrameError)
+        assert (held.error.code, held.error.message, held.stream, held.seq) == (
+            general.error.code,
+            general.error.message,
+            general.stream,
+            general.seq,
+        )
+    else:
+        assert held == general
+
+
 def test_errors_name_the_stream_and_seq_when_known() -> None:
     """An error on an append carries its stream and seq so the producer can match it."""
     result = DECODER.decode('{"op":"append","stream":"s","seq":9,"chunk":"' + "x" * 200 + '"}')
