@@ -425,6 +425,7 @@ class Plan:
     inflight: int = 64  # firehose: appends outstanding per stream
     batch: int = 1  # firehose and replay: chunks per append
     replays: int = 0  # replay: late joiners, one after the other
+    chunk_lists: bool = False  # fleet: appends as the SDKs write them, ``"chunks": [chunk]``
 
 
 def producer_instance(plan: Plan, producer: int) -> int:
@@ -613,13 +614,18 @@ class Producer:
         self.heads = [
             (
                 b'{"op":"append","stream":"%s","seq":' % sid.encode(),
-                b',"chunk":{"id":"chatcmpl-%s","choices":[{"index":0,"delta":{"content":'
-                % secrets.token_hex(3).encode(),
+                b',"%s":%s{"id":"chatcmpl-%s","choices":[{"index":0,"delta":{"content":'
+                % (
+                    b"chunks" if plan.chunk_lists else b"chunk",
+                    b"[" if plan.chunk_lists else b"",
+                    secrets.token_hex(3).encode(),
+                ),
             )
             for _, sid in order
         ]
         self.ends = [orjson.dumps({"op": "end", "stream": sid, "reason": "completed"}) for _, sid in order]
         self.toks = [orjson.dumps(t) for t in TOKENS]
+        self.tail = b"]}" if plan.chunk_lists else b"}"  # after the chunk: the list's end, the op's
         self.total = len(order) * plan.chunks
         self.ev = 0  # next event: round ev // len(streams), stream ev % len(streams)
 
@@ -670,7 +676,7 @@ class Producer:
         if link.paused:  # TCP pushes back: send later, all at once
             return
         per_round, period, phases, heads, toks = len(self.streams), self.period, self.phases, self.heads, self.toks
-        ntok, last_k, total = len(toks), self.plan.chunks - 1, self.total
+        ntok, last_k, total, tail = len(toks), self.plan.chunks - 1, self.total, self.tail
         ev = self.ev
         ends = 0
         batch: list[bytes] = []
@@ -682,7 +688,7 @@ class Producer:
             if not batch:
                 self.lag_ns.append(now - due)
             a, b = heads[j]
-            batch.append(b'%s%d%s%s}}],"i":%d,"t":%d}}' % (a, k + 1, b, toks[k % ntok], k, now))
+            batch.append(b'%s%d%s%s}}],"i":%d,"t":%d}%s' % (a, k + 1, b, toks[k % ntok], k, now, tail))
             if k == last_k:
                 batch.append(self.ends[j])
                 ends += 1
@@ -1333,6 +1339,7 @@ def run_once(args: argparse.Namespace, run_no: int, out: Path) -> dict[str, Any]
             procs=args.procs,
             late_frac=args.late_frac,
             coalesce=args.coalesce,
+            chunk_lists=args.chunk_lists,
             seed=args.seed + run_no,
             deadline_s=args.timeout or (duration_s * 3 + 60),
             client=args.client,
@@ -1630,6 +1637,7 @@ def summarise(args: argparse.Namespace, plan: Plan, results: list[dict[str, Any]
         "rate_per_stream": plan.rate,
         "producer_conns": len(producers),
         "coalesce": plan.coalesce,
+        "chunk_lists": plan.chunk_lists,
         "gen_procs": plan.procs,
         "client": plan.client,
         "tick_ms": plan.tick_ms,
@@ -1882,6 +1890,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--gen-warn-pct", type=float, default=80.0, help="warn when a generator process uses more of a core than this"
     )
     ap.add_argument("--coalesce", type=int, default=1, help="max appends per producer message (1: one each)")
+    ap.add_argument(
+        "--chunk-lists",
+        action="store_true",
+        help='fleet: appends as the SDKs write them ("chunks": [chunk], not "chunk": chunk)',
+    )
     ap.add_argument("--procs", type=int, default=1, help="generator worker processes")
     ap.add_argument(
         "--client", choices=("raw", "aiohttp"), default="raw", help="websocket client (raw: minimal asyncio.Protocol)"
@@ -1964,6 +1977,8 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argpars
         ap.error("--mode replay needs --replays >= 1 and --procs 1")
     if args.mode in ("firehose", "replay") and (args.client != "raw" or args.inflight < 1 or args.batch < 1):
         ap.error("the closed loop needs --client raw, --inflight >= 1 and --batch >= 1")
+    if args.chunk_lists and args.mode not in ("fleet", "fanout"):
+        ap.error("--chunk-lists is for the scheduled modes (the closed loop's --batch writes chunks lists)")
     if args.mode in ("fleet", "fanout") and args.rate <= 0:
         ap.error("--rate must be > 0")
     if args.target == "yardstick" and (args.instances > 1 or args.workers or not args.spawn):
