@@ -558,8 +558,9 @@ class Consumer:
                     self.seen.append(cursor)
                     self.last = cursor
                 if self.lat is not None:
-                    self.lat.append(now - obj["data"]["t"])
-                    if now - obj["data"]["t"] > SLOW_NS:
+                    late_ns = now - obj["data"]["t"]
+                    self.lat.append(late_ns)
+                    if late_ns > SLOW_NS:
                         SLOW_AT.append(now)
                 elif self.late_probe and obj["data"]["i"] >= st.joined_at_chunk:
                     st.replay_ms = (now - self.t_connect) / 1e6  # replay over: reached the live tail

@@ -15,16 +15,12 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 @pytest.fixture(scope="module")
 def fleet() -> ModuleType:
-    sys.path.insert(0, str(BENCHMARKS))  # fleet.py imports its sibling modules
-    try:
-        spec = importlib.util.spec_from_file_location("fleet_under_test", BENCHMARKS / "fleet.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("fleet_under_test", BENCHMARKS / "fleet.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def _frame(offset: int, t: int = 0) -> bytes:
